@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command: fetch the real assets (idempotent), then run every test with them required,
+# so a missing asset fails instead of skipping.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/fetch-assets.sh
+SURGERY_REQUIRE_ASSETS=1 cargo test "$@"

@@ -1,0 +1,272 @@
+//! Canonical tensor roles and the naming schemes that map them to tensor names: Hugging Face
+//! (Llama, OLMo-2), llama.cpp's GGUF names, and the published recurrent layout (`huginn_raven`).
+
+use std::fmt;
+
+use crate::formats::hf_config::{Family, ModelConfig, RecurrentShape};
+
+/// What a tensor of one transformer block is, independent of any naming scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LayerRole {
+    /// Llama: RMSNorm before attention.
+    AttnNorm,
+    Q,
+    K,
+    V,
+    /// Attention output projection.
+    O,
+    /// OLMo-2: RMSNorm over the full projected queries / keys, before RoPE.
+    QNorm,
+    KNorm,
+    /// OLMo-2: RMSNorm applied to the attention output, inside the residual.
+    PostAttnNorm,
+    /// Llama: RMSNorm before the MLP.
+    MlpNorm,
+    Gate,
+    Up,
+    Down,
+    /// OLMo-2: RMSNorm applied to the MLP output, inside the residual.
+    PostMlpNorm,
+    /// Recurrent layout: rows of Q, then K, then V.
+    Qkv,
+    /// Recurrent layout: rows of gate, then up.
+    GateUp,
+}
+
+/// Where a tensor sits in a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    Embed,
+    /// Block `i` (for a recurrent checkpoint: prelude, then core, then coda, counted together).
+    Layer(usize, LayerRole),
+    Adapter,
+    FinalNorm,
+    LmHead,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Role::Layer(i, r) => write!(f, "layer {i} {r:?}"),
+            other => write!(f, "{other:?}"),
+        }
+    }
+}
+
+/// The tensors of one block of a source (non-recurrent) model, in the order they are stored.
+pub fn source_layer_roles(family: Family) -> &'static [LayerRole] {
+    use LayerRole::*;
+    match family {
+        Family::Llama => &[AttnNorm, Q, K, V, O, MlpNorm, Gate, Up, Down],
+        Family::Olmo2 => &[Q, K, V, O, QNorm, KNorm, PostAttnNorm, Gate, Up, Down, PostMlpNorm],
+    }
+}
+
+/// The tensors of one block in the recurrent layout, in output order.
+pub fn recurrent_layer_roles(family: Family) -> &'static [LayerRole] {
+    use LayerRole::*;
+    match family {
+        Family::Llama => &[AttnNorm, Qkv, O, MlpNorm, GateUp, Down],
+        Family::Olmo2 => &[Qkv, QNorm, KNorm, O, PostAttnNorm, GateUp, Down, PostMlpNorm],
+    }
+}
+
+/// The row-major shape a tensor of `role` has under `config`.
+pub fn expected_shape(config: &ModelConfig, role: Role) -> Vec<usize> {
+    use LayerRole::*;
+    let (h, q, kv, f) = (config.hidden, config.q_dim(), config.kv_dim(), config.ffn);
+    match role {
+        Role::Embed | Role::LmHead => vec![config.vocab, h],
+        Role::FinalNorm => vec![h],
+        Role::Adapter => vec![h, 2 * h],
+        Role::Layer(_, r) => match r {
+            AttnNorm | MlpNorm | PostAttnNorm | PostMlpNorm => vec![h],
+            QNorm => vec![q],
+            KNorm => vec![kv],
+            Q => vec![q, h],
+            K | V => vec![kv, h],
+            O => vec![h, q],
+            Gate | Up => vec![f, h],
+            Down => vec![h, f],
+            Qkv => vec![q + 2 * kv, h],
+            GateUp => vec![2 * f, h],
+        },
+    }
+}
+
+/// A naming scheme: the tensor names of one file layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Naming {
+    /// Hugging Face `LlamaForCausalLM` / `Olmo2ForCausalLM`.
+    HuggingFace(Family),
+    /// llama.cpp's GGUF names (`llama.cpp/src/llama-arch.cpp`, LLM_ARCH_LLAMA).
+    Gguf,
+    /// The published recurrent checkpoints (`model_type: huginn_raven`) and our outputs.
+    Raven(Family, RecurrentShape),
+}
+
+impl Naming {
+    /// The tensor name of `role`, or None when this scheme has no such tensor.
+    pub fn name(self, role: Role) -> Option<String> {
+        match self {
+            Naming::HuggingFace(family) => hf_name(family, role),
+            Naming::Gguf => gguf_name(role),
+            Naming::Raven(family, shape) => raven_name(family, shape, role),
+        }
+    }
+}
+
+fn hf_name(family: Family, role: Role) -> Option<String> {
+    use LayerRole::*;
+    let (i, r) = match role {
+        Role::Embed => return Some("model.embed_tokens.weight".into()),
+        Role::FinalNorm => return Some("model.norm.weight".into()),
+        Role::LmHead => return Some("lm_head.weight".into()),
+        Role::Adapter => return None,
+        Role::Layer(i, r) => (i, r),
+    };
+    let suffix = match (family, r) {
+        (Family::Llama, AttnNorm) => "input_layernorm",
+        (Family::Llama, MlpNorm) => "post_attention_layernorm",
+        // OLMo-2 reuses the Llama name for a norm that now sits after attention.
+        (Family::Olmo2, PostAttnNorm) => "post_attention_layernorm",
+        (Family::Olmo2, PostMlpNorm) => "post_feedforward_layernorm",
+        (Family::Olmo2, QNorm) => "self_attn.q_norm",
+        (Family::Olmo2, KNorm) => "self_attn.k_norm",
+        (_, Q) => "self_attn.q_proj",
+        (_, K) => "self_attn.k_proj",
+        (_, V) => "self_attn.v_proj",
+        (_, O) => "self_attn.o_proj",
+        (_, Gate) => "mlp.gate_proj",
+        (_, Up) => "mlp.up_proj",
+        (_, Down) => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{i}.{suffix}.weight"))
+}
+
+fn gguf_name(role: Role) -> Option<String> {
+    use LayerRole::*;
+    let (i, r) = match role {
+        Role::Embed => return Some("token_embd.weight".into()),
+        Role::FinalNorm => return Some("output_norm.weight".into()),
+        Role::LmHead => return Some("output.weight".into()),
+        Role::Adapter => return None,
+        Role::Layer(i, r) => (i, r),
+    };
+    let suffix = match r {
+        AttnNorm => "attn_norm",
+        Q => "attn_q",
+        K => "attn_k",
+        V => "attn_v",
+        O => "attn_output",
+        MlpNorm => "ffn_norm",
+        Gate => "ffn_gate",
+        Up => "ffn_up",
+        Down => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{i}.{suffix}.weight"))
+}
+
+/// The part ("prelude", "core_block", "coda") and the index within it of global block `i`.
+pub fn raven_part(shape: &RecurrentShape, i: usize) -> Option<(&'static str, usize)> {
+    if i < shape.prelude {
+        Some(("prelude", i))
+    } else if i < shape.prelude + shape.core {
+        Some(("core_block", i - shape.prelude))
+    } else if i < shape.prelude + shape.core + shape.coda {
+        Some(("coda", i - shape.prelude - shape.core))
+    } else {
+        None
+    }
+}
+
+fn raven_name(family: Family, shape: RecurrentShape, role: Role) -> Option<String> {
+    use LayerRole::*;
+    let (i, r) = match role {
+        Role::Embed => return Some("transformer.wte.weight".into()),
+        Role::FinalNorm => return Some("transformer.ln_f.weight".into()),
+        Role::LmHead => return Some("lm_head.weight".into()),
+        Role::Adapter => return shape.adapter.then(|| "transformer.adapter.weight".into()),
+        Role::Layer(i, r) => (i, r),
+    };
+    let suffix = match (family, r) {
+        (Family::Llama, AttnNorm) => "norm_1",
+        (Family::Llama, MlpNorm) => "norm_2",
+        // Not in the published (Llama-only) checkpoints: our names, documented in
+        // schemas/recurrent-config.schema.json.
+        (Family::Olmo2, PostAttnNorm) => "post_attn_norm",
+        (Family::Olmo2, PostMlpNorm) => "post_mlp_norm",
+        (Family::Olmo2, QNorm) => "attn.q_norm",
+        (Family::Olmo2, KNorm) => "attn.k_norm",
+        (_, Qkv) => "attn.Wqkv",
+        (_, O) => "attn.proj",
+        (_, GateUp) => "mlp.fc",
+        (_, Down) => "mlp.proj",
+        _ => return None,
+    };
+    let (part, j) = raven_part(&shape, i)?;
+    Some(format!("transformer.{part}.{j}.{suffix}.weight"))
+}
+
+/// Every tensor a model of `config` must have under its own layout, with its role.
+pub fn required_roles(config: &ModelConfig) -> Vec<Role> {
+    let recurrent = config.recurrent.is_some();
+    let per_layer = if recurrent {
+        recurrent_layer_roles(config.family)
+    } else {
+        source_layer_roles(config.family)
+    };
+    let mut roles = vec![Role::Embed];
+    for i in 0..config.n_layers {
+        roles.extend(per_layer.iter().map(|&r| Role::Layer(i, r)));
+    }
+    if config.recurrent.is_some_and(|s| s.adapter) {
+        roles.push(Role::Adapter);
+    }
+    roles.push(Role::FinalNorm);
+    // The recurrent layout always stores lm_head (REFERENCE.md: untied in the output).
+    if recurrent || !config.tied {
+        roles.push(Role::LmHead);
+    }
+    roles
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_each_scheme() {
+        let shape = RecurrentShape {
+            prelude: 2,
+            core: 4,
+            coda: 2,
+            mean_recurrence: 32,
+            mean_backprop_depth: 8,
+            adapter: true,
+        };
+        let raven = Naming::Raven(Family::Llama, shape);
+        assert_eq!(
+            raven.name(Role::Layer(3, LayerRole::Qkv)).as_deref(),
+            Some("transformer.core_block.1.attn.Wqkv.weight")
+        );
+        assert_eq!(
+            raven.name(Role::Layer(7, LayerRole::MlpNorm)).as_deref(),
+            Some("transformer.coda.1.norm_2.weight")
+        );
+        assert_eq!(raven.name(Role::Layer(8, LayerRole::Down)), None);
+        assert_eq!(
+            Naming::Gguf.name(Role::Layer(0, LayerRole::O)).as_deref(),
+            Some("blk.0.attn_output.weight")
+        );
+        assert_eq!(
+            Naming::HuggingFace(Family::Olmo2)
+                .name(Role::Layer(5, LayerRole::PostAttnNorm))
+                .as_deref(),
+            Some("model.layers.5.post_attention_layernorm.weight")
+        );
+        assert_eq!(Naming::HuggingFace(Family::Llama).name(Role::Layer(0, LayerRole::QNorm)), None);
+    }
+}

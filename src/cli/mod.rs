@@ -1,0 +1,101 @@
+//! Command-line arguments, one file per subcommand: argument structs and printing, no domain logic.
+
+mod inspect;
+mod plan;
+
+use std::io::IsTerminal;
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(
+    name = "surgery",
+    version,
+    about = "Retrofit recurrence into pretrained language models: cut a model into prelude, looped core and coda; heal, evaluate, export"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command takes.
+#[derive(Args, Clone, Copy)]
+pub struct Global {
+    /// Print machine-readable JSON on stdout instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No progress bars or notes on stderr.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// What is this checkpoint: family, layers, sizes, dtypes, parameters, tokenizer.
+    Inspect(inspect::InspectArgs),
+    /// Preview and validate the layer map and costs; write the plan that `apply` executes.
+    Plan(plan::PlanArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Inspect(args) => inspect::run(args, cli.global),
+        Command::Plan(args) => plan::run(args, cli.global),
+    }
+}
+
+/// 2 when the root cause is an I/O failure other than a missing or forbidden input, else 1.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    use std::io::ErrorKind;
+    let io = err.chain().find_map(|c| c.downcast_ref::<std::io::Error>());
+    match io.map(std::io::Error::kind) {
+        Some(ErrorKind::NotFound | ErrorKind::PermissionDenied | ErrorKind::InvalidData) | None => 1,
+        Some(_) => 2,
+    }
+}
+
+/// A progress bar over `len` bytes on stderr, hidden with --quiet or when stderr is not a terminal.
+pub fn byte_progress(global: Global, len: u64, message: &str) -> ProgressBar {
+    if global.quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len).with_message(message.to_string());
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+/// 1234567 -> "1,234,567".
+pub fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// 1234567 -> "1.23 M"; decimal units.
+pub fn si(n: f64, unit: &str) -> String {
+    let prefixes = ["", "k", "M", "G", "T", "P", "E"];
+    let mut v = n;
+    let mut i = 0;
+    while v.abs() >= 1000.0 && i + 1 < prefixes.len() {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{v:.0} {unit}")
+    } else {
+        format!("{v:.2} {}{unit}", prefixes[i])
+    }
+}

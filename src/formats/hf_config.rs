@@ -1,0 +1,405 @@
+//! `config.json` of the source families (Llama, OLMo-2) and of the recurrent layout
+//! (`model_type: huginn_raven`): raw serde structs, then one validated [`ModelConfig`].
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Largest sizes we accept. Far above any real model, far below anything that overflows the
+/// parameter arithmetic (checked anyway).
+const MAX_LAYERS: usize = 4096;
+const MAX_WIDTH: usize = 1 << 20;
+const MAX_VOCAB: usize = 1 << 24;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not JSON, or a field of the wrong type, or a required field missing.
+    #[error("config.json: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A `model_type` this tool has no blocks for.
+    #[error("config.json: unsupported model_type {0:?} (supported: llama, mistral, olmo2, huginn_raven)")]
+    UnsupportedFamily(String),
+    /// A value outside what any real model has, or inconsistent with another value.
+    #[error("config.json: {0}")]
+    Invalid(String),
+}
+
+/// The block architecture of a family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// Pre-norm blocks: `x += attn(norm1(x)); x += mlp(norm2(x))`.
+    Llama,
+    /// Post-sublayer norms and q/k RMSNorm: `x += norm1(attn(x)); x += norm2(mlp(x))`.
+    Olmo2,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Olmo2 => "olmo2",
+        }
+    }
+}
+
+/// Llama-3 RoPE frequency scaling (`rope_scaling.rope_type == "llama3"`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, Deserialize)]
+pub struct RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+/// The (P, C, K) cut of a recurrent checkpoint and its recurrence settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecurrentShape {
+    pub prelude: usize,
+    pub core: usize,
+    pub coda: usize,
+    pub mean_recurrence: usize,
+    pub mean_backprop_depth: usize,
+    /// false when the checkpoint has no adapter (`injection_type: none`).
+    pub adapter: bool,
+}
+
+/// A validated model configuration, whatever file it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub family: Family,
+    /// Number of transformer blocks stored (for a recurrent model: P + C + K).
+    pub n_layers: usize,
+    pub hidden: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub tied: bool,
+    pub norm_eps: f64,
+    pub max_position: Option<usize>,
+    pub bos_token_id: Option<Value>,
+    pub eos_token_id: Option<Value>,
+    /// `torch_dtype` as written, if any.
+    pub torch_dtype: Option<String>,
+    pub recurrent: Option<RecurrentShape>,
+}
+
+#[derive(Deserialize)]
+struct RawModelType {
+    model_type: Option<String>,
+}
+
+/// Hugging Face `LlamaConfig` / `Olmo2Config`, the fields we use.
+#[derive(Deserialize)]
+struct RawHf {
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    intermediate_size: usize,
+    vocab_size: usize,
+    #[serde(default = "default_theta")]
+    rope_theta: f64,
+    rope_scaling: Option<Value>,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    max_position_embeddings: Option<usize>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+    torch_dtype: Option<String>,
+}
+
+/// The published recurrent checkpoints' config (REFERENCE.md, "checkpoint format").
+#[derive(Deserialize)]
+struct RawRaven {
+    n_embd: usize,
+    n_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    intermediate_size: usize,
+    n_layers_in_prelude: usize,
+    n_layers_in_recurrent_block: usize,
+    n_layers_in_coda: usize,
+    #[serde(default = "default_mean_recurrence")]
+    mean_recurrence: usize,
+    #[serde(default = "default_backprop_depth")]
+    mean_backprop_depth: usize,
+    #[serde(default = "default_eps")]
+    norm_eps: f64,
+    rope_theta: Option<f64>,
+    rope_base: Option<f64>,
+    rope_scaling: Option<Value>,
+    vocab_size: usize,
+    padded_vocab_size: Option<usize>,
+    #[serde(default)]
+    tie_embeddings: bool,
+    max_position_embeddings: Option<usize>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+    torch_dtype: Option<String>,
+    /// Ours: `llama` (default, the reference) or `olmo2`.
+    block_type: Option<Family>,
+    /// Ours: `linear` (default, the reference) or `none`.
+    injection_type: Option<String>,
+}
+
+fn default_theta() -> f64 {
+    10000.0
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_mean_recurrence() -> usize {
+    32
+}
+fn default_backprop_depth() -> usize {
+    8
+}
+
+/// Parses a `config.json` of any supported family.
+pub fn parse(bytes: &[u8]) -> Result<ModelConfig, ConfigError> {
+    let RawModelType { model_type } = serde_json::from_slice(bytes)?;
+    let model_type = model_type.unwrap_or_default();
+    match model_type.as_str() {
+        "llama" | "mistral" => from_hf(serde_json::from_slice(bytes)?, Family::Llama),
+        "olmo2" => from_hf(serde_json::from_slice(bytes)?, Family::Olmo2),
+        "huginn_raven" => from_raven(serde_json::from_slice(bytes)?),
+        "" => Err(ConfigError::Invalid("missing field `model_type`".into())),
+        other => Err(ConfigError::UnsupportedFamily(other.into())),
+    }
+}
+
+fn from_hf(raw: RawHf, family: Family) -> Result<ModelConfig, ConfigError> {
+    ModelConfig {
+        family,
+        n_layers: raw.num_hidden_layers,
+        hidden: raw.hidden_size,
+        n_heads: raw.num_attention_heads,
+        n_kv_heads: raw.num_key_value_heads.unwrap_or(raw.num_attention_heads),
+        head_dim: head_dim(raw.head_dim, raw.hidden_size, raw.num_attention_heads)?,
+        ffn: raw.intermediate_size,
+        vocab: raw.vocab_size,
+        rope_theta: raw.rope_theta,
+        rope_scaling: rope_scaling(raw.rope_scaling.as_ref())?,
+        tied: raw.tie_word_embeddings,
+        norm_eps: raw.rms_norm_eps,
+        max_position: raw.max_position_embeddings,
+        bos_token_id: raw.bos_token_id,
+        eos_token_id: raw.eos_token_id,
+        torch_dtype: raw.torch_dtype,
+        recurrent: None,
+    }
+    .validated()
+}
+
+fn from_raven(raw: RawRaven) -> Result<ModelConfig, ConfigError> {
+    let shape = RecurrentShape {
+        prelude: raw.n_layers_in_prelude,
+        core: raw.n_layers_in_recurrent_block,
+        coda: raw.n_layers_in_coda,
+        mean_recurrence: raw.mean_recurrence,
+        mean_backprop_depth: raw.mean_backprop_depth,
+        adapter: match raw.injection_type.as_deref() {
+            None | Some("linear") => true,
+            Some("none") => false,
+            Some(other) => {
+                return Err(ConfigError::Invalid(format!(
+                    "unknown injection_type {other:?} (expected linear or none)"
+                )))
+            }
+        },
+    };
+    if shape.core == 0 {
+        return Err(ConfigError::Invalid(
+            "n_layers_in_recurrent_block must be at least 1".into(),
+        ));
+    }
+    let n_layers = shape
+        .prelude
+        .checked_add(shape.core)
+        .and_then(|n| n.checked_add(shape.coda))
+        .ok_or_else(|| ConfigError::Invalid("layer counts overflow".into()))?;
+    ModelConfig {
+        family: raw.block_type.unwrap_or(Family::Llama),
+        n_layers,
+        hidden: raw.n_embd,
+        n_heads: raw.n_heads,
+        n_kv_heads: raw.num_key_value_heads.unwrap_or(raw.n_heads),
+        head_dim: head_dim(raw.head_dim, raw.n_embd, raw.n_heads)?,
+        ffn: raw.intermediate_size,
+        vocab: raw.padded_vocab_size.unwrap_or(raw.vocab_size),
+        rope_theta: raw.rope_theta.or(raw.rope_base).unwrap_or(default_theta()),
+        rope_scaling: rope_scaling(raw.rope_scaling.as_ref())?,
+        tied: raw.tie_embeddings,
+        norm_eps: raw.norm_eps,
+        max_position: raw.max_position_embeddings,
+        bos_token_id: raw.bos_token_id,
+        eos_token_id: raw.eos_token_id,
+        torch_dtype: raw.torch_dtype,
+        recurrent: Some(shape),
+    }
+    .validated()
+}
+
+fn head_dim(explicit: Option<usize>, hidden: usize, heads: usize) -> Result<usize, ConfigError> {
+    match explicit {
+        Some(d) => Ok(d),
+        None if heads > 0 && hidden % heads == 0 => Ok(hidden / heads),
+        None => Err(ConfigError::Invalid(format!(
+            "hidden size {hidden} is not divisible by {heads} attention heads"
+        ))),
+    }
+}
+
+/// `rope_scaling`: absent, null, `{"rope_type": "default"}`, or llama3. Anything else would change
+/// the positions the model was trained with, so it is refused rather than ignored.
+pub fn rope_scaling(value: Option<&Value>) -> Result<Option<RopeScaling>, ConfigError> {
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let kind = value
+        .get("rope_type")
+        .or_else(|| value.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    match kind {
+        "default" => Ok(None),
+        "llama3" => Ok(Some(serde_json::from_value(value.clone()).map_err(
+            |e| ConfigError::Invalid(format!("rope_scaling of type llama3: {e}")),
+        )?)),
+        other => Err(ConfigError::Invalid(format!(
+            "unsupported rope_scaling type {other:?} (supported: llama3)"
+        ))),
+    }
+}
+
+impl ModelConfig {
+    /// The one place the structural invariants are checked.
+    pub fn validated(self) -> Result<ModelConfig, ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.n_layers == 0 || self.n_layers > MAX_LAYERS {
+            return bad(format!(
+                "number of layers {} is out of range 1..={MAX_LAYERS}",
+                self.n_layers
+            ));
+        }
+        for (name, value, max) in [
+            ("hidden size", self.hidden, MAX_WIDTH),
+            ("attention heads", self.n_heads, MAX_WIDTH),
+            ("key-value heads", self.n_kv_heads, MAX_WIDTH),
+            ("head_dim", self.head_dim, MAX_WIDTH),
+            ("intermediate size", self.ffn, MAX_WIDTH),
+            ("vocabulary size", self.vocab, MAX_VOCAB),
+        ] {
+            if value == 0 || value > max {
+                return bad(format!("{name} {value} is out of range 1..={max}"));
+            }
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!(
+                "{} attention heads are not a multiple of {} key-value heads",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!(
+                "head_dim {} is odd; rotary embeddings need an even head_dim",
+                self.head_dim
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad(format!("rope_theta {} must be positive", self.rope_theta));
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return bad(format!("norm epsilon {} must be positive", self.norm_eps));
+        }
+        Ok(self)
+    }
+
+    /// Width of the concatenated query heads.
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// Width of the concatenated key (or value) heads.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared_config(name: &str) -> Vec<u8> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/configs")
+            .join(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    #[test]
+    fn reads_llama32_with_llama3_scaling() {
+        let c = parse(&shared_config("llama-3.2-1b.config.json")).unwrap();
+        assert_eq!(c.family, Family::Llama);
+        assert_eq!((c.n_layers, c.hidden, c.n_heads, c.n_kv_heads), (16, 2048, 32, 8));
+        assert!(c.tied);
+        let s = c.rope_scaling.unwrap();
+        assert_eq!((s.factor, s.original_max_position_embeddings), (32.0, 8192));
+    }
+
+    #[test]
+    fn reads_olmo2() {
+        let c = parse(&shared_config("olmo-2-0425-1b.config.json")).unwrap();
+        assert_eq!(c.family, Family::Olmo2);
+        assert_eq!((c.head_dim, c.n_kv_heads, c.norm_eps), (128, 16, 1e-6));
+        assert!(!c.tied);
+    }
+
+    #[test]
+    fn refuses_bad_values() {
+        let cases = [
+            (r#"{"model_type":"gpt2"}"#, "unsupported model_type \"gpt2\""),
+            (r#"{"hidden_size":64}"#, "missing field `model_type`"),
+            (
+                r#"{"model_type":"llama","hidden_size":64,"num_hidden_layers":2,"num_attention_heads":4,"intermediate_size":8}"#,
+                "missing field `vocab_size`",
+            ),
+            (
+                r#"{"model_type":"llama","hidden_size":"64","num_hidden_layers":2,"num_attention_heads":4,"intermediate_size":8,"vocab_size":9}"#,
+                "invalid type: string \"64\", expected usize",
+            ),
+            (
+                r#"{"model_type":"llama","hidden_size":64,"num_hidden_layers":1000000000000,"num_attention_heads":4,"intermediate_size":8,"vocab_size":9}"#,
+                "number of layers 1000000000000 is out of range",
+            ),
+            (
+                r#"{"model_type":"llama","hidden_size":0,"num_hidden_layers":2,"num_attention_heads":4,"intermediate_size":8,"vocab_size":9,"head_dim":16}"#,
+                "hidden size 0 is out of range",
+            ),
+            (
+                r#"{"model_type":"llama","hidden_size":65,"num_hidden_layers":2,"num_attention_heads":4,"intermediate_size":8,"vocab_size":9}"#,
+                "hidden size 65 is not divisible by 4 attention heads",
+            ),
+            (
+                r#"{"model_type":"llama","hidden_size":64,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":3,"intermediate_size":8,"vocab_size":9}"#,
+                "4 attention heads are not a multiple of 3 key-value heads",
+            ),
+            (
+                r#"{"model_type":"llama","hidden_size":64,"num_hidden_layers":2,"num_attention_heads":4,"intermediate_size":8,"vocab_size":9,"rope_scaling":{"rope_type":"yarn","factor":4}}"#,
+                "unsupported rope_scaling type \"yarn\"",
+            ),
+        ];
+        for (json, want) in cases {
+            let err = parse(json.as_bytes()).unwrap_err().to_string();
+            assert!(err.contains(want), "{json}\n  gave: {err}\n  want: {want}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! File formats, one module each. None of them knows about the CLI.
+
+pub mod gguf;
+pub mod hf_config;
+pub mod safetensors;

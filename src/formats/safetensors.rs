@@ -1,0 +1,416 @@
+//! safetensors: memory-mapped reader for single files and sharded checkpoints
+//! (`model.safetensors.index.json`), validated by the `safetensors` crate; and a small writer.
+//!
+//! Nothing is loaded: a tensor is a file, a byte range and a dtype until someone asks for its bytes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use serde::Deserialize;
+
+use crate::dtype::DType;
+
+/// Name of the index of a sharded checkpoint.
+pub const INDEX_NAME: &str = "model.safetensors.index.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SafetensorsError {
+    /// The file could not be opened, mapped or read.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The header is malformed or disagrees with the file (the `safetensors` crate's validation).
+    #[error("{path}: invalid safetensors file: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    /// A dtype we do not read (only F32, F16 and BF16 are model weights here).
+    #[error("{path}: tensor {tensor:?} has unsupported dtype {dtype} (supported: F32, F16, BF16)")]
+    UnsupportedDtype {
+        path: PathBuf,
+        tensor: String,
+        dtype: String,
+    },
+    /// The index of a sharded checkpoint is malformed or names a missing shard or tensor.
+    #[error("{path}: {reason}")]
+    Index { path: PathBuf, reason: String },
+    /// The same tensor name appears in two shards.
+    #[error("tensor {tensor:?} appears in both {first} and {second}")]
+    Duplicate {
+        tensor: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SafetensorsError + '_ {
+    move |source| SafetensorsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One tensor of a safetensors file, located by absolute byte offsets within that file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Absolute byte range in the file (header included in the offset).
+    pub start: u64,
+    pub end: u64,
+}
+
+/// A memory-mapped, validated safetensors file.
+#[derive(Debug)]
+pub struct SafetensorsFile {
+    pub path: PathBuf,
+    mmap: Mmap,
+    /// Tensors in data order.
+    pub tensors: Vec<StTensor>,
+    /// The `__metadata__` map, if any.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<SafetensorsFile, SafetensorsError> {
+        let file = File::open(path).map_err(io_err(path))?;
+        // SAFETY: the map is read-only; a source file changed underneath us while we run is
+        // caught by the sha256 recorded in the plan, not by this reader.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
+        let invalid = |reason: String| SafetensorsError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
+            .map_err(|e| invalid(describe(&e)))?;
+        let data_start = 8 + header_len as u64;
+        let mut tensors = Vec::new();
+        for name in meta.offset_keys() {
+            let info = meta
+                .info(&name)
+                .ok_or_else(|| invalid(format!("tensor {name:?} vanished from the header")))?;
+            let dtype = match info.dtype {
+                safetensors::Dtype::F32 => DType::F32,
+                safetensors::Dtype::F16 => DType::F16,
+                safetensors::Dtype::BF16 => DType::BF16,
+                other => {
+                    return Err(SafetensorsError::UnsupportedDtype {
+                        path: path.to_path_buf(),
+                        tensor: name,
+                        dtype: format!("{other:?}"),
+                    })
+                }
+            };
+            let (s, e) = info.data_offsets;
+            tensors.push(StTensor {
+                name,
+                dtype,
+                shape: info.shape.clone(),
+                start: data_start + s as u64,
+                end: data_start + e as u64,
+            });
+        }
+        let metadata = meta
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            mmap,
+            tensors,
+            metadata,
+        })
+    }
+
+    /// The bytes of a tensor of this file (validated in bounds at open).
+    pub fn bytes(&self, t: &StTensor) -> &[u8] {
+        self.bytes_at(t.start, t.end)
+    }
+
+    /// Bytes `start..end` of the file; empty when the range is not within it.
+    pub fn bytes_at(&self, start: u64, end: u64) -> &[u8] {
+        usize::try_from(start)
+            .ok()
+            .zip(usize::try_from(end).ok())
+            .and_then(|(s, e)| self.mmap.get(s..e))
+            .unwrap_or(&[])
+    }
+
+    pub fn len(&self) -> u64 {
+        self.mmap.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mmap.is_empty()
+    }
+}
+
+/// One line for each of the crate's validation errors.
+fn describe(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooSmall => "file is shorter than the 8-byte header length".into(),
+        E::HeaderTooLarge => "header length is larger than 100 MB".into(),
+        E::InvalidHeaderLength => "header length points past the end of the file".into(),
+        E::InvalidHeader(_) => "header is not valid UTF-8".into(),
+        E::InvalidHeaderDeserialization(e) => format!("header is not valid JSON: {e}"),
+        E::InvalidOffset(t) => {
+            format!("tensor {t:?} has offsets that overlap, leave a gap or run backwards")
+        }
+        E::TensorInvalidInfo => "a tensor's shape and dtype do not match its byte range".into(),
+        E::MetadataIncompleteBuffer => "tensor data does not end at the end of the file".into(),
+        E::ValidationOverflow => "a tensor's size overflows".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The tensors of a checkpoint, from one file or from the shards an index names.
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub files: Vec<SafetensorsFile>,
+    /// Tensor name -> (file index, tensor index in that file).
+    by_name: HashMap<String, (usize, usize)>,
+}
+
+#[derive(Deserialize)]
+struct RawIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Opens `model.safetensors.index.json` and its shards if `dir` has one, else the single
+    /// `*.safetensors` file in `dir`.
+    pub fn open_dir(dir: &Path) -> Result<Checkpoint, SafetensorsError> {
+        let index = dir.join(INDEX_NAME);
+        if index.is_file() {
+            return Checkpoint::open_index(&index);
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io_err(dir))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        found.sort();
+        match found.as_slice() {
+            [one] => Checkpoint::from_files(vec![SafetensorsFile::open(one)?]),
+            [] => Err(SafetensorsError::Index {
+                path: dir.to_path_buf(),
+                reason: "no .safetensors file in this directory".into(),
+            }),
+            _ => Err(SafetensorsError::Index {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "{} .safetensors files but no {INDEX_NAME} to say which to use",
+                    found.len()
+                ),
+            }),
+        }
+    }
+
+    fn open_index(index: &Path) -> Result<Checkpoint, SafetensorsError> {
+        let bad = |reason: String| SafetensorsError::Index {
+            path: index.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read(index).map_err(io_err(index))?;
+        let raw: RawIndex =
+            serde_json::from_slice(&text).map_err(|e| bad(format!("invalid index: {e}")))?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut shards: Vec<&String> = raw.weight_map.values().collect();
+        shards.sort();
+        shards.dedup();
+        let mut files = Vec::new();
+        for shard in shards {
+            if shard.contains('/') || shard.contains('\\') || shard.starts_with('.') {
+                return Err(bad(format!("shard name {shard:?} is not a plain file name")));
+            }
+            let path = dir.join(shard);
+            if !path.is_file() {
+                return Err(bad(format!("names shard {shard:?}, which does not exist")));
+            }
+            files.push(SafetensorsFile::open(&path)?);
+        }
+        let checkpoint = Checkpoint::from_files(files)?;
+        for (tensor, shard) in &raw.weight_map {
+            match checkpoint.get(tensor) {
+                Some((file, _)) if file.path.file_name() == Some(shard.as_ref()) => {}
+                _ => {
+                    return Err(bad(format!(
+                        "maps tensor {tensor:?} to {shard:?}, which does not hold it"
+                    )))
+                }
+            }
+        }
+        Ok(checkpoint)
+    }
+
+    /// A checkpoint over already opened files; a tensor name in two files is an error.
+    pub fn from_files(files: Vec<SafetensorsFile>) -> Result<Checkpoint, SafetensorsError> {
+        let mut by_name: HashMap<String, (usize, usize)> = HashMap::new();
+        for (fi, file) in files.iter().enumerate() {
+            for (ti, t) in file.tensors.iter().enumerate() {
+                if let Some(&(other, _)) = by_name.get(&t.name) {
+                    return Err(SafetensorsError::Duplicate {
+                        tensor: t.name.clone(),
+                        first: files[other].path.clone(),
+                        second: file.path.clone(),
+                    });
+                }
+                by_name.insert(t.name.clone(), (fi, ti));
+            }
+        }
+        Ok(Checkpoint { files, by_name })
+    }
+
+    /// The file holding `name` and the tensor's entry.
+    pub fn get(&self, name: &str) -> Option<(&SafetensorsFile, &StTensor)> {
+        let &(fi, ti) = self.by_name.get(name)?;
+        let file = &self.files[fi];
+        Some((file, &file.tensors[ti]))
+    }
+
+    /// Index of the file holding `name` in `files`.
+    pub fn file_index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).map(|&(fi, _)| fi)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+}
+
+/// Writes one safetensors file from in-memory tensors (name, dtype, shape, bytes), in the given
+/// order, with `__metadata__ {"format": "pt"}`; through `PATH.partial`, renamed at the end.
+pub fn write_file(
+    path: &Path,
+    tensors: &[(String, DType, Vec<usize>, Vec<u8>)],
+) -> Result<(), SafetensorsError> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for (name, dtype, shape, bytes) in tensors {
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [offset, offset + bytes.len()]}),
+        );
+        offset += bytes.len();
+    }
+    let mut header = serde_json::to_vec(&header).map_err(|e| SafetensorsError::Invalid {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    // Pad the header with spaces so tensor data starts 8-byte aligned, as the reference writer does.
+    header.resize(header.len().div_ceil(8) * 8, b' ');
+    let partial = PathBuf::from(format!("{}.partial", path.display()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::io::BufWriter::new(File::create(&partial)?);
+        f.write_all(&(header.len() as u64).to_le_bytes())?;
+        f.write_all(&header)?;
+        for (_, _, _, bytes) in tensors {
+            f.write_all(bytes)?;
+        }
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&partial, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&partial);
+        io_err(path)(e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32_bytes(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn write_then_read_locates_every_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let a = f32_bytes(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let b = vec![7u8, 8, 9, 10];
+        write_file(
+            &path,
+            &[
+                ("a".into(), DType::F32, vec![2, 3], a.clone()),
+                ("b".into(), DType::BF16, vec![2], b.clone()),
+            ],
+        )
+        .unwrap();
+        let ck = Checkpoint::open_dir(dir.path()).unwrap();
+        let (file, t) = ck.get("a").unwrap();
+        assert_eq!((t.dtype, t.shape.clone()), (DType::F32, vec![2, 3]));
+        assert_eq!(file.bytes(t), &a[..]);
+        let (file, t) = ck.get("b").unwrap();
+        assert_eq!(file.bytes(t), &b[..]);
+        assert_eq!(t.start % 8, 0);
+        assert_eq!(file.metadata.get("format").map(String::as_str), Some("pt"));
+    }
+
+    fn raw_file(dir: &Path, header: &str, data_len: usize) -> PathBuf {
+        let path = dir.join("bad.safetensors");
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.resize(bytes.len() + data_len, 0);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn refuses_malformed_headers_with_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, 4, "tensor data does not end at the end of the file"),
+            (r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, 8, "shape and dtype do not match"),
+            (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#, 12, "overlap, leave a gap"),
+            (r#"{"a":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#, 8, "unsupported dtype I64"),
+            (r#"{"a":{"dtype":"F33","shape":[1],"data_offsets":[0,4]}}"#, 4, "header is not valid JSON"),
+            ("not json", 0, "header is not valid JSON"),
+        ];
+        for (header, len, want) in cases {
+            let path = raw_file(dir.path(), header, len);
+            let err = SafetensorsFile::open(&path).unwrap_err().to_string();
+            assert!(err.contains(want), "{header}: {err}");
+            assert!(!err.contains('\n'));
+        }
+        let path = dir.path().join("short.safetensors");
+        std::fs::write(&path, [1, 2, 3]).unwrap();
+        let err = SafetensorsFile::open(&path).unwrap_err().to_string();
+        assert!(err.contains("shorter than the 8-byte header length"), "{err}");
+    }
+
+    #[test]
+    fn sharded_index_is_checked_against_shards() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = f32_bytes(&[1.0]);
+        write_file(&dir.path().join("s1.safetensors"), &[("x".into(), DType::F32, vec![1], one.clone())]).unwrap();
+        write_file(&dir.path().join("s2.safetensors"), &[("y".into(), DType::F32, vec![1], one.clone())]).unwrap();
+        let index = dir.path().join(INDEX_NAME);
+        std::fs::write(&index, r#"{"weight_map":{"x":"s1.safetensors","y":"s2.safetensors"}}"#).unwrap();
+        let ck = Checkpoint::open_dir(dir.path()).unwrap();
+        assert_eq!(ck.files.len(), 2);
+        assert_eq!(ck.file_index("y"), Some(1));
+
+        std::fs::write(&index, r#"{"weight_map":{"x":"s1.safetensors","y":"s1.safetensors"}}"#).unwrap();
+        let err = Checkpoint::open_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(r#"maps tensor "y" to "s1.safetensors", which does not hold it"#), "{err}");
+
+        std::fs::write(&index, r#"{"weight_map":{"x":"s3.safetensors"}}"#).unwrap();
+        let err = Checkpoint::open_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(r#"names shard "s3.safetensors", which does not exist"#), "{err}");
+
+        write_file(&dir.path().join("s2.safetensors"), &[("x".into(), DType::F32, vec![1], one)]).unwrap();
+        std::fs::write(&index, r#"{"weight_map":{"x":"s1.safetensors","z":"s2.safetensors"}}"#).unwrap();
+        let err = Checkpoint::open_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(r#"tensor "x" appears in both"#), "{err}");
+    }
+}

@@ -1,0 +1,11 @@
+//! `surgery`: retrofit recurrence into pretrained language models (McLeish et al., 2025).
+//!
+//! The library owns every domain step; `src/main.rs` and `src/cli/` only parse arguments and print.
+
+pub mod arch;
+pub mod dtype;
+pub mod formats;
+pub mod manifest;
+pub mod plan;
+pub mod source;
+pub mod synth;

@@ -1,0 +1,39 @@
+//! The `surgery` binary: parses arguments, dispatches to `cli::*`, prints the error chain on one
+//! line and maps it to an exit code (1: invalid input or a failed check; 2: I/O or internal error).
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // clap's message ends with usage lines; the first line says what is wrong.
+            let rendered = e.render().to_string();
+            let first = rendered.lines().find(|l| !l.trim().is_empty()).unwrap_or("error: invalid arguments");
+            eprintln!("{first}");
+            return ExitCode::from(1);
+        }
+    };
+    let json = cli.global.json;
+    match cli::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let code = cli::exit_code(&err);
+            let message = format!("{err:#}").replace('\n', " ");
+            eprintln!("error: {message}");
+            if json {
+                println!("{}", serde_json::json!({"error": message, "exit_code": code}));
+            }
+            ExitCode::from(code)
+        }
+    }
+}

@@ -1,0 +1,509 @@
+//! [`SourceModel`]: any checkpoint we read (Hugging Face directory, single safetensors file, GGUF,
+//! or a recurrent `huginn_raven` directory) as a config plus an index of tensors by canonical role.
+//! No tensor data is loaded until asked for.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::arch::{self, LayerRole, Naming, Role};
+use crate::dtype::DType;
+use crate::formats::gguf::{self, GgufFile};
+use crate::formats::hf_config::{self, ConfigError, Family, ModelConfig, RopeScaling};
+use crate::formats::safetensors::{Checkpoint, SafetensorsError, INDEX_NAME};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The path does not exist.
+    #[error("{0}: no such file or directory")]
+    NotFound(PathBuf),
+    /// The path exists but is not a model we can read.
+    #[error("{path}: {reason}")]
+    NotAModel { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Config {
+        path: PathBuf,
+        source: ConfigError,
+    },
+    #[error(transparent)]
+    Safetensors(#[from] SafetensorsError),
+    #[error("{path}: {source}")]
+    Gguf {
+        path: PathBuf,
+        source: gguf::GgufError,
+    },
+    /// A tensor the family needs is absent.
+    #[error("{path}: missing tensor {name:?} ({role})")]
+    MissingTensor {
+        path: PathBuf,
+        name: String,
+        role: Role,
+    },
+    /// A tensor whose shape disagrees with the config.
+    #[error("{path}: tensor {name:?} has shape {got:?}, but the config implies {want:?}")]
+    ShapeMismatch {
+        path: PathBuf,
+        name: String,
+        got: Vec<usize>,
+        want: Vec<usize>,
+    },
+    /// A tensor this family does not have: refusing is safer than dropping it silently.
+    #[error("{path}: unexpected tensor {name:?}, which a {family} model does not have")]
+    UnexpectedTensor {
+        path: PathBuf,
+        name: String,
+        family: &'static str,
+    },
+}
+
+/// How the checkpoint is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceFormat {
+    Safetensors,
+    Gguf,
+}
+
+/// One file that makes up the checkpoint (weights, config, index), relative to `root`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SourceFile {
+    pub path: String,
+    pub bytes: u64,
+}
+
+/// Where one tensor's bytes are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorRef {
+    pub name: String,
+    /// Index into [`SourceModel::files`].
+    pub file: usize,
+    pub dtype: DType,
+    /// Row-major shape.
+    pub shape: Vec<usize>,
+    /// Absolute byte range within the file.
+    pub start: u64,
+    pub end: u64,
+    /// Set for GGUF Q and K: llama.cpp stores their rows permuted per head (for its RoPE layout);
+    /// reading undoes it with this many heads.
+    pub unpermute_heads: Option<usize>,
+}
+
+impl TensorRef {
+    pub fn n_elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// The tokenizer that came with the checkpoint.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TokenizerInfo {
+    /// e.g. "tokenizer.json (BPE)", "sentencepiece", "gguf gpt2".
+    pub kind: String,
+    pub vocab: Option<usize>,
+    /// Files to copy into an output directory.
+    pub files: Vec<String>,
+}
+
+enum Storage {
+    /// `first_file`: the index in [`SourceModel::files`] of the checkpoint's first weight file.
+    Safetensors {
+        checkpoint: Checkpoint,
+        first_file: usize,
+    },
+    Gguf(Box<GgufFile>),
+}
+
+/// A checkpoint, opened and validated, with no tensor data loaded.
+pub struct SourceModel {
+    /// The path the user gave.
+    pub path: PathBuf,
+    /// The directory every [`SourceFile`] path is relative to.
+    pub root: PathBuf,
+    pub format: SourceFormat,
+    pub config: ModelConfig,
+    /// Weights, index and config files, in a stable order.
+    pub files: Vec<SourceFile>,
+    pub tensors: BTreeMap<Role, TensorRef>,
+    pub tokenizer: Option<TokenizerInfo>,
+    storage: Storage,
+}
+
+const TOKENIZER_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+];
+
+impl SourceModel {
+    /// Opens a Hugging Face directory, a `.safetensors` file with a `config.json` beside it, or a
+    /// `.gguf` file.
+    pub fn open(path: &Path) -> Result<SourceModel, SourceError> {
+        if !path.exists() {
+            return Err(SourceError::NotFound(path.to_path_buf()));
+        }
+        let is = |ext: &str| path.extension().is_some_and(|e| e == ext);
+        if path.is_dir() {
+            open_hf(path, path, None)
+        } else if is("gguf") {
+            open_gguf(path)
+        } else if is("safetensors") {
+            let root = path.parent().unwrap_or(Path::new("."));
+            open_hf(path, root, Some(path))
+        } else {
+            Err(SourceError::NotAModel {
+                path: path.to_path_buf(),
+                reason: "not a directory, .safetensors or .gguf file".into(),
+            })
+        }
+    }
+
+    /// The raw bytes of a tensor, as stored.
+    pub fn bytes(&self, t: &TensorRef) -> &[u8] {
+        match &self.storage {
+            Storage::Safetensors { checkpoint, first_file } => t
+                .file
+                .checked_sub(*first_file)
+                .and_then(|i| checkpoint.files.get(i))
+                .map_or(&[], |f| f.bytes_at(t.start, t.end)),
+            Storage::Gguf(g) => g.tensor(&t.name).map_or(&[], |info| g.bytes(info)),
+        }
+    }
+
+    /// A tensor's values as f32 in the Hugging Face convention (dequantized, rows un-permuted).
+    pub fn read_f32(&self, t: &TensorRef) -> Result<Vec<f32>, gguf::GgufError> {
+        let bytes = match t.unpermute_heads {
+            Some(heads) => std::borrow::Cow::Owned(gguf::unpermute_rows_gguf_to_hf(
+                self.bytes(t),
+                t.shape[0],
+                heads,
+            )?),
+            None => std::borrow::Cow::Borrowed(self.bytes(t)),
+        };
+        gguf::dequantize(t.dtype, &bytes, t.n_elements())
+    }
+
+    pub fn tensor(&self, role: Role) -> Option<&TensorRef> {
+        self.tensors.get(&role)
+    }
+
+    /// Total bytes of all files.
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.bytes).sum()
+    }
+
+    /// Number of elements of each dtype among the tensors.
+    pub fn dtype_histogram(&self) -> BTreeMap<DType, (usize, u64)> {
+        let mut hist = BTreeMap::new();
+        for t in self.tensors.values() {
+            let e = hist.entry(t.dtype).or_insert((0usize, 0u64));
+            e.0 += 1;
+            e.1 += t.n_elements() as u64;
+        }
+        hist
+    }
+
+    /// The most common dtype by element count.
+    pub fn main_dtype(&self) -> DType {
+        self.dtype_histogram()
+            .into_iter()
+            .max_by_key(|(_, (_, n))| *n)
+            .map_or(DType::F32, |(d, _)| d)
+    }
+}
+
+fn file_entry(root: &Path, path: &Path) -> Result<SourceFile, SourceError> {
+    let bytes = std::fs::metadata(path)
+        .map_err(|source| SourceError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let rel = path.strip_prefix(root).unwrap_or(path);
+    Ok(SourceFile {
+        path: rel.to_string_lossy().into_owned(),
+        bytes,
+    })
+}
+
+fn open_hf(path: &Path, root: &Path, single: Option<&Path>) -> Result<SourceModel, SourceError> {
+    let config_path = root.join("config.json");
+    if !config_path.is_file() {
+        return Err(SourceError::NotAModel {
+            path: path.to_path_buf(),
+            reason: format!("no config.json in {}", root.display()),
+        });
+    }
+    let config_bytes = std::fs::read(&config_path).map_err(|source| SourceError::Io {
+        path: config_path.clone(),
+        source,
+    })?;
+    let config = hf_config::parse(&config_bytes).map_err(|source| SourceError::Config {
+        path: config_path.clone(),
+        source,
+    })?;
+    let checkpoint = match single {
+        Some(file) => Checkpoint::from_files(vec![
+            crate::formats::safetensors::SafetensorsFile::open(file)?,
+        ])?,
+        None => Checkpoint::open_dir(root)?,
+    };
+    let mut files = vec![file_entry(root, &config_path)?];
+    if single.is_none() && root.join(INDEX_NAME).is_file() {
+        files.push(file_entry(root, &root.join(INDEX_NAME))?);
+    }
+    let weights_start = files.len();
+    for f in &checkpoint.files {
+        files.push(file_entry(root, &f.path)?);
+    }
+    let naming = match config.recurrent {
+        Some(shape) => Naming::Raven(config.family, shape),
+        None => Naming::HuggingFace(config.family),
+    };
+    let mut tensors = BTreeMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for role in arch::required_roles(&config) {
+        let name = naming.name(role).unwrap_or_default();
+        let Some((_, t)) = checkpoint.get(&name) else {
+            return Err(SourceError::MissingTensor {
+                path: path.to_path_buf(),
+                name,
+                role,
+            });
+        };
+        let file = weights_start + checkpoint.file_index(&name).unwrap_or(0);
+        seen.insert(name.clone());
+        tensors.insert(
+            role,
+            TensorRef {
+                name,
+                file,
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                start: t.start,
+                end: t.end,
+                unpermute_heads: None,
+            },
+        );
+    }
+    for name in checkpoint.names() {
+        // A tied source may still store lm_head; old checkpoints store RoPE's inverse frequencies.
+        let ignorable = (config.tied && name == "lm_head.weight") || name.ends_with("rotary_emb.inv_freq");
+        if !seen.contains(name) && !ignorable {
+            let mut extra: Vec<&str> = checkpoint.names().filter(|n| !seen.contains(*n)).collect();
+            extra.sort();
+            return Err(SourceError::UnexpectedTensor {
+                path: path.to_path_buf(),
+                name: extra.first().copied().unwrap_or(name).to_string(),
+                family: config.family.name(),
+            });
+        }
+    }
+    check_shapes(path, &config, &tensors)?;
+    let tokenizer = hf_tokenizer(root);
+    if let Some(t) = &tokenizer {
+        for f in &t.files {
+            files.push(file_entry(root, &root.join(f))?);
+        }
+    }
+    Ok(SourceModel {
+        path: path.to_path_buf(),
+        root: root.to_path_buf(),
+        format: SourceFormat::Safetensors,
+        config,
+        files,
+        tensors,
+        tokenizer,
+        storage: Storage::Safetensors {
+            checkpoint,
+            first_file: weights_start,
+        },
+    })
+}
+
+fn check_shapes(
+    path: &Path,
+    config: &ModelConfig,
+    tensors: &BTreeMap<Role, TensorRef>,
+) -> Result<(), SourceError> {
+    for (&role, t) in tensors {
+        let want = arch::expected_shape(config, role);
+        if t.shape != want {
+            return Err(SourceError::ShapeMismatch {
+                path: path.to_path_buf(),
+                name: t.name.clone(),
+                got: t.shape.clone(),
+                want,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn hf_tokenizer(root: &Path) -> Option<TokenizerInfo> {
+    let files: Vec<String> = TOKENIZER_FILES
+        .iter()
+        .filter(|f| root.join(f).is_file())
+        .map(|f| f.to_string())
+        .collect();
+    let json = std::fs::read(root.join("tokenizer.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    let kind = match (&json, root.join("tokenizer.model").is_file()) {
+        (Some(j), _) => format!(
+            "tokenizer.json ({})",
+            j.pointer("/model/type").and_then(Value::as_str).unwrap_or("unknown model")
+        ),
+        (None, true) => "sentencepiece (tokenizer.model)".into(),
+        (None, false) => return None,
+    };
+    let vocab = json.as_ref().and_then(|j| {
+        let base = j.pointer("/model/vocab").and_then(Value::as_object)?.len();
+        let added = j.get("added_tokens").and_then(Value::as_array).map_or(0, Vec::len);
+        Some(base + added)
+    });
+    Some(TokenizerInfo { kind, vocab, files })
+}
+
+/// GGUF stores these floats as f32: 1e-5 reads back as 9.999999747378752e-6 in f64. Take the
+/// shortest decimal that round-trips through f32, which is what the converter was given.
+fn shortest_f32(v: f64) -> f64 {
+    (v as f32).to_string().parse().unwrap_or(v)
+}
+
+fn open_gguf(path: &Path) -> Result<SourceModel, SourceError> {
+    let gerr = |source| SourceError::Gguf {
+        path: path.to_path_buf(),
+        source,
+    };
+    let g = GgufFile::open(path).map_err(gerr)?;
+    let bad = |reason: String| SourceError::NotAModel {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let arch_name = g.get_str("general.architecture").unwrap_or("");
+    if arch_name != "llama" {
+        return Err(bad(format!(
+            "GGUF architecture {arch_name:?} is not supported (supported: llama)"
+        )));
+    }
+    if g.tensor("rope_freqs.weight").is_some() {
+        return Err(bad(
+            "GGUF with rope_freqs (llama3 RoPE scaling) cannot be read back exactly; use the Hugging Face checkpoint".into(),
+        ));
+    }
+    let key = |k: &str| format!("llama.{k}");
+    let need = |k: &str| -> Result<usize, SourceError> {
+        g.get_u64(&key(k))
+            .and_then(|v| usize::try_from(v).ok())
+            .ok_or_else(|| bad(format!("missing or non-integer GGUF key {}", key(k))))
+    };
+    let hidden = need("embedding_length")?;
+    let n_heads = need("attention.head_count")?;
+    let tokens = g.get_array("tokenizer.ggml.tokens").map(|a| a.len());
+    let vocab = g
+        .get_u64(&key("vocab_size"))
+        .and_then(|v| usize::try_from(v).ok())
+        .or(tokens)
+        .ok_or_else(|| bad("no llama.vocab_size and no tokenizer.ggml.tokens".into()))?;
+    let tied = g.tensor("output.weight").is_none();
+    let token_id = |k: &str| g.get_u64(k).map(Value::from);
+    let config = ModelConfig {
+        family: Family::Llama,
+        n_layers: need("block_count")?,
+        hidden,
+        n_heads,
+        n_kv_heads: g
+            .get_u64(&key("attention.head_count_kv"))
+            .and_then(|v| usize::try_from(v).ok())
+            .unwrap_or(n_heads),
+        head_dim: match g.get_u64(&key("attention.key_length")) {
+            Some(d) => usize::try_from(d).map_err(|_| bad("head dim overflows".into()))?,
+            None if n_heads > 0 => hidden / n_heads,
+            None => 0,
+        },
+        ffn: need("feed_forward_length")?,
+        vocab,
+        rope_theta: g.get_f64(&key("rope.freq_base")).map_or(10000.0, shortest_f32),
+        rope_scaling: None::<RopeScaling>,
+        tied,
+        norm_eps: g
+            .get_f64(&key("attention.layer_norm_rms_epsilon"))
+            .map_or(1e-5, shortest_f32),
+        max_position: g
+            .get_u64(&key("context_length"))
+            .and_then(|v| usize::try_from(v).ok()),
+        bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
+        eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
+        torch_dtype: None,
+        recurrent: None,
+    }
+    .validated()
+    .map_err(|source| SourceError::Config {
+        path: path.to_path_buf(),
+        source,
+    })?;
+
+    let mut tensors = BTreeMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for role in arch::required_roles(&config) {
+        let name = Naming::Gguf.name(role).unwrap_or_default();
+        let Some(info) = g.tensor(&name) else {
+            return Err(SourceError::MissingTensor {
+                path: path.to_path_buf(),
+                name,
+                role,
+            });
+        };
+        let unpermute_heads = match role {
+            Role::Layer(_, LayerRole::Q) => Some(config.n_heads),
+            Role::Layer(_, LayerRole::K) => Some(config.n_kv_heads),
+            _ => None,
+        };
+        seen.insert(name.clone());
+        tensors.insert(
+            role,
+            TensorRef {
+                name,
+                file: 0,
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                start: info.offset,
+                end: info.offset + info.n_bytes,
+                unpermute_heads,
+            },
+        );
+    }
+    if let Some(extra) = g.tensors.iter().find(|t| !seen.contains(&t.name)) {
+        return Err(SourceError::UnexpectedTensor {
+            path: path.to_path_buf(),
+            name: extra.name.clone(),
+            family: "llama",
+        });
+    }
+    check_shapes(path, &config, &tensors)?;
+    let root = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let files = vec![file_entry(&root, path)?];
+    let tokenizer = g.get_str("tokenizer.ggml.model").map(|model| TokenizerInfo {
+        kind: format!("gguf {model}"),
+        vocab: tokens,
+        files: vec![],
+    });
+    Ok(SourceModel {
+        path: path.to_path_buf(),
+        root,
+        format: SourceFormat::Gguf,
+        config,
+        files,
+        tensors,
+        tokenizer,
+        storage: Storage::Gguf(Box::new(g)),
+    })
+}

@@ -1,0 +1,86 @@
+//! Helpers shared by the integration tests: the real assets fetched by scripts/fetch-assets.sh,
+//! the Python reference tools, and running the built binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// True when the README's test command runs us: then a missing asset is a failure, not a skip.
+fn assets_required() -> bool {
+    std::env::var_os("SURGERY_REQUIRE_ASSETS").is_some_and(|v| v == "1")
+}
+
+fn missing(what: &str) -> Option<PathBuf> {
+    assert!(
+        !assets_required(),
+        "{what} is missing although SURGERY_REQUIRE_ASSETS=1: run scripts/fetch-assets.sh"
+    );
+    eprintln!("NOTICE: skipping: {what} is missing (run scripts/fetch-assets.sh, or scripts/test.sh)");
+    None
+}
+
+/// A file under .cache/assets/, or None (with a visible notice) when it was not fetched.
+pub fn asset(name: &str) -> Option<PathBuf> {
+    let path = root().join(".cache/assets").join(name);
+    if path.is_file() {
+        Some(path)
+    } else {
+        missing(&format!(".cache/assets/{name}"))
+    }
+}
+
+pub fn smollm2() -> Option<PathBuf> {
+    asset("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// A Python interpreter with the `gguf` package (llama.cpp's reference reader) and numpy:
+/// `$SURGERY_PYTHON`, else the venv made by scripts/fetch-assets.sh.
+pub fn python_with_gguf() -> Option<PathBuf> {
+    let candidates = std::env::var_os("SURGERY_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([root().join(".cache/venv/bin/python")]);
+    for python in candidates {
+        let ok = Command::new(&python)
+            .args(["-c", "import gguf, numpy"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            return Some(python);
+        }
+    }
+    missing("a Python with the gguf package")
+}
+
+/// Runs the built `surgery` binary with `args` in `dir`.
+pub fn surgery(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_surgery"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("the surgery binary runs")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Names of the entries of `dir`, sorted: to assert that a failed command wrote nothing.
+pub fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("readable dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
