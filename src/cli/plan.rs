@@ -38,7 +38,7 @@ pub struct PlanArgs {
     #[arg(long, value_enum, default_value = "identity")]
     pub adapter_init: AdapterInit,
     /// Std of seeded Gaussian noise added to the state half of an identity adapter.
-    #[arg(long, value_name = "STD", default_value_t = 0.0)]
+    #[arg(long, value_name = "STD", default_value_t = 0.0, allow_negative_numbers = true)]
     pub adapter_noise: f64,
     /// Initial state s_0: truncated normal with the reference's sigma, or zero.
     #[arg(long, value_enum, default_value = "normal")]

@@ -184,12 +184,16 @@ struct RawIndex {
 }
 
 impl Checkpoint {
-    /// Opens `model.safetensors.index.json` and its shards if `dir` has one, else the single
-    /// `*.safetensors` file in `dir`.
+    /// Opens `model.safetensors.index.json` and its shards if `dir` has one, else
+    /// `model.safetensors`, else the only `*.safetensors` file in `dir`.
     pub fn open_dir(dir: &Path) -> Result<Checkpoint, SafetensorsError> {
         let index = dir.join(INDEX_NAME);
         if index.is_file() {
             return Checkpoint::open_index(&index);
+        }
+        let single = dir.join("model.safetensors");
+        if single.is_file() {
+            return Checkpoint::from_files(vec![SafetensorsFile::open(&single)?]);
         }
         let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(io_err(dir))?

@@ -242,3 +242,142 @@ fn quantize_blocks(dtype: DType, values: &[f32]) -> Result<Vec<u8>, GgufError> {
     let q = QTensor::quantize(&tensor, ggml_dtype(dtype))?;
     Ok(q.data()?.into_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ramp over [-1, 1] with a few larger values, `n` long.
+    fn ramp(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let x = 2.0 * i as f32 / (n - 1) as f32 - 1.0;
+                if i % 97 == 0 {
+                    4.0 * x
+                } else {
+                    x
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn quantize_then_dequantize_stays_close() {
+        let values = ramp(1024);
+        // Max error allowed, in units of the largest |value| (4.0): a few quantization steps.
+        for (dtype, tol) in [
+            (DType::F32, 0.0),
+            (DType::F16, 1e-3),
+            (DType::BF16, 1e-2),
+            (DType::Q8_0, 1e-2),
+            (DType::Q5_0, 4e-2),
+            (DType::Q5_1, 4e-2),
+            (DType::Q4_0, 8e-2),
+            (DType::Q4_1, 8e-2),
+            (DType::Q6K, 2e-2),
+            (DType::Q5K, 4e-2),
+            (DType::Q4K, 8e-2),
+        ] {
+            let bytes = quantize(dtype, &values).unwrap();
+            assert_eq!(Some(bytes.len() as u64), dtype.size_of(1024), "{dtype}");
+            let back = dequantize(dtype, &bytes, values.len()).unwrap();
+            let max_err = values
+                .iter()
+                .zip(&back)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(max_err <= tol * 4.0, "{dtype}: max error {max_err}");
+        }
+    }
+
+    #[test]
+    fn float_types_are_little_endian() {
+        assert_eq!(quantize(DType::F16, &[1.0]).unwrap(), vec![0x00, 0x3c]);
+        assert_eq!(quantize(DType::BF16, &[1.0]).unwrap(), vec![0x80, 0x3f]);
+        assert_eq!(dequantize(DType::BF16, &[0x80, 0xbf], 1).unwrap(), vec![-1.0]);
+        assert_eq!(dequantize(DType::F32, &2.5f32.to_le_bytes(), 1).unwrap(), vec![2.5]);
+    }
+
+    #[test]
+    fn misaligned_input_is_copied_not_rejected() {
+        let bytes = quantize(DType::Q8_0, &ramp(64)).unwrap();
+        let expected = dequantize(DType::Q8_0, &bytes, 64).unwrap();
+        for shift in 0..2 {
+            let mut buf = vec![0u8; shift];
+            buf.extend_from_slice(&bytes);
+            let got = dequantize(DType::Q8_0, &buf[shift..], 64).unwrap();
+            assert_eq!(got, expected, "shift {shift}");
+        }
+    }
+
+    #[test]
+    fn aligned_copies_only_when_needed() {
+        let buf = vec![7u16; 9];
+        let bytes: Vec<u8> = buf.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut scratch = Vec::new();
+        for start in 0..2 {
+            let input = &bytes[start..start + 16];
+            let out = aligned(input, 2, &mut scratch);
+            assert_eq!(out, input);
+            assert_eq!(out.as_ptr() as usize % 2, 0);
+            assert_eq!(out.as_ptr() == input.as_ptr(), input.as_ptr() as usize % 2 == 0);
+        }
+    }
+
+    #[test]
+    fn dequantize_checks_lengths() {
+        let msg = dequantize(DType::Q4_0, &[0; 17], 32).unwrap_err().to_string();
+        assert_eq!(msg, "Q4_0 data for 32 elements must be 18 bytes, got 17");
+        let msg = dequantize(DType::Q4K, &[0; 144], 128).unwrap_err().to_string();
+        assert_eq!(msg, "128 elements is not a whole number of Q4_K blocks of 256");
+        let msg = dequantize(DType::F16, &[0; 3], 1).unwrap_err().to_string();
+        assert_eq!(msg, "F16 data for 1 elements must be 2 bytes, got 3");
+        assert_eq!(dequantize(DType::Q6K, &[], 0).unwrap(), Vec::<f32>::new());
+    }
+
+    #[test]
+    fn quantize_checks_its_input() {
+        let msg = quantize(DType::Q8_0, &[0.0; 31]).unwrap_err().to_string();
+        assert_eq!(msg, "31 elements is not a whole number of Q8_0 blocks of 32");
+        let mut values = vec![0.5; 32];
+        values[3] = f32::NAN;
+        let msg = quantize(DType::Q4_1, &values).unwrap_err().to_string();
+        assert_eq!(msg, "cannot quantize to Q4_1: element 3 is NaN");
+        // Float types store non-finite values as they are.
+        assert_eq!(quantize(DType::F16, &[f32::INFINITY]).unwrap(), vec![0x00, 0x7c]);
+    }
+
+    #[test]
+    fn permutation_matches_llama_cpp_on_a_tiny_example() {
+        // 2 heads of head_dim 4, rows of 2 bytes: HF row r is [r, 100 + r].
+        let hf: Vec<u8> = (0..8u8).flat_map(|r| [r, 100 + r]).collect();
+        let gguf = permute_rows_hf_to_gguf(&hf, 8, 2).unwrap();
+        // GGUF row h*4 + 2j + t holds HF row h*4 + 2t + j.
+        let rows: Vec<u8> = gguf.chunks(2).map(|r| r[0]).collect();
+        assert_eq!(rows, vec![0, 2, 1, 3, 4, 6, 5, 7]);
+        assert_eq!(gguf[1], 100);
+        assert_eq!(gguf[3], 102);
+        assert_eq!(unpermute_rows_gguf_to_hf(&gguf, 8, 2).unwrap(), hf);
+    }
+
+    #[test]
+    fn unpermute_inverts_permute_on_quantized_rows() {
+        // 3 KV heads of head_dim 8, rows of 64 Q4_1 elements (two blocks).
+        let bytes = quantize(DType::Q4_1, &ramp(24 * 64)).unwrap();
+        let permuted = permute_rows_hf_to_gguf(&bytes, 24, 3).unwrap();
+        assert_ne!(permuted, bytes);
+        assert_eq!(unpermute_rows_gguf_to_hf(&permuted, 24, 3).unwrap(), bytes);
+        let round = permute_rows_hf_to_gguf(&unpermute_rows_gguf_to_hf(&bytes, 24, 3).unwrap(), 24, 3);
+        assert_eq!(round.unwrap(), bytes);
+    }
+
+    #[test]
+    fn permutation_rejects_bad_geometry() {
+        let msg = |r: Result<Vec<u8>, GgufError>| r.unwrap_err().to_string();
+        assert!(msg(permute_rows_hf_to_gguf(&[0; 12], 6, 4)).contains("do not split evenly into heads"));
+        assert!(msg(permute_rows_hf_to_gguf(&[0; 6], 6, 2)).contains("head dimension is odd"));
+        assert!(msg(unpermute_rows_gguf_to_hf(&[0; 7], 4, 2)).contains("not a whole number of rows"));
+        assert!(msg(unpermute_rows_gguf_to_hf(&[], 4, 2)).contains("must all be non-zero"));
+        assert!(msg(permute_rows_hf_to_gguf(&[0; 4], 4, 0)).contains("must all be non-zero"));
+    }
+}

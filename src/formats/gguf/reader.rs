@@ -706,8 +706,11 @@ mod tests {
     #[test]
     fn truncated_header() {
         assert_err(Raw(b"GG".to_vec()), "truncated: magic");
-        assert_err(Raw::header(3, 0, 1).str("k"), "truncated: value type of key \"k\"");
-        assert_err(Raw::header(3, 1, 0).str("t").u32(2).u64(4), "truncated: dimensions of tensor \"t\"");
+        // Long names, so that the counts pass their lower bound and the reads run out.
+        let raw = Raw::header(3, 0, 1).str("general.name");
+        assert_err(raw, "truncated: value type of key \"general.name\" at byte 44 needs 4 bytes");
+        let raw = Raw::header(3, 1, 0).str("blk.0.w").u32(2).u64(4).u32(0);
+        assert_err(raw, "truncated: dimensions of tensor \"blk.0.w\"");
     }
 
     #[test]
@@ -745,7 +748,10 @@ mod tests {
             Raw::header(3, 0, 1).str("k").u32(9).u32(4).u64(1 << 50),
             "array length of key \"k\" 1125899906842624 cannot fit",
         );
-        assert_err(Raw::header(3, 0, 1).u64(u64::MAX), "length of metadata key");
+        assert_err(
+            Raw::header(3, 0, 1).u64(u64::MAX).bytes(&[0; 8]),
+            "length of metadata key 18446744073709551615 cannot fit in the 8 bytes",
+        );
         assert_err(
             Raw::header(3, 0, 1).str("k").u32(8).u64(100).bytes(b"short"),
             "length of value of key \"k\" 100 cannot fit in the 5 bytes",
@@ -755,7 +761,10 @@ mod tests {
     #[test]
     fn invalid_utf8() {
         assert_err(Raw::header(3, 0, 1).u64(2).bytes(&[0xc3, 0x28]).u32(4).u32(0), "invalid UTF-8 in metadata key");
-        assert_err(Raw::header(3, 1, 0).u64(1).bytes(&[0xff]), "invalid UTF-8 in tensor name");
+        assert_err(
+            Raw::header(3, 1, 0).u64(1).bytes(&[0xff; 16]),
+            "invalid UTF-8 in tensor name",
+        );
     }
 
     #[test]

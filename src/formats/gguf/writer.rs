@@ -198,3 +198,136 @@ fn encode_value(out: &mut Vec<u8>, value: &Value) {
         Value::F64(v) => out.extend_from_slice(&v.to_le_bytes()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::gguf::quant::quantize;
+    use crate::formats::gguf::{GgufFile, ALIGNMENT_KEY};
+
+    fn every_value_type() -> Vec<(String, Value)> {
+        let kv = |k: &str, v| (k.to_string(), v);
+        vec![
+            kv("z.u8", Value::U8(255)),
+            kv("a.i8", Value::I8(-128)),
+            kv("m.u16", Value::U16(65535)),
+            kv("b.i16", Value::I16(-32768)),
+            kv("y.u32", Value::U32(u32::MAX)),
+            kv("c.i32", Value::I32(i32::MIN)),
+            kv("x.f32", Value::F32(1e-5)),
+            kv("d.bool", Value::Bool(true)),
+            kv("w.string", Value::String("héllo, 世界".into())),
+            kv("e.empty_string", Value::String(String::new())),
+            kv("v.u64", Value::U64(u64::MAX)),
+            kv("f.i64", Value::I64(i64::MIN)),
+            kv("u.f64", Value::F64(-0.1)),
+            kv(
+                "g.strings",
+                Value::Array(vec![Value::String("a".into()), Value::String(String::new())]),
+            ),
+            kv("t.i32s", Value::Array(vec![Value::I32(-1), Value::I32(2)])),
+            kv("h.bools", Value::Array(vec![Value::Bool(false), Value::Bool(true)])),
+            kv("s.f64s", Value::Array(vec![Value::F64(1.5)])),
+            kv("i.empty", Value::Array(vec![])),
+        ]
+    }
+
+    /// One tensor per dtype, with shapes of 1 to 4 dims.
+    fn every_dtype() -> Vec<TensorData> {
+        DType::ALL
+            .into_iter()
+            .enumerate()
+            .map(|(i, dtype)| {
+                let row = dtype.block_size().max(3) * 2;
+                let shape: Vec<usize> = [row, 2, 3, 1][..1 + i % 4].iter().rev().copied().collect();
+                let n: usize = shape.iter().product();
+                let values: Vec<f32> = (0..n).map(|j| (j as f32 * 0.37).sin() * (i + 1) as f32).collect();
+                let bytes = quantize(dtype, &values).unwrap();
+                (format!("t.{dtype}"), dtype, shape, bytes)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_trips_every_value_type_and_dtype() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("all.gguf");
+        let metadata = every_value_type();
+        let tensors = every_dtype();
+        write_gguf(&path, &metadata, &tensors).unwrap();
+        assert!(!partial_path(&path).exists());
+
+        let f = GgufFile::open(&path).unwrap();
+        assert_eq!(f.version, 3);
+        assert_eq!(f.metadata, metadata, "metadata in file order");
+        assert_eq!(f.alignment, 32);
+        assert_eq!(f.tensors.len(), tensors.len());
+        for (info, (name, dtype, shape, bytes)) in f.tensors.iter().zip(&tensors) {
+            assert_eq!((&info.name, info.dtype, &info.shape), (name, *dtype, shape));
+            assert_eq!(info.offset % 32, 0, "{name}");
+            assert_eq!(f.bytes(info), &bytes[..], "{name}");
+        }
+        // Zero padding after the last tensor too.
+        assert_eq!(f.len() % 32, 0);
+        assert_eq!(f.get("g.strings"), Some(&metadata[13].1));
+        assert_eq!(f.get_array("t.i32s").map(|a| a.len()), Some(2));
+        assert_eq!(f.get_f64("u.f64"), Some(-0.1));
+    }
+
+    #[test]
+    fn honours_general_alignment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.gguf");
+        let metadata = vec![(ALIGNMENT_KEY.to_string(), Value::U32(256))];
+        let tensors = vec![
+            ("a".to_string(), DType::F32, vec![3], vec![0; 12]),
+            ("b".to_string(), DType::F16, vec![1, 5], vec![1; 10]),
+        ];
+        write_gguf(&path, &metadata, &tensors).unwrap();
+        let f = GgufFile::open(&path).unwrap();
+        assert_eq!(f.alignment, 256);
+        assert_eq!(f.tensors[1].offset - f.tensors[0].offset, 256);
+        assert_eq!(f.len(), f.data_start + 512);
+    }
+
+    fn write_err(metadata: &[(String, Value)], tensors: &[TensorData]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.gguf");
+        let msg = write_gguf(&path, metadata, tensors).unwrap_err().to_string();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "wrote a file");
+        msg
+    }
+
+    #[test]
+    fn rejects_invalid_input_before_writing() {
+        let t = |name: &str, dtype, shape: Vec<usize>, n| (name.to_string(), dtype, shape, vec![0u8; n]);
+        let kv = |k: &str, v| vec![(k.to_string(), v)];
+        let msg = write_err(&[], &[t("w", DType::Q8_0, vec![2, 32], 34)]);
+        assert_eq!(msg, "tensor \"w\" (Q8_0, shape [2, 32]) needs 68 bytes but has 34");
+        let msg = write_err(&[], &[t("w", DType::F32, vec![1], 4), t("w", DType::F32, vec![1], 4)]);
+        assert_eq!(msg, "duplicate tensor name \"w\"");
+        let msg = write_err(&[], &[t("w", DType::Q4K, vec![128], 72)]);
+        assert!(msg.contains("not a multiple of the block size 256"), "{msg}");
+        let msg = write_err(&[], &[t("w", DType::F32, vec![], 4)]);
+        assert!(msg.contains("has 0 dimensions"), "{msg}");
+        let msg = write_err(&kv("k", Value::Array(vec![Value::Array(vec![])])), &[]);
+        assert!(msg.contains("array of arrays"), "{msg}");
+        let msg = write_err(&kv("k", Value::Array(vec![Value::U8(1), Value::I8(1)])), &[]);
+        assert!(msg.contains("mixing value types"), "{msg}");
+        let msg = write_err(&kv(ALIGNMENT_KEY, Value::U64(32)), &[]);
+        assert!(msg.contains("general.alignment U64(32) is invalid"), "{msg}");
+        let mut dup = kv("k", Value::U8(1));
+        dup.extend(kv("k", Value::U8(2)));
+        assert_eq!(write_err(&dup, &[]), "duplicate metadata key \"k\"");
+    }
+
+    #[test]
+    fn replaces_an_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.gguf");
+        std::fs::write(&path, b"old").unwrap();
+        write_gguf(&path, &[], &[]).unwrap();
+        let f = GgufFile::open(&path).unwrap();
+        assert!(f.tensors.is_empty() && f.metadata.is_empty());
+    }
+}
