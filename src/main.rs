@@ -18,7 +18,10 @@ fn main() -> ExitCode {
             }
             // clap's message ends with usage lines; the first line says what is wrong.
             let rendered = e.render().to_string();
-            let first = rendered.lines().find(|l| !l.trim().is_empty()).unwrap_or("error: invalid arguments");
+            let first = rendered
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("error: invalid arguments");
             eprintln!("{first}");
             return ExitCode::from(1);
         }
@@ -28,12 +31,30 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let code = cli::exit_code(&err);
-            let message = format!("{err:#}").replace('\n', " ");
+            let message = one_line(&err);
             eprintln!("error: {message}");
             if json {
-                println!("{}", serde_json::json!({"error": message, "exit_code": code}));
+                println!(
+                    "{}",
+                    serde_json::json!({"error": message, "exit_code": code})
+                );
             }
             ExitCode::from(code)
         }
     }
+}
+
+/// The error chain on one line, each cause once: our errors often repeat their source's message.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            if !message.is_empty() {
+                message.push_str(": ");
+            }
+            message.push_str(&text);
+        }
+    }
+    message.replace('\n', " ")
 }

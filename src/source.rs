@@ -27,10 +27,7 @@ pub enum SourceError {
         source: std::io::Error,
     },
     #[error("{path}: {source}")]
-    Config {
-        path: PathBuf,
-        source: ConfigError,
-    },
+    Config { path: PathBuf, source: ConfigError },
     #[error(transparent)]
     Safetensors(#[from] SafetensorsError),
     #[error("{path}: {source}")]
@@ -168,7 +165,10 @@ impl SourceModel {
     /// The raw bytes of a tensor, as stored.
     pub fn bytes(&self, t: &TensorRef) -> &[u8] {
         match &self.storage {
-            Storage::Safetensors { checkpoint, first_file } => t
+            Storage::Safetensors {
+                checkpoint,
+                first_file,
+            } => t
                 .file
                 .checked_sub(*first_file)
                 .and_then(|i| checkpoint.files.get(i))
@@ -250,9 +250,11 @@ fn open_hf(path: &Path, root: &Path, single: Option<&Path>) -> Result<SourceMode
         source,
     })?;
     let checkpoint = match single {
-        Some(file) => Checkpoint::from_files(vec![
-            crate::formats::safetensors::SafetensorsFile::open(file)?,
-        ])?,
+        Some(file) => {
+            Checkpoint::from_files(vec![crate::formats::safetensors::SafetensorsFile::open(
+                file,
+            )?])?
+        }
         None => Checkpoint::open_dir(root)?,
     };
     let mut files = vec![file_entry(root, &config_path)?];
@@ -295,7 +297,8 @@ fn open_hf(path: &Path, root: &Path, single: Option<&Path>) -> Result<SourceMode
     }
     for name in checkpoint.names() {
         // A tied source may still store lm_head; old checkpoints store RoPE's inverse frequencies.
-        let ignorable = (config.tied && name == "lm_head.weight") || name.ends_with("rotary_emb.inv_freq");
+        let ignorable =
+            (config.tied && name == "lm_head.weight") || name.ends_with("rotary_emb.inv_freq");
         if !seen.contains(name) && !ignorable {
             let mut extra: Vec<&str> = checkpoint.names().filter(|n| !seen.contains(*n)).collect();
             extra.sort();
@@ -359,14 +362,19 @@ fn hf_tokenizer(root: &Path) -> Option<TokenizerInfo> {
     let kind = match (&json, root.join("tokenizer.model").is_file()) {
         (Some(j), _) => format!(
             "tokenizer.json ({})",
-            j.pointer("/model/type").and_then(Value::as_str).unwrap_or("unknown model")
+            j.pointer("/model/type")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown model")
         ),
         (None, true) => "sentencepiece (tokenizer.model)".into(),
         (None, false) => return None,
     };
     let vocab = json.as_ref().and_then(|j| {
         let base = j.pointer("/model/vocab").and_then(Value::as_object)?.len();
-        let added = j.get("added_tokens").and_then(Value::as_array).map_or(0, Vec::len);
+        let added = j
+            .get("added_tokens")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
         Some(base + added)
     });
     Some(TokenizerInfo { kind, vocab, files })
@@ -431,7 +439,9 @@ fn open_gguf(path: &Path) -> Result<SourceModel, SourceError> {
         },
         ffn: need("feed_forward_length")?,
         vocab,
-        rope_theta: g.get_f64(&key("rope.freq_base")).map_or(10000.0, shortest_f32),
+        rope_theta: g
+            .get_f64(&key("rope.freq_base"))
+            .map_or(10000.0, shortest_f32),
         rope_scaling: None::<RopeScaling>,
         tied,
         norm_eps: g
@@ -491,11 +501,13 @@ fn open_gguf(path: &Path) -> Result<SourceModel, SourceError> {
     check_shapes(path, &config, &tensors)?;
     let root = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let files = vec![file_entry(&root, path)?];
-    let tokenizer = g.get_str("tokenizer.ggml.model").map(|model| TokenizerInfo {
-        kind: format!("gguf {model}"),
-        vocab: tokens,
-        files: vec![],
-    });
+    let tokenizer = g
+        .get_str("tokenizer.ggml.model")
+        .map(|model| TokenizerInfo {
+            kind: format!("gguf {model}"),
+            vocab: tokens,
+            files: vec![],
+        });
     Ok(SourceModel {
         path: path.to_path_buf(),
         root,

@@ -143,8 +143,14 @@ impl SplitMix64 {
 /// Encodes f32 values as little-endian bytes of a float dtype.
 pub fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
     match dtype {
-        DType::F16 => values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
-        DType::BF16 => values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+        DType::F16 => values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        DType::BF16 => values
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
         _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
     }
 }
@@ -162,10 +168,18 @@ pub fn write_hf(dir: &Path, spec: &SynthSpec, seed: u64) -> std::io::Result<()> 
         .tensors(seed)
         .into_iter()
         .map(|(role, shape, values)| {
-            (naming.name(role).unwrap_or_default(), spec.dtype, shape, encode(spec.dtype, &values))
+            (
+                naming.name(role).unwrap_or_default(),
+                spec.dtype,
+                shape,
+                encode(spec.dtype, &values),
+            )
         })
         .collect();
-    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&spec.config_json())?)?;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&spec.config_json())?,
+    )?;
     let shards = spec.shards.max(1);
     if shards == 1 {
         return safetensors::write_file(&dir.join("model.safetensors"), &tensors).map_err(other);
@@ -182,15 +196,25 @@ pub fn write_hf(dir: &Path, spec: &SynthSpec, seed: u64) -> std::io::Result<()> 
         safetensors::write_file(&dir.join(&name), chunk).map_err(other)?;
     }
     let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    std::fs::write(dir.join(safetensors::INDEX_NAME), serde_json::to_vec_pretty(&index)?)
+    std::fs::write(
+        dir.join(safetensors::INDEX_NAME),
+        serde_json::to_vec_pretty(&index)?,
+    )
 }
 
 /// Writes a Llama `spec` as a GGUF file the way llama.cpp's converter does: llama.* metadata,
 /// llama.cpp tensor names, Q and K rows permuted per head; 2-D weights stored as `weight_type`
 /// (when their rows are a whole number of its blocks, else F32), norms as F32.
-pub fn write_gguf(path: &Path, spec: &SynthSpec, seed: u64, weight_type: DType) -> std::io::Result<()> {
+pub fn write_gguf(
+    path: &Path,
+    spec: &SynthSpec,
+    seed: u64,
+    weight_type: DType,
+) -> std::io::Result<()> {
     if spec.family != Family::Llama || spec.llama3_rope {
-        return Err(other("GGUF fixtures are plain llama (no OLMo-2, no llama3 scaling)"));
+        return Err(other(
+            "GGUF fixtures are plain llama (no OLMo-2, no llama3 scaling)",
+        ));
     }
     let c = spec.config();
     let mut tensors = Vec::new();
@@ -209,12 +233,22 @@ pub fn write_gguf(path: &Path, spec: &SynthSpec, seed: u64, weight_type: DType) 
         if let Some(heads) = heads {
             bytes = gguf::permute_rows_hf_to_gguf(&bytes, shape[0], heads).map_err(other)?;
         }
-        tensors.push((Naming::Gguf.name(role).unwrap_or_default(), dtype, shape, bytes));
+        tensors.push((
+            Naming::Gguf.name(role).unwrap_or_default(),
+            dtype,
+            shape,
+            bytes,
+        ));
     }
     let u32v = |v: usize| GValue::U32(v as u32);
-    let tokens: Vec<GValue> = (0..spec.vocab).map(|i| GValue::String(format!("<t{i}>"))).collect();
+    let tokens: Vec<GValue> = (0..spec.vocab)
+        .map(|i| GValue::String(format!("<t{i}>")))
+        .collect();
     let metadata = vec![
-        ("general.architecture".to_string(), GValue::String("llama".into())),
+        (
+            "general.architecture".to_string(),
+            GValue::String("llama".into()),
+        ),
         ("general.name".into(), GValue::String("synthetic".into())),
         ("llama.block_count".into(), u32v(c.n_layers)),
         ("llama.context_length".into(), u32v(256)),
@@ -222,8 +256,14 @@ pub fn write_gguf(path: &Path, spec: &SynthSpec, seed: u64, weight_type: DType) 
         ("llama.feed_forward_length".into(), u32v(c.ffn)),
         ("llama.attention.head_count".into(), u32v(c.n_heads)),
         ("llama.attention.head_count_kv".into(), u32v(c.n_kv_heads)),
-        ("llama.rope.freq_base".into(), GValue::F32(c.rope_theta as f32)),
-        ("llama.attention.layer_norm_rms_epsilon".into(), GValue::F32(c.norm_eps as f32)),
+        (
+            "llama.rope.freq_base".into(),
+            GValue::F32(c.rope_theta as f32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            GValue::F32(c.norm_eps as f32),
+        ),
         ("llama.rope.dimension_count".into(), u32v(c.head_dim)),
         ("llama.vocab_size".into(), u32v(c.vocab)),
         ("tokenizer.ggml.model".into(), GValue::String("gpt2".into())),

@@ -141,6 +141,60 @@ fn synthetic_tensors_of_every_type_match_gguf_bit_for_bit() {
     assert_eq!(compared, DType::ALL.len() * rows * cols);
 }
 
+/// Random bytes as a tensor of `dtype`, with every f16 field (block scales and minimums, F16
+/// elements) forced finite: NaN payloads are not what this test is about.
+fn random_bytes(dtype: DType, n_elements: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let n_bytes = dtype.size_of(n_elements as u64).unwrap() as usize;
+    let mut bytes: Vec<u8> = (0..n_bytes)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect();
+    // Byte offsets of the f16 fields in each block (ggml-common.h `block_*`).
+    let f16_fields: &[usize] = match dtype {
+        DType::F32 | DType::BF16 => &[],
+        DType::F16 | DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => &[0],
+        DType::Q4_1 | DType::Q5_1 | DType::Q4K | DType::Q5K => &[0, 2],
+        DType::Q6K => &[208],
+    };
+    for block in bytes.chunks_exact_mut(dtype.type_size()) {
+        for &at in f16_fields {
+            // An all-ones exponent is inf or NaN: clear its top bit.
+            if block[at + 1] & 0x7c == 0x7c {
+                block[at + 1] &= !0x40;
+            }
+        }
+    }
+    bytes
+}
+
+#[test]
+fn random_bytes_of_every_type_match_gguf_bit_for_bit() {
+    let Some(python) = common::python_with_gguf() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("random.gguf");
+    let (rows, cols) = (16, 1024);
+    let tensors: Vec<_> = DType::ALL
+        .into_iter()
+        .enumerate()
+        .map(|(i, dtype)| {
+            let bytes = random_bytes(dtype, rows * cols, 0x51_7cc1_b727_220a ^ i as u64);
+            (format!("r.{dtype}"), dtype, vec![rows, cols], bytes)
+        })
+        .collect();
+    write_gguf(&path, &[], &tensors).unwrap();
+
+    let names: Vec<String> = tensors.iter().map(|t| t.0.clone()).collect();
+    let compared = assert_matches_reference(&python, &path, &names);
+    assert_eq!(compared, DType::ALL.len() * rows * cols);
+}
+
 #[test]
 fn smollm2_tensors_match_gguf_bit_for_bit() {
     let (Some(python), Some(model)) = (common::python_with_gguf(), common::smollm2()) else {
@@ -149,7 +203,10 @@ fn smollm2_tensors_match_gguf_bit_for_bit() {
     let file = GgufFile::open(&model).unwrap();
     assert_eq!(file.get_str("general.architecture"), Some("llama"));
     assert_eq!(file.get_u64("llama.block_count"), Some(30));
-    assert_eq!(file.get_array("tokenizer.ggml.tokens").map(<[_]>::len), Some(49152));
+    assert_eq!(
+        file.get_array("tokenizer.ggml.tokens").map(<[_]>::len),
+        Some(49152)
+    );
     assert_eq!(file.tensors.len(), 272);
     assert_eq!(file.alignment, 32);
 

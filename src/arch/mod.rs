@@ -58,7 +58,19 @@ pub fn source_layer_roles(family: Family) -> &'static [LayerRole] {
     use LayerRole::*;
     match family {
         Family::Llama => &[AttnNorm, Q, K, V, O, MlpNorm, Gate, Up, Down],
-        Family::Olmo2 => &[Q, K, V, O, QNorm, KNorm, PostAttnNorm, Gate, Up, Down, PostMlpNorm],
+        Family::Olmo2 => &[
+            Q,
+            K,
+            V,
+            O,
+            QNorm,
+            KNorm,
+            PostAttnNorm,
+            Gate,
+            Up,
+            Down,
+            PostMlpNorm,
+        ],
     }
 }
 
@@ -67,7 +79,16 @@ pub fn recurrent_layer_roles(family: Family) -> &'static [LayerRole] {
     use LayerRole::*;
     match family {
         Family::Llama => &[AttnNorm, Qkv, O, MlpNorm, GateUp, Down],
-        Family::Olmo2 => &[Qkv, QNorm, KNorm, O, PostAttnNorm, GateUp, Down, PostMlpNorm],
+        Family::Olmo2 => &[
+            Qkv,
+            QNorm,
+            KNorm,
+            O,
+            PostAttnNorm,
+            GateUp,
+            Down,
+            PostMlpNorm,
+        ],
     }
 }
 
@@ -267,6 +288,9 @@ mod tests {
                 .as_deref(),
             Some("model.layers.5.post_attention_layernorm.weight")
         );
-        assert_eq!(Naming::HuggingFace(Family::Llama).name(Role::Layer(0, LayerRole::QNorm)), None);
+        assert_eq!(
+            Naming::HuggingFace(Family::Llama).name(Role::Layer(0, LayerRole::QNorm)),
+            None
+        );
     }
 }

@@ -34,7 +34,9 @@ fn adapter_distance_from_identity(model: &SourceModel) -> anyhow::Result<Option<
         return Ok(None);
     };
     let h = model.config.hidden;
-    let w = model.read_f32(t).with_context(|| format!("reading {}", t.name))?;
+    let w = model
+        .read_f32(t)
+        .with_context(|| format!("reading {}", t.name))?;
     let max = w
         .iter()
         .enumerate()
@@ -65,7 +67,10 @@ fn report(model: &SourceModel) -> anyhow::Result<Value> {
             };
             (cost::recurrent_params(c, shape, s.adapter), 2 * embeddings)
         }
-        None => (cost::source_params(c), if c.tied { 1 } else { 2 } * embeddings),
+        None => (
+            cost::source_params(c),
+            if c.tied { 1 } else { 2 } * embeddings,
+        ),
     };
     let recurrent = match c.recurrent {
         Some(s) => json!({
@@ -130,7 +135,12 @@ fn print_table(r: &Value) {
         ("hidden", s("hidden")),
         (
             "heads",
-            format!("{} ({} key-value heads, head_dim {})", s("heads"), s("kv_heads"), s("head_dim")),
+            format!(
+                "{} ({} key-value heads, head_dim {})",
+                s("heads"),
+                s("kv_heads"),
+                s("head_dim")
+            ),
         ),
         ("ffn", s("ffn")),
         ("vocabulary", s("vocab")),
@@ -143,7 +153,12 @@ fn print_table(r: &Value) {
         ),
         (
             "embeddings",
-            if r["tied_embeddings"] == true { "tied" } else { "untied" }.into(),
+            if r["tied_embeddings"] == true {
+                "tied"
+            } else {
+                "untied"
+            }
+            .into(),
         ),
         ("norm eps", s("norm_eps")),
         (
@@ -152,7 +167,14 @@ fn print_table(r: &Value) {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|d| format!("{} ({} tensors, {} elements)", d["dtype"].as_str().unwrap_or("?"), d["tensors"], si(n(&d["elements"]) as f64, "")))
+                .map(|d| {
+                    format!(
+                        "{} ({} tensors, {} elements)",
+                        d["dtype"].as_str().unwrap_or("?"),
+                        d["tensors"],
+                        si(n(&d["elements"]) as f64, "")
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(", "),
         ),
@@ -183,7 +205,12 @@ fn print_table(r: &Value) {
     if !rec.is_null() {
         println!(
             "{:<11} ({},{},{}) prelude, core, coda; mean recurrence {}, backprop depth {}",
-            "recurrent", rec["prelude"], rec["core"], rec["coda"], rec["mean_recurrence"], rec["mean_backprop_depth"]
+            "recurrent",
+            rec["prelude"],
+            rec["core"],
+            rec["coda"],
+            rec["mean_recurrence"],
+            rec["mean_backprop_depth"]
         );
         let adapter = match rec["adapter_max_abs_from_identity"].as_f64() {
             None => "none (injection: none)".to_string(),

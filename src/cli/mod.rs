@@ -52,7 +52,9 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     use std::io::ErrorKind;
     let io = err.chain().find_map(|c| c.downcast_ref::<std::io::Error>());
     match io.map(std::io::Error::kind) {
-        Some(ErrorKind::NotFound | ErrorKind::PermissionDenied | ErrorKind::InvalidData) | None => 1,
+        Some(ErrorKind::NotFound | ErrorKind::PermissionDenied | ErrorKind::InvalidData) | None => {
+            1
+        }
         Some(_) => 2,
     }
 }
@@ -64,9 +66,11 @@ pub fn byte_progress(global: Global, len: u64, message: &str) -> ProgressBar {
     }
     let bar = ProgressBar::new(len).with_message(message.to_string());
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     bar
 }
@@ -76,7 +80,7 @@ pub fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);

@@ -38,7 +38,12 @@ pub struct PlanArgs {
     #[arg(long, value_enum, default_value = "identity")]
     pub adapter_init: AdapterInit,
     /// Std of seeded Gaussian noise added to the state half of an identity adapter.
-    #[arg(long, value_name = "STD", default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        value_name = "STD",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
     pub adapter_noise: f64,
     /// Initial state s_0: truncated normal with the reference's sigma, or zero.
     #[arg(long, value_enum, default_value = "normal")]
@@ -66,7 +71,10 @@ pub struct PlanArgs {
 pub fn run(args: PlanArgs, global: Global) -> anyhow::Result<()> {
     if let Some(out) = &args.out {
         if out.exists() && !args.force {
-            bail!("{} already exists; pass --force to overwrite it", out.display());
+            bail!(
+                "{} already exists; pass --force to overwrite it",
+                out.display()
+            );
         }
     }
     let model = SourceModel::open(&args.model)?;
@@ -130,9 +138,8 @@ fn write_atomically(out: &std::path::Path, plan: &Plan) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(plan)? + "\n";
     std::fs::write(&partial, text)
         .and_then(|_| std::fs::rename(&partial, out))
-        .map_err(|e| {
+        .inspect_err(|_| {
             let _ = std::fs::remove_file(&partial);
-            e
         })
         .with_context(|| format!("writing {}", out.display()))
 }

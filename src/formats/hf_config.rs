@@ -250,7 +250,7 @@ fn from_raven(raw: RawRaven) -> Result<ModelConfig, ConfigError> {
 fn head_dim(explicit: Option<usize>, hidden: usize, heads: usize) -> Result<usize, ConfigError> {
     match explicit {
         Some(d) => Ok(d),
-        None if heads > 0 && hidden % heads == 0 => Ok(hidden / heads),
+        None if heads > 0 && hidden.is_multiple_of(heads) => Ok(hidden / heads),
         None => Err(ConfigError::Invalid(format!(
             "hidden size {hidden} is not divisible by {heads} attention heads"
         ))),
@@ -301,13 +301,13 @@ impl ModelConfig {
                 return bad(format!("{name} {value} is out of range 1..={max}"));
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
                 "{} attention heads are not a multiple of {} key-value heads",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} is odd; rotary embeddings need an even head_dim",
                 self.head_dim
@@ -348,7 +348,10 @@ mod tests {
     fn reads_llama32_with_llama3_scaling() {
         let c = parse(&shared_config("llama-3.2-1b.config.json")).unwrap();
         assert_eq!(c.family, Family::Llama);
-        assert_eq!((c.n_layers, c.hidden, c.n_heads, c.n_kv_heads), (16, 2048, 32, 8));
+        assert_eq!(
+            (c.n_layers, c.hidden, c.n_heads, c.n_kv_heads),
+            (16, 2048, 32, 8)
+        );
         assert!(c.tied);
         let s = c.rope_scaling.unwrap();
         assert_eq!((s.factor, s.original_max_position_embeddings), (32.0, 8192));
@@ -365,7 +368,10 @@ mod tests {
     #[test]
     fn refuses_bad_values() {
         let cases = [
-            (r#"{"model_type":"gpt2"}"#, "unsupported model_type \"gpt2\""),
+            (
+                r#"{"model_type":"gpt2"}"#,
+                "unsupported model_type \"gpt2\"",
+            ),
             (r#"{"hidden_size":64}"#, "missing field `model_type`"),
             (
                 r#"{"model_type":"llama","hidden_size":64,"num_hidden_layers":2,"num_attention_heads":4,"intermediate_size":8}"#,

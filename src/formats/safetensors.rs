@@ -85,8 +85,8 @@ impl SafetensorsFile {
             path: path.to_path_buf(),
             reason,
         };
-        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
-            .map_err(|e| invalid(describe(&e)))?;
+        let (header_len, meta) =
+            safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| invalid(describe(&e)))?;
         let data_start = 8 + header_len as u64;
         let mut tensors = Vec::new();
         for name in meta.offset_keys() {
@@ -232,7 +232,9 @@ impl Checkpoint {
         let mut files = Vec::new();
         for shard in shards {
             if shard.contains('/') || shard.contains('\\') || shard.starts_with('.') {
-                return Err(bad(format!("shard name {shard:?} is not a plain file name")));
+                return Err(bad(format!(
+                    "shard name {shard:?} is not a plain file name"
+                )));
             }
             let path = dir.join(shard);
             if !path.is_file() {
@@ -373,11 +375,31 @@ mod tests {
     fn refuses_malformed_headers_with_one_line() {
         let dir = tempfile::tempdir().unwrap();
         let cases = [
-            (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, 4, "tensor data does not end at the end of the file"),
-            (r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, 8, "shape and dtype do not match"),
-            (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#, 12, "overlap, leave a gap"),
-            (r#"{"a":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#, 8, "unsupported dtype I64"),
-            (r#"{"a":{"dtype":"F33","shape":[1],"data_offsets":[0,4]}}"#, 4, "header is not valid JSON"),
+            (
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+                4,
+                "tensor data does not end at the end of the file",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+                8,
+                "shape and dtype do not match",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+                12,
+                "overlap, leave a gap",
+            ),
+            (
+                r#"{"a":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#,
+                8,
+                "unsupported dtype I64",
+            ),
+            (
+                r#"{"a":{"dtype":"F33","shape":[1],"data_offsets":[0,4]}}"#,
+                4,
+                "header is not valid JSON",
+            ),
             ("not json", 0, "header is not valid JSON"),
         ];
         for (header, len, want) in cases {
@@ -389,31 +411,64 @@ mod tests {
         let path = dir.path().join("short.safetensors");
         std::fs::write(&path, [1, 2, 3]).unwrap();
         let err = SafetensorsFile::open(&path).unwrap_err().to_string();
-        assert!(err.contains("shorter than the 8-byte header length"), "{err}");
+        assert!(
+            err.contains("shorter than the 8-byte header length"),
+            "{err}"
+        );
     }
 
     #[test]
     fn sharded_index_is_checked_against_shards() {
         let dir = tempfile::tempdir().unwrap();
         let one = f32_bytes(&[1.0]);
-        write_file(&dir.path().join("s1.safetensors"), &[("x".into(), DType::F32, vec![1], one.clone())]).unwrap();
-        write_file(&dir.path().join("s2.safetensors"), &[("y".into(), DType::F32, vec![1], one.clone())]).unwrap();
+        write_file(
+            &dir.path().join("s1.safetensors"),
+            &[("x".into(), DType::F32, vec![1], one.clone())],
+        )
+        .unwrap();
+        write_file(
+            &dir.path().join("s2.safetensors"),
+            &[("y".into(), DType::F32, vec![1], one.clone())],
+        )
+        .unwrap();
         let index = dir.path().join(INDEX_NAME);
-        std::fs::write(&index, r#"{"weight_map":{"x":"s1.safetensors","y":"s2.safetensors"}}"#).unwrap();
+        std::fs::write(
+            &index,
+            r#"{"weight_map":{"x":"s1.safetensors","y":"s2.safetensors"}}"#,
+        )
+        .unwrap();
         let ck = Checkpoint::open_dir(dir.path()).unwrap();
         assert_eq!(ck.files.len(), 2);
         assert_eq!(ck.file_index("y"), Some(1));
 
-        std::fs::write(&index, r#"{"weight_map":{"x":"s1.safetensors","y":"s1.safetensors"}}"#).unwrap();
+        std::fs::write(
+            &index,
+            r#"{"weight_map":{"x":"s1.safetensors","y":"s1.safetensors"}}"#,
+        )
+        .unwrap();
         let err = Checkpoint::open_dir(dir.path()).unwrap_err().to_string();
-        assert!(err.contains(r#"maps tensor "y" to "s1.safetensors", which does not hold it"#), "{err}");
+        assert!(
+            err.contains(r#"maps tensor "y" to "s1.safetensors", which does not hold it"#),
+            "{err}"
+        );
 
         std::fs::write(&index, r#"{"weight_map":{"x":"s3.safetensors"}}"#).unwrap();
         let err = Checkpoint::open_dir(dir.path()).unwrap_err().to_string();
-        assert!(err.contains(r#"names shard "s3.safetensors", which does not exist"#), "{err}");
+        assert!(
+            err.contains(r#"names shard "s3.safetensors", which does not exist"#),
+            "{err}"
+        );
 
-        write_file(&dir.path().join("s2.safetensors"), &[("x".into(), DType::F32, vec![1], one)]).unwrap();
-        std::fs::write(&index, r#"{"weight_map":{"x":"s1.safetensors","z":"s2.safetensors"}}"#).unwrap();
+        write_file(
+            &dir.path().join("s2.safetensors"),
+            &[("x".into(), DType::F32, vec![1], one)],
+        )
+        .unwrap();
+        std::fs::write(
+            &index,
+            r#"{"weight_map":{"x":"s1.safetensors","z":"s2.safetensors"}}"#,
+        )
+        .unwrap();
         let err = Checkpoint::open_dir(dir.path()).unwrap_err().to_string();
         assert!(err.contains(r#"tensor "x" appears in both"#), "{err}");
     }

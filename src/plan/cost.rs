@@ -172,9 +172,18 @@ mod tests {
 
     #[test]
     fn reproduces_the_reference_per_layer_counts() {
-        assert_eq!(layer_params(&config("tinyllama-1.1b-3t.config.json")), 44_044_288);
-        assert_eq!(layer_params(&config("llama-3.2-1b.config.json")), 60_821_504);
-        assert_eq!(layer_params(&config("olmo-2-0425-1b.config.json")), 67_117_056);
+        assert_eq!(
+            layer_params(&config("tinyllama-1.1b-3t.config.json")),
+            44_044_288
+        );
+        assert_eq!(
+            layer_params(&config("llama-3.2-1b.config.json")),
+            60_821_504
+        );
+        assert_eq!(
+            layer_params(&config("olmo-2-0425-1b.config.json")),
+            67_117_056
+        );
     }
 
     #[test]

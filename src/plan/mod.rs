@@ -272,7 +272,8 @@ pub fn make(source: &SourceModel, req: &PlanRequest, hashes: &[String]) -> Resul
     let cfg = &source.config;
     if cfg.recurrent.is_some() {
         return Err(PlanError::Invalid(
-            "the model is already recurrent (huginn_raven); plan from its static source instead".into(),
+            "the model is already recurrent (huginn_raven); plan from its static source instead"
+                .into(),
         ));
     }
     let opts = &req.options;
@@ -312,7 +313,12 @@ pub fn make(source: &SourceModel, req: &PlanRequest, hashes: &[String]) -> Resul
     let embed_dtype = out_dtype(&[source_ref(Role::Embed)?], opts.dtype);
     for (slot, layer) in layers.output_order().enumerate() {
         if slot == shape.prelude && adapter {
-            tensors.push(adapter_spec(cfg.hidden, embed_dtype, opts, name_of(Role::Adapter)));
+            tensors.push(adapter_spec(
+                cfg.hidden,
+                embed_dtype,
+                opts,
+                name_of(Role::Adapter),
+            ));
         }
         for &role in arch::recurrent_layer_roles(cfg.family) {
             let parts: &[LayerRole] = match role {
@@ -324,13 +330,30 @@ pub fn make(source: &SourceModel, req: &PlanRequest, hashes: &[String]) -> Resul
                 .iter()
                 .map(|&p| source_ref(Role::Layer(layer, p)))
                 .collect::<Result<Vec<_>, _>>()?;
-            tensors.push(copy_spec(source, name_of(Role::Layer(slot, role)), &sources, opts.dtype));
+            tensors.push(copy_spec(
+                source,
+                name_of(Role::Layer(slot, role)),
+                &sources,
+                opts.dtype,
+            ));
         }
     }
-    tensors.push(copy_spec(source, name_of(Role::FinalNorm), &[source_ref(Role::FinalNorm)?], opts.dtype));
+    tensors.push(copy_spec(
+        source,
+        name_of(Role::FinalNorm),
+        &[source_ref(Role::FinalNorm)?],
+        opts.dtype,
+    ));
     // A tied source gets a second copy of the embeddings as lm_head (REFERENCE.md).
-    let head = source.tensor(Role::LmHead).unwrap_or(source_ref(Role::Embed)?);
-    tensors.push(copy_spec(source, name_of(Role::LmHead), &[head], opts.dtype));
+    let head = source
+        .tensor(Role::LmHead)
+        .unwrap_or(source_ref(Role::Embed)?);
+    tensors.push(copy_spec(
+        source,
+        name_of(Role::LmHead),
+        &[head],
+        opts.dtype,
+    ));
 
     let files = source
         .files
@@ -406,15 +429,26 @@ fn out_dtype(sources: &[&TensorRef], choice: DtypeChoice) -> DType {
     }
 }
 
-fn copy_spec(source: &SourceModel, name: String, sources: &[&TensorRef], choice: DtypeChoice) -> TensorSpec {
+fn copy_spec(
+    source: &SourceModel,
+    name: String,
+    sources: &[&TensorRef],
+    choice: DtypeChoice,
+) -> TensorSpec {
     let dtype = out_dtype(sources, choice);
     let mut shape = sources.first().map_or(vec![], |t| t.shape.clone());
     if let Some(rows) = shape.first_mut() {
-        *rows = sources.iter().map(|t| t.shape.first().copied().unwrap_or(0)).sum();
+        *rows = sources
+            .iter()
+            .map(|t| t.shape.first().copied().unwrap_or(0))
+            .sum();
     }
     let transform = if sources.iter().any(|t| t.dtype.is_quantized()) {
         Transform::Dequantize
-    } else if sources.iter().any(|t| t.dtype != dtype || t.unpermute_heads.is_some()) {
+    } else if sources
+        .iter()
+        .any(|t| t.dtype != dtype || t.unpermute_heads.is_some())
+    {
         Transform::Convert
     } else if sources.len() > 1 {
         Transform::ConcatRows
@@ -424,7 +458,10 @@ fn copy_spec(source: &SourceModel, name: String, sources: &[&TensorRef], choice:
     let refs = sources
         .iter()
         .map(|t| SourceRef {
-            file: source.files.get(t.file).map_or_else(String::new, |f| f.path.clone()),
+            file: source
+                .files
+                .get(t.file)
+                .map_or_else(String::new, |f| f.path.clone()),
             tensor: t.name.clone(),
             dtype: DTypeName(t.dtype),
             shape: t.shape.clone(),

@@ -87,7 +87,8 @@ impl FromStr for Shape {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("invalid shape {s:?}: expected P,C,K, three layer counts such as 4,8,4");
+        let bad =
+            || format!("invalid shape {s:?}: expected P,C,K, three layer counts such as 4,8,4");
         let parts: Vec<usize> = s
             .split(',')
             .map(|p| p.trim().parse::<usize>())
@@ -270,13 +271,20 @@ mod tests {
         // TinyLlama (4,8,4): prelude 0-3, core 10-17, coda 18-21 (REFERENCE.md).
         let l = req("4,8,4").resolve(22).unwrap();
         assert_eq!(
-            (l.prelude.to_string(), l.core.to_string(), l.coda.to_string()),
+            (
+                l.prelude.to_string(),
+                l.core.to_string(),
+                l.coda.to_string()
+            ),
             ("0..4".into(), "10..18".into(), "18..22".into())
         );
         assert_eq!(l.dropped(22), vec![LayerRange::new(4, 10)]);
         // Llama-3.2-1B (2,4,2): prelude 0-1, core 10-13, coda 14-15.
         let l = req("2,4,2").resolve(16).unwrap();
-        assert_eq!((l.core, l.coda), (LayerRange::new(10, 14), LayerRange::new(14, 16)));
+        assert_eq!(
+            (l.core, l.coda),
+            (LayerRange::new(10, 14), LayerRange::new(14, 16))
+        );
     }
 
     #[test]
@@ -284,7 +292,10 @@ mod tests {
         let mut r = req("4,8,4");
         r.core = Some("6..14".parse().unwrap());
         let l = r.resolve(22).unwrap();
-        assert_eq!(l.dropped(22), vec![LayerRange::new(4, 6), LayerRange::new(14, 18)]);
+        assert_eq!(
+            l.dropped(22),
+            vec![LayerRange::new(4, 6), LayerRange::new(14, 18)]
+        );
 
         r.core = Some("6..13".parse().unwrap());
         let e = r.resolve(22).unwrap_err().to_string();
@@ -304,7 +315,10 @@ mod tests {
         let mut r = req("4,8,4");
         r.coda = Some("20..24".parse().unwrap());
         let e = r.resolve(22).unwrap_err().to_string();
-        assert_eq!(e, "--coda 20..24 is out of bounds: the model has 22 layers (0..22)");
+        assert_eq!(
+            e,
+            "--coda 20..24 is out of bounds: the model has 22 layers (0..22)"
+        );
 
         let e = LayerRequest::default().resolve(22).unwrap_err().to_string();
         assert!(e.contains("--shape P,C,K"), "{e}");
@@ -317,7 +331,10 @@ mod tests {
             assert!(bad.parse::<Shape>().unwrap_err().contains("expected P,C,K"));
         }
         for bad in ["3", "5..2", "1...3", "x..4"] {
-            assert!(bad.parse::<LayerRange>().unwrap_err().contains("expected a..b"));
+            assert!(bad
+                .parse::<LayerRange>()
+                .unwrap_err()
+                .contains("expected a..b"));
         }
     }
 }

@@ -20,7 +20,9 @@ fn missing(what: &str) -> Option<PathBuf> {
         !assets_required(),
         "{what} is missing although SURGERY_REQUIRE_ASSETS=1: run scripts/fetch-assets.sh"
     );
-    eprintln!("NOTICE: skipping: {what} is missing (run scripts/fetch-assets.sh, or scripts/test.sh)");
+    eprintln!(
+        "NOTICE: skipping: {what} is missing (run scripts/fetch-assets.sh, or scripts/test.sh)"
+    );
     None
 }
 

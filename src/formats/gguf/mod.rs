@@ -113,14 +113,18 @@ pub enum GgufError {
     #[error("duplicate tensor name {tensor:?}")]
     DuplicateTensor { tensor: String },
     /// A tensor data offset that is not a multiple of the file's alignment.
-    #[error("tensor {tensor:?} has data offset {offset}, not a multiple of the alignment {alignment}")]
+    #[error(
+        "tensor {tensor:?} has data offset {offset}, not a multiple of the alignment {alignment}"
+    )]
     MisalignedTensor {
         tensor: String,
         offset: u64,
         alignment: u64,
     },
     /// Tensor data that ends past the end of the file.
-    #[error("tensor {tensor:?} data spans bytes {start}..{end}, past the end of the file ({len} bytes)")]
+    #[error(
+        "tensor {tensor:?} data spans bytes {start}..{end}, past the end of the file ({len} bytes)"
+    )]
     TensorOutOfBounds {
         tensor: String,
         start: u64,
@@ -131,7 +135,9 @@ pub enum GgufError {
     #[error("tensors {first:?} and {second:?} overlap in the data section")]
     TensorOverlap { first: String, second: String },
     /// A tensor handed to the writer whose byte length does not match its shape and type.
-    #[error("tensor {tensor:?} ({dtype}, shape {shape:?}) needs {expected} bytes but has {actual}")]
+    #[error(
+        "tensor {tensor:?} ({dtype}, shape {shape:?}) needs {expected} bytes but has {actual}"
+    )]
     TensorByteLength {
         tensor: String,
         dtype: DType,

@@ -2,7 +2,8 @@
 //! permutation llama.cpp applies to attention weights.
 //!
 //! The float types are plain little-endian conversions (half crate; f32 -> bf16 rounds to nearest
-//! even and keeps NaNs quiet, as ggml-impl.h `ggml_compute_fp32_to_bf16`). The block types use
+//! even and makes NaNs quiet, as ggml-impl.h `ggml_compute_fp32_to_bf16`; bf16 -> f32 is a
+//! shift). The block types use
 //! candle's CPU kernels (candle-core `quantized::k_quants`), whose `to_float` are line-by-line
 //! ports of ggml-quants.c `dequantize_row_*`; tests/gguf_reference.rs checks them bit for bit
 //! against the Python `gguf` package. candle casts raw bytes to block structs, so every length
@@ -28,8 +29,14 @@ pub fn dequantize(dtype: DType, bytes: &[u8], n_elements: usize) -> Result<Vec<f
     }
     Ok(match dtype {
         DType::F32 => le_words(bytes).map(f32::from_le_bytes).collect(),
-        DType::F16 => le_words(bytes).map(|b| f16::from_le_bytes(b).to_f32()).collect(),
-        DType::BF16 => le_words(bytes).map(|b| bf16::from_le_bytes(b).to_f32()).collect(),
+        DType::F16 => le_words(bytes)
+            .map(|b| f16::from_le_bytes(b).to_f32())
+            .collect(),
+        // ggml-impl.h `ggml_compute_bf16_to_fp32` is a plain shift; half's `to_f32` would set
+        // the quiet bit of signalling NaNs.
+        DType::BF16 => le_words(bytes)
+            .map(|b| f32::from_bits(u32::from(u16::from_le_bytes(b)) << 16))
+            .collect(),
         _ => dequantize_blocks(dtype, bytes, n_elements)?,
     })
 }
@@ -145,9 +152,7 @@ fn check_byte_len(dtype: DType, actual: usize, n_elements: usize) -> Result<(), 
             block,
         });
     }
-    let expected = dtype
-        .size_of(n_elements as u64)
-        .unwrap_or(u64::MAX);
+    let expected = dtype.size_of(n_elements as u64).unwrap_or(u64::MAX);
     if expected != actual as u64 {
         return Err(GgufError::ByteLength {
             dtype,
@@ -213,11 +218,7 @@ fn aligned<'a>(bytes: &'a [u8], align: usize, scratch: &'a mut Vec<u8>) -> &'a [
     copy
 }
 
-fn dequantize_blocks(
-    dtype: DType,
-    bytes: &[u8],
-    n_elements: usize,
-) -> Result<Vec<f32>, GgufError> {
+fn dequantize_blocks(dtype: DType, bytes: &[u8], n_elements: usize) -> Result<Vec<f32>, GgufError> {
     let mut scratch = Vec::new();
     let data = aligned(bytes, block_align(dtype), &mut scratch);
     let storage = QStorage::from_data(Cow::Borrowed(data), &Device::Cpu, ggml_dtype(dtype))?;
@@ -294,8 +295,14 @@ mod tests {
     fn float_types_are_little_endian() {
         assert_eq!(quantize(DType::F16, &[1.0]).unwrap(), vec![0x00, 0x3c]);
         assert_eq!(quantize(DType::BF16, &[1.0]).unwrap(), vec![0x80, 0x3f]);
-        assert_eq!(dequantize(DType::BF16, &[0x80, 0xbf], 1).unwrap(), vec![-1.0]);
-        assert_eq!(dequantize(DType::F32, &2.5f32.to_le_bytes(), 1).unwrap(), vec![2.5]);
+        assert_eq!(
+            dequantize(DType::BF16, &[0x80, 0xbf], 1).unwrap(),
+            vec![-1.0]
+        );
+        assert_eq!(
+            dequantize(DType::F32, &2.5f32.to_le_bytes(), 1).unwrap(),
+            vec![2.5]
+        );
     }
 
     #[test]
@@ -312,24 +319,33 @@ mod tests {
 
     #[test]
     fn aligned_copies_only_when_needed() {
-        let buf = vec![7u16; 9];
-        let bytes: Vec<u8> = buf.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes: Vec<u8> = (0..18).collect();
         let mut scratch = Vec::new();
         for start in 0..2 {
             let input = &bytes[start..start + 16];
             let out = aligned(input, 2, &mut scratch);
             assert_eq!(out, input);
-            assert_eq!(out.as_ptr() as usize % 2, 0);
-            assert_eq!(out.as_ptr() == input.as_ptr(), input.as_ptr() as usize % 2 == 0);
+            assert!((out.as_ptr() as usize).is_multiple_of(2));
+            assert_eq!(
+                out.as_ptr() == input.as_ptr(),
+                (input.as_ptr() as usize).is_multiple_of(2)
+            );
         }
     }
 
     #[test]
     fn dequantize_checks_lengths() {
-        let msg = dequantize(DType::Q4_0, &[0; 17], 32).unwrap_err().to_string();
+        let msg = dequantize(DType::Q4_0, &[0; 17], 32)
+            .unwrap_err()
+            .to_string();
         assert_eq!(msg, "Q4_0 data for 32 elements must be 18 bytes, got 17");
-        let msg = dequantize(DType::Q4K, &[0; 144], 128).unwrap_err().to_string();
-        assert_eq!(msg, "128 elements is not a whole number of Q4_K blocks of 256");
+        let msg = dequantize(DType::Q4K, &[0; 144], 128)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "128 elements is not a whole number of Q4_K blocks of 256"
+        );
         let msg = dequantize(DType::F16, &[0; 3], 1).unwrap_err().to_string();
         assert_eq!(msg, "F16 data for 1 elements must be 2 bytes, got 3");
         assert_eq!(dequantize(DType::Q6K, &[], 0).unwrap(), Vec::<f32>::new());
@@ -338,13 +354,19 @@ mod tests {
     #[test]
     fn quantize_checks_its_input() {
         let msg = quantize(DType::Q8_0, &[0.0; 31]).unwrap_err().to_string();
-        assert_eq!(msg, "31 elements is not a whole number of Q8_0 blocks of 32");
+        assert_eq!(
+            msg,
+            "31 elements is not a whole number of Q8_0 blocks of 32"
+        );
         let mut values = vec![0.5; 32];
         values[3] = f32::NAN;
         let msg = quantize(DType::Q4_1, &values).unwrap_err().to_string();
         assert_eq!(msg, "cannot quantize to Q4_1: element 3 is NaN");
         // Float types store non-finite values as they are.
-        assert_eq!(quantize(DType::F16, &[f32::INFINITY]).unwrap(), vec![0x00, 0x7c]);
+        assert_eq!(
+            quantize(DType::F16, &[f32::INFINITY]).unwrap(),
+            vec![0x00, 0x7c]
+        );
     }
 
     #[test]
@@ -367,16 +389,21 @@ mod tests {
         let permuted = permute_rows_hf_to_gguf(&bytes, 24, 3).unwrap();
         assert_ne!(permuted, bytes);
         assert_eq!(unpermute_rows_gguf_to_hf(&permuted, 24, 3).unwrap(), bytes);
-        let round = permute_rows_hf_to_gguf(&unpermute_rows_gguf_to_hf(&bytes, 24, 3).unwrap(), 24, 3);
+        let round =
+            permute_rows_hf_to_gguf(&unpermute_rows_gguf_to_hf(&bytes, 24, 3).unwrap(), 24, 3);
         assert_eq!(round.unwrap(), bytes);
     }
 
     #[test]
     fn permutation_rejects_bad_geometry() {
         let msg = |r: Result<Vec<u8>, GgufError>| r.unwrap_err().to_string();
-        assert!(msg(permute_rows_hf_to_gguf(&[0; 12], 6, 4)).contains("do not split evenly into heads"));
+        assert!(
+            msg(permute_rows_hf_to_gguf(&[0; 12], 6, 4)).contains("do not split evenly into heads")
+        );
         assert!(msg(permute_rows_hf_to_gguf(&[0; 6], 6, 2)).contains("head dimension is odd"));
-        assert!(msg(unpermute_rows_gguf_to_hf(&[0; 7], 4, 2)).contains("not a whole number of rows"));
+        assert!(
+            msg(unpermute_rows_gguf_to_hf(&[0; 7], 4, 2)).contains("not a whole number of rows")
+        );
         assert!(msg(unpermute_rows_gguf_to_hf(&[], 4, 2)).contains("must all be non-zero"));
         assert!(msg(permute_rows_hf_to_gguf(&[0; 4], 4, 0)).contains("must all be non-zero"));
     }

@@ -351,7 +351,9 @@ fn read_array(cur: &mut Cursor<'_>, key: &str) -> Result<Value, GgufError> {
         }
     };
     let count = cur.u64(&|| format!("array length of key {key:?}"))?;
-    let count = cur.bound(count, min_elem_bytes, &|| format!("array length of key {key:?}"))?;
+    let count = cur.bound(count, min_elem_bytes, &|| {
+        format!("array length of key {key:?}")
+    })?;
     let mut items = Vec::with_capacity(count);
     for _ in 0..count {
         items.push(read_value(cur, elem_type, key)?);
@@ -637,7 +639,7 @@ mod tests {
         }
         /// Pads to `align`, then appends `n` data bytes.
         fn data(mut self, align: usize, n: usize) -> Raw {
-            while self.0.len() % align != 0 {
+            while !self.0.len().is_multiple_of(align) {
                 self.0.push(0);
             }
             self.0.resize(self.0.len() + n, 0x11);
@@ -675,7 +677,10 @@ mod tests {
         assert_eq!(h.alignment, 32);
         assert_eq!(h.data_start % 32, 0);
         let b = &h.tensors[1];
-        assert_eq!((b.name.as_str(), b.dtype, b.shape.clone()), ("b", DType::F32, vec![2, 2]));
+        assert_eq!(
+            (b.name.as_str(), b.dtype, b.shape.clone()),
+            ("b", DType::F32, vec![2, 2])
+        );
         assert_eq!((b.offset, b.n_bytes), (h.data_start + 32, 16));
     }
 
@@ -700,7 +705,10 @@ mod tests {
         assert_err(Raw::header(1, 0, 0), "unsupported GGUF version 1");
         assert_err(Raw::header(4, 0, 0), "unsupported GGUF version 4");
         // A big-endian file reads as a huge version.
-        assert_err(Raw::header(3u32.swap_bytes(), 0, 0), "unsupported GGUF version");
+        assert_err(
+            Raw::header(3u32.swap_bytes(), 0, 0),
+            "unsupported GGUF version",
+        );
     }
 
     #[test]
@@ -708,7 +716,10 @@ mod tests {
         assert_err(Raw(b"GG".to_vec()), "truncated: magic");
         // Long names, so that the counts pass their lower bound and the reads run out.
         let raw = Raw::header(3, 0, 1).str("general.name");
-        assert_err(raw, "truncated: value type of key \"general.name\" at byte 44 needs 4 bytes");
+        assert_err(
+            raw,
+            "truncated: value type of key \"general.name\" at byte 44 needs 4 bytes",
+        );
         let raw = Raw::header(3, 1, 0).str("blk.0.w").u32(2).u64(4).u32(0);
         assert_err(raw, "truncated: dimensions of tensor \"blk.0.w\"");
     }
@@ -717,7 +728,10 @@ mod tests {
     fn every_prefix_of_a_valid_file_is_rejected() {
         let bytes = valid().0;
         for len in 0..bytes.len() {
-            assert!(parse(&bytes[..len]).is_err(), "prefix of {len} bytes parsed");
+            assert!(
+                parse(&bytes[..len]).is_err(),
+                "prefix of {len} bytes parsed"
+            );
         }
     }
 
@@ -727,7 +741,9 @@ mod tests {
         // A deterministic LCG: each case flips a few bytes of the valid file.
         let mut state = 0x2545_f491_4f6c_dd1du64;
         let mut next = move || {
-            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
             (state >> 33) as usize
         };
         for _ in 0..20_000 {
@@ -742,8 +758,14 @@ mod tests {
 
     #[test]
     fn counts_are_bounded_by_the_file_before_allocating() {
-        assert_err(Raw::header(3, u64::MAX, 0), "tensor count 18446744073709551615 cannot fit");
-        assert_err(Raw::header(3, 0, 1 << 40), "key/value count 1099511627776 cannot fit");
+        assert_err(
+            Raw::header(3, u64::MAX, 0),
+            "tensor count 18446744073709551615 cannot fit",
+        );
+        assert_err(
+            Raw::header(3, 0, 1 << 40),
+            "key/value count 1099511627776 cannot fit",
+        );
         assert_err(
             Raw::header(3, 0, 1).str("k").u32(9).u32(4).u64(1 << 50),
             "array length of key \"k\" 1125899906842624 cannot fit",
@@ -753,14 +775,25 @@ mod tests {
             "length of metadata key 18446744073709551615 cannot fit in the 8 bytes",
         );
         assert_err(
-            Raw::header(3, 0, 1).str("k").u32(8).u64(100).bytes(b"short"),
+            Raw::header(3, 0, 1)
+                .str("k")
+                .u32(8)
+                .u64(100)
+                .bytes(b"short"),
             "length of value of key \"k\" 100 cannot fit in the 5 bytes",
         );
     }
 
     #[test]
     fn invalid_utf8() {
-        assert_err(Raw::header(3, 0, 1).u64(2).bytes(&[0xc3, 0x28]).u32(4).u32(0), "invalid UTF-8 in metadata key");
+        assert_err(
+            Raw::header(3, 0, 1)
+                .u64(2)
+                .bytes(&[0xc3, 0x28])
+                .u32(4)
+                .u32(0),
+            "invalid UTF-8 in metadata key",
+        );
         assert_err(
             Raw::header(3, 1, 0).u64(1).bytes(&[0xff; 16]),
             "invalid UTF-8 in tensor name",
@@ -769,13 +802,25 @@ mod tests {
 
     #[test]
     fn unknown_value_type() {
-        assert_err(Raw::header(3, 0, 1).str("k").u32(13).u32(0), "key \"k\" has unknown value type 13");
-        assert_err(Raw::header(3, 0, 1).str("k").u32(9).u32(99).u64(0), "unknown value type 99");
+        assert_err(
+            Raw::header(3, 0, 1).str("k").u32(13).u32(0),
+            "key \"k\" has unknown value type 13",
+        );
+        assert_err(
+            Raw::header(3, 0, 1).str("k").u32(9).u32(99).u64(0),
+            "unknown value type 99",
+        );
     }
 
     #[test]
     fn nested_arrays() {
-        let raw = Raw::header(3, 0, 1).str("k").u32(9).u32(9).u64(1).u32(4).u64(0);
+        let raw = Raw::header(3, 0, 1)
+            .str("k")
+            .u32(9)
+            .u32(9)
+            .u64(1)
+            .u32(4)
+            .u64(0);
         assert_err(raw, "key \"k\" holds an array of arrays");
     }
 
@@ -787,15 +832,22 @@ mod tests {
 
     #[test]
     fn unsupported_tensor_type() {
-        let raw = Raw::header(3, 1, 0).tensor("q2", &[256], 10, 0).data(32, 84);
-        assert_err(raw, "tensor \"q2\" has ggml type 10, which is unknown or unsupported");
+        let raw = Raw::header(3, 1, 0)
+            .tensor("q2", &[256], 10, 0)
+            .data(32, 84);
+        assert_err(
+            raw,
+            "tensor \"q2\" has ggml type 10, which is unknown or unsupported",
+        );
     }
 
     #[test]
     fn bad_ranks() {
         let raw = Raw::header(3, 1, 0).tensor("s", &[], 0, 0).data(32, 4);
         assert_err(raw, "tensor \"s\" has 0 dimensions");
-        let raw = Raw::header(3, 1, 0).tensor("t", &[1, 1, 1, 1, 1], 0, 0).data(32, 4);
+        let raw = Raw::header(3, 1, 0)
+            .tensor("t", &[1, 1, 1, 1, 1], 0, 0)
+            .data(32, 4);
         assert_err(raw, "tensor \"t\" has 5 dimensions");
     }
 
@@ -807,15 +859,21 @@ mod tests {
 
     #[test]
     fn size_overflow() {
-        let raw = Raw::header(3, 1, 0).tensor("big", &[1 << 32, 1 << 32], 0, 0).data(32, 4);
+        let raw = Raw::header(3, 1, 0)
+            .tensor("big", &[1 << 32, 1 << 32], 0, 0)
+            .data(32, 4);
         assert_err(raw, "tensor \"big\" with shape [4294967296, 4294967296]: element count or byte size overflows");
-        let raw = Raw::header(3, 1, 0).tensor("big", &[1 << 62], 0, 0).data(32, 4);
+        let raw = Raw::header(3, 1, 0)
+            .tensor("big", &[1 << 62], 0, 0)
+            .data(32, 4);
         assert_err(raw, "overflows");
     }
 
     #[test]
     fn rows_must_be_whole_blocks() {
-        let raw = Raw::header(3, 1, 0).tensor("q", &[16, 4], DType::Q4_0.ggml_id(), 0).data(32, 72);
+        let raw = Raw::header(3, 1, 0)
+            .tensor("q", &[16, 4], DType::Q4_0.ggml_id(), 0)
+            .data(32, 72);
         assert_err(raw, "tensor \"q\" of type Q4_0 has rows of 16 elements, not a multiple of the block size 32");
     }
 
@@ -853,7 +911,10 @@ mod tests {
     #[test]
     fn misaligned_tensor() {
         let raw = Raw::header(3, 1, 0).tensor("m", &[4], 0, 8).data(32, 24);
-        assert_err(raw, "tensor \"m\" has data offset 8, not a multiple of the alignment 32");
+        assert_err(
+            raw,
+            "tensor \"m\" has data offset 8, not a multiple of the alignment 32",
+        );
     }
 
     #[test]
@@ -862,7 +923,9 @@ mod tests {
         let msg = err(raw);
         assert!(msg.contains("tensor \"e\" data spans bytes"), "{msg}");
         assert!(msg.contains("past the end of the file"), "{msg}");
-        let raw = Raw::header(3, 1, 0).tensor("e", &[8], 0, u64::MAX - 31).data(32, 32);
+        let raw = Raw::header(3, 1, 0)
+            .tensor("e", &[8], 0, u64::MAX - 31)
+            .data(32, 32);
         assert_err(raw, "past the end of the file");
     }
 
@@ -883,7 +946,10 @@ mod tests {
         assert_eq!(Value::F32(0.5).as_f64(), Some(0.5));
         assert_eq!(Value::U32(1).as_f64(), None);
         assert_eq!(Value::String("x".into()).as_str(), Some("x"));
-        assert_eq!(Value::Array(vec![Value::Bool(true)]).as_array(), Some(&[Value::Bool(true)][..]));
+        assert_eq!(
+            Value::Array(vec![Value::Bool(true)]).as_array(),
+            Some(&[Value::Bool(true)][..])
+        );
     }
 
     #[test]
@@ -909,7 +975,10 @@ mod tests {
         let b = f.tensor("b").unwrap();
         assert_eq!(f.bytes(b), &[0x11; 16][..]);
         assert!(f.tensor("c").is_none());
-        let foreign = TensorInfo { offset: u64::MAX, ..b.clone() };
+        let foreign = TensorInfo {
+            offset: u64::MAX,
+            ..b.clone()
+        };
         assert!(f.bytes(&foreign).is_empty());
     }
 }

@@ -223,10 +223,16 @@ mod tests {
             kv("u.f64", Value::F64(-0.1)),
             kv(
                 "g.strings",
-                Value::Array(vec![Value::String("a".into()), Value::String(String::new())]),
+                Value::Array(vec![
+                    Value::String("a".into()),
+                    Value::String(String::new()),
+                ]),
             ),
             kv("t.i32s", Value::Array(vec![Value::I32(-1), Value::I32(2)])),
-            kv("h.bools", Value::Array(vec![Value::Bool(false), Value::Bool(true)])),
+            kv(
+                "h.bools",
+                Value::Array(vec![Value::Bool(false), Value::Bool(true)]),
+            ),
             kv("s.f64s", Value::Array(vec![Value::F64(1.5)])),
             kv("i.empty", Value::Array(vec![])),
         ]
@@ -241,7 +247,9 @@ mod tests {
                 let row = dtype.block_size().max(3) * 2;
                 let shape: Vec<usize> = [row, 2, 3, 1][..1 + i % 4].iter().rev().copied().collect();
                 let n: usize = shape.iter().product();
-                let values: Vec<f32> = (0..n).map(|j| (j as f32 * 0.37).sin() * (i + 1) as f32).collect();
+                let values: Vec<f32> = (0..n)
+                    .map(|j| (j as f32 * 0.37).sin() * (i + 1) as f32)
+                    .collect();
                 let bytes = quantize(dtype, &values).unwrap();
                 (format!("t.{dtype}"), dtype, shape, bytes)
             })
@@ -293,29 +301,55 @@ mod tests {
     fn write_err(metadata: &[(String, Value)], tensors: &[TensorData]) -> String {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.gguf");
-        let msg = write_gguf(&path, metadata, tensors).unwrap_err().to_string();
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "wrote a file");
+        let msg = write_gguf(&path, metadata, tensors)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "wrote a file"
+        );
         msg
     }
 
     #[test]
     fn rejects_invalid_input_before_writing() {
-        let t = |name: &str, dtype, shape: Vec<usize>, n| (name.to_string(), dtype, shape, vec![0u8; n]);
+        let t = |name: &str, dtype, shape: Vec<usize>, n| {
+            (name.to_string(), dtype, shape, vec![0u8; n])
+        };
         let kv = |k: &str, v| vec![(k.to_string(), v)];
         let msg = write_err(&[], &[t("w", DType::Q8_0, vec![2, 32], 34)]);
-        assert_eq!(msg, "tensor \"w\" (Q8_0, shape [2, 32]) needs 68 bytes but has 34");
-        let msg = write_err(&[], &[t("w", DType::F32, vec![1], 4), t("w", DType::F32, vec![1], 4)]);
+        assert_eq!(
+            msg,
+            "tensor \"w\" (Q8_0, shape [2, 32]) needs 68 bytes but has 34"
+        );
+        let msg = write_err(
+            &[],
+            &[
+                t("w", DType::F32, vec![1], 4),
+                t("w", DType::F32, vec![1], 4),
+            ],
+        );
         assert_eq!(msg, "duplicate tensor name \"w\"");
         let msg = write_err(&[], &[t("w", DType::Q4K, vec![128], 72)]);
-        assert!(msg.contains("not a multiple of the block size 256"), "{msg}");
+        assert!(
+            msg.contains("not a multiple of the block size 256"),
+            "{msg}"
+        );
         let msg = write_err(&[], &[t("w", DType::F32, vec![], 4)]);
         assert!(msg.contains("has 0 dimensions"), "{msg}");
         let msg = write_err(&kv("k", Value::Array(vec![Value::Array(vec![])])), &[]);
         assert!(msg.contains("array of arrays"), "{msg}");
-        let msg = write_err(&kv("k", Value::Array(vec![Value::U8(1), Value::I8(1)])), &[]);
+        let msg = write_err(
+            &kv("k", Value::Array(vec![Value::U8(1), Value::I8(1)])),
+            &[],
+        );
         assert!(msg.contains("mixing value types"), "{msg}");
         let msg = write_err(&kv(ALIGNMENT_KEY, Value::U64(32)), &[]);
-        assert!(msg.contains("general.alignment U64(32) is invalid"), "{msg}");
+        assert!(
+            msg.contains("general.alignment U64(32) is invalid"),
+            "{msg}"
+        );
         let mut dup = kv("k", Value::U8(1));
         dup.extend(kv("k", Value::U8(2)));
         assert_eq!(write_err(&dup, &[]), "duplicate metadata key \"k\"");
