@@ -18,7 +18,7 @@ use crate::dtype::DType;
 
 pub use quant::{dequantize, permute_rows_hf_to_gguf, quantize, unpermute_rows_gguf_to_hf};
 pub use reader::{GgufFile, TensorInfo, Value};
-pub use writer::write_gguf;
+pub use writer::{write_gguf, TensorData};
 
 /// The magic bytes every GGUF file starts with.
 pub const MAGIC: [u8; 4] = *b"GGUF";
@@ -51,7 +51,9 @@ pub enum GgufError {
     #[error("unsupported GGUF version {0}: only versions 2 and 3 are supported")]
     UnsupportedVersion(u32),
     /// The header ends before a field it promises.
-    #[error("truncated: {what} at byte {offset} needs {needed} bytes, but the file has {len}")]
+    #[error(
+        "truncated: {what} at byte {offset} needs {needed} bytes, but the file ends at byte {len}"
+    )]
     Truncated {
         what: String,
         offset: u64,

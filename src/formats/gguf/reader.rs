@@ -194,9 +194,14 @@ impl GgufFile {
         self.mmap.is_empty()
     }
 
+    /// The value of `key`. The fields are public, so the index built at open is checked against
+    /// them and a linear search covers a caller that edited `metadata`.
     pub fn get(&self, key: &str) -> Option<&Value> {
-        let i = *self.keys.get(key)?;
-        self.metadata.get(i).map(|(_, v)| v)
+        let indexed = self.keys.get(key).and_then(|&i| self.metadata.get(i));
+        indexed
+            .filter(|(k, _)| k == key)
+            .or_else(|| self.metadata.iter().find(|(k, _)| k == key))
+            .map(|(_, v)| v)
     }
 
     pub fn get_u64(&self, key: &str) -> Option<u64> {
@@ -215,8 +220,12 @@ impl GgufFile {
         self.get(key)?.as_array()
     }
 
+    /// The info of tensor `name`, looked up like [`GgufFile::get`].
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
-        self.tensors.get(*self.names.get(name)?)
+        let indexed = self.names.get(name).and_then(|&i| self.tensors.get(i));
+        indexed
+            .filter(|t| t.name == name)
+            .or_else(|| self.tensors.iter().find(|t| t.name == name))
     }
 
     /// The raw data of `info`, borrowed from the map. Infos of this file were bounds-checked at
@@ -972,9 +981,18 @@ mod tests {
         let f = GgufFile::open(&path).unwrap();
         assert_eq!(f.get_u64("general.n"), Some(7));
         assert_eq!(f.get_str("general.n"), None);
-        let b = f.tensor("b").unwrap();
-        assert_eq!(f.bytes(b), &[0x11; 16][..]);
+        let b = f.tensor("b").unwrap().clone();
+        assert_eq!(f.bytes(&b), &[0x11; 16][..]);
         assert!(f.tensor("c").is_none());
+        let mut f = f;
+        f.metadata.clear();
+        assert_eq!(
+            f.get("general.n"),
+            None,
+            "the index follows edits of the public fields"
+        );
+        f.tensors.swap(0, 1);
+        assert_eq!(f.tensor("b").map(|t| t.shape.clone()), Some(vec![2, 2]));
         let foreign = TensorInfo {
             offset: u64::MAX,
             ..b.clone()

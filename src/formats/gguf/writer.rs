@@ -172,7 +172,8 @@ fn encode_string(out: &mut Vec<u8>, s: &str) {
 }
 
 /// The payload of `value`, without its type id. An empty array is written with element type
-/// u8: its element type cannot be known from a `Value` and no reader can observe it.
+/// u8: a `Value` does not know it and no reader can observe it. (gguf-py's `GGUFWriter` refuses
+/// empty arrays; gguf.cpp reads them, so a file we copy may hold one.)
 fn encode_value(out: &mut Vec<u8>, value: &Value) {
     match value {
         Value::U8(v) => out.extend_from_slice(&v.to_le_bytes()),
