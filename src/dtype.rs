@@ -118,6 +118,20 @@ impl DType {
     }
 }
 
+impl DType {
+    /// Little-endian bytes of `values` in this float dtype (rounded to nearest even); None for a
+    /// quantized type, whose encoding is GGUF's business.
+    pub fn encode_f32(self, values: &[f32]) -> Option<Vec<u8>> {
+        use half::{bf16, f16};
+        match self {
+            DType::F32 => Some(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::F16 => Some(values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect()),
+            DType::BF16 => Some(values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect()),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for DType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())

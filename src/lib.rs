@@ -8,4 +8,5 @@ pub mod formats;
 pub mod manifest;
 pub mod plan;
 pub mod source;
+pub mod surgery;
 pub mod synth;

@@ -1,9 +1,31 @@
-//! sha256 of files: the source identity recorded in plans, and (later) output manifests.
+//! sha256 of files and the manifest of an output directory (schemas/manifest.schema.json):
+//! written last by `apply`, checked by `verify`.
 
-use std::io::Read;
-use std::path::Path;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+pub const MANIFEST_NAME: &str = "manifest.json";
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// Size and sha256 of every file of a directory but the manifest itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub manifest_version: u32,
+    pub tool_version: String,
+    pub files: Vec<ManifestEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestEntry {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
 
 /// The lowercase hex sha256 of a file, calling `progress` with the bytes hashed so far.
 pub fn sha256_file(path: &Path, mut progress: impl FnMut(u64)) -> std::io::Result<String> {
@@ -23,20 +45,167 @@ pub fn sha256_file(path: &Path, mut progress: impl FnMut(u64)) -> std::io::Resul
     Ok(hex(&hasher.finalize()))
 }
 
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A writer that hashes and counts what passes through it, so outputs are hashed as they are
+/// written instead of read back.
+pub struct HashingWriter<W: Write> {
+    inner: W,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: Sha256::new(),
+            written: 0,
+        }
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// The inner writer, the byte count and the hex sha256.
+    pub fn finish(self) -> (W, u64, String) {
+        (self.inner, self.written, hex(&self.hasher.finalize()))
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
-    fn known_digest() {
+    fn known_digests() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("abc");
         std::fs::write(&p, b"abc").unwrap();
-        assert_eq!(
-            super::sha256_file(&p, |_| {}).unwrap(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        let want = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(sha256_file(&p, |_| {}).unwrap(), want);
+        assert_eq!(sha256_bytes(b"abc"), want);
+        let mut w = HashingWriter::new(Vec::new());
+        w.write_all(b"ab").unwrap();
+        w.write_all(b"c").unwrap();
+        let (inner, n, sha) = w.finish();
+        assert_eq!((inner, n, sha.as_str()), (b"abc".to_vec(), 3, want));
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// The directory has no manifest.json.
+    #[error("{0}: no manifest.json (not written by `surgery apply`, or not finished)")]
+    NoManifest(PathBuf),
+    /// manifest.json is not a manifest.
+    #[error("{path}: invalid manifest: {reason}")]
+    BadManifest { path: PathBuf, reason: String },
+    /// A listed file is absent.
+    #[error("{0}: missing (listed in manifest.json)")]
+    Missing(PathBuf),
+    /// A listed file has another size.
+    #[error("{path}: {got} bytes, manifest.json says {want}")]
+    Size { path: PathBuf, want: u64, got: u64 },
+    /// A listed file has another sha256.
+    #[error("{path}: sha256 {got} does not match manifest.json ({want})")]
+    Hash {
+        path: PathBuf,
+        want: String,
+        got: String,
+    },
+    /// A file in the directory that the manifest does not list.
+    #[error("{0}: not listed in manifest.json")]
+    Unlisted(PathBuf),
+    /// The tensors disagree with the index or the config.
+    #[error(transparent)]
+    Structure(#[from] crate::source::SourceError),
+    /// The checkpoint is not a recurrent one.
+    #[error("{0}: config.json is not a recurrent (huginn_raven) model")]
+    NotRecurrent(PathBuf),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What `verify` checked.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub files: usize,
+    pub bytes: u64,
+    pub tensors: usize,
+}
+
+/// Re-hashes every file of `dir` against its manifest, then checks the index against the shard
+/// headers and the tensor set and shapes against config.json. The first mismatch is the error.
+pub fn verify(dir: &Path, mut progress: impl FnMut(u64, u64)) -> Result<VerifyReport, VerifyError> {
+    let path = dir.join(MANIFEST_NAME);
+    if !path.is_file() {
+        return Err(VerifyError::NoManifest(dir.to_path_buf()));
+    }
+    let bytes = std::fs::read(&path).map_err(|source| VerifyError::Io { path: path.clone(), source })?;
+    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| VerifyError::BadManifest {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let listed: std::collections::HashSet<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
+    let entries = std::fs::read_dir(dir).map_err(|source| VerifyError::Io { path: dir.to_path_buf(), source })?;
+    let mut present: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != MANIFEST_NAME)
+        .collect();
+    present.sort();
+    if let Some(extra) = present.iter().find(|n| !listed.contains(n.as_str())) {
+        return Err(VerifyError::Unlisted(dir.join(extra)));
+    }
+    let total: u64 = manifest.files.iter().map(|f| f.bytes).sum();
+    let mut done = 0;
+    for f in &manifest.files {
+        let file = dir.join(&f.path);
+        if f.path.contains(['/', '\\']) || !file.is_file() {
+            return Err(VerifyError::Missing(file));
+        }
+        let io = |source| VerifyError::Io { path: file.clone(), source };
+        let len = std::fs::metadata(&file).map_err(io)?.len();
+        if len != f.bytes {
+            return Err(VerifyError::Size { path: file, want: f.bytes, got: len });
+        }
+        let sha = sha256_file(&file, |n| progress(done + n, total)).map_err(io)?;
+        if sha != f.sha256 {
+            return Err(VerifyError::Hash { path: file, want: f.sha256.clone(), got: sha });
+        }
+        done += f.bytes;
+    }
+    let model = crate::source::SourceModel::open(dir)?;
+    if model.config.recurrent.is_none() {
+        return Err(VerifyError::NotRecurrent(dir.to_path_buf()));
+    }
+    Ok(VerifyReport {
+        files: manifest.files.len(),
+        bytes: total,
+        tensors: model.tensors.len(),
+    })
 }

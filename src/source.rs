@@ -179,15 +179,8 @@ impl SourceModel {
 
     /// A tensor's values as f32 in the Hugging Face convention (dequantized, rows un-permuted).
     pub fn read_f32(&self, t: &TensorRef) -> Result<Vec<f32>, gguf::GgufError> {
-        let bytes = match t.unpermute_heads {
-            Some(heads) => std::borrow::Cow::Owned(gguf::unpermute_rows_gguf_to_hf(
-                self.bytes(t),
-                t.shape[0],
-                heads,
-            )?),
-            None => std::borrow::Cow::Borrowed(self.bytes(t)),
-        };
-        gguf::dequantize(t.dtype, &bytes, t.n_elements())
+        let rows = t.shape.first().copied().unwrap_or(1);
+        decode_rows(t.dtype, self.bytes(t), rows, t.unpermute_heads)
     }
 
     pub fn tensor(&self, role: Role) -> Option<&TensorRef> {
@@ -217,6 +210,24 @@ impl SourceModel {
             .max_by_key(|(_, (_, n))| *n)
             .map_or(DType::F32, |(d, _)| d)
     }
+}
+
+/// Decodes whole rows of any supported dtype to f32, undoing llama.cpp's per-head Q/K row
+/// permutation first when `unpermute_heads` is set (rows are whole blocks, so the permutation
+/// applies to the stored bytes).
+pub fn decode_rows(
+    dtype: DType,
+    bytes: &[u8],
+    n_rows: usize,
+    unpermute_heads: Option<usize>,
+) -> Result<Vec<f32>, gguf::GgufError> {
+    let bytes = match unpermute_heads {
+        Some(heads) => std::borrow::Cow::Owned(gguf::unpermute_rows_gguf_to_hf(bytes, n_rows, heads)?),
+        None => std::borrow::Cow::Borrowed(bytes),
+    };
+    let per_block = dtype.type_size();
+    let n_elements = bytes.len() / per_block * dtype.block_size();
+    gguf::dequantize(dtype, &bytes, n_elements)
 }
 
 fn file_entry(root: &Path, path: &Path) -> Result<SourceFile, SourceError> {

@@ -5,7 +5,6 @@
 
 use std::path::Path;
 
-use half::{bf16, f16};
 use serde_json::{json, Value};
 
 use crate::arch::{self, LayerRole, Naming, Role};
@@ -140,21 +139,6 @@ impl SplitMix64 {
     }
 }
 
-/// Encodes f32 values as little-endian bytes of a float dtype.
-pub fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
-    match dtype {
-        DType::F16 => values
-            .iter()
-            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-            .collect(),
-        DType::BF16 => values
-            .iter()
-            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-            .collect(),
-        _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    }
-}
-
 fn other(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
@@ -172,7 +156,7 @@ pub fn write_hf(dir: &Path, spec: &SynthSpec, seed: u64) -> std::io::Result<()> 
                 naming.name(role).unwrap_or_default(),
                 spec.dtype,
                 shape,
-                encode(spec.dtype, &values),
+                spec.dtype.encode_f32(&values).unwrap_or_default(),
             )
         })
         .collect();

@@ -1,7 +1,9 @@
 //! Command-line arguments, one file per subcommand: argument structs and printing, no domain logic.
 
+mod apply;
 mod inspect;
 mod plan;
+mod verify;
 
 use std::io::IsTerminal;
 
@@ -38,12 +40,18 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Preview and validate the layer map and costs; write the plan that `apply` executes.
     Plan(plan::PlanArgs),
+    /// Write the recurrent checkpoint a plan describes (or plan and apply in one go).
+    Apply(apply::ApplyArgs),
+    /// Re-hash a checkpoint against its manifest and check its tensors; exit 1 on any mismatch.
+    Verify(verify::VerifyArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect::run(args, cli.global),
         Command::Plan(args) => plan::run(args, cli.global),
+        Command::Apply(args) => apply::run(args, cli.global),
+        Command::Verify(args) => verify::run(args, cli.global),
     }
 }
 
@@ -101,5 +109,35 @@ pub fn si(n: f64, unit: &str) -> String {
         format!("{v:.0} {unit}")
     } else {
         format!("{v:.2} {}{unit}", prefixes[i])
+    }
+}
+
+/// The library's progress reports drawn as one bar per step.
+pub struct BarProgress {
+    global: Global,
+    bar: Option<ProgressBar>,
+}
+
+impl BarProgress {
+    pub fn new(global: Global) -> Self {
+        BarProgress { global, bar: None }
+    }
+}
+
+impl surgery::surgery::Progress for BarProgress {
+    fn start(&mut self, what: &str, total: u64) {
+        self.bar = Some(byte_progress(self.global, total, what));
+    }
+
+    fn advance(&mut self, done: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(done);
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! `surgery plan MODEL --shape P,C,K`: the layer map, its costs, and the plan file `apply` runs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
@@ -17,6 +17,19 @@ use super::{byte_progress, si, thousands, Global};
 pub struct PlanArgs {
     /// A Hugging Face directory, a .safetensors file with config.json beside it, or a .gguf file.
     pub model: PathBuf,
+    #[command(flatten)]
+    pub layout: LayoutArgs,
+    /// Write the plan here (nothing is written without it).
+    #[arg(long, value_name = "plan.json")]
+    pub out: Option<PathBuf>,
+    /// Overwrite an existing --out file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// The layer map and options of a plan; shared by `plan` and `apply MODEL`.
+#[derive(clap::Args, Default)]
+pub struct LayoutArgs {
     /// Layer counts P,C,K of prelude, core and coda; the paper's rule picks the layers: the first
     /// P, the last K, and the C just before the coda.
     #[arg(long, value_name = "P,C,K")]
@@ -33,39 +46,95 @@ pub struct PlanArgs {
     /// Allow a layer in two parts (e.g. a core that overlaps the prelude).
     #[arg(long)]
     pub allow_reuse: bool,
-    /// identity: [0 | I], the output computes exactly the pruned model; reference: the paper's
-    /// uniform +-1/sqrt(2h).
-    #[arg(long, value_enum, default_value = "identity")]
-    pub adapter_init: AdapterInit,
-    /// Std of seeded Gaussian noise added to the state half of an identity adapter.
-    #[arg(
-        long,
-        value_name = "STD",
-        default_value_t = 0.0,
-        allow_negative_numbers = true
-    )]
-    pub adapter_noise: f64,
-    /// Initial state s_0: truncated normal with the reference's sigma, or zero.
-    #[arg(long, value_enum, default_value = "normal")]
-    pub state_init: StateInit,
-    /// linear: adapter(concat(state, e)); none: no adapter, the core loops on e.
-    #[arg(long, value_enum, default_value = "linear")]
-    pub injection: Injection,
-    /// Seed of every random draw (adapter, initial state).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Output dtype; keep: the source's (quantized GGUF tensors become F32, exactly).
-    #[arg(long, value_enum, default_value = "keep")]
-    pub dtype: DtypeChoice,
-    /// Context length for the attention term of the FLOPs.
-    #[arg(long, default_value_t = 2048)]
-    pub context: u64,
-    /// Write the plan here (nothing is written without it).
-    #[arg(long, value_name = "plan.json")]
-    pub out: Option<PathBuf>,
-    /// Overwrite an existing --out file.
+    /// identity (default): [0 | I], the output computes exactly the pruned model; reference: the
+    /// paper's uniform +-1/sqrt(2h).
+    #[arg(long, value_enum)]
+    pub adapter_init: Option<AdapterInit>,
+    /// Std of seeded Gaussian noise added to the state half of an identity adapter [default: 0].
+    #[arg(long, value_name = "STD", allow_negative_numbers = true)]
+    pub adapter_noise: Option<f64>,
+    /// Initial state s_0: truncated normal with the reference's sigma (default), or zero.
+    #[arg(long, value_enum)]
+    pub state_init: Option<StateInit>,
+    /// linear (default): adapter(concat(state, e)); none: no adapter, the core loops on e.
+    #[arg(long, value_enum)]
+    pub injection: Option<Injection>,
+    /// Seed of every random draw (adapter, initial state) [default: 0].
     #[arg(long)]
-    pub force: bool,
+    pub seed: Option<u64>,
+    /// Output dtype; keep (default): the source's (quantized GGUF tensors become F32, exactly).
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeChoice>,
+    /// Context length for the attention term of the FLOPs [default: 2048].
+    #[arg(long)]
+    pub context: Option<u64>,
+}
+
+impl LayoutArgs {
+    /// True when no plan option was given (so a plan file, not a model, may be the input).
+    pub fn is_empty(&self) -> bool {
+        let LayoutArgs {
+            shape,
+            prelude,
+            core,
+            coda,
+            allow_reuse,
+            adapter_init,
+            adapter_noise,
+            state_init,
+            injection,
+            seed,
+            dtype,
+            context,
+        } = self;
+        shape.is_none()
+            && prelude.is_none()
+            && core.is_none()
+            && coda.is_none()
+            && !allow_reuse
+            && adapter_init.is_none()
+            && adapter_noise.is_none()
+            && state_init.is_none()
+            && injection.is_none()
+            && seed.is_none()
+            && dtype.is_none()
+            && context.is_none()
+    }
+
+    pub fn request(&self) -> PlanRequest {
+        let defaults = PlanOptions::default();
+        PlanRequest {
+            layers: LayerRequest {
+                shape: self.shape,
+                prelude: self.prelude,
+                core: self.core,
+                coda: self.coda,
+                allow_reuse: self.allow_reuse,
+            },
+            options: PlanOptions {
+                adapter_init: self.adapter_init.unwrap_or(defaults.adapter_init),
+                adapter_noise: self.adapter_noise.unwrap_or(defaults.adapter_noise),
+                state_init: self.state_init.unwrap_or(defaults.state_init),
+                state_std: defaults.state_std,
+                injection: self.injection.unwrap_or(defaults.injection),
+                seed: self.seed.unwrap_or(defaults.seed),
+                dtype: self.dtype.unwrap_or(defaults.dtype),
+                allow_reuse: self.allow_reuse,
+            },
+            context: self.context.unwrap_or(2048),
+        }
+    }
+}
+
+/// Opens MODEL, validates the request, hashes the source and makes the plan.
+pub fn make_plan(model: &Path, layout: &LayoutArgs, global: Global) -> anyhow::Result<(SourceModel, Plan)> {
+    let model = SourceModel::open(model)?;
+    let request = layout.request();
+    // Validate the layer map before hashing gigabytes.
+    request.layers.resolve(model.config.n_layers)?;
+    let hashes = hash_files(&model, global)?;
+    let plan = plan::make(&model, &request, &hashes)?;
+    Ok((model, plan))
 }
 
 pub fn run(args: PlanArgs, global: Global) -> anyhow::Result<()> {
@@ -77,31 +146,7 @@ pub fn run(args: PlanArgs, global: Global) -> anyhow::Result<()> {
             );
         }
     }
-    let model = SourceModel::open(&args.model)?;
-    let request = PlanRequest {
-        layers: LayerRequest {
-            shape: args.shape,
-            prelude: args.prelude,
-            core: args.core,
-            coda: args.coda,
-            allow_reuse: args.allow_reuse,
-        },
-        options: PlanOptions {
-            adapter_init: args.adapter_init,
-            adapter_noise: args.adapter_noise,
-            state_init: args.state_init,
-            state_std: plan::REFERENCE_STATE_STD,
-            injection: args.injection,
-            seed: args.seed,
-            dtype: args.dtype,
-            allow_reuse: args.allow_reuse,
-        },
-        context: args.context,
-    };
-    // Validate the layer map before hashing gigabytes.
-    request.layers.resolve(model.config.n_layers)?;
-    let hashes = hash_files(&model, global)?;
-    let plan = plan::make(&model, &request, &hashes)?;
+    let (model, plan) = make_plan(&args.model, &args.layout, global)?;
     if let Some(out) = &args.out {
         write_atomically(out, &plan)?;
     }

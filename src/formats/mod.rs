@@ -3,3 +3,4 @@
 pub mod gguf;
 pub mod hf_config;
 pub mod safetensors;
+pub mod tokenizer;

@@ -180,7 +180,14 @@ pub struct Checkpoint {
 
 #[derive(Deserialize)]
 struct RawIndex {
+    #[serde(default)]
+    metadata: RawIndexMetadata,
     weight_map: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawIndexMetadata {
+    total_size: Option<u64>,
 }
 
 impl Checkpoint {
@@ -243,6 +250,18 @@ impl Checkpoint {
             files.push(SafetensorsFile::open(&path)?);
         }
         let checkpoint = Checkpoint::from_files(files)?;
+        if let Some(total) = raw.metadata.total_size {
+            let sum: u64 = checkpoint
+                .files
+                .iter()
+                .flat_map(|f| f.tensors.iter().map(|t| t.end - t.start))
+                .sum();
+            if sum != total {
+                return Err(bad(format!(
+                    "metadata.total_size is {total}, but the shards hold {sum} bytes of tensors"
+                )));
+            }
+        }
         for (tensor, shard) in &raw.weight_map {
             match checkpoint.get(tensor) {
                 Some((file, _)) if file.path.file_name() == Some(shard.as_ref()) => {}

@@ -242,6 +242,28 @@ impl<'de> Deserialize<'de> for DTypeName {
     }
 }
 
+/// A file of the output directory besides the weights, config, plan and manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "from", rename_all = "snake_case", deny_unknown_fields)]
+pub enum OutputFile {
+    /// A copy of a source file (a path in `source.files`).
+    Copy { name: String, source: String },
+    /// `tokenizer.json` built from the GGUF source's `tokenizer.ggml.*` metadata.
+    GgufTokenizer { name: String },
+    /// `tokenizer_config.json` built from the GGUF source's metadata.
+    GgufTokenizerConfig { name: String },
+}
+
+impl OutputFile {
+    pub fn name(&self) -> &str {
+        match self {
+            OutputFile::Copy { name, .. }
+            | OutputFile::GgufTokenizer { name }
+            | OutputFile::GgufTokenizerConfig { name } => name,
+        }
+    }
+}
+
 /// The plan file (schemas/plan.schema.json).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -254,8 +276,29 @@ pub struct Plan {
     /// The output's config.json, without the plan's own sha256 (apply adds it).
     pub config: Value,
     pub tensors: Vec<TensorSpec>,
+    /// Other files of the output: the tokenizer.
+    pub files: Vec<OutputFile>,
     /// Informational: what the output costs (not read by apply).
     pub costs: cost::Costs,
+}
+
+impl Plan {
+    /// Reads a plan file: its version first (so an old or new plan says so), then every field,
+    /// refusing unknown ones.
+    pub fn from_json(bytes: &[u8]) -> Result<Plan, PlanError> {
+        let value: Value = serde_json::from_slice(bytes)
+            .map_err(|e| PlanError::Invalid(format!("plan is not JSON: {e}")))?;
+        match value.get("plan_version").and_then(Value::as_u64) {
+            Some(v) if v == u64::from(PLAN_VERSION) => {}
+            Some(v) => {
+                return Err(PlanError::Invalid(format!(
+                    "plan_version {v} is not supported (this tool reads version {PLAN_VERSION})"
+                )))
+            }
+            None => return Err(PlanError::Invalid("plan has no plan_version".into())),
+        }
+        serde_json::from_value(value).map_err(|e| PlanError::Invalid(format!("plan: {e}")))
+    }
 }
 
 /// Everything `make` needs besides the source.
@@ -400,8 +443,32 @@ pub fn make(source: &SourceModel, req: &PlanRequest, hashes: &[String]) -> Resul
         layers,
         config,
         tensors,
+        files: output_files(source),
         costs,
     })
+}
+
+/// The tokenizer files the output gets: copies of the source's, or built from a GGUF's vocabulary.
+fn output_files(source: &SourceModel) -> Vec<OutputFile> {
+    match (&source.tokenizer, source.format) {
+        (Some(t), SourceFormat::Safetensors) => t
+            .files
+            .iter()
+            .map(|f| OutputFile::Copy {
+                name: f.clone(),
+                source: f.clone(),
+            })
+            .collect(),
+        (Some(_), SourceFormat::Gguf) => vec![
+            OutputFile::GgufTokenizer {
+                name: "tokenizer.json".into(),
+            },
+            OutputFile::GgufTokenizerConfig {
+                name: "tokenizer_config.json".into(),
+            },
+        ],
+        (None, _) => vec![],
+    }
 }
 
 fn absolute(p: &Path) -> String {

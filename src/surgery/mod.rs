@@ -1,0 +1,401 @@
+//! Executes a [`Plan`]: streams the source tensors into the recurrent layout (DESIGN.md decisions
+//! 4-6). Copies are byte copies out of the memory map; fused tensors are byte concatenations; only
+//! conversions and new tensors are computed, a bounded chunk of rows at a time. Everything is
+//! written into `OUT.partial-<pid>/` and renamed to OUT at the end, manifest last.
+
+pub mod check;
+pub mod init;
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::dtype::DType;
+use crate::formats::gguf::GgufFile;
+use crate::formats::safetensors::INDEX_NAME;
+use crate::manifest::{self, HashingWriter, Manifest, ManifestEntry, MANIFEST_NAME};
+use crate::plan::{OutputFile, Plan, PlanError, TensorSpec, Transform};
+use crate::source::decode_rows;
+
+use check::SourceFiles;
+
+/// Bytes per chunk when copying or converting: bounds memory whatever the tensor's size.
+const CHUNK_BYTES: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The output exists and `--force` was not given.
+    #[error("{0} already exists; pass --force to replace it")]
+    Exists(PathBuf),
+    /// The plan is incomplete or inconsistent.
+    #[error("invalid plan: {0}")]
+    Plan(#[from] PlanError),
+    /// A source file is not the one the plan was made from.
+    #[error("source file {path} changed since the plan was made: {reason}")]
+    SourceChanged { path: PathBuf, reason: String },
+    /// Reading or writing failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A conversion failed (a corrupt quantized block, a tokenizer that cannot be built).
+    #[error("{0}")]
+    Convert(String),
+}
+
+/// Progress of a long step, reported by the library and drawn by the CLI.
+pub trait Progress {
+    fn start(&mut self, what: &str, total: u64);
+    fn advance(&mut self, done: u64);
+    fn finish(&mut self);
+}
+
+/// Reports nothing.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn start(&mut self, _: &str, _: u64) {}
+    fn advance(&mut self, _: u64) {}
+    fn finish(&mut self) {}
+}
+
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// Largest shard in bytes (tensor data); above it the checkpoint is sharded.
+    pub max_shard_bytes: u64,
+    /// Replace an existing output.
+    pub force: bool,
+}
+
+/// What `apply` wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ApplyReport {
+    pub out: PathBuf,
+    pub shards: usize,
+    pub tensors: usize,
+    pub tensor_bytes: u64,
+    pub files: Vec<ManifestEntry>,
+}
+
+/// Applies `plan` (whose exact bytes are `plan_bytes`, recorded as plan.json) into `out`.
+pub fn apply(
+    plan: &Plan,
+    plan_bytes: &[u8],
+    out: &Path,
+    opts: &ApplyOptions,
+    progress: &mut dyn Progress,
+) -> Result<ApplyReport, ApplyError> {
+    if out.exists() && !opts.force {
+        return Err(ApplyError::Exists(out.to_path_buf()));
+    }
+    check::plan(plan)?;
+    let sources = check::source(plan, progress)?;
+    let partial = partial_path(out);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ApplyError::Io { path, source }
+    };
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
+    }
+    std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+    let result = write_all(plan, plan_bytes, &sources, &partial, opts, progress)
+        .and_then(|report| {
+            File::open(&partial)
+                .and_then(|d| d.sync_all())
+                .map_err(io(&partial))?;
+            publish(&partial, out, opts.force)?;
+            Ok(ApplyReport {
+                out: out.to_path_buf(),
+                ..report
+            })
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    result
+}
+
+/// `OUT.partial-<pid>` next to OUT, so the final rename stays on one filesystem.
+fn partial_path(out: &Path) -> PathBuf {
+    let name = out.file_name().map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
+    out.with_file_name(format!("{name}.partial-{}", std::process::id()))
+}
+
+/// Renames the finished directory into place; with `force`, the old OUT is moved aside first and
+/// removed only once the new one is in place.
+fn publish(partial: &Path, out: &Path, force: bool) -> Result<(), ApplyError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ApplyError::Io { path, source }
+    };
+    if force && out.exists() {
+        let old = out.with_file_name(format!(
+            "{}.old-{}",
+            out.file_name().map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned()),
+            std::process::id()
+        ));
+        std::fs::rename(out, &old).map_err(io(out))?;
+        std::fs::rename(partial, out).map_err(io(out))?;
+        let remove = if old.is_dir() { std::fs::remove_dir_all(&old) } else { std::fs::remove_file(&old) };
+        return remove.map_err(io(&old));
+    }
+    std::fs::rename(partial, out).map_err(io(out))
+}
+
+fn tensor_bytes(t: &TensorSpec) -> u64 {
+    let n: u64 = t.shape.iter().map(|&d| d as u64).product();
+    t.dtype.0.size_of(n).unwrap_or(0)
+}
+
+/// Splits tensors (in plan order) into shards of at most `max` bytes of data; a tensor larger
+/// than `max` gets a shard of its own.
+fn shard(tensors: &[TensorSpec], max: u64) -> Vec<std::ops::Range<usize>> {
+    let mut shards = Vec::new();
+    let (mut start, mut size) = (0, 0u64);
+    for (i, t) in tensors.iter().enumerate() {
+        let b = tensor_bytes(t);
+        if i > start && size + b > max {
+            shards.push(start..i);
+            (start, size) = (i, 0);
+        }
+        size += b;
+    }
+    if start < tensors.len() {
+        shards.push(start..tensors.len());
+    }
+    shards
+}
+
+fn shard_name(i: usize, n: usize) -> String {
+    if n == 1 {
+        "model.safetensors".into()
+    } else {
+        format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+    }
+}
+
+/// The safetensors header of a shard: `__metadata__ {"format": "pt"}`, then each tensor's dtype,
+/// shape and offsets, padded with spaces to a multiple of 8 bytes.
+fn shard_header(tensors: &[TensorSpec]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut offset = 0u64;
+    for t in tensors {
+        let end = offset + tensor_bytes(t);
+        header.insert(
+            t.name.clone(),
+            json!({"dtype": t.dtype.0.name(), "shape": t.shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut bytes = serde_json::to_vec(&header).unwrap_or_default();
+    bytes.resize(bytes.len().div_ceil(8) * 8, b' ');
+    bytes
+}
+
+fn write_all(
+    plan: &Plan,
+    plan_bytes: &[u8],
+    sources: &SourceFiles,
+    dir: &Path,
+    opts: &ApplyOptions,
+    progress: &mut dyn Progress,
+) -> Result<ApplyReport, ApplyError> {
+    let shards = shard(&plan.tensors, opts.max_shard_bytes);
+    let total: u64 = plan.tensors.iter().map(tensor_bytes).sum();
+    let mut files = Vec::new();
+    let mut weight_map = serde_json::Map::new();
+    progress.start("writing", total);
+    let mut done = 0u64;
+    for (i, range) in shards.iter().enumerate() {
+        let name = shard_name(i, shards.len());
+        let path = dir.join(&name);
+        let tensors = &plan.tensors[range.clone()];
+        let io = |source| ApplyError::Io { path: path.clone(), source };
+        let file = File::create(&path).map_err(io)?;
+        let mut w = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
+        let header = shard_header(tensors);
+        w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(&header).map_err(io)?;
+        for t in tensors {
+            let before = w.written();
+            write_tensor(t, sources, &mut w, &mut |n| progress.advance(done + n)).map_err(|e| match e {
+                ApplyError::Io { source, .. } => io(source),
+                other => other,
+            })?;
+            let wrote = w.written() - before;
+            if wrote != tensor_bytes(t) {
+                return Err(ApplyError::Convert(format!(
+                    "tensor {:?}: wrote {wrote} bytes, expected {}",
+                    t.name,
+                    tensor_bytes(t)
+                )));
+            }
+            done += wrote;
+            weight_map.insert(t.name.clone(), json!(name));
+        }
+        let (buf, bytes, sha256) = w.finish();
+        buf.into_inner()
+            .map_err(|e| io(e.into_error()))?
+            .sync_all()
+            .map_err(io)?;
+        files.push(ManifestEntry { path: name, bytes, sha256 });
+    }
+    progress.finish();
+
+    // Indexes and configs are written after the tensors they describe (STYLE.md principle 5).
+    if shards.len() > 1 {
+        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        files.push(write_small(dir, INDEX_NAME, &pretty(&index))?);
+    }
+    let mut config = plan.config.clone();
+    config["surgery"]["plan_sha256"] = json!(manifest::sha256_bytes(plan_bytes));
+    files.push(write_small(dir, "config.json", &pretty(&config))?);
+    for f in &plan.files {
+        files.push(write_small(dir, f.name(), &output_file(plan, f)?)?);
+    }
+    files.push(write_small(dir, "plan.json", plan_bytes)?);
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    let manifest = Manifest {
+        manifest_version: manifest::MANIFEST_VERSION,
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        files: files.clone(),
+    };
+    write_small(dir, MANIFEST_NAME, &pretty(&serde_json::to_value(&manifest).unwrap_or_default()))?;
+    Ok(ApplyReport {
+        out: dir.to_path_buf(),
+        shards: shards.len(),
+        tensors: plan.tensors.len(),
+        tensor_bytes: total,
+        files,
+    })
+}
+
+fn pretty(v: &serde_json::Value) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec_pretty(v).unwrap_or_default();
+    bytes.push(b'\n');
+    bytes
+}
+
+fn write_small(dir: &Path, name: &str, bytes: &[u8]) -> Result<ManifestEntry, ApplyError> {
+    let path = dir.join(name);
+    let io = |source| ApplyError::Io { path: path.clone(), source };
+    let mut f = File::create(&path).map_err(io)?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io)?;
+    Ok(ManifestEntry {
+        path: name.into(),
+        bytes: bytes.len() as u64,
+        sha256: manifest::sha256_bytes(bytes),
+    })
+}
+
+/// The bytes of a non-weight output file.
+fn output_file(plan: &Plan, f: &OutputFile) -> Result<Vec<u8>, ApplyError> {
+    let root = PathBuf::from(&plan.source.root);
+    match f {
+        OutputFile::Copy { source, .. } => {
+            let path = root.join(source);
+            std::fs::read(&path).map_err(|source| ApplyError::Io { path, source })
+        }
+        OutputFile::GgufTokenizer { .. } | OutputFile::GgufTokenizerConfig { .. } => {
+            let path = root.join(plan.source.files.first().map_or("", |f| f.path.as_str()));
+            let g = GgufFile::open(&path).map_err(|e| ApplyError::Convert(format!("{}: {e}", path.display())))?;
+            let value = match f {
+                OutputFile::GgufTokenizer { .. } => crate::formats::tokenizer::tokenizer_json_from_gguf(&g)
+                    .map_err(|e| ApplyError::Convert(format!("{}: {e}", path.display())))?,
+                _ => crate::formats::tokenizer::tokenizer_config_json_from_gguf(&g),
+            };
+            Ok(pretty(&value))
+        }
+    }
+}
+
+/// Streams one tensor's bytes into `w`, calling `advance` with the bytes written so far.
+fn write_tensor(
+    t: &TensorSpec,
+    sources: &SourceFiles,
+    w: &mut impl Write,
+    advance: &mut dyn FnMut(u64),
+) -> Result<(), ApplyError> {
+    let io = |source| ApplyError::Io { path: PathBuf::new(), source };
+    let out = t.dtype.0;
+    let mut written = 0u64;
+    match t.transform {
+        None => {
+            let init = t.init.as_ref().ok_or_else(|| ApplyError::Convert(format!("tensor {:?} has no init", t.name)))?;
+            let (rows, cols) = (t.shape.first().copied().unwrap_or(0), t.shape.get(1).copied().unwrap_or(1));
+            let values = init::values(init, rows, cols).map_err(ApplyError::Convert)?;
+            let bytes = encode(out, &values)?;
+            w.write_all(&bytes).map_err(io)?;
+            advance(bytes.len() as u64);
+        }
+        Some(Transform::Copy | Transform::ConcatRows) => {
+            for s in &t.sources {
+                let bytes = sources.bytes(s);
+                let base = SourceFiles::offset(s);
+                for (k, chunk) in bytes.chunks(CHUNK_BYTES).enumerate() {
+                    w.write_all(chunk).map_err(io)?;
+                    sources.release(s, base + k * CHUNK_BYTES, chunk.len());
+                    written += chunk.len() as u64;
+                    advance(written);
+                }
+            }
+        }
+        Some(Transform::Convert | Transform::Dequantize) => {
+            for s in &t.sources {
+                let bytes = sources.bytes(s);
+                let rows = s.shape.first().copied().unwrap_or(1).max(1);
+                let row_bytes = bytes.len() / rows;
+                // Whole heads per chunk, so the per-head un-permutation stays within a chunk.
+                let unit = s.unpermute_heads.map_or(1, |heads| rows / heads.max(1));
+                let per_chunk = (CHUNK_BYTES / row_bytes.max(1) / unit).max(1) * unit;
+                let base = SourceFiles::offset(s);
+                for (k, chunk) in bytes.chunks(per_chunk * row_bytes).enumerate() {
+                    let chunk_rows = chunk.len() / row_bytes.max(1);
+                    let heads = s.unpermute_heads.map(|_| chunk_rows / unit);
+                    let values = decode_rows(s.dtype.0, chunk, chunk_rows, heads)
+                        .map_err(|e| ApplyError::Convert(format!("tensor {:?}: {e}", s.tensor)))?;
+                    let encoded = encode(out, &values)?;
+                    w.write_all(&encoded).map_err(io)?;
+                    sources.release(s, base + k * per_chunk * row_bytes, chunk.len());
+                    written += encoded.len() as u64;
+                    advance(written);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn encode(dtype: DType, values: &[f32]) -> Result<Vec<u8>, ApplyError> {
+    dtype
+        .encode_f32(values)
+        .ok_or_else(|| ApplyError::Convert(format!("cannot write {dtype} tensors to safetensors")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_split_in_order_and_oversized_tensors_stand_alone() {
+        let t = |n: usize| TensorSpec {
+            name: format!("t{n}"),
+            dtype: crate::plan::DTypeName(DType::F32),
+            shape: vec![n],
+            transform: None,
+            sources: vec![],
+            init: None,
+        };
+        let tensors = [t(10), t(10), t(30), t(5), t(5)];
+        assert_eq!(shard(&tensors, 80), vec![0..2, 2..3, 3..5]);
+        assert_eq!(shard(&tensors, 1000), vec![0..5]);
+        assert_eq!(shard_name(0, 1), "model.safetensors");
+        assert_eq!(shard_name(1, 3), "model-00002-of-00003.safetensors");
+        assert_eq!(shard_header(&tensors[..1]).len() % 8, 0);
+    }
+}
