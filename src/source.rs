@@ -380,13 +380,15 @@ fn hf_tokenizer(root: &Path) -> Option<TokenizerInfo> {
         (None, true) => "sentencepiece (tokenizer.model)".into(),
         (None, false) => return None,
     };
+    // Added tokens usually repeat ids of the vocabulary: count ids, not entries.
     let vocab = json.as_ref().and_then(|j| {
-        let base = j.pointer("/model/vocab").and_then(Value::as_object)?.len();
-        let added = j
-            .get("added_tokens")
-            .and_then(Value::as_array)
-            .map_or(0, Vec::len);
-        Some(base + added)
+        let vocab = j.pointer("/model/vocab").and_then(Value::as_object)?;
+        let added = j.get("added_tokens").and_then(Value::as_array);
+        let ids = vocab
+            .values()
+            .filter_map(Value::as_u64)
+            .chain(added.into_iter().flatten().filter_map(|t| t.get("id")?.as_u64()));
+        ids.max().map(|m| m as usize + 1)
     });
     Some(TokenizerInfo { kind, vocab, files })
 }
