@@ -183,6 +183,14 @@ impl SourceModel {
         decode_rows(t.dtype, self.bytes(t), rows, t.unpermute_heads)
     }
 
+    /// The GGUF file, when the source is one (for its tokenizer metadata).
+    pub fn gguf(&self) -> Option<&GgufFile> {
+        match &self.storage {
+            Storage::Gguf(g) => Some(g),
+            Storage::Safetensors { .. } => None,
+        }
+    }
+
     pub fn tensor(&self, role: Role) -> Option<&TensorRef> {
         self.tensors.get(&role)
     }
@@ -370,15 +378,16 @@ fn hf_tokenizer(root: &Path) -> Option<TokenizerInfo> {
     let json = std::fs::read(root.join("tokenizer.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    if files.is_empty() {
+        return None;
+    }
     let kind = match (&json, root.join("tokenizer.model").is_file()) {
         (Some(j), _) => format!(
             "tokenizer.json ({})",
-            j.pointer("/model/type")
-                .and_then(Value::as_str)
-                .unwrap_or("unknown model")
+            j.pointer("/model/type").and_then(Value::as_str).unwrap_or("unknown model")
         ),
         (None, true) => "sentencepiece (tokenizer.model)".into(),
-        (None, false) => return None,
+        (None, false) => "no vocabulary file (tokenizer.json or tokenizer.model)".into(),
     };
     // Added tokens usually repeat ids of the vocabulary: count ids, not entries.
     let vocab = json.as_ref().and_then(|j| {

@@ -63,6 +63,8 @@ fn smollm2_4_8_4_is_a_verified_recurrent_checkpoint_holding_the_source_values() 
     let plan_sha = surgery::manifest::sha256_file(&dir.path().join("plan.json"), |_| {}).unwrap();
     assert_eq!(config["surgery"]["plan_sha256"], plan_sha.as_str());
     assert_eq!(config["surgery"]["source"]["files"][0]["sha256"], "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53");
+    common::validate_against_schema(&dir.path().join("rec/config.json"), "recurrent-config");
+    common::validate_against_schema(&dir.path().join("rec/manifest.json"), "manifest");
     // The plan applied is kept byte for byte.
     assert_eq!(std::fs::read(dir.path().join("plan.json")).unwrap(), std::fs::read(dir.path().join("rec/plan.json")).unwrap());
 }
@@ -89,6 +91,8 @@ fn two_applies_are_byte_identical_and_sharding_is_verified() {
     assert!(shards >= 3, "{names:?}");
     assert!(names.contains(&format!("model-00001-of-{shards:05}.safetensors")));
     ok(d, &["verify", "a"]);
+    common::validate_against_schema(&d.join("a/config.json"), "recurrent-config");
+    common::validate_against_schema(&d.join("a/manifest.json"), "manifest");
     let m = SourceModel::open(&d.join("a")).unwrap();
     assert_eq!(m.tensor(Role::Embed).unwrap().dtype, DType::BF16);
     // Every shard says format pt, as transformers expects.

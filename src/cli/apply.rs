@@ -69,6 +69,7 @@ pub fn run(args: ApplyArgs, global: Global) -> anyhow::Result<()> {
         bytes.push(b'\n');
         (plan, bytes)
     };
+    super::print_notes(&plan, global);
     let opts = ApplyOptions {
         max_shard_bytes: args.max_shard_size,
         force: args.force,

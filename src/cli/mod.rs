@@ -141,3 +141,12 @@ impl surgery::surgery::Progress for BarProgress {
         }
     }
 }
+
+/// A plan's notes on stderr, unless --quiet.
+pub fn print_notes(plan: &surgery::plan::Plan, global: Global) {
+    if !global.quiet {
+        for note in &plan.notes {
+            eprintln!("note: {note}");
+        }
+    }
+}

@@ -147,6 +147,7 @@ pub fn run(args: PlanArgs, global: Global) -> anyhow::Result<()> {
         }
     }
     let (model, plan) = make_plan(&args.model, &args.layout, global)?;
+    super::print_notes(&plan, global);
     if let Some(out) = &args.out {
         write_atomically(out, &plan)?;
     }

@@ -278,6 +278,9 @@ pub struct Plan {
     pub tensors: Vec<TensorSpec>,
     /// Other files of the output: the tokenizer.
     pub files: Vec<OutputFile>,
+    /// What the user should know about this plan (e.g. why the output has no tokenizer).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     /// Informational: what the output costs (not read by apply).
     pub costs: cost::Costs,
 }
@@ -420,6 +423,8 @@ pub fn make(source: &SourceModel, req: &PlanRequest, hashes: &[String]) -> Resul
         files,
     };
     let config = output_config(source, &plan_source, &layers, opts, embed_dtype);
+    let mut notes = Vec::new();
+    let files = output_files(source, &mut notes);
     let output_tensor_bytes = tensors
         .iter()
         .map(|t| {
@@ -443,32 +448,37 @@ pub fn make(source: &SourceModel, req: &PlanRequest, hashes: &[String]) -> Resul
         layers,
         config,
         tensors,
-        files: output_files(source),
+        files,
+        notes,
         costs,
     })
 }
 
-/// The tokenizer files the output gets: copies of the source's, or built from a GGUF's vocabulary.
-fn output_files(source: &SourceModel) -> Vec<OutputFile> {
-    match (&source.tokenizer, source.format) {
-        (Some(t), SourceFormat::Safetensors) => t
-            .files
-            .iter()
-            .map(|f| OutputFile::Copy {
-                name: f.clone(),
-                source: f.clone(),
-            })
-            .collect(),
-        (Some(_), SourceFormat::Gguf) => vec![
+/// The tokenizer files the output gets: copies of the source's, or built from a GGUF's vocabulary
+/// when that conversion works (else a note says why there is none).
+fn output_files(source: &SourceModel, notes: &mut Vec<String>) -> Vec<OutputFile> {
+    if let Some(g) = source.gguf() {
+        if g.get("tokenizer.ggml.model").is_none() {
+            return vec![];
+        }
+        if let Err(e) = crate::formats::tokenizer::tokenizer_json_from_gguf(g) {
+            notes.push(format!("the output gets no tokenizer: {e}"));
+            return vec![];
+        }
+        return vec![
             OutputFile::GgufTokenizer {
                 name: "tokenizer.json".into(),
             },
             OutputFile::GgufTokenizerConfig {
                 name: "tokenizer_config.json".into(),
             },
-        ],
-        (None, _) => vec![],
+        ];
     }
+    source.tokenizer.iter().flat_map(|t| &t.files).map(|f| OutputFile::Copy {
+        name: f.clone(),
+        source: f.clone(),
+    })
+    .collect()
 }
 
 fn absolute(p: &Path) -> String {

@@ -157,7 +157,7 @@ fn sources(t: &TensorSpec, transform: Transform, files: &HashSet<&str>) -> Resul
     let quantized = t.sources.iter().any(|s| s.dtype.0.is_quantized());
     let ok = match transform {
         Transform::Copy => same && t.sources.len() == 1,
-        Transform::ConcatRows => same,
+        Transform::ConcatRows => same && t.sources.len() > 1,
         Transform::Convert => !quantized,
         Transform::Dequantize => quantized,
     };

@@ -86,3 +86,28 @@ pub fn listing(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Validates a JSON file with the Python `jsonschema` package against schemas/NAME.schema.json.
+pub fn validate_against_schema(plan: &Path, name: &str) {
+    let Some(python) = python_with_gguf() else {
+        return;
+    };
+    let script = "import json,sys,jsonschema\n\
+                  s=json.load(open(sys.argv[1])); p=json.load(open(sys.argv[2]))\n\
+                  jsonschema.Draft202012Validator.check_schema(s)\n\
+                  jsonschema.validate(p, s, cls=jsonschema.Draft202012Validator)\n";
+    let schema = root().join(format!("schemas/{name}.schema.json"));
+    let out = Command::new(python)
+        .args(["-c", script])
+        .arg(&schema)
+        .arg(plan)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} does not match the schema: {}",
+        plan.display(),
+        stderr(&out)
+    );
+}
+
