@@ -229,6 +229,23 @@ fn force_replaces_an_existing_output() {
     assert_eq!(listing(d), ["m", "o"]);
 }
 
+#[test]
+fn injection_none_writes_no_adapter_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    synth::write_hf(&d.join("m"), &SynthSpec::llama(4), 1).unwrap();
+    ok(d, &["apply", "m", "--shape", "1,2,1", "--injection", "none", "--state-init", "zero", "--out", "o", "-q"]);
+    let m = SourceModel::open(&d.join("o")).unwrap();
+    assert!(m.tensor(Role::Adapter).is_none());
+    assert!(!m.config.recurrent.unwrap().adapter);
+    let config: Value = serde_json::from_slice(&std::fs::read(d.join("o/config.json")).unwrap()).unwrap();
+    assert_eq!(config["injection_type"], "none");
+    assert_eq!(config["surgery"]["state_init"], "zero");
+    let text = ok(d, &["inspect", "o"]);
+    assert!(text.contains("adapter     none (injection: none)"), "{text}");
+    ok(d, &["verify", "o"]);
+}
+
 /// A checkpoint big enough that apply takes a while (about 230 MB of f32).
 fn big_model(d: &Path) -> PathBuf {
     let spec = SynthSpec {

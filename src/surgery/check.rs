@@ -15,7 +15,7 @@ use crate::formats::safetensors::SafetensorsFile;
 use crate::manifest::sha256_file;
 use crate::plan::{Plan, PlanError, SourceRef, TensorSpec, Transform, PLAN_VERSION};
 
-use super::{ApplyError, Progress};
+use super::ApplyError;
 
 fn invalid(msg: String) -> PlanError {
     PlanError::Invalid(msg)
@@ -200,33 +200,22 @@ impl SourceFiles {
     }
 }
 
-/// Re-hashes every source file and checks each source tensor against its file's header.
-pub fn source(plan: &Plan, progress: &mut dyn Progress) -> Result<SourceFiles, ApplyError> {
+/// Checks that every source file has the size the plan recorded and that each source tensor is
+/// where the plan says in its file's header, and maps the files.
+pub fn source(plan: &Plan) -> Result<SourceFiles, ApplyError> {
     let root = PathBuf::from(&plan.source.root);
-    let total = plan.source.files.iter().map(|f| f.bytes).sum();
-    progress.start("checking source", total);
-    let mut done = 0;
     for f in &plan.source.files {
         let path = root.join(&f.path);
-        let io = |source| ApplyError::Io { path: path.clone(), source };
-        let len = std::fs::metadata(&path).map_err(io)?.len();
+        let len = std::fs::metadata(&path)
+            .map_err(|source| ApplyError::Io { path: path.clone(), source })?
+            .len();
         if len != f.bytes {
             return Err(ApplyError::SourceChanged {
                 path,
                 reason: format!("{len} bytes, the plan recorded {}", f.bytes),
             });
         }
-        let sha = sha256_file(&path, |n| progress.advance(done + n)).map_err(io)?;
-        if sha != f.sha256 {
-            return Err(ApplyError::SourceChanged {
-                path,
-                reason: format!("sha256 {sha}, the plan recorded {}", f.sha256),
-            });
-        }
-        done += f.bytes;
     }
-    progress.finish();
-
     let used: HashSet<&str> = plan
         .tensors
         .iter()
@@ -251,6 +240,23 @@ pub fn source(plan: &Plan, progress: &mut dyn Progress) -> Result<SourceFiles, A
         maps.insert(file.to_string(), map);
     }
     Ok(SourceFiles { maps })
+}
+
+/// Re-hashes every source file against the sha256 the plan recorded. `apply` runs this on its
+/// second core while it writes, and discards the output on a mismatch.
+pub fn source_hashes(plan: &Plan) -> Result<(), ApplyError> {
+    let root = PathBuf::from(&plan.source.root);
+    for f in &plan.source.files {
+        let path = root.join(&f.path);
+        let sha = sha256_file(&path, |_| {}).map_err(|source| ApplyError::Io { path: path.clone(), source })?;
+        if sha != f.sha256 {
+            return Err(ApplyError::SourceChanged {
+                path,
+                reason: format!("sha256 {sha}, the plan recorded {}", f.sha256),
+            });
+        }
+    }
+    Ok(())
 }
 
 type Header = BTreeMap<String, (DType, Vec<usize>, [u64; 2])>;

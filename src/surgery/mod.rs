@@ -16,7 +16,7 @@ use crate::dtype::DType;
 use crate::formats::gguf::GgufFile;
 use crate::formats::safetensors::INDEX_NAME;
 use crate::manifest::{self, HashingWriter, Manifest, ManifestEntry, MANIFEST_NAME};
-use crate::plan::{OutputFile, Plan, PlanError, TensorSpec, Transform};
+use crate::plan::{OutputFile, Plan, PlanError, SourceRef, TensorSpec, Transform};
 use crate::source::decode_rows;
 
 use check::SourceFiles;
@@ -92,7 +92,7 @@ pub fn apply(
         return Err(ApplyError::Exists(out.to_path_buf()));
     }
     check::plan(plan)?;
-    let sources = check::source(plan, progress)?;
+    let sources = check::source(plan)?;
     let partial = partial_path(out);
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -102,17 +102,26 @@ pub fn apply(
         std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
     }
     std::fs::create_dir_all(&partial).map_err(io(&partial))?;
-    let result = write_all(plan, plan_bytes, &sources, &partial, opts, progress)
-        .and_then(|report| {
-            File::open(&partial)
-                .and_then(|d| d.sync_all())
-                .map_err(io(&partial))?;
-            publish(&partial, out, opts.force)?;
-            Ok(ApplyReport {
-                out: out.to_path_buf(),
-                ..report
-            })
-        });
+    // The source's sha256 is checked on the second core while the output is written; nothing is
+    // published unless it matches.
+    let result = std::thread::scope(|scope| {
+        let hashes = scope.spawn(|| check::source_hashes(plan));
+        let written = write_all(plan, plan_bytes, &sources, &partial, opts, progress);
+        let hashed = hashes
+            .join()
+            .unwrap_or_else(|_| Err(ApplyError::Convert("the source hashing thread panicked".into())));
+        hashed.and(written)
+    })
+    .and_then(|report| {
+        File::open(&partial)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&partial))?;
+        publish(&partial, out, opts.force)?;
+        Ok(ApplyReport {
+            out: out.to_path_buf(),
+            ..report
+        })
+    });
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&partial);
     }
@@ -217,32 +226,46 @@ fn write_all(
         let tensors = &plan.tensors[range.clone()];
         let io = |source| ApplyError::Io { path: path.clone(), source };
         let file = File::create(&path).map_err(io)?;
-        let mut w = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
-        let header = shard_header(tensors);
-        w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
-        w.write_all(&header).map_err(io)?;
-        for t in tensors {
-            let before = w.written();
-            write_tensor(t, sources, &mut w, &mut |n| progress.advance(done + n)).map_err(|e| match e {
-                ApplyError::Io { source, .. } => io(source),
-                other => other,
-            })?;
-            let wrote = w.written() - before;
-            if wrote != tensor_bytes(t) {
-                return Err(ApplyError::Convert(format!(
-                    "tensor {:?}: wrote {wrote} bytes, expected {}",
-                    t.name,
-                    tensor_bytes(t)
-                )));
+        let (bytes, sha256) = std::thread::scope(|scope| -> Result<(u64, String), ApplyError> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(4);
+            let hasher = scope.spawn(move || hash_chunks(rx, sources));
+            let mut sink = Sink {
+                file: BufWriter::with_capacity(1 << 20, file),
+                hasher: tx,
+                written: 0,
+            };
+            let header = shard_header(tensors);
+            sink.owned((header.len() as u64).to_le_bytes().to_vec()).map_err(io)?;
+            sink.owned(header).map_err(io)?;
+            for t in tensors {
+                let before = sink.written;
+                write_tensor(t, sources, &mut sink, &mut |n| progress.advance(done + n))
+                    .map_err(|e| match e {
+                        ApplyError::Io { source, .. } => io(source),
+                        other => other,
+                    })?;
+                let wrote = sink.written - before;
+                if wrote != tensor_bytes(t) {
+                    return Err(ApplyError::Convert(format!(
+                        "tensor {:?}: wrote {wrote} bytes, expected {}",
+                        t.name,
+                        tensor_bytes(t)
+                    )));
+                }
+                done += wrote;
+                weight_map.insert(t.name.clone(), json!(name));
             }
-            done += wrote;
-            weight_map.insert(t.name.clone(), json!(name));
-        }
-        let (buf, bytes, sha256) = w.finish();
-        buf.into_inner()
-            .map_err(|e| io(e.into_error()))?
-            .sync_all()
-            .map_err(io)?;
+            let Sink { file, hasher: tx, written } = sink;
+            drop(tx);
+            file.into_inner()
+                .map_err(|e| io(e.into_error()))?
+                .sync_all()
+                .map_err(io)?;
+            let sha = hasher
+                .join()
+                .map_err(|_| ApplyError::Convert("the output hashing thread panicked".into()))?;
+            Ok((written, sha))
+        })?;
         files.push(ManifestEntry { path: name, bytes, sha256 });
     }
     progress.finish();
@@ -314,34 +337,80 @@ fn output_file(plan: &Plan, f: &OutputFile) -> Result<Vec<u8>, ApplyError> {
     }
 }
 
-/// Streams one tensor's bytes into `w`, calling `advance` with the bytes written so far.
-fn write_tensor(
-    t: &TensorSpec,
-    sources: &SourceFiles,
-    w: &mut impl Write,
+/// Bytes on their way into a shard: written by the main thread, hashed by another.
+enum Chunk<'a> {
+    /// Bytes of a source map, released once hashed (see [`SourceFiles::release`]).
+    Mapped(&'a SourceRef, usize, &'a [u8]),
+    Owned(Vec<u8>),
+}
+
+/// Hashes the chunks of one shard in order; returns the hex sha256.
+fn hash_chunks(rx: std::sync::mpsc::Receiver<Chunk>, sources: &SourceFiles) -> String {
+    let mut hasher = HashingWriter::new(std::io::sink());
+    for chunk in rx {
+        let bytes = match &chunk {
+            Chunk::Mapped(_, _, bytes) => *bytes,
+            Chunk::Owned(bytes) => bytes,
+        };
+        let _ = hasher.write_all(bytes);
+        if let Chunk::Mapped(s, offset, bytes) = chunk {
+            sources.release(s, offset, bytes.len());
+        }
+    }
+    hasher.finish().2
+}
+
+/// The writing end of a shard: the file, and the channel to its hashing thread.
+struct Sink<'a> {
+    file: BufWriter<File>,
+    hasher: std::sync::mpsc::SyncSender<Chunk<'a>>,
+    written: u64,
+}
+
+impl<'a> Sink<'a> {
+    fn mapped(&mut self, s: &'a SourceRef, offset: usize, bytes: &'a [u8]) -> std::io::Result<()> {
+        self.file.write_all(bytes)?;
+        self.written += bytes.len() as u64;
+        self.send(Chunk::Mapped(s, offset, bytes))
+    }
+
+    fn owned(&mut self, bytes: Vec<u8>) -> std::io::Result<()> {
+        self.file.write_all(&bytes)?;
+        self.written += bytes.len() as u64;
+        self.send(Chunk::Owned(bytes))
+    }
+
+    fn send(&self, chunk: Chunk<'a>) -> std::io::Result<()> {
+        self.hasher
+            .send(chunk)
+            .map_err(|_| std::io::Error::other("the output hashing thread stopped"))
+    }
+}
+
+/// Streams one tensor's bytes into `sink`, calling `advance` with the bytes written so far.
+fn write_tensor<'a>(
+    t: &'a TensorSpec,
+    sources: &'a SourceFiles,
+    sink: &mut Sink<'a>,
     advance: &mut dyn FnMut(u64),
 ) -> Result<(), ApplyError> {
     let io = |source| ApplyError::Io { path: PathBuf::new(), source };
     let out = t.dtype.0;
-    let mut written = 0u64;
+    let start = sink.written;
     match t.transform {
         None => {
             let init = t.init.as_ref().ok_or_else(|| ApplyError::Convert(format!("tensor {:?} has no init", t.name)))?;
             let (rows, cols) = (t.shape.first().copied().unwrap_or(0), t.shape.get(1).copied().unwrap_or(1));
             let values = init::values(init, rows, cols).map_err(ApplyError::Convert)?;
-            let bytes = encode(out, &values)?;
-            w.write_all(&bytes).map_err(io)?;
-            advance(bytes.len() as u64);
+            sink.owned(encode(out, &values)?).map_err(io)?;
+            advance(sink.written - start);
         }
         Some(Transform::Copy | Transform::ConcatRows) => {
             for s in &t.sources {
-                let bytes = sources.bytes(s);
                 let base = SourceFiles::offset(s);
-                for (k, chunk) in bytes.chunks(CHUNK_BYTES).enumerate() {
-                    w.write_all(chunk).map_err(io)?;
-                    sources.release(s, base + k * CHUNK_BYTES, chunk.len());
-                    written += chunk.len() as u64;
-                    advance(written);
+                for (k, chunk) in sources.bytes(s).chunks(CHUNK_BYTES).enumerate() {
+                    sink.mapped(s, base + k * CHUNK_BYTES, chunk).map_err(io)?;
+                    advance(sink.written - start);
                 }
             }
         }
@@ -349,21 +418,19 @@ fn write_tensor(
             for s in &t.sources {
                 let bytes = sources.bytes(s);
                 let rows = s.shape.first().copied().unwrap_or(1).max(1);
-                let row_bytes = bytes.len() / rows;
+                let row_bytes = (bytes.len() / rows).max(1);
                 // Whole heads per chunk, so the per-head un-permutation stays within a chunk.
                 let unit = s.unpermute_heads.map_or(1, |heads| rows / heads.max(1));
-                let per_chunk = (CHUNK_BYTES / row_bytes.max(1) / unit).max(1) * unit;
+                let per_chunk = (CHUNK_BYTES / row_bytes / unit).max(1) * unit;
                 let base = SourceFiles::offset(s);
                 for (k, chunk) in bytes.chunks(per_chunk * row_bytes).enumerate() {
-                    let chunk_rows = chunk.len() / row_bytes.max(1);
+                    let chunk_rows = chunk.len() / row_bytes;
                     let heads = s.unpermute_heads.map(|_| chunk_rows / unit);
                     let values = decode_rows(s.dtype.0, chunk, chunk_rows, heads)
                         .map_err(|e| ApplyError::Convert(format!("tensor {:?}: {e}", s.tensor)))?;
-                    let encoded = encode(out, &values)?;
-                    w.write_all(&encoded).map_err(io)?;
+                    sink.owned(encode(out, &values)?).map_err(io)?;
                     sources.release(s, base + k * per_chunk * row_bytes, chunk.len());
-                    written += encoded.len() as u64;
-                    advance(written);
+                    advance(sink.written - start);
                 }
             }
         }
