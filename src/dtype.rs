@@ -125,8 +125,18 @@ impl DType {
         use half::{bf16, f16};
         match self {
             DType::F32 => Some(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            DType::F16 => Some(values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect()),
-            DType::BF16 => Some(values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect()),
+            DType::F16 => Some(
+                values
+                    .iter()
+                    .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+            DType::BF16 => Some(
+                values
+                    .iter()
+                    .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
             _ => None,
         }
     }

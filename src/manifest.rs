@@ -165,13 +165,21 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(u64, u64)) -> Result<VerifyRe
     if !path.is_file() {
         return Err(VerifyError::NoManifest(dir.to_path_buf()));
     }
-    let bytes = std::fs::read(&path).map_err(|source| VerifyError::Io { path: path.clone(), source })?;
-    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| VerifyError::BadManifest {
+    let bytes = std::fs::read(&path).map_err(|source| VerifyError::Io {
         path: path.clone(),
-        reason: e.to_string(),
+        source,
     })?;
-    let listed: std::collections::HashSet<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
-    let entries = std::fs::read_dir(dir).map_err(|source| VerifyError::Io { path: dir.to_path_buf(), source })?;
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).map_err(|e| VerifyError::BadManifest {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    let listed: std::collections::HashSet<&str> =
+        manifest.files.iter().map(|f| f.path.as_str()).collect();
+    let entries = std::fs::read_dir(dir).map_err(|source| VerifyError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let mut present: Vec<String> = entries
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -188,14 +196,25 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(u64, u64)) -> Result<VerifyRe
         if f.path.contains(['/', '\\']) || !file.is_file() {
             return Err(VerifyError::Missing(file));
         }
-        let io = |source| VerifyError::Io { path: file.clone(), source };
+        let io = |source| VerifyError::Io {
+            path: file.clone(),
+            source,
+        };
         let len = std::fs::metadata(&file).map_err(io)?.len();
         if len != f.bytes {
-            return Err(VerifyError::Size { path: file, want: f.bytes, got: len });
+            return Err(VerifyError::Size {
+                path: file,
+                want: f.bytes,
+                got: len,
+            });
         }
         let sha = sha256_file(&file, |n| progress(done + n, total)).map_err(io)?;
         if sha != f.sha256 {
-            return Err(VerifyError::Hash { path: file, want: f.sha256.clone(), got: sha });
+            return Err(VerifyError::Hash {
+                path: file,
+                want: f.sha256.clone(),
+                got: sha,
+            });
         }
         done += f.bytes;
     }

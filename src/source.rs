@@ -230,7 +230,9 @@ pub fn decode_rows(
     unpermute_heads: Option<usize>,
 ) -> Result<Vec<f32>, gguf::GgufError> {
     let bytes = match unpermute_heads {
-        Some(heads) => std::borrow::Cow::Owned(gguf::unpermute_rows_gguf_to_hf(bytes, n_rows, heads)?),
+        Some(heads) => {
+            std::borrow::Cow::Owned(gguf::unpermute_rows_gguf_to_hf(bytes, n_rows, heads)?)
+        }
         None => std::borrow::Cow::Borrowed(bytes),
     };
     let per_block = dtype.type_size();
@@ -384,7 +386,9 @@ fn hf_tokenizer(root: &Path) -> Option<TokenizerInfo> {
     let kind = match (&json, root.join("tokenizer.model").is_file()) {
         (Some(j), _) => format!(
             "tokenizer.json ({})",
-            j.pointer("/model/type").and_then(Value::as_str).unwrap_or("unknown model")
+            j.pointer("/model/type")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown model")
         ),
         (None, true) => "sentencepiece (tokenizer.model)".into(),
         (None, false) => "no vocabulary file (tokenizer.json or tokenizer.model)".into(),
@@ -393,10 +397,12 @@ fn hf_tokenizer(root: &Path) -> Option<TokenizerInfo> {
     let vocab = json.as_ref().and_then(|j| {
         let vocab = j.pointer("/model/vocab").and_then(Value::as_object)?;
         let added = j.get("added_tokens").and_then(Value::as_array);
-        let ids = vocab
-            .values()
-            .filter_map(Value::as_u64)
-            .chain(added.into_iter().flatten().filter_map(|t| t.get("id")?.as_u64()));
+        let ids = vocab.values().filter_map(Value::as_u64).chain(
+            added
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.get("id")?.as_u64()),
+        );
         ids.max().map(|m| m as usize + 1)
     });
     Some(TokenizerInfo { kind, vocab, files })

@@ -160,7 +160,12 @@ fn plan_smollm2_4_8_4_follows_the_default_rule_and_its_counts_add_up() {
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     );
     common::validate_against_schema(&dir.path().join("plan.json"), "plan");
-    let files: Vec<&str> = plan["files"].as_array().unwrap().iter().map(|f| f["from"].as_str().unwrap()).collect();
+    let files: Vec<&str> = plan["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["from"].as_str().unwrap())
+        .collect();
     assert_eq!(files, ["gguf_tokenizer", "gguf_tokenizer_config"]);
 }
 
@@ -257,7 +262,13 @@ fn plans_every_kind_of_checkpoint_and_each_matches_the_schema() {
         common::validate_against_schema(&dir.path().join(&out_name), "plan");
         if gguf.is_some() {
             // The fixture's vocabulary has no merges, so no tokenizer can be built: said, not hidden.
-            assert!(plan["notes"][0].as_str().unwrap().contains("the output gets no tokenizer"), "{name}");
+            assert!(
+                plan["notes"][0]
+                    .as_str()
+                    .unwrap()
+                    .contains("the output gets no tokenizer"),
+                "{name}"
+            );
             assert_eq!(plan["files"], serde_json::json!([]));
         }
     }

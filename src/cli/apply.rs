@@ -41,26 +41,39 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
         "TB" => 1_000_000_000_000,
-        _ => return Err(format!("invalid size {s:?}: expected a number with B, kB, MB, GB or TB")),
+        _ => {
+            return Err(format!(
+                "invalid size {s:?}: expected a number with B, kB, MB, GB or TB"
+            ))
+        }
     };
     digits
         .parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(factor))
         .filter(|&n| n > 0)
-        .ok_or_else(|| format!("invalid size {s:?}: expected a positive number with B, kB, MB, GB or TB"))
+        .ok_or_else(|| {
+            format!("invalid size {s:?}: expected a positive number with B, kB, MB, GB or TB")
+        })
 }
 
 pub fn run(args: ApplyArgs, global: Global) -> anyhow::Result<()> {
     if args.out.exists() && !args.force {
-        bail!("{} already exists; pass --force to replace it", args.out.display());
+        bail!(
+            "{} already exists; pass --force to replace it",
+            args.out.display()
+        );
     }
     let is_plan = args.input.is_file() && args.input.extension().is_some_and(|e| e == "json");
     let (plan, plan_bytes) = if is_plan {
         if !args.layout.is_empty() {
-            bail!("--shape and the other plan options apply to a MODEL; {} is a plan file", args.input.display());
+            bail!(
+                "--shape and the other plan options apply to a MODEL; {} is a plan file",
+                args.input.display()
+            );
         }
-        let bytes = std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
+        let bytes = std::fs::read(&args.input)
+            .with_context(|| format!("reading {}", args.input.display()))?;
         let plan = Plan::from_json(&bytes).with_context(|| format!("{}", args.input.display()))?;
         (plan, bytes)
     } else {
@@ -75,7 +88,13 @@ pub fn run(args: ApplyArgs, global: Global) -> anyhow::Result<()> {
         force: args.force,
     };
     let started = Instant::now();
-    let report = apply(&plan, &plan_bytes, &args.out, &opts, &mut BarProgress::new(global))?;
+    let report = apply(
+        &plan,
+        &plan_bytes,
+        &args.out,
+        &opts,
+        &mut BarProgress::new(global),
+    )?;
     let seconds = started.elapsed().as_secs_f64();
     if global.json {
         let mut value = serde_json::to_value(&report)?;
@@ -91,7 +110,12 @@ pub fn run(args: ApplyArgs, global: Global) -> anyhow::Result<()> {
             si(report.tensor_bytes as f64 / seconds.max(1e-9), "B"),
         );
         for f in &report.files {
-            println!("  {:<40} {:>12}  sha256 {}", f.path, si(f.bytes as f64, "B"), &f.sha256[..16]);
+            println!(
+                "  {:<40} {:>12}  sha256 {}",
+                f.path,
+                si(f.bytes as f64, "B"),
+                &f.sha256[..16]
+            );
         }
     }
     Ok(())

@@ -127,7 +127,11 @@ impl LayoutArgs {
 }
 
 /// Opens MODEL, validates the request, hashes the source and makes the plan.
-pub fn make_plan(model: &Path, layout: &LayoutArgs, global: Global) -> anyhow::Result<(SourceModel, Plan)> {
+pub fn make_plan(
+    model: &Path,
+    layout: &LayoutArgs,
+    global: Global,
+) -> anyhow::Result<(SourceModel, Plan)> {
     let model = SourceModel::open(model)?;
     let request = layout.request();
     // Validate the layer map before hashing gigabytes.

@@ -474,11 +474,15 @@ fn output_files(source: &SourceModel, notes: &mut Vec<String>) -> Vec<OutputFile
             },
         ];
     }
-    source.tokenizer.iter().flat_map(|t| &t.files).map(|f| OutputFile::Copy {
-        name: f.clone(),
-        source: f.clone(),
-    })
-    .collect()
+    source
+        .tokenizer
+        .iter()
+        .flat_map(|t| &t.files)
+        .map(|f| OutputFile::Copy {
+            name: f.clone(),
+            source: f.clone(),
+        })
+        .collect()
 }
 
 fn absolute(p: &Path) -> String {

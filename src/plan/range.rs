@@ -6,7 +6,14 @@ use std::str::FromStr;
 
 use super::PlanError;
 
-/// Source layers `start..end`, end excluded.
+/// Source layers `start..end`, end excluded, written `a..b` everywhere (flags, plan files, output).
+///
+/// ```
+/// use surgery::plan::LayerRange;
+/// let core: LayerRange = "18..26".parse().unwrap();
+/// assert_eq!((core.len(), core.to_string()), (8, "18..26".to_string()));
+/// assert!("26..18".parse::<LayerRange>().is_err());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct LayerRange {
     pub start: usize,

@@ -30,9 +30,12 @@ pub fn plan(plan: &Plan) -> Result<ModelConfig, PlanError> {
         )));
     }
     let config_bytes = serde_json::to_vec(&plan.config).map_err(|e| invalid(e.to_string()))?;
-    let config = hf_config::parse(&config_bytes).map_err(|e| invalid(format!("plan config: {e}")))?;
+    let config =
+        hf_config::parse(&config_bytes).map_err(|e| invalid(format!("plan config: {e}")))?;
     let Some(shape) = config.recurrent else {
-        return Err(invalid("plan config: model_type must be huginn_raven".into()));
+        return Err(invalid(
+            "plan config: model_type must be huginn_raven".into(),
+        ));
     };
     let layers = plan.layers.shape();
     if (layers.prelude, layers.core, layers.coda) != (shape.prelude, shape.core, shape.coda) {
@@ -80,19 +83,27 @@ pub fn plan(plan: &Plan) -> Result<ModelConfig, PlanError> {
         tensor(t, *role, &files)?;
     }
     if let Some(missing) = want.keys().find(|n| !seen.contains(n.as_str())) {
-        return Err(invalid(format!("tensor {missing:?} is missing from the plan")));
+        return Err(invalid(format!(
+            "tensor {missing:?} is missing from the plan"
+        )));
     }
     let mut names = HashSet::new();
     for f in &plan.files {
         let name = f.name();
         let plain = !name.is_empty() && !name.contains(['/', '\\']) && !name.starts_with('.');
         let reserved = ["config.json", "plan.json", crate::manifest::MANIFEST_NAME];
-        if !plain || reserved.contains(&name) || name.ends_with(".safetensors") || !names.insert(name) {
+        if !plain
+            || reserved.contains(&name)
+            || name.ends_with(".safetensors")
+            || !names.insert(name)
+        {
             return Err(invalid(format!("output file name {name:?} is not allowed")));
         }
         if let crate::plan::OutputFile::Copy { source, .. } = f {
             if !files.contains(source.as_str()) {
-                return Err(invalid(format!("output file {name:?} copies {source:?}, which is not in source.files")));
+                return Err(invalid(format!(
+                    "output file {name:?} copies {source:?}, which is not in source.files"
+                )));
             }
         }
     }
@@ -102,15 +113,24 @@ pub fn plan(plan: &Plan) -> Result<ModelConfig, PlanError> {
 fn tensor(t: &TensorSpec, role: Role, files: &HashSet<&str>) -> Result<(), PlanError> {
     let out = t.dtype.0;
     if out.is_quantized() {
-        return Err(invalid(format!("tensor {:?}: output dtype {out} is not a float type", t.name)));
+        return Err(invalid(format!(
+            "tensor {:?}: output dtype {out} is not a float type",
+            t.name
+        )));
     }
     match (&t.init, t.transform, t.sources.is_empty()) {
         (Some(init), None, true) => {
             if role != Role::Adapter {
-                return Err(invalid(format!("tensor {:?} cannot be initialized: only the adapter is new", t.name)));
+                return Err(invalid(format!(
+                    "tensor {:?} cannot be initialized: only the adapter is new",
+                    t.name
+                )));
             }
             if !(init.scale.is_finite() && init.scale >= 0.0) {
-                return Err(invalid(format!("tensor {:?}: init scale {} must be finite and >= 0", t.name, init.scale)));
+                return Err(invalid(format!(
+                    "tensor {:?}: init scale {} must be finite and >= 0",
+                    t.name, init.scale
+                )));
             }
             Ok(())
         }
@@ -133,10 +153,16 @@ fn sources(t: &TensorSpec, transform: Transform, files: &HashSet<&str>) -> Resul
         let size = s.dtype.0.size_of(n);
         let [start, end] = s.byte_range;
         if end < start || size != Some(end - start) {
-            return bad(format!("byte range {start}..{end} of {:?} does not hold {:?} {}", s.tensor, s.shape, s.dtype.0));
+            return bad(format!(
+                "byte range {start}..{end} of {:?} does not hold {:?} {}",
+                s.tensor, s.shape, s.dtype.0
+            ));
         }
         if s.shape.len() != t.shape.len() || s.shape.get(1..) != t.shape.get(1..) {
-            return bad(format!("source {:?} of shape {:?} does not fit", s.tensor, s.shape));
+            return bad(format!(
+                "source {:?} of shape {:?} does not fit",
+                s.tensor, s.shape
+            ));
         }
         if let Some(heads) = s.unpermute_heads {
             let r = s.shape.first().copied().unwrap_or(0);
@@ -150,10 +176,16 @@ fn sources(t: &TensorSpec, transform: Transform, files: &HashSet<&str>) -> Resul
         return bad("a 1-D tensor has exactly one source".into());
     }
     if t.shape.first() != Some(&rows) {
-        return bad(format!("sources have {rows} rows in all, the tensor {:?}", t.shape.first()));
+        return bad(format!(
+            "sources have {rows} rows in all, the tensor {:?}",
+            t.shape.first()
+        ));
     }
     let out = t.dtype.0;
-    let same = t.sources.iter().all(|s| s.dtype.0 == out && s.unpermute_heads.is_none());
+    let same = t
+        .sources
+        .iter()
+        .all(|s| s.dtype.0 == out && s.unpermute_heads.is_none());
     let quantized = t.sources.iter().any(|s| s.dtype.0.is_quantized());
     let ok = match transform {
         Transform::Copy => same && t.sources.len() == 1,
@@ -188,9 +220,8 @@ impl SourceFiles {
         if let Some(m) = self.maps.get(&s.file) {
             // SAFETY: read-only private mapping of a file: dropped pages are re-read from the file
             // if touched again, so no data can be lost.
-            let _ = unsafe {
-                m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
-            };
+            let _ =
+                unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
         }
     }
 
@@ -207,7 +238,10 @@ pub fn source(plan: &Plan) -> Result<SourceFiles, ApplyError> {
     for f in &plan.source.files {
         let path = root.join(&f.path);
         let len = std::fs::metadata(&path)
-            .map_err(|source| ApplyError::Io { path: path.clone(), source })?
+            .map_err(|source| ApplyError::Io {
+                path: path.clone(),
+                source,
+            })?
             .len();
         if len != f.bytes {
             return Err(ApplyError::SourceChanged {
@@ -225,7 +259,12 @@ pub fn source(plan: &Plan) -> Result<SourceFiles, ApplyError> {
     for file in used {
         let path = root.join(file);
         let headers = headers(&plan.source.format, &path)?;
-        for s in plan.tensors.iter().flat_map(|t| &t.sources).filter(|s| s.file == file) {
+        for s in plan
+            .tensors
+            .iter()
+            .flat_map(|t| &t.sources)
+            .filter(|s| s.file == file)
+        {
             let entry = headers.get(&s.tensor);
             if entry != Some(&(s.dtype.0, s.shape.clone(), s.byte_range)) {
                 return Err(ApplyError::Plan(invalid(format!(
@@ -234,9 +273,15 @@ pub fn source(plan: &Plan) -> Result<SourceFiles, ApplyError> {
                 ))));
             }
         }
-        let f = std::fs::File::open(&path).map_err(|source| ApplyError::Io { path: path.clone(), source })?;
+        let f = std::fs::File::open(&path).map_err(|source| ApplyError::Io {
+            path: path.clone(),
+            source,
+        })?;
         // SAFETY: read-only map of a file whose sha256 was just checked; see SafetensorsFile::open.
-        let map = unsafe { Mmap::map(&f) }.map_err(|source| ApplyError::Io { path: path.clone(), source })?;
+        let map = unsafe { Mmap::map(&f) }.map_err(|source| ApplyError::Io {
+            path: path.clone(),
+            source,
+        })?;
         maps.insert(file.to_string(), map);
     }
     Ok(SourceFiles { maps })
@@ -248,7 +293,10 @@ pub fn source_hashes(plan: &Plan) -> Result<(), ApplyError> {
     let root = PathBuf::from(&plan.source.root);
     for f in &plan.source.files {
         let path = root.join(&f.path);
-        let sha = sha256_file(&path, |_| {}).map_err(|source| ApplyError::Io { path: path.clone(), source })?;
+        let sha = sha256_file(&path, |_| {}).map_err(|source| ApplyError::Io {
+            path: path.clone(),
+            source,
+        })?;
         if sha != f.sha256 {
             return Err(ApplyError::SourceChanged {
                 path,
@@ -262,13 +310,21 @@ pub fn source_hashes(plan: &Plan) -> Result<(), ApplyError> {
 type Header = BTreeMap<String, (DType, Vec<usize>, [u64; 2])>;
 
 fn headers(format: &str, path: &Path) -> Result<Header, ApplyError> {
-    let source_err = |reason: String| ApplyError::SourceChanged { path: path.to_path_buf(), reason };
+    let source_err = |reason: String| ApplyError::SourceChanged {
+        path: path.to_path_buf(),
+        reason,
+    };
     Ok(match format {
         "gguf" => GgufFile::open(path)
             .map_err(|e| source_err(e.to_string()))?
             .tensors
             .iter()
-            .map(|t| (t.name.clone(), (t.dtype, t.shape.clone(), [t.offset, t.offset + t.n_bytes])))
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    (t.dtype, t.shape.clone(), [t.offset, t.offset + t.n_bytes]),
+                )
+            })
             .collect(),
         "safetensors" => SafetensorsFile::open(path)
             .map_err(|e| source_err(e.to_string()))?
@@ -276,6 +332,10 @@ fn headers(format: &str, path: &Path) -> Result<Header, ApplyError> {
             .iter()
             .map(|t| (t.name.clone(), (t.dtype, t.shape.clone(), [t.start, t.end])))
             .collect(),
-        other => return Err(ApplyError::Plan(invalid(format!("unknown source format {other:?}")))),
+        other => {
+            return Err(ApplyError::Plan(invalid(format!(
+                "unknown source format {other:?}"
+            ))))
+        }
     })
 }

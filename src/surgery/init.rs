@@ -18,7 +18,9 @@ pub fn values(init: &Init, rows: usize, cols: usize) -> Result<Vec<f32>, String>
     match init.kind {
         InitKind::Identity => {
             if cols != 2 * rows {
-                return Err(format!("identity init needs a [h, 2h] tensor, not [{rows}, {cols}]"));
+                return Err(format!(
+                    "identity init needs a [h, 2h] tensor, not [{rows}, {cols}]"
+                ));
             }
             let mut w = vec![0f32; n];
             if init.scale > 0.0 {
@@ -35,7 +37,8 @@ pub fn values(init: &Init, rows: usize, cols: usize) -> Result<Vec<f32>, String>
             Ok(w)
         }
         InitKind::Uniform => {
-            let dist = Uniform::new_inclusive(-init.scale, init.scale).map_err(|e| e.to_string())?;
+            let dist =
+                Uniform::new_inclusive(-init.scale, init.scale).map_err(|e| e.to_string())?;
             Ok((0..n).map(|_| dist.sample(&mut rng) as f32).collect())
         }
     }
@@ -47,15 +50,24 @@ mod tests {
 
     #[test]
     fn identity_is_zero_then_identity_and_noise_stays_in_the_state_half() {
-        let exact = Init { kind: InitKind::Identity, scale: 0.0, seed: 1 };
+        let exact = Init {
+            kind: InitKind::Identity,
+            scale: 0.0,
+            seed: 1,
+        };
         let w = values(&exact, 3, 6).unwrap();
         #[rustfmt::skip]
         assert_eq!(w, [0., 0., 0., 1., 0., 0.,
                        0., 0., 0., 0., 1., 0.,
                        0., 0., 0., 0., 0., 1.]);
-        let noisy = Init { scale: 0.1, ..exact.clone() };
+        let noisy = Init {
+            scale: 0.1,
+            ..exact.clone()
+        };
         let w = values(&noisy, 64, 128).unwrap();
-        let state: Vec<f32> = (0..64).flat_map(|r| w[r * 128..r * 128 + 64].to_vec()).collect();
+        let state: Vec<f32> = (0..64)
+            .flat_map(|r| w[r * 128..r * 128 + 64].to_vec())
+            .collect();
         let std = (state.iter().map(|v| v * v).sum::<f32>() / state.len() as f32).sqrt();
         assert!((std - 0.1).abs() < 0.01, "{std}");
         for r in 0..64 {
@@ -70,7 +82,11 @@ mod tests {
 
     #[test]
     fn uniform_stays_in_bounds() {
-        let init = Init { kind: InitKind::Uniform, scale: 0.25, seed: 3 };
+        let init = Init {
+            kind: InitKind::Uniform,
+            scale: 0.25,
+            seed: 3,
+        };
         let w = values(&init, 16, 32).unwrap();
         assert!(w.iter().all(|v| v.abs() <= 0.25));
         assert!(w.iter().any(|v| v.abs() > 0.2));

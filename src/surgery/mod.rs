@@ -107,9 +107,11 @@ pub fn apply(
     let result = std::thread::scope(|scope| {
         let hashes = scope.spawn(|| check::source_hashes(plan));
         let written = write_all(plan, plan_bytes, &sources, &partial, opts, progress);
-        let hashed = hashes
-            .join()
-            .unwrap_or_else(|_| Err(ApplyError::Convert("the source hashing thread panicked".into())));
+        let hashed = hashes.join().unwrap_or_else(|_| {
+            Err(ApplyError::Convert(
+                "the source hashing thread panicked".into(),
+            ))
+        });
         hashed.and(written)
     })
     .and_then(|report| {
@@ -130,7 +132,9 @@ pub fn apply(
 
 /// `OUT.partial-<pid>` next to OUT, so the final rename stays on one filesystem.
 fn partial_path(out: &Path) -> PathBuf {
-    let name = out.file_name().map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
+    let name = out
+        .file_name()
+        .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
     out.with_file_name(format!("{name}.partial-{}", std::process::id()))
 }
 
@@ -144,12 +148,17 @@ fn publish(partial: &Path, out: &Path, force: bool) -> Result<(), ApplyError> {
     if force && out.exists() {
         let old = out.with_file_name(format!(
             "{}.old-{}",
-            out.file_name().map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned()),
+            out.file_name()
+                .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned()),
             std::process::id()
         ));
         std::fs::rename(out, &old).map_err(io(out))?;
         std::fs::rename(partial, out).map_err(io(out))?;
-        let remove = if old.is_dir() { std::fs::remove_dir_all(&old) } else { std::fs::remove_file(&old) };
+        let remove = if old.is_dir() {
+            std::fs::remove_dir_all(&old)
+        } else {
+            std::fs::remove_file(&old)
+        };
         return remove.map_err(io(&old));
     }
     std::fs::rename(partial, out).map_err(io(out))
@@ -224,7 +233,10 @@ fn write_all(
         let name = shard_name(i, shards.len());
         let path = dir.join(&name);
         let tensors = &plan.tensors[range.clone()];
-        let io = |source| ApplyError::Io { path: path.clone(), source };
+        let io = |source| ApplyError::Io {
+            path: path.clone(),
+            source,
+        };
         let file = File::create(&path).map_err(io)?;
         let (bytes, sha256) = std::thread::scope(|scope| -> Result<(u64, String), ApplyError> {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(4);
@@ -235,15 +247,17 @@ fn write_all(
                 written: 0,
             };
             let header = shard_header(tensors);
-            sink.owned((header.len() as u64).to_le_bytes().to_vec()).map_err(io)?;
+            sink.owned((header.len() as u64).to_le_bytes().to_vec())
+                .map_err(io)?;
             sink.owned(header).map_err(io)?;
             for t in tensors {
                 let before = sink.written;
-                write_tensor(t, sources, &mut sink, &mut |n| progress.advance(done + n))
-                    .map_err(|e| match e {
+                write_tensor(t, sources, &mut sink, &mut |n| progress.advance(done + n)).map_err(
+                    |e| match e {
                         ApplyError::Io { source, .. } => io(source),
                         other => other,
-                    })?;
+                    },
+                )?;
                 let wrote = sink.written - before;
                 if wrote != tensor_bytes(t) {
                     return Err(ApplyError::Convert(format!(
@@ -255,7 +269,11 @@ fn write_all(
                 done += wrote;
                 weight_map.insert(t.name.clone(), json!(name));
             }
-            let Sink { file, hasher: tx, written } = sink;
+            let Sink {
+                file,
+                hasher: tx,
+                written,
+            } = sink;
             drop(tx);
             file.into_inner()
                 .map_err(|e| io(e.into_error()))?
@@ -266,7 +284,11 @@ fn write_all(
                 .map_err(|_| ApplyError::Convert("the output hashing thread panicked".into()))?;
             Ok((written, sha))
         })?;
-        files.push(ManifestEntry { path: name, bytes, sha256 });
+        files.push(ManifestEntry {
+            path: name,
+            bytes,
+            sha256,
+        });
     }
     progress.finish();
 
@@ -288,7 +310,11 @@ fn write_all(
         tool_version: env!("CARGO_PKG_VERSION").into(),
         files: files.clone(),
     };
-    write_small(dir, MANIFEST_NAME, &pretty(&serde_json::to_value(&manifest).unwrap_or_default()))?;
+    write_small(
+        dir,
+        MANIFEST_NAME,
+        &pretty(&serde_json::to_value(&manifest).unwrap_or_default()),
+    )?;
     Ok(ApplyReport {
         out: dir.to_path_buf(),
         shards: shards.len(),
@@ -306,7 +332,10 @@ fn pretty(v: &serde_json::Value) -> Vec<u8> {
 
 fn write_small(dir: &Path, name: &str, bytes: &[u8]) -> Result<ManifestEntry, ApplyError> {
     let path = dir.join(name);
-    let io = |source| ApplyError::Io { path: path.clone(), source };
+    let io = |source| ApplyError::Io {
+        path: path.clone(),
+        source,
+    };
     let mut f = File::create(&path).map_err(io)?;
     f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io)?;
     Ok(ManifestEntry {
@@ -326,10 +355,13 @@ fn output_file(plan: &Plan, f: &OutputFile) -> Result<Vec<u8>, ApplyError> {
         }
         OutputFile::GgufTokenizer { .. } | OutputFile::GgufTokenizerConfig { .. } => {
             let path = root.join(plan.source.files.first().map_or("", |f| f.path.as_str()));
-            let g = GgufFile::open(&path).map_err(|e| ApplyError::Convert(format!("{}: {e}", path.display())))?;
+            let g = GgufFile::open(&path)
+                .map_err(|e| ApplyError::Convert(format!("{}: {e}", path.display())))?;
             let value = match f {
-                OutputFile::GgufTokenizer { .. } => crate::formats::tokenizer::tokenizer_json_from_gguf(&g)
-                    .map_err(|e| ApplyError::Convert(format!("{}: {e}", path.display())))?,
+                OutputFile::GgufTokenizer { .. } => {
+                    crate::formats::tokenizer::tokenizer_json_from_gguf(&g)
+                        .map_err(|e| ApplyError::Convert(format!("{}: {e}", path.display())))?
+                }
                 _ => crate::formats::tokenizer::tokenizer_config_json_from_gguf(&g),
             };
             Ok(pretty(&value))
@@ -394,13 +426,22 @@ fn write_tensor<'a>(
     sink: &mut Sink<'a>,
     advance: &mut dyn FnMut(u64),
 ) -> Result<(), ApplyError> {
-    let io = |source| ApplyError::Io { path: PathBuf::new(), source };
+    let io = |source| ApplyError::Io {
+        path: PathBuf::new(),
+        source,
+    };
     let out = t.dtype.0;
     let start = sink.written;
     match t.transform {
         None => {
-            let init = t.init.as_ref().ok_or_else(|| ApplyError::Convert(format!("tensor {:?} has no init", t.name)))?;
-            let (rows, cols) = (t.shape.first().copied().unwrap_or(0), t.shape.get(1).copied().unwrap_or(1));
+            let init = t
+                .init
+                .as_ref()
+                .ok_or_else(|| ApplyError::Convert(format!("tensor {:?} has no init", t.name)))?;
+            let (rows, cols) = (
+                t.shape.first().copied().unwrap_or(0),
+                t.shape.get(1).copied().unwrap_or(1),
+            );
             let values = init::values(init, rows, cols).map_err(ApplyError::Convert)?;
             sink.owned(encode(out, &values)?).map_err(io)?;
             advance(sink.written - start);

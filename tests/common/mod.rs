@@ -110,4 +110,3 @@ pub fn validate_against_schema(plan: &Path, name: &str) {
         stderr(&out)
     );
 }
-
