@@ -378,14 +378,8 @@ fn refusals_say_why_and_write_nothing() {
             "invalid size \"5GiB\"",
         ),
     ];
-    let before = listing(d);
     for (args, want) in cases {
-        let out = surgery(d, args);
-        let err = stderr(&out);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-        assert!(err.contains(want), "{args:?}\n  got: {err}\n  want: {want}");
-        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-        assert_eq!(listing(d), before, "{args:?} wrote something");
+        common::assert_refused(d, args, want);
         assert!(listing(&d.join("existing")).is_empty());
     }
     // Changing the source after planning is caught by its sha256.
@@ -394,14 +388,11 @@ fn refusals_say_why_and_write_nothing() {
     let n = bytes.len();
     bytes[n - 1] ^= 0x40;
     std::fs::write(&st, &bytes).unwrap();
-    let out = surgery(d, &["apply", "plan-changed.json", "--out", "o"]);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("model.safetensors changed since the plan was made: sha256"),
-        "{err}"
+    common::assert_refused(
+        d,
+        &["apply", "plan-changed.json", "--out", "o"],
+        "model.safetensors changed since the plan was made: sha256",
     );
-    assert_eq!(listing(d), before);
 }
 
 #[test]

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{listing, stderr, stdout, surgery};
+use common::{stderr, stdout, surgery};
 use serde_json::Value;
 use surgery::dtype::DType;
 use surgery::synth::{self, SynthSpec};
@@ -451,23 +451,12 @@ fn every_refusal_is_one_line_exit_1_and_writes_nothing() {
             "existing.json already exists; pass --force",
         ),
     ];
-    let before = listing(d);
     for (args, want) in cases {
         let mut args = args.to_vec();
         if args[0] == "plan" && !args.contains(&"--out") {
             args.extend(["--out", "new-plan.json"]);
         }
-        let out = surgery(d, &args);
-        let err = stderr(&out);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-        assert!(err.contains(want), "{args:?}\n  got: {err}\n  want: {want}");
-        assert_eq!(
-            err.trim_end().lines().count(),
-            1,
-            "{args:?}: one line: {err}"
-        );
-        assert!(!err.contains("panicked"), "{args:?}: {err}");
-        assert_eq!(listing(d), before, "{args:?} wrote something");
+        common::assert_refused(d, &args, want);
         assert_eq!(
             std::fs::read_to_string(d.join("existing.json")).unwrap(),
             "{}"

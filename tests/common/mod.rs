@@ -110,3 +110,20 @@ pub fn validate_against_schema(plan: &Path, name: &str) {
         stderr(&out)
     );
 }
+
+/// Runs `surgery args` in `dir` and asserts a refusal: exit code 1, one line on stderr containing
+/// `want`, no panic, and nothing written (the listing of `dir` unchanged).
+pub fn assert_refused(dir: &Path, args: &[&str], want: &str) {
+    let before = listing(dir);
+    let out = surgery(dir, args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    assert!(err.contains(want), "{args:?}\n  got: {err}\n  want: {want}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?}: one line: {err}"
+    );
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    assert_eq!(listing(dir), before, "{args:?} wrote something");
+}
