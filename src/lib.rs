@@ -4,8 +4,10 @@
 
 pub mod arch;
 pub mod dtype;
+pub mod eval;
 pub mod formats;
 pub mod manifest;
+pub mod model;
 pub mod plan;
 pub mod source;
 pub mod surgery;

@@ -116,7 +116,7 @@ pub fn expected_shape(config: &ModelConfig, role: Role) -> Vec<usize> {
 }
 
 /// A naming scheme: the tensor names of one file layout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Naming {
     /// Hugging Face `LlamaForCausalLM` / `Olmo2ForCausalLM`.
     HuggingFace(Family),
@@ -267,6 +267,7 @@ mod tests {
             mean_recurrence: 32,
             mean_backprop_depth: 8,
             adapter: true,
+            state_std: 0.0,
         };
         let raven = Naming::Raven(Family::Llama, shape);
         assert_eq!(

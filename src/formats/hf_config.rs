@@ -52,7 +52,7 @@ pub struct RopeScaling {
 }
 
 /// The (P, C, K) cut of a recurrent checkpoint and its recurrence settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RecurrentShape {
     pub prelude: usize,
     pub core: usize,
@@ -61,6 +61,8 @@ pub struct RecurrentShape {
     pub mean_backprop_depth: usize,
     /// false when the checkpoint has no adapter (`injection_type: none`).
     pub adapter: bool,
+    /// std of the initial state s_0 (`init_values.std`; 0 for a zero state).
+    pub state_std: f64,
 }
 
 /// A validated model configuration, whatever file it came from.
@@ -147,6 +149,12 @@ struct RawRaven {
     block_type: Option<Family>,
     /// Ours: `linear` (default, the reference) or `none`.
     injection_type: Option<String>,
+    init_values: Option<RawInitValues>,
+}
+
+#[derive(Deserialize)]
+struct RawInitValues {
+    std: Option<f64>,
 }
 
 fn default_theta() -> f64 {
@@ -214,7 +222,17 @@ fn from_raven(raw: RawRaven) -> Result<ModelConfig, ConfigError> {
                 )))
             }
         },
+        state_std: raw
+            .init_values
+            .and_then(|v| v.std)
+            .unwrap_or(crate::plan::REFERENCE_STATE_STD),
     };
+    if !(shape.state_std.is_finite() && shape.state_std >= 0.0) {
+        return Err(ConfigError::Invalid(format!(
+            "init_values.std {} must be finite and >= 0",
+            shape.state_std
+        )));
+    }
     if shape.core == 0 {
         return Err(ConfigError::Invalid(
             "n_layers_in_recurrent_block must be at least 1".into(),

@@ -344,6 +344,7 @@ pub fn make(source: &SourceModel, req: &PlanRequest, hashes: &[String]) -> Resul
         mean_recurrence: 32,
         mean_backprop_depth: 8,
         adapter,
+        state_std: opts.state_std,
     };
     let naming = Naming::Raven(cfg.family, out_shape);
     let name_of = |role: Role| naming.name(role).unwrap_or_default();
@@ -636,7 +637,8 @@ fn output_config(
         "tie_embeddings": false,
         "bias": false,
         "qk_bias": false,
-        "init_values": {"std": opts.state_std, "embed_scale": 1.0},
+        // A zero initial state is a normal of std 0, which the reference code also reads so.
+        "init_values": {"std": if opts.state_init == StateInit::Zero { 0.0 } else { opts.state_std }, "embed_scale": 1.0},
         "bos_token_id": c.bos_token_id,
         "eos_token_id": c.eos_token_id,
         "torch_dtype": torch_dtype(dtype),

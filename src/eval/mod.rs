@@ -1,0 +1,4 @@
+//! Evaluation: data, perplexity over recurrences, plots.
+
+pub mod data;
+pub mod plot;

@@ -1,0 +1,139 @@
+//! One transformer block of the source family, written as plain differentiable ops:
+//! Llama `x += attn(norm1(x)); x += mlp(norm2(x))`; OLMo-2 `x += norm1(attn(x)); x += norm2(mlp(x))`
+//! with RMSNorm over the full projected q and k before RoPE. Grouped-query attention, SwiGLU MLP.
+
+use candle_core::{Tensor, D};
+
+use crate::formats::hf_config::ModelConfig;
+
+use super::{rope, Result};
+
+/// Where a block's norms sit.
+pub enum Norms {
+    /// Llama: before attention and before the MLP.
+    Pre { attn: Tensor, mlp: Tensor },
+    /// OLMo-2: on the attention and MLP outputs, plus q/k norms.
+    Post { attn: Tensor, mlp: Tensor, q: Tensor, k: Tensor },
+}
+
+pub struct Block {
+    pub norms: Norms,
+    /// [q + 2 kv, h]: rows of q, then k, then v.
+    pub wqkv: Tensor,
+    /// [h, q]
+    pub wo: Tensor,
+    /// [2 f, h]: rows of gate, then up.
+    pub w_gate_up: Tensor,
+    /// [h, f]
+    pub w_down: Tensor,
+}
+
+/// What every block of one forward pass shares.
+pub struct Context<'a> {
+    /// [B, 1, T, past + T], 0 or -1e9.
+    pub bias: &'a Tensor,
+    /// [B, 1, T, head_dim]
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub config: &'a ModelConfig,
+}
+
+/// x / sqrt(mean(x^2) + eps) * w over the last axis.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(mean_square + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
+/// softmax over the last axis from exp and sum (candle's fused version records no gradient).
+pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+    let e = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// x * sigmoid(x), from exp.
+fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
+    x / (x.neg()?.exp()? + 1.0)?
+}
+
+impl Block {
+    /// (B, T, h) -> (B, T, h). `cache`: this block run's KV slot, extended in place.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &Context,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let eps = ctx.config.norm_eps;
+        Ok(match &self.norms {
+            Norms::Pre { attn, mlp } => {
+                let x = (x + self.attention(&rms_norm(x, attn, eps)?, ctx, cache)?)?;
+                (&x + self.mlp(&rms_norm(&x, mlp, eps)?)?)?
+            }
+            Norms::Post { attn, mlp, .. } => {
+                let x = (x + rms_norm(&self.attention(x, ctx, cache)?, attn, eps)?)?;
+                (&x + rms_norm(&self.mlp(&x)?, mlp, eps)?)?
+            }
+        })
+    }
+
+    fn attention(
+        &self,
+        x: &Tensor,
+        ctx: &Context,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let c = ctx.config;
+        let (b, t, _) = x.dims3()?;
+        let (hd, nh, nkv) = (c.head_dim, c.n_heads, c.n_kv_heads);
+        // (B, T, h) @ (h, q + 2kv) -> (B, T, q + 2kv)
+        let qkv = x.broadcast_matmul(&self.wqkv.t()?)?;
+        let mut q = qkv.narrow(D::Minus1, 0, nh * hd)?;
+        let mut k = qkv.narrow(D::Minus1, nh * hd, nkv * hd)?;
+        let v = qkv.narrow(D::Minus1, (nh + nkv) * hd, nkv * hd)?;
+        if let Norms::Post { q: qn, k: kn, .. } = &self.norms {
+            q = rms_norm(&q, qn, c.norm_eps)?;
+            k = rms_norm(&k, kn, c.norm_eps)?;
+        }
+        // (B, T, heads * D) -> (B, heads, T, D)
+        let heads = |x: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = rope::apply(&heads(q, nh)?, ctx.cos, ctx.sin)?;
+        let mut k = rope::apply(&heads(k, nkv)?, ctx.cos, ctx.sin)?;
+        let mut v = heads(v, nkv)?;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        // Grouped-query attention: query head i reads key-value head i / (nh / nkv).
+        let keys = k.dim(2)?;
+        let repeat = |x: Tensor| -> candle_core::Result<Tensor> {
+            if nh == nkv {
+                return Ok(x);
+            }
+            x.unsqueeze(2)?
+                .broadcast_as((b, nkv, nh / nkv, keys, hd))?
+                .reshape((b, nh, keys, hd))
+        };
+        let (k, v) = (repeat(k)?, repeat(v)?);
+        // (B, H, T, D) @ (B, H, D, Tk) -> (B, H, T, Tk)
+        let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?.broadcast_add(ctx.bias)?;
+        // (B, H, T, Tk) @ (B, H, Tk, D) -> (B, H, T, D) -> (B, T, H * D)
+        let out = softmax(&scores)?.matmul(&v.contiguous()?)?;
+        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        // (B, T, q) @ (q, h) -> (B, T, h)
+        Ok(out.broadcast_matmul(&self.wo.t()?)?)
+    }
+
+    /// down(silu(gate(x)) * up(x)): (B, T, h) -> (B, T, h)
+    fn mlp(&self, x: &Tensor) -> Result<Tensor> {
+        let f = self.w_down.dim(1)?;
+        let gu = x.broadcast_matmul(&self.w_gate_up.t()?)?;
+        let gate = gu.narrow(D::Minus1, 0, f)?;
+        let up = gu.narrow(D::Minus1, f, f)?;
+        Ok((silu(&gate)? * up)?.broadcast_matmul(&self.w_down.t()?)?)
+    }
+}

@@ -1,0 +1,388 @@
+//! The model in candle: embeddings, prelude, adapter, core applied r times, coda, final norm,
+//! lm_head (REFERENCE.md, "Forward pass"). The same code runs a static source model (all its
+//! layers, or any subset: the pruned model), so every variant is measured by one runtime.
+//!
+//! Every op here is differentiable (no fused `softmax_last_dim`, `rms_norm` or `rope`, which record
+//! no gradient in candle), so the trainer can use this forward as it is.
+
+mod block;
+mod rope;
+
+use candle_core::{DType as CDType, Device, IndexOp, Tensor, D};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+use crate::arch::{LayerRole, Role};
+use crate::formats::hf_config::{Family, ModelConfig};
+use crate::source::SourceModel;
+
+pub use block::Block;
+pub use rope::Rope;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A tensor could not be read from the checkpoint.
+    #[error("{name}: {reason}")]
+    Load { name: String, reason: String },
+    /// A request the model cannot serve (a layer out of range, a cache used at another r).
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// How the initial state s_0 of a forward pass is chosen.
+#[derive(Debug, Clone, Copy)]
+pub enum InitialState<'a> {
+    /// Drawn from the model's distribution (truncated normal of its sigma, or zero) by a ChaCha8
+    /// generator with this seed: the same seed gives the same numbers.
+    Seeded(u64),
+    /// Given explicitly, [B, T, h] (the golden vectors of the reference do this).
+    Given(&'a Tensor),
+}
+
+/// One slot of keys and values per (block run): prelude i -> i, core (recurrence k, layer j) ->
+/// P + k C + j, coda i -> P + r C + i (REFERENCE.md: reusing a slot across recurrences is wrong).
+#[derive(Debug, Default)]
+pub struct KvCache {
+    slots: Vec<Option<(Tensor, Tensor)>>,
+    /// Tokens cached so far.
+    pub len: usize,
+    r: Option<usize>,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of slots in use: P + r C + K once a forward has run.
+    pub fn slots(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+}
+
+/// The model: a recurrent checkpoint, or a static one (then everything is the "prelude", r = 0).
+pub struct Model {
+    pub config: ModelConfig,
+    embed: Tensor,
+    prelude: Vec<Block>,
+    core: Vec<Block>,
+    coda: Vec<Block>,
+    /// [h, 2h]: columns 0..h read the state, h..2h the prelude output e.
+    adapter: Option<Tensor>,
+    final_norm: Tensor,
+    lm_head: Tensor,
+    rope: Rope,
+    /// sigma of the initial state (0: zero state).
+    state_std: f64,
+    device: Device,
+}
+
+fn load(source: &SourceModel, role: Role, device: &Device) -> Result<Tensor> {
+    let t = source.tensor(role).ok_or_else(|| ModelError::Load {
+        name: format!("{role}"),
+        reason: "missing".into(),
+    })?;
+    let values = source.read_f32(t).map_err(|e| ModelError::Load {
+        name: t.name.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(Tensor::from_vec(values, t.shape.as_slice(), device)?)
+}
+
+impl Model {
+    /// Loads any checkpoint: a recurrent one as prelude, core and coda; a static one with all its
+    /// layers (see [`Model::load_static`] for a subset).
+    pub fn load(source: &SourceModel, device: &Device) -> Result<Model> {
+        match source.config.recurrent {
+            None => Model::load_static(source, &(0..source.config.n_layers).collect::<Vec<_>>(), device),
+            Some(shape) => {
+                let block = |i: usize| Block::load_recurrent(source, i, device);
+                let p = shape.prelude;
+                let c = shape.core;
+                let prelude = (0..p).map(block).collect::<Result<Vec<_>>>()?;
+                let core = (p..p + c).map(block).collect::<Result<Vec<_>>>()?;
+                let coda = (p + c..p + c + shape.coda).map(block).collect::<Result<Vec<_>>>()?;
+                let adapter = if shape.adapter {
+                    Some(load(source, Role::Adapter, device)?)
+                } else {
+                    None
+                };
+                Model::assemble(source, prelude, core, coda, adapter, shape.state_std, device)
+            }
+        }
+    }
+
+    /// A static model over the given source layers, in that order: all of them for the source
+    /// model, or the source with some removed (the pruned model the identity adapter reproduces).
+    pub fn load_static(source: &SourceModel, layers: &[usize], device: &Device) -> Result<Model> {
+        if source.config.recurrent.is_some() {
+            return Err(ModelError::Invalid("load_static needs a static checkpoint".into()));
+        }
+        let blocks = layers
+            .iter()
+            .map(|&i| {
+                if i >= source.config.n_layers {
+                    return Err(ModelError::Invalid(format!(
+                        "layer {i} is out of range: the model has {} layers",
+                        source.config.n_layers
+                    )));
+                }
+                Block::load_source(source, i, device)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut config = source.config.clone();
+        config.n_layers = layers.len();
+        let mut model = Model::assemble(source, blocks, vec![], vec![], None, 0.0, device)?;
+        model.config = config;
+        Ok(model)
+    }
+
+    fn assemble(
+        source: &SourceModel,
+        prelude: Vec<Block>,
+        core: Vec<Block>,
+        coda: Vec<Block>,
+        adapter: Option<Tensor>,
+        state_std: f64,
+        device: &Device,
+    ) -> Result<Model> {
+        let embed = load(source, Role::Embed, device)?;
+        // A tied source has no lm_head tensor: the embeddings serve as both.
+        let lm_head = match source.tensor(Role::LmHead) {
+            Some(_) => load(source, Role::LmHead, device)?,
+            None => embed.clone(),
+        };
+        Ok(Model {
+            config: source.config.clone(),
+            rope: Rope::new(&source.config),
+            embed,
+            prelude,
+            core,
+            coda,
+            adapter,
+            final_norm: load(source, Role::FinalNorm, device)?,
+            lm_head,
+            state_std,
+            device: device.clone(),
+        })
+    }
+
+    /// True for a recurrent model (a core to loop).
+    pub fn is_recurrent(&self) -> bool {
+        !self.core.is_empty()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Block runs per token at recurrence r: P + r C + K (the KV slots a token needs).
+    pub fn block_runs(&self, r: usize) -> usize {
+        self.prelude.len() + r * self.core.len() + self.coda.len()
+    }
+
+    /// Logits [B, T, V] for `ids` [B, T] (u32) at recurrence `r` (ignored by a static model).
+    ///
+    /// `mask` [B, T] (u32, 1 for a token, 0 for padding) makes padded batches exact: padding keys
+    /// are never attended to and positions count real tokens only, so a left- or right-padded
+    /// row gives its tokens the logits of the row run alone. `cache` decodes incrementally (no
+    /// mask then): keys and values are kept per block run, and later calls continue at
+    /// position `cache.len`.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        r: usize,
+        state: InitialState,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        if let Some(c) = cache.as_deref_mut() {
+            if mask.is_some() {
+                return Err(ModelError::Invalid("a KV cache cannot be used with a padding mask".into()));
+            }
+            if *c.r.get_or_insert(r) != r {
+                return Err(ModelError::Invalid(format!(
+                    "this KV cache holds recurrence {} and cannot serve r = {r}",
+                    c.r.unwrap_or(r)
+                )));
+            }
+        }
+        let (positions, bias) = positions_and_bias(mask, b, t, past, &self.device)?;
+        let (cos, sin) = self.rope.cos_sin(&positions)?;
+        let ctx = block::Context { bias: &bias, cos: &cos, sin: &sin, config: &self.config };
+
+        // (B, T) -> (B, T, h)
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden))?;
+        for (i, block) in self.prelude.iter().enumerate() {
+            x = block.forward(&x, &ctx, slot_at(&mut cache, i))?;
+        }
+        if self.is_recurrent() {
+            let e = x;
+            let (p, c) = (self.prelude.len(), self.core.len());
+            let mut s = match (&self.adapter, state) {
+                // No adapter: the state starts as e and the core is applied to it r times.
+                (None, _) => e.clone(),
+                (Some(_), InitialState::Given(s0)) => s0.clone(),
+                (Some(_), InitialState::Seeded(seed)) => self.initial_state(e.dims(), seed)?,
+            };
+            for k in 0..r {
+                if let Some(adapter) = &self.adapter {
+                    // concat on the hidden axis, state first: (B, T, 2h) @ (2h, h) -> (B, T, h)
+                    s = Tensor::cat(&[&s, &e], D::Minus1)?.broadcast_matmul(&adapter.t()?)?;
+                }
+                for (j, block) in self.core.iter().enumerate() {
+                    s = block.forward(&s, &ctx, slot_at(&mut cache, p + k * c + j))?;
+                }
+            }
+            x = s;
+        }
+        let coda_start = self.block_runs(r) - self.coda.len();
+        for (i, block) in self.coda.iter().enumerate() {
+            x = block.forward(&x, &ctx, slot_at(&mut cache, coda_start + i))?;
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        let x = block::rms_norm(&x, &self.final_norm, self.config.norm_eps)?;
+        // (B, T, h) @ (h, V) -> (B, T, V)
+        Ok(x.broadcast_matmul(&self.lm_head.t()?)?)
+    }
+
+    /// s_0: a normal of the model's sigma truncated at +-3 sigma (resampled beyond), or zeros.
+    fn initial_state(&self, dims: &[usize], seed: u64) -> Result<Tensor> {
+        if self.state_std == 0.0 {
+            return Ok(Tensor::zeros(dims, CDType::F32, &self.device)?);
+        }
+        let n: usize = dims.iter().product();
+        let normal = Normal::new(0.0f64, self.state_std).map_err(|e| ModelError::Invalid(e.to_string()))?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let values: Vec<f32> = (0..n)
+            .map(|_| loop {
+                let v = normal.sample(&mut rng);
+                if v.abs() <= 3.0 * self.state_std {
+                    break v as f32;
+                }
+            })
+            .collect();
+        Ok(Tensor::from_vec(values, dims, &self.device)?)
+    }
+}
+
+/// The KV slot `i` of the cache, if there is a cache.
+fn slot_at<'a>(cache: &'a mut Option<&mut KvCache>, i: usize) -> Option<&'a mut Option<(Tensor, Tensor)>> {
+    let slots = &mut cache.as_deref_mut()?.slots;
+    if slots.len() <= i {
+        slots.resize(i + 1, None);
+    }
+    slots.get_mut(i)
+}
+
+/// Positions [B, T] (u32) and the additive attention bias [B, 1, T, past + T]: causal, and padding
+/// keys masked. Positions count real tokens only, so padding never shifts RoPE.
+fn positions_and_bias(
+    mask: Option<&Tensor>,
+    b: usize,
+    t: usize,
+    past: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let keys = past + t;
+    let valid: Vec<Vec<u32>> = match mask {
+        Some(m) => m.to_dtype(CDType::U32)?.to_vec2::<u32>()?,
+        None => vec![vec![1; t]; b],
+    };
+    let mut positions = Vec::with_capacity(b * t);
+    let mut bias = Vec::with_capacity(b * t * keys);
+    for row in &valid {
+        // A token's position is the number of real tokens before it (padding does not count).
+        let mut real = past as u32;
+        for &v in row {
+            positions.push(real);
+            real += u32::from(v != 0);
+        }
+        for q in 0..t {
+            for k in 0..keys {
+                let causal = k <= past + q;
+                let real = k < past || row.get(k - past).is_some_and(|&v| v != 0);
+                bias.push(if causal && real { 0.0f32 } else { -1e9 });
+            }
+        }
+    }
+    let positions = Tensor::from_vec(positions, (b, t), device)?;
+    let bias = Tensor::from_vec(bias, (b, 1, t, keys), device)?;
+    Ok((positions, bias))
+}
+
+/// Mean next-token cross-entropy (natural log) of `logits` [B, T, V] against `targets` [B, T]
+/// (u32) where `weights` [B, T] (f32) is 1, and the number of such tokens.
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<(f64, f64)> {
+    let max = logits.max_keepdim(D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let logsumexp = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let picked = shifted.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?;
+    // -log p(target) = logsumexp - picked, per token: (B, T)
+    let nll = (logsumexp - picked)?.squeeze(D::Minus1)?;
+    let total = (nll * weights)?.sum_all()?.to_scalar::<f32>()? as f64;
+    let count = weights.sum_all()?.to_scalar::<f32>()? as f64;
+    Ok((total, count))
+}
+
+/// Rows of `logits` [B, T, V] as log-probabilities (for tests and generation).
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let logsumexp = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&logsumexp)?)
+}
+
+/// The last position's logits of row 0, as a Vec (for tests and generation).
+pub fn last_logits(logits: &Tensor) -> Result<Vec<f32>> {
+    let t = logits.dim(1)?;
+    Ok(logits.i((0, t - 1))?.to_vec1::<f32>()?)
+}
+
+impl Block {
+    fn load_source(source: &SourceModel, i: usize, device: &Device) -> Result<Block> {
+        use LayerRole::*;
+        let get = |r: LayerRole| load(source, Role::Layer(i, r), device);
+        let cat = |parts: &[LayerRole]| -> Result<Tensor> {
+            let ts = parts.iter().map(|&p| get(p)).collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&ts, 0)?)
+        };
+        Block::new(source.config.family, cat(&[Q, K, V])?, get(O)?, cat(&[Gate, Up])?, get(Down)?, &get)
+    }
+
+    fn load_recurrent(source: &SourceModel, i: usize, device: &Device) -> Result<Block> {
+        use LayerRole::*;
+        let get = |r: LayerRole| load(source, Role::Layer(i, r), device);
+        Block::new(source.config.family, get(Qkv)?, get(O)?, get(GateUp)?, get(Down)?, &get)
+    }
+
+    fn new(
+        family: Family,
+        wqkv: Tensor,
+        wo: Tensor,
+        w_gate_up: Tensor,
+        w_down: Tensor,
+        get: &dyn Fn(LayerRole) -> Result<Tensor>,
+    ) -> Result<Block> {
+        use LayerRole::*;
+        let norms = match family {
+            Family::Llama => block::Norms::Pre { attn: get(AttnNorm)?, mlp: get(MlpNorm)? },
+            Family::Olmo2 => block::Norms::Post {
+                attn: get(PostAttnNorm)?,
+                mlp: get(PostMlpNorm)?,
+                q: get(QNorm)?,
+                k: get(KNorm)?,
+            },
+        };
+        Ok(Block { norms, wqkv, wo, w_gate_up, w_down })
+    }
+}
