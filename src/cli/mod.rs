@@ -1,6 +1,7 @@
 //! Command-line arguments, one file per subcommand: argument structs and printing, no domain logic.
 
 mod apply;
+mod eval;
 mod inspect;
 mod plan;
 mod verify;
@@ -44,6 +45,8 @@ pub enum Command {
     Apply(apply::ApplyArgs),
     /// Re-hash a checkpoint against its manifest and check its tensors; exit 1 on any mismatch.
     Verify(verify::VerifyArgs),
+    /// Perplexity on held-out text against test-time recurrence r.
+    Eval(eval::EvalArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -52,6 +55,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(args) => plan::run(args, cli.global),
         Command::Apply(args) => apply::run(args, cli.global),
         Command::Verify(args) => verify::run(args, cli.global),
+        Command::Eval(args) => eval::run(args, cli.global),
     }
 }
 

@@ -1,4 +1,5 @@
 //! Evaluation: data, perplexity over recurrences, plots.
 
 pub mod data;
+pub mod perplexity;
 pub mod plot;

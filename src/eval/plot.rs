@@ -191,27 +191,28 @@ fn register_font() -> Result<(), PlotError> {
     ok.then_some(()).ok_or(PlotError::Font)
 }
 
-/// log2 r from just below the smallest r to just above the largest, ticked at every power of
-/// two (r >= 1) inside.
+/// log2 r from just below the smallest r to just above the largest, ticked at the powers of
+/// two (r >= 1) that the data spans.
 fn x_axis(min_r: u32, max_r: u32) -> Axis {
     let (lo, hi) = (f64::from(min_r).log2(), f64::from(max_r).log2());
     let pad = if hi - lo < 1.0 { 1.0 } else { 0.3 };
     let range = (lo - pad)..(hi + pad);
-    let first = range.start.ceil().max(0.0) as i32;
-    let last = range.end.floor() as i32;
+    // Only the powers of two next to the data: a lone r = 1 gets the tick "1", not "1" and "2".
+    let first = lo.floor().max(range.start.ceil()).max(0.0) as i32;
+    let last = hi.ceil().min(range.end.floor()) as i32;
     Axis {
         range,
         ticks: (first..=last).map(f64::from).collect(),
     }
 }
 
-/// log10 perplexity, ticked at 1, 2, 5 times powers of ten over up to two decades, at powers of
-/// ten beyond that (every few when there are many).
+/// log10 perplexity, ticked at 1, 2, 5 times powers of ten over up to three decades, at powers
+/// of ten beyond that (every few when there are many).
 fn log_axis(lo: f64, hi: f64) -> Axis {
     let (a, b) = (lo.log10(), hi.log10());
     let pad = 0.05 * (b - a);
     let range = (a - pad)..(b + pad);
-    let mantissas: &[f64] = if b - a <= 2.0 {
+    let mantissas: &[f64] = if b - a <= 3.0 {
         &[1.0, 2.0, 5.0]
     } else {
         &[1.0]
@@ -368,7 +369,7 @@ mod tests {
     #[test]
     fn x_ticks_are_the_powers_of_two_in_range() {
         assert_eq!(x_axis(1, 32).ticks, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
-        assert_eq!(x_axis(1, 1).ticks, [0.0, 1.0]);
+        assert_eq!(x_axis(1, 1).ticks, [0.0]);
         assert_eq!(x_axis(3, 3).ticks, [1.0, 2.0]);
     }
 
@@ -384,11 +385,11 @@ mod tests {
 
     #[test]
     fn linear_ticks_use_a_round_step() {
-        let y = linear_axis(14.2, 17.9);
         assert_eq!(
-            y.ticks,
-            [14.0, 14.5, 15.0, 15.5, 16.0, 16.5, 17.0, 17.5, 18.0]
+            linear_axis(14.2, 17.9).ticks,
+            [14.0, 15.0, 16.0, 17.0, 18.0]
         );
+        assert_eq!(linear_axis(14.2, 15.9).ticks, [14.5, 15.0, 15.5, 16.0]);
         assert_eq!(label(15.5, Some(0.5)), "15.5");
         assert_eq!(label(16.0, Some(0.5)), "16.0");
     }

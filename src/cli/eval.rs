@@ -1,0 +1,142 @@
+//! `surgery eval MODEL --data FILE... --recurrence 1,2,4,8`: perplexity against test-time
+//! recurrence (loss, perplexity and tokens/s per r), optionally plotted.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+
+use surgery::eval::data::{read_documents, token_stream, windows};
+use surgery::eval::perplexity::{perplexity, EvalRow};
+use surgery::eval::plot::plot_perplexity;
+use surgery::formats::text_tokenizer::TextTokenizer;
+use surgery::model::Model;
+use surgery::plan::LayerRange;
+use surgery::source::SourceModel;
+
+use super::{byte_progress, Global};
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// A recurrent checkpoint, or any source model (then r is ignored).
+    pub model: PathBuf,
+    /// Held-out text: .txt (documents separated by a blank line) or .jsonl.
+    #[arg(long, required = true, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// The JSONL field holding the text.
+    #[arg(long, default_value = "text")]
+    pub field: String,
+    /// Test-time recurrences to evaluate, e.g. 1,2,4,8,16,32.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    pub recurrence: Vec<usize>,
+    /// Tokens per window (each window starts without context).
+    #[arg(long, default_value_t = 1024)]
+    pub seq_len: usize,
+    /// Score at most this many tokens.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Seed of the initial states.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// For a static model: run only these source layers, e.g. 0..4,18..30 (the pruned model).
+    #[arg(long, value_delimiter = ',', value_name = "a..b,...")]
+    pub layers: Option<Vec<LayerRange>>,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Write a PNG of perplexity against r.
+    #[arg(long, value_name = "FILE.png")]
+    pub plot: Option<PathBuf>,
+}
+
+pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
+    if args.recurrence.contains(&0) {
+        bail!("--recurrence 0 is not a recurrence: the core runs r >= 1 times");
+    }
+    if args.seq_len == 0 || args.batch == 0 {
+        bail!("--seq-len and --batch must be at least 1");
+    }
+    if let Some(n) = args.threads {
+        // candle's CPU kernels size their pool from this, before any tensor work.
+        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+    }
+    let source = SourceModel::open(&args.model)?;
+    let tokenizer = TextTokenizer::for_model(&source)?;
+    let docs = read_documents(&args.data, Some(&args.field))?;
+    let stream = token_stream(&docs, &tokenizer)?;
+    let windows = windows(&stream, args.seq_len, args.max_tokens);
+    let device = Device::Cpu;
+    let model = match &args.layers {
+        None => Model::load(&source, &device)?,
+        Some(_) if source.config.recurrent.is_some() => {
+            bail!("--layers selects layers of a static model; {} is recurrent", args.model.display())
+        }
+        Some(ranges) => {
+            let layers: Vec<usize> = ranges.iter().flat_map(|r| r.iter()).collect();
+            Model::load_static(&source, &layers, &device)?
+        }
+    };
+    let rs: Vec<usize> = if model.is_recurrent() {
+        args.recurrence.clone()
+    } else {
+        if !global.quiet && args.recurrence != [1, 2, 4, 8] {
+            eprintln!("note: a static model has no recurrence; --recurrence is ignored");
+        }
+        vec![1]
+    };
+    if !global.quiet && docs.skipped_invalid_utf8 > 0 {
+        eprintln!("note: skipped {} document(s) that are not valid UTF-8", docs.skipped_invalid_utf8);
+    }
+    let total = (windows.n_targets() * rs.len()) as u64;
+    let bar = byte_progress(global, total, "evaluating");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tokens {per_sec} {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut rows: Vec<EvalRow> = Vec::new();
+    for (k, &r) in rs.iter().enumerate() {
+        let base = (k * windows.n_targets()) as u64;
+        bar.set_message(format!("r={r}"));
+        let row = perplexity(&model, &windows, args.batch, r, args.seed, &mut |n| bar.set_position(base + n as u64))
+            .with_context(|| format!("evaluating at r = {r}"))?;
+        rows.push(row);
+    }
+    bar.finish_and_clear();
+    if let Some(path) = &args.plot {
+        let points = rows.iter().map(|row| (row.r.unwrap_or(1) as u32, row.perplexity)).collect();
+        let name = args.model.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+        plot_perplexity(path, &format!("{name}: perplexity against test-time recurrence"), &[(name, points)])?;
+    }
+    if global.json {
+        let value = serde_json::json!({
+            "model": args.model.display().to_string(),
+            "recurrent": model.is_recurrent(),
+            "documents": docs.texts.len(),
+            "skipped_invalid_utf8": docs.skipped_invalid_utf8,
+            "seq_len": args.seq_len,
+            "rows": rows,
+            "plot": args.plot.as_ref().map(|p| p.display().to_string()),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!(
+            "{}: {} documents, {} tokens scored in windows of {}",
+            args.model.display(),
+            docs.texts.len(),
+            windows.n_targets(),
+            args.seq_len
+        );
+        println!("{:>4} {:>8} {:>12} {:>10}", "r", "loss", "perplexity", "tokens/s");
+        for row in &rows {
+            let r = row.r.map_or_else(|| "-".into(), |r| r.to_string());
+            println!("{r:>4} {:>8.4} {:>12.3} {:>10.1}", row.loss, row.perplexity, row.tokens_per_second);
+        }
+        if let Some(path) = &args.plot {
+            println!("plot written to {}", path.display());
+        }
+    }
+    Ok(())
+}
