@@ -436,11 +436,14 @@ fn plot_writes_a_png_and_leaves_no_partial_file() {
     }
 }
 
+/// One line of the plot: a name and its (r, perplexity) points.
+type Series = (String, Vec<(u32, f64)>);
+
 #[test]
 fn plot_refuses_bad_values_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("p.png");
-    let cases: Vec<(Vec<(String, Vec<(u32, f64)>)>, &str)> = vec![
+    let cases: Vec<(Vec<Series>, &str)> = vec![
         (vec![], "nothing to plot: no perplexity values"),
         (
             vec![("a".into(), vec![])],

@@ -253,7 +253,7 @@ impl Sources<'_> {
         inner: &tokenizers::Tokenizer,
         which: Special,
     ) -> Result<Option<u32>, TextTokenizerError> {
-        if let Some(id) = self.from_tokenizer_config(inner, which)? {
+        if let Some(id) = self.tokenizer_config_id(inner, which)? {
             return Ok(Some(id));
         }
         // For a GGUF source the config's ids were read from the GGUF itself.
@@ -279,7 +279,7 @@ impl Sources<'_> {
 
     /// tokenizer_config.json's `bos_token`/`eos_token`: a string, or an AddedToken object with
     /// a `content` string (both spellings occur in published checkpoints); null is absent.
-    fn from_tokenizer_config(
+    fn tokenizer_config_id(
         &self,
         inner: &tokenizers::Tokenizer,
         which: Special,
