@@ -333,20 +333,29 @@ fn documents(texts: &[&str]) -> Documents {
 
 #[test]
 fn token_stream_appends_eos_after_each_document() {
-    let stream = token_stream(&documents(&["a b", "b"]), &word_tokenizer(Some(1))).unwrap();
+    let stream = token_stream(&documents(&["a b", "b"]), &word_tokenizer(Some(1)), None).unwrap();
     assert_eq!(stream, [2, 3, 1, 3, 1]);
-    let stream = token_stream(&documents(&["a b", "b"]), &word_tokenizer(None)).unwrap();
+    let stream = token_stream(&documents(&["a b", "b"]), &word_tokenizer(None), None).unwrap();
     assert_eq!(stream, [2, 3, 3]);
 }
 
 #[test]
+fn token_stream_stops_encoding_at_the_limit() {
+    let docs = documents(&["a b", "b a", "a a"]);
+    let all = token_stream(&docs, &word_tokenizer(Some(1)), None).unwrap();
+    let limited = token_stream(&docs, &word_tokenizer(Some(1)), Some(4)).unwrap();
+    // Whole documents: the first two (3 tokens each with EOS) reach the limit of 4.
+    assert_eq!(limited, all[..6]);
+}
+
+#[test]
 fn token_stream_too_short_to_score_is_refused() {
-    let err = token_stream(&documents(&["a"]), &word_tokenizer(None)).unwrap_err();
+    let err = token_stream(&documents(&["a"]), &word_tokenizer(None), None).unwrap_err();
     assert_eq!(
         err.to_string(),
         "the data is 1 token(s) long; at least 2 are needed to score a prediction"
     );
-    assert!(token_stream(&documents(&["a"]), &word_tokenizer(Some(1))).is_ok());
+    assert!(token_stream(&documents(&["a"]), &word_tokenizer(Some(1)), None).is_ok());
 }
 
 #[test]
@@ -368,7 +377,7 @@ fn smollm2_token_stream_is_each_document_then_eos() {
         texts: all.texts[..3].to_vec(),
         ..all
     };
-    let stream = token_stream(&docs, &tok).unwrap();
+    let stream = token_stream(&docs, &tok, None).unwrap();
     let mut want = Vec::new();
     for text in &docs.texts {
         let ids = tok.encode(text).unwrap();

@@ -66,7 +66,8 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
     let source = SourceModel::open(&args.model)?;
     let tokenizer = TextTokenizer::for_model(&source)?;
     let docs = read_documents(&args.data, Some(&args.field))?;
-    let stream = token_stream(&docs, &tokenizer)?;
+    // One token more than scored: the last target needs its input.
+    let stream = token_stream(&docs, &tokenizer, args.max_tokens.map(|m| m + 1))?;
     let windows = windows(&stream, args.seq_len, args.max_tokens);
     let device = Device::Cpu;
     let model = match &args.layers {

@@ -253,10 +253,19 @@ fn json_type(value: &Json) -> &'static str {
 /// All documents as one token stream: each encoded as the tokenizer does (BOS when its
 /// post-processor adds one), followed by EOS when the model has one, so that a document's first
 /// tokens are predicted after an end of text and never from the previous document's words alone.
-/// Fewer than 2 tokens in all is an error: nothing could be scored.
-pub fn token_stream(docs: &Documents, tok: &TextTokenizer) -> Result<Vec<u32>, DataError> {
+/// Fewer than 2 tokens in all is an error: nothing could be scored. With `limit`, documents stop
+/// being encoded once the stream holds that many tokens (so `--max-tokens` does not pay for
+/// tokenizing a whole corpus).
+pub fn token_stream(
+    docs: &Documents,
+    tok: &TextTokenizer,
+    limit: Option<usize>,
+) -> Result<Vec<u32>, DataError> {
     let mut stream = Vec::new();
     for (index, text) in docs.texts.iter().enumerate() {
+        if limit.is_some_and(|l| stream.len() >= l) {
+            break;
+        }
         let ids = tok
             .encode(text)
             .map_err(|source| DataError::Tokenize { index, source })?;
