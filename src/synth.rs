@@ -257,3 +257,50 @@ pub fn write_gguf(
     ];
     gguf::write_gguf(path, &metadata, &tensors).map_err(other)
 }
+
+/// GPT-2's byte-to-character table (the ByteLevel pre-tokenizer's alphabet): printable bytes map to
+/// themselves, the others to U+0100 onwards in order.
+fn byte_alphabet() -> Vec<char> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut next = 256;
+    (0..256u32)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap_or('?')
+            } else {
+                next += 1;
+                char::from_u32(next - 1).unwrap_or('?')
+            }
+        })
+        .collect()
+}
+
+/// Writes a byte-level BPE `tokenizer.json` with no merges: token id = byte value, so any text
+/// tokenizes within a vocabulary of 256 (the synthetic models' size), plus `tokenizer_config.json`
+/// naming byte 2 as EOS.
+pub fn write_byte_tokenizer(dir: &Path) -> std::io::Result<()> {
+    let vocab: serde_json::Map<String, Value> = byte_alphabet()
+        .into_iter()
+        .enumerate()
+        .map(|(id, c)| (c.to_string(), json!(id)))
+        .collect();
+    let eos = byte_alphabet()[2].to_string();
+    let tokenizer = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "ignore_merges": false, "vocab": vocab, "merges": []},
+    });
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_vec(&tokenizer)?)?;
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_vec(&json!({"eos_token": eos, "add_bos_token": false}))?,
+    )
+}
