@@ -6,6 +6,7 @@ pub mod arch;
 pub mod dtype;
 pub mod eval;
 pub mod formats;
+pub mod heal;
 pub mod manifest;
 pub mod model;
 pub mod plan;

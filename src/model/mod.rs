@@ -207,10 +207,9 @@ impl Model {
             if mask.is_some() {
                 return Err(ModelError::Invalid("a KV cache cannot be used with a padding mask".into()));
             }
-            if *c.r.get_or_insert(r) != r {
+            if let Some(held) = c.r.filter(|&held| held != r) {
                 return Err(ModelError::Invalid(format!(
-                    "this KV cache holds recurrence {} and cannot serve r = {r}",
-                    c.r.unwrap_or(r)
+                    "this KV cache holds recurrence {held} and cannot serve r = {r}"
                 )));
             }
         }
@@ -248,6 +247,8 @@ impl Model {
             x = block.forward(&x, &ctx, slot_at(&mut cache, coda_start + i))?;
         }
         if let Some(c) = cache {
+            // Bound to r only once a forward at r has succeeded.
+            c.r = Some(r);
             c.len += t;
         }
         let x = block::rms_norm(&x, &self.final_norm, self.config.norm_eps)?;

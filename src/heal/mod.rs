@@ -1,0 +1,5 @@
+//! Healing: the recurrence-curriculum fine-tune (REFERENCE.md, "Training").
+
+pub mod optim;
+pub mod sampler;
+pub mod schedule;
