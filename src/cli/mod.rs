@@ -47,6 +47,7 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// Perplexity on held-out text against test-time recurrence r.
     Eval(eval::EvalArgs),
+
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {

@@ -153,7 +153,19 @@ pub fn plot_perplexity(
     let mut rgb = vec![0u8; (w as usize) * (h as usize) * 3];
     {
         let root = BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area();
-        draw(&root, title, &lines, &x, &y, log_y).map_err(|e| PlotError::Draw(e.to_string()))?;
+        let x_label = |v: &f64| format!("{}", 2f64.powf(*v).round());
+        let y_step = (!log_y).then(|| match y.ticks.as_slice() {
+            [a, b, ..] => b - a,
+            _ => 1.0,
+        });
+        let y_label = |v: &f64| label(if log_y { 10f64.powf(*v) } else { *v }, y_step);
+        let labels = Labels {
+            x_desc: "test-time recurrence r",
+            y_desc: if log_y { "perplexity (log scale)" } else { "perplexity" },
+            x: &x_label,
+            y: &y_label,
+        };
+        draw(&root, title, &lines, (&x, &y), &labels).map_err(|e| PlotError::Draw(e.to_string()))?;
         root.present().map_err(|e| PlotError::Draw(e.to_string()))?;
     }
     write_png(path, &rgb)
@@ -265,13 +277,20 @@ fn label(value: f64, step: Option<f64>) -> String {
     format!("{value:.decimals$}")
 }
 
+/// How the axes of a chart are described and labelled.
+struct Labels<'a> {
+    x_desc: &'a str,
+    y_desc: &'a str,
+    x: &'a dyn Fn(&f64) -> String,
+    y: &'a dyn Fn(&f64) -> String,
+}
+
 fn draw<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     title: &str,
     lines: &[(&str, Vec<(f64, f64)>)],
-    x: &Axis,
-    y: &Axis,
-    log_y: bool,
+    (x, y): (&Axis, &Axis),
+    labels: &Labels,
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(root)
@@ -280,22 +299,12 @@ fn draw<DB: DrawingBackend>(
         .x_label_area_size(60)
         .y_label_area_size(80)
         .build_cartesian_2d(Ticked::new(x), Ticked::new(y))?;
-    let x_label = |v: &f64| format!("{}", 2f64.powf(*v).round());
-    let y_step = (!log_y).then(|| match y.ticks.as_slice() {
-        [a, b, ..] => b - a,
-        _ => 1.0,
-    });
-    let y_label = |v: &f64| label(if log_y { 10f64.powf(*v) } else { *v }, y_step);
     chart
         .configure_mesh()
-        .x_desc("test-time recurrence r")
-        .y_desc(if log_y {
-            "perplexity (log scale)"
-        } else {
-            "perplexity"
-        })
-        .x_label_formatter(&x_label)
-        .y_label_formatter(&y_label)
+        .x_desc(labels.x_desc)
+        .y_desc(labels.y_desc)
+        .x_label_formatter(labels.x)
+        .y_label_formatter(labels.y)
         .label_style(("sans-serif", 18))
         .axis_desc_style(("sans-serif", 20))
         .bold_line_style(RGBColor(220, 220, 220))
@@ -320,6 +329,45 @@ fn draw<DB: DrawingBackend>(
         .border_style(BLACK)
         .draw()?;
     Ok(())
+}
+
+/// Writes a PNG of curves on linear axes: `series` holds `(name, [(x, y)])` (e.g. training and
+/// held-out loss against the step). Non-finite points are left out.
+pub fn plot_curves(
+    path: &Path,
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<(), PlotError> {
+    register_font()?;
+    let lines: Vec<(&str, Vec<(f64, f64)>)> = series
+        .iter()
+        .map(|(n, p)| (n.as_str(), p.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect()))
+        .collect();
+    let all = || lines.iter().flat_map(|(_, p)| p.iter().copied());
+    if all().next().is_none() {
+        return Err(PlotError::Empty);
+    }
+    let (x0, x1) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (x, _)| (a.min(x), b.max(x)));
+    let (y0, y1) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (_, y)| (a.min(y), b.max(y)));
+    let x = linear_axis(x0, x1.max(x0 + 1.0));
+    let y = linear_axis(y0, y1.max(y0 + 1e-3));
+    let step = |a: &Axis| match a.ticks.as_slice() {
+        [a, b, ..] => Some(b - a),
+        _ => None,
+    };
+    let (xs, ys) = (step(&x), step(&y));
+    let x_label = move |v: &f64| label(*v, xs);
+    let y_label = move |v: &f64| label(*v, ys);
+    let labels = Labels { x_desc, y_desc, x: &x_label, y: &y_label };
+    let (w, h) = SIZE;
+    let mut rgb = vec![0u8; (w as usize) * (h as usize) * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area();
+        draw(&root, title, &lines, (&x, &y), &labels).map_err(|e| PlotError::Draw(e.to_string()))?;
+        root.present().map_err(|e| PlotError::Draw(e.to_string()))?;
+    }
+    write_png(path, &rgb)
 }
 
 /// Encodes the RGB buffer and moves it into place, leaving nothing at `PATH.partial`.

@@ -6,6 +6,7 @@
 //! no gradient in candle), so the trainer can use this forward as it is.
 
 mod block;
+pub mod params;
 mod rope;
 
 use candle_core::{DType as CDType, Device, IndexOp, Tensor, D};
@@ -199,6 +200,22 @@ impl Model {
         mask: Option<&Tensor>,
         r: usize,
         state: InitialState,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        self.forward_detached(ids, mask, r, 0, state, cache)
+    }
+
+    /// [`Model::forward`] for truncated backpropagation through the recurrence (REFERENCE.md,
+    /// "Training"): the state is detached after each of the first `without_grad` of the `r`
+    /// iterations, so only the last `r - without_grad` carry gradient, and the graphs of the
+    /// detached iterations are freed as soon as they are done (memory does not grow with r).
+    pub fn forward_detached(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        r: usize,
+        without_grad: usize,
+        state: InitialState,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
@@ -213,8 +230,12 @@ impl Model {
                 )));
             }
         }
+        // Everything follows the weights' dtype (f32; f64 for gradient checks).
+        let dtype = self.embed.dtype();
         let (positions, bias) = positions_and_bias(mask, b, t, past, &self.device)?;
+        let bias = bias.to_dtype(dtype)?;
         let (cos, sin) = self.rope.cos_sin(&positions)?;
+        let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
         let ctx = block::Context { bias: &bias, cos: &cos, sin: &sin, config: &self.config };
 
         // (B, T) -> (B, T, h)
@@ -239,6 +260,9 @@ impl Model {
                 for (j, block) in self.core.iter().enumerate() {
                     s = block.forward(&s, &ctx, slot_at(&mut cache, p + k * c + j))?;
                 }
+                if k < without_grad {
+                    s = s.detach();
+                }
             }
             x = s;
         }
@@ -259,7 +283,7 @@ impl Model {
     /// s_0: a normal of the model's sigma truncated at +-3 sigma (resampled beyond), or zeros.
     fn initial_state(&self, dims: &[usize], seed: u64) -> Result<Tensor> {
         if self.state_std == 0.0 {
-            return Ok(Tensor::zeros(dims, CDType::F32, &self.device)?);
+            return Ok(Tensor::zeros(dims, self.embed.dtype(), &self.device)?);
         }
         let n: usize = dims.iter().product();
         let normal = Normal::new(0.0f64, self.state_std).map_err(|e| ModelError::Invalid(e.to_string()))?;
@@ -272,7 +296,19 @@ impl Model {
                 }
             })
             .collect();
-        Ok(Tensor::from_vec(values, dims, &self.device)?)
+        Ok(Tensor::from_vec(values, dims, &self.device)?.to_dtype(self.embed.dtype())?)
+    }
+
+    /// The same model with every parameter converted to `dtype` (f64 for finite-difference
+    /// gradient checks).
+    pub fn to_dtype(mut self, dtype: CDType) -> Result<Model> {
+        if self.config.recurrent.is_none() {
+            return Err(ModelError::Invalid("to_dtype converts recurrent models".into()));
+        }
+        for (_, _, _, t) in self.walk()? {
+            *t = t.to_dtype(dtype)?;
+        }
+        Ok(self)
     }
 }
 

@@ -1,7 +1,7 @@
 //! GGUF, llama.cpp's model file format: a validating zero-copy reader ([`reader`]), the block
 //! (de)quantization of every tensor type we support ([`quant`]), the Q/K row permutation that
 //! llama.cpp's converter applies to attention weights ([`quant::permute_rows_hf_to_gguf`]), and a
-//! small writer ([`writer`]).
+//! streaming writer ([`writer`]).
 //!
 //! The layout followed here is the one in ggml/docs/gguf.md and ggml/src/gguf.cpp
 //! (`gguf_init_from_file_impl`): magic `GGUF`, a u32 version, u64 tensor and key/value counts,
@@ -18,7 +18,7 @@ use crate::dtype::DType;
 
 pub use quant::{dequantize, permute_rows_hf_to_gguf, quantize, unpermute_rows_gguf_to_hf};
 pub use reader::{GgufFile, TensorInfo, Value};
-pub use writer::{write_gguf, TensorData};
+pub use writer::{write_gguf, GgufWriter, TensorData, TensorHeader};
 
 /// The magic bytes every GGUF file starts with.
 pub const MAGIC: [u8; 4] = *b"GGUF";

@@ -1,9 +1,14 @@
-//! A small GGUF v3 writer for tests and fixtures: everything in memory, validated before the
-//! first byte is written, written to `<path>.partial` and renamed last.
+//! The GGUF v3 writer: the header (metadata and tensor infos) is validated and written first, then
+//! tensor data is streamed in, one tensor after the other and in pieces of any size, so that an
+//! exporter holds one chunk of one tensor at a time. Everything goes to `<path>.partial`, which is
+//! renamed to `<path>` by [`GgufWriter::finish`] and removed if the writer is dropped unfinished.
 //!
 //! The layout is the one gguf.cpp (`gguf_write_to_buf`) and gguf-py's `GGUFWriter` produce:
-//! header, key/value pairs, tensor infos with dims in ggml order (innermost first), zero padding
-//! to the alignment, then each tensor's data padded to the alignment, the last one included.
+//! header, key/value pairs, tensor infos with dims in ggml order (innermost first) and offsets
+//! equal to the running sum of the padded sizes, zero padding to the alignment, then each
+//! tensor's data padded with zeros to the alignment, the last one included.
+//!
+//! [`write_gguf`] writes a file from tensors already in memory (tests and fixtures).
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -18,6 +23,15 @@ use crate::dtype::DType;
 /// A tensor to write: name, type, row-major shape (outermost first) and its raw bytes.
 pub type TensorData = (String, DType, Vec<usize>, Vec<u8>);
 
+/// What the header says about one tensor: its name, type and row-major shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorHeader {
+    pub name: String,
+    pub dtype: DType,
+    /// Row-major, outermost first (the reverse of ggml's `ne`).
+    pub shape: Vec<usize>,
+}
+
 /// Writes a GGUF v3 file at `path` holding `metadata` (in this order) and `tensors` (in this
 /// order, data laid out back to back). The alignment is `general.alignment` when `metadata`
 /// has it (a u32 power of two >= 4), else 32.
@@ -26,20 +40,180 @@ pub fn write_gguf(
     metadata: &[(String, Value)],
     tensors: &[TensorData],
 ) -> Result<(), GgufError> {
-    let path = path.as_ref();
-    let alignment = alignment(metadata)?;
-    check_metadata(metadata)?;
-    let sizes = check_tensors(tensors)?;
-    let header = encode_header(metadata, tensors, &sizes, alignment)?;
-
-    let partial = partial_path(path);
-    let result = write_file(&partial, &header, tensors, alignment)
-        .and_then(|()| fs::rename(&partial, path).map_err(io(path)));
-    if result.is_err() {
-        // Best effort: the original error is the one worth reporting.
-        let _ = fs::remove_file(&partial);
+    let headers: Vec<TensorHeader> = tensors
+        .iter()
+        .map(|(name, dtype, shape, _)| TensorHeader {
+            name: name.clone(),
+            dtype: *dtype,
+            shape: shape.clone(),
+        })
+        .collect();
+    // Lengths are checked before anything is created, so a bad tensor leaves no file behind.
+    for ((name, dtype, shape, bytes), header) in tensors.iter().zip(&headers) {
+        let n_bytes = tensor_bytes(header)?;
+        if n_bytes != bytes.len() as u64 {
+            return Err(GgufError::TensorByteLength {
+                tensor: name.clone(),
+                dtype: *dtype,
+                shape: shape.clone(),
+                expected: n_bytes,
+                actual: bytes.len(),
+            });
+        }
     }
-    result
+    let mut writer = GgufWriter::create(path, metadata, &headers)?;
+    for (_, _, _, bytes) in tensors {
+        writer.write(bytes)?;
+    }
+    writer.finish().map(|_| ())
+}
+
+/// A GGUF file being written: the header is on disk, tensor data is appended with
+/// [`GgufWriter::write`] in header order, and [`GgufWriter::finish`] publishes the file.
+#[derive(Debug)]
+pub struct GgufWriter {
+    path: PathBuf,
+    partial: PathBuf,
+    out: Option<BufWriter<File>>,
+    tensors: Vec<TensorHeader>,
+    /// Byte size of each tensor's data (unpadded).
+    sizes: Vec<u64>,
+    alignment: u64,
+    /// The tensor being written, and how many of its bytes are written.
+    current: usize,
+    written: u64,
+    /// Bytes in the file so far.
+    len: u64,
+}
+
+impl GgufWriter {
+    /// Validates `metadata` and `tensors` (unique keys and names, flat one-type arrays, a valid
+    /// alignment, shapes ggml accepts for each type), then creates `<path>.partial` and writes
+    /// the header. Nothing is created when validation fails.
+    pub fn create(
+        path: impl AsRef<Path>,
+        metadata: &[(String, Value)],
+        tensors: &[TensorHeader],
+    ) -> Result<GgufWriter, GgufError> {
+        let path = path.as_ref().to_path_buf();
+        let alignment = alignment(metadata)?;
+        check_metadata(metadata)?;
+        let sizes = check_tensors(tensors)?;
+        let header = encode_header(metadata, tensors, &sizes, alignment)?;
+        let partial = partial_path(&path);
+        let file = File::create(&partial).map_err(io(&partial))?;
+        let mut writer = GgufWriter {
+            path,
+            partial,
+            out: Some(BufWriter::with_capacity(1 << 20, file)),
+            tensors: tensors.to_vec(),
+            sizes,
+            alignment,
+            current: 0,
+            written: 0,
+            len: 0,
+        };
+        writer.put(&header)?;
+        writer.skip_empty();
+        Ok(writer)
+    }
+
+    /// The tensor the next bytes belong to, or None once every tensor is complete.
+    pub fn next_tensor(&self) -> Option<&TensorHeader> {
+        self.tensors.get(self.current)
+    }
+
+    /// Appends `bytes` to the data of the current tensor; a tensor is complete (and padded)
+    /// once it has all its bytes, and the next bytes go to the next tensor. A piece may not run
+    /// past the end of its tensor.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), GgufError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let Some(header) = self.tensors.get(self.current) else {
+            return Err(GgufError::Io {
+                path: self.partial.clone(),
+                source: std::io::Error::other(format!(
+                    "{} more bytes after the last tensor",
+                    bytes.len()
+                )),
+            });
+        };
+        let size = self.sizes[self.current];
+        let after = self.written.saturating_add(bytes.len() as u64);
+        if after > size {
+            return Err(GgufError::TensorByteLength {
+                tensor: header.name.clone(),
+                dtype: header.dtype,
+                shape: header.shape.clone(),
+                expected: size,
+                actual: usize::try_from(after).unwrap_or(usize::MAX),
+            });
+        }
+        self.put(bytes)?;
+        self.written = after;
+        if after == size {
+            let pad = padding(size, self.alignment);
+            self.put(&pad)?;
+            self.current += 1;
+            self.written = 0;
+            self.skip_empty();
+        }
+        Ok(())
+    }
+
+    /// Checks that every tensor is complete, flushes and fsyncs the file and renames it to its
+    /// final name (replacing any file there). Returns the file's length.
+    pub fn finish(mut self) -> Result<u64, GgufError> {
+        if let Some(header) = self.tensors.get(self.current) {
+            return Err(GgufError::TensorByteLength {
+                tensor: header.name.clone(),
+                dtype: header.dtype,
+                shape: header.shape.clone(),
+                expected: self.sizes[self.current],
+                actual: usize::try_from(self.written).unwrap_or(usize::MAX),
+            });
+        }
+        let Some(out) = self.out.take() else {
+            return Err(GgufError::Io {
+                path: self.partial.clone(),
+                source: std::io::Error::other("the writer was already closed"),
+            });
+        };
+        let file = out
+            .into_inner()
+            .map_err(|e| io(&self.partial)(e.into_error()))?;
+        file.sync_all().map_err(io(&self.partial))?;
+        drop(file);
+        fs::rename(&self.partial, &self.path).map_err(io(&self.path))?;
+        Ok(self.len)
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> Result<(), GgufError> {
+        let out = self.out.as_mut().ok_or_else(|| GgufError::Io {
+            path: self.partial.clone(),
+            source: std::io::Error::other("the writer was already closed"),
+        })?;
+        out.write_all(bytes).map_err(io(&self.partial))?;
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Tensors of zero bytes cannot exist (ggml has no zero dimension), but stay safe.
+    fn skip_empty(&mut self) {
+        while self.sizes.get(self.current) == Some(&0) {
+            self.current += 1;
+        }
+    }
+}
+
+impl Drop for GgufWriter {
+    /// An unfinished file is removed: nothing half-written stays behind.
+    fn drop(&mut self) {
+        if self.out.take().is_some() {
+            let _ = fs::remove_file(&self.partial);
+        }
+    }
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> GgufError + '_ {
@@ -49,34 +223,23 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> GgufError + '_ {
     }
 }
 
-fn partial_path(path: &Path) -> PathBuf {
+/// `<path>.partial`, next to the final file so that the rename stays on one filesystem.
+pub fn partial_path(path: &Path) -> PathBuf {
     let mut name = OsString::from(path.as_os_str());
     name.push(".partial");
     PathBuf::from(name)
-}
-
-fn write_file(
-    path: &Path,
-    header: &[u8],
-    tensors: &[TensorData],
-    alignment: u64,
-) -> Result<(), GgufError> {
-    let file = File::create(path).map_err(io(path))?;
-    let mut out = BufWriter::new(file);
-    out.write_all(header).map_err(io(path))?;
-    for (_, _, _, bytes) in tensors {
-        out.write_all(bytes).map_err(io(path))?;
-        out.write_all(&padding(bytes.len() as u64, alignment))
-            .map_err(io(path))?;
-    }
-    let file = out.into_inner().map_err(|e| io(path)(e.into_error()))?;
-    file.sync_all().map_err(io(path))
 }
 
 /// Zeros taking `len` up to the next multiple of `alignment` (a power of two, at most 2^31).
 fn padding(len: u64, alignment: u64) -> Vec<u8> {
     let pad = len.wrapping_neg() % alignment;
     vec![0u8; pad as usize]
+}
+
+/// The byte size of a tensor's data, with its shape checked as the reader checks it.
+pub fn tensor_bytes(t: &TensorHeader) -> Result<u64, GgufError> {
+    let dims: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
+    check_shape(&t.name, t.dtype, &dims).map(|(_, n_bytes)| n_bytes)
 }
 
 /// Keys must be unique and arrays flat and of one type, as readers (ours, gguf.cpp) require.
@@ -100,28 +263,17 @@ fn check_metadata(metadata: &[(String, Value)]) -> Result<(), GgufError> {
     Ok(())
 }
 
-/// Checks names, shapes and byte lengths; returns each tensor's byte size.
-fn check_tensors(tensors: &[TensorData]) -> Result<Vec<u64>, GgufError> {
+/// Checks names and shapes; returns each tensor's byte size.
+fn check_tensors(tensors: &[TensorHeader]) -> Result<Vec<u64>, GgufError> {
     let mut seen = HashSet::with_capacity(tensors.len());
     let mut sizes = Vec::with_capacity(tensors.len());
-    for (name, dtype, shape, bytes) in tensors {
-        if !seen.insert(name.as_str()) {
+    for t in tensors {
+        if !seen.insert(t.name.as_str()) {
             return Err(GgufError::DuplicateTensor {
-                tensor: name.clone(),
+                tensor: t.name.clone(),
             });
         }
-        let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-        let (_, n_bytes) = check_shape(name, *dtype, &dims)?;
-        if n_bytes != bytes.len() as u64 {
-            return Err(GgufError::TensorByteLength {
-                tensor: name.clone(),
-                dtype: *dtype,
-                shape: shape.clone(),
-                expected: n_bytes,
-                actual: bytes.len(),
-            });
-        }
-        sizes.push(n_bytes);
+        sizes.push(tensor_bytes(t)?);
     }
     Ok(sizes)
 }
@@ -129,7 +281,7 @@ fn check_tensors(tensors: &[TensorData]) -> Result<Vec<u64>, GgufError> {
 /// Everything before the data section, padded to `alignment`.
 fn encode_header(
     metadata: &[(String, Value)],
-    tensors: &[TensorData],
+    tensors: &[TensorHeader],
     sizes: &[u64],
     alignment: u64,
 ) -> Result<Vec<u8>, GgufError> {
@@ -144,21 +296,21 @@ fn encode_header(
         encode_value(&mut out, value);
     }
     let mut offset = 0u64;
-    for ((name, dtype, shape, _), &n_bytes) in tensors.iter().zip(sizes) {
-        encode_string(&mut out, name);
-        out.extend_from_slice(&(shape.len() as u32).to_le_bytes());
+    for (t, &n_bytes) in tensors.iter().zip(sizes) {
+        encode_string(&mut out, &t.name);
+        out.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
         // ggml order: ne[0] is the row length, the last row-major dim.
-        for &d in shape.iter().rev() {
+        for &d in t.shape.iter().rev() {
             out.extend_from_slice(&(d as u64).to_le_bytes());
         }
-        out.extend_from_slice(&dtype.ggml_id().to_le_bytes());
+        out.extend_from_slice(&t.dtype.ggml_id().to_le_bytes());
         out.extend_from_slice(&offset.to_le_bytes());
         offset = offset
             .checked_add(n_bytes)
             .and_then(|end| align_up(end, alignment))
             .ok_or_else(|| GgufError::SizeOverflow {
-                tensor: name.clone(),
-                shape: shape.iter().map(|&d| d as u64).collect(),
+                tensor: t.name.clone(),
+                shape: t.shape.iter().map(|&d| d as u64).collect(),
             })?;
     }
     let pad = padding(out.len() as u64, alignment);
@@ -364,5 +516,113 @@ mod tests {
         write_gguf(&path, &[], &[]).unwrap();
         let f = GgufFile::open(&path).unwrap();
         assert!(f.tensors.is_empty() && f.metadata.is_empty());
+    }
+
+    fn header(name: &str, dtype: DType, shape: Vec<usize>) -> TensorHeader {
+        TensorHeader {
+            name: name.into(),
+            dtype,
+            shape,
+        }
+    }
+
+    #[test]
+    fn streams_tensors_in_pieces_of_any_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.gguf");
+        let tensors = every_dtype();
+        let headers: Vec<TensorHeader> = tensors
+            .iter()
+            .map(|(n, d, s, _)| header(n, *d, s.clone()))
+            .collect();
+        let mut w = GgufWriter::create(&path, &every_value_type(), &headers).unwrap();
+        assert!(partial_path(&path).exists() && !path.exists());
+        // Pieces of 7 bytes, crossing no tensor boundary.
+        for (name, _, _, bytes) in &tensors {
+            assert_eq!(
+                w.next_tensor().map(|t| t.name.as_str()),
+                Some(name.as_str())
+            );
+            for piece in bytes.chunks(7) {
+                w.write(piece).unwrap();
+            }
+        }
+        assert!(w.next_tensor().is_none());
+        let len = w.finish().unwrap();
+        assert!(!partial_path(&path).exists());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        // Byte-identical to the in-memory path.
+        let other = dir.path().join("m.gguf");
+        write_gguf(&other, &every_value_type(), &tensors).unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            std::fs::read(&other).unwrap()
+        );
+    }
+
+    #[test]
+    fn offsets_are_the_running_sum_of_padded_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.gguf");
+        // 3 f32 (12 bytes -> 32), 40 f16 (80 bytes -> 96), one Q8_0 block (34 -> 64).
+        let tensors = vec![
+            ("a".to_string(), DType::F32, vec![3], vec![1u8; 12]),
+            ("b".to_string(), DType::F16, vec![2, 20], vec![2u8; 80]),
+            ("c".to_string(), DType::Q8_0, vec![32], vec![3u8; 34]),
+        ];
+        write_gguf(&path, &[], &tensors).unwrap();
+        let f = GgufFile::open(&path).unwrap();
+        let offsets: Vec<u64> = f.tensors.iter().map(|t| t.offset - f.data_start).collect();
+        assert_eq!(offsets, vec![0, 32, 128]);
+        assert_eq!(f.len(), f.data_start + 192);
+        let bytes = std::fs::read(&path).unwrap();
+        let data = f.data_start as usize;
+        assert!(bytes[data + 12..data + 32].iter().all(|&b| b == 0));
+        assert!(
+            bytes[data + 162..].iter().all(|&b| b == 0),
+            "padding after the last tensor"
+        );
+    }
+
+    #[test]
+    fn a_piece_past_the_end_of_its_tensor_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.gguf");
+        let headers = [
+            header("a", DType::F32, vec![2]),
+            header("b", DType::F32, vec![1]),
+        ];
+        let mut w = GgufWriter::create(&path, &[], &headers).unwrap();
+        let msg = w.write(&[0; 12]).unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            "tensor \"a\" (F32, shape [2]) needs 8 bytes but has 12"
+        );
+    }
+
+    #[test]
+    fn finishing_early_or_dropping_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.gguf");
+        let headers = [
+            header("a", DType::F32, vec![2]),
+            header("b", DType::F32, vec![1]),
+        ];
+        let mut w = GgufWriter::create(&path, &[], &headers).unwrap();
+        w.write(&[0; 8]).unwrap();
+        let msg = w.finish().unwrap_err().to_string();
+        assert_eq!(msg, "tensor \"b\" (F32, shape [1]) needs 4 bytes but has 0");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let w = GgufWriter::create(&path, &[], &headers).unwrap();
+        drop(w);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        // Bytes after the last tensor are refused.
+        let mut w = GgufWriter::create(&path, &[], &headers[1..]).unwrap();
+        w.write(&[0; 4]).unwrap();
+        assert!(w
+            .write(&[0])
+            .unwrap_err()
+            .to_string()
+            .contains("after the last tensor"));
     }
 }

@@ -1,0 +1,241 @@
+//! `surgery heal MODEL --data FILE... --out DIR`: the recurrence-curriculum fine-tune, with
+//! checkpoints and `--resume`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use surgery::heal::checkpoint::read_state;
+use surgery::heal::output;
+use surgery::heal::train::{run, CurriculumKind, HealConfig, Observer, OptimizerKind, StepMetrics};
+use surgery::model::params::Train;
+
+use super::Global;
+
+#[derive(clap::Args)]
+pub struct HealArgs {
+    /// A recurrent checkpoint (from `apply` or an earlier `heal`).
+    #[arg(required_unless_present = "resume")]
+    pub model: Option<PathBuf>,
+    /// Training text: .txt (documents separated by a blank line) or .jsonl.
+    #[arg(long, num_args = 1.., required_unless_present = "resume")]
+    pub data: Vec<PathBuf>,
+    /// The JSONL field holding the text.
+    #[arg(long, default_value = "text")]
+    pub field: String,
+    /// Held-out text for evaluation (else --holdout of the training windows).
+    #[arg(long, num_args = 1..)]
+    pub eval_data: Vec<PathBuf>,
+    /// Share of the training windows held out for evaluation when --eval-data is not given.
+    #[arg(long, default_value_t = 0.05)]
+    pub holdout: f64,
+    /// The output directory.
+    #[arg(long, required_unless_present = "resume")]
+    pub out: Option<PathBuf>,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 100)]
+    pub steps: u64,
+    /// Tokens per training sequence (windows of seq-len + 1 packed from documents + EOS).
+    #[arg(long, default_value_t = 1024)]
+    pub seq_len: usize,
+    /// Sequences per optimizer step.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Sequences per forward/backward pass (gradients accumulate over batch / micro-batch).
+    #[arg(long)]
+    pub micro_batch: Option<usize>,
+    /// Shape of the mean-recurrence curriculum.
+    #[arg(long, value_enum, default_value = "1-sqrt")]
+    pub curriculum: CurriculumKind,
+    /// Share of the steps over which the mean recurrence rises to its maximum.
+    #[arg(long, default_value_t = 0.75)]
+    pub curriculum_warmup: f64,
+    /// The mean recurrence m reached by the curriculum.
+    #[arg(long, default_value_t = 4)]
+    pub max_mean_recurrence: usize,
+    /// The mean recurrence the curriculum starts at.
+    #[arg(long, default_value_t = 1)]
+    pub curriculum_start: usize,
+    /// Iterations that carry gradient (truncated backpropagation), k = min(this, m).
+    #[arg(long, default_value_t = 8)]
+    pub backprop_depth: usize,
+    /// muon: Muon on matrices and the adapter, AdamW on embeddings and norms; adamw: AdamW on all.
+    #[arg(long, value_enum, default_value = "muon")]
+    pub optimizer: OptimizerKind,
+    /// Learning rate of the matrices [default: 1e-3 with muon, 5e-5 with adamw].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Learning rate of embeddings, lm_head and norms under muon.
+    #[arg(long, default_value_t = 5e-5)]
+    pub adam_lr: f64,
+    /// Decoupled weight decay (not on norm gains).
+    #[arg(long, default_value_t = 1e-4)]
+    pub weight_decay: f64,
+    /// Gradient clipping: the global norm is scaled down to this.
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// Share of the steps of linear LR warmup from 0.001 x LR.
+    #[arg(long, default_value_t = 0.005)]
+    pub warmup: f64,
+    /// Share of the steps of cosine LR decay to 0.001 x LR at the end.
+    #[arg(long, default_value_t = 0.6)]
+    pub cooldown: f64,
+    /// What trains; the rest is frozen.
+    #[arg(long, value_enum, default_value = "all")]
+    pub train: Train,
+    /// Train the static model instead (r = 1, adapter frozen): the paper's static baseline.
+    #[arg(long = "static")]
+    pub static_baseline: bool,
+    /// keep: start from the checkpoint's weights; random: re-initialize them (random-init baseline).
+    #[arg(long, value_parser = ["keep", "random"], default_value = "keep")]
+    pub init: String,
+    /// Seed of data order, recurrence draws, initial states and a random init.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Evaluate on held-out text every N steps (and at the end) at r = 1, m_max, 2 m_max; 0: at the end only.
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: u64,
+    /// Held-out tokens per evaluation.
+    #[arg(long, default_value_t = 4096)]
+    pub eval_tokens: usize,
+    /// Write a checkpoint (weights, optimizer, position) every N steps into OUT.checkpoints/; 0: never.
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every: u64,
+    /// Continue a run from one of its checkpoints (OUT.checkpoints/step-N); the run's settings come from it.
+    #[arg(long, value_name = "CHECKPOINT")]
+    pub resume: Option<PathBuf>,
+    /// cpu (CUDA needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl HealArgs {
+    fn config(&self) -> anyhow::Result<HealConfig> {
+        let lr = self.lr.unwrap_or(match self.optimizer {
+            OptimizerKind::Muon => 1e-3,
+            OptimizerKind::Adamw => 5e-5,
+        });
+        Ok(HealConfig {
+            model: self.model.clone().context("MODEL is required")?,
+            data: self.data.clone(),
+            field: self.field.clone(),
+            eval_data: self.eval_data.clone(),
+            holdout: self.holdout,
+            out: self.out.clone().context("--out is required")?,
+            steps: self.steps,
+            seq_len: self.seq_len,
+            batch: self.batch,
+            micro_batch: self.micro_batch.unwrap_or(self.batch),
+            curriculum: self.curriculum,
+            curriculum_warmup: self.curriculum_warmup,
+            max_mean_recurrence: self.max_mean_recurrence,
+            curriculum_start: self.curriculum_start,
+            backprop_depth: self.backprop_depth,
+            optimizer: self.optimizer,
+            lr,
+            adam_lr: self.adam_lr,
+            weight_decay: self.weight_decay,
+            clip: self.clip,
+            warmup: self.warmup,
+            cooldown: self.cooldown,
+            train: self.train,
+            static_baseline: self.static_baseline,
+            init_random: self.init == "random",
+            seed: self.seed,
+            eval_every: self.eval_every,
+            eval_tokens: self.eval_tokens,
+            checkpoint_every: self.checkpoint_every,
+        })
+    }
+}
+
+/// The progress bar: step, loss, LR, m, tokens/s, ETA.
+struct Bar {
+    bar: ProgressBar,
+    quiet: bool,
+}
+
+impl Observer for Bar {
+    fn start(&mut self, steps: u64, first: u64) {
+        self.bar.set_length(steps);
+        self.bar.set_position(first);
+    }
+
+    fn step(&mut self, m: &StepMetrics) {
+        self.bar.set_position(m.step + 1);
+        self.bar.set_message(format!(
+            "loss {:.4} lr {:.2e} m {} {:.0} tok/s",
+            m.loss, m.lr, m.mean_recurrence, m.tokens_per_second
+        ));
+        if !m.eval.is_empty() && !self.quiet {
+            let evals: Vec<String> = m.eval.iter().map(|e| format!("r={}: {:.4}", e.r, e.loss)).collect();
+            self.bar.println(format!("step {}: held-out loss {}", m.step + 1, evals.join(", ")));
+        }
+    }
+
+    fn note(&mut self, text: &str) {
+        if !self.quiet {
+            self.bar.println(format!("note: {text}"));
+        }
+    }
+}
+
+pub fn run_cli(args: HealArgs, global: Global) -> anyhow::Result<()> {
+    let device = match args.device.as_str() {
+        "cpu" => Device::Cpu,
+        other => bail!("--device {other} is not available in this build (CPU only; CUDA needs the `cuda` feature)"),
+    };
+    if let Some(n) = args.threads {
+        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+    }
+    let (config, resume) = match &args.resume {
+        Some(dir) => (read_state(dir)?.config, Some(dir.as_path())),
+        None => (args.config()?, None),
+    };
+    if resume.is_none() && config.out.exists() && !args.force {
+        bail!("{} already exists; pass --force to replace it", config.out.display());
+    }
+    let bar = super::byte_progress(global, config.steps, "healing");
+    bar.set_style(
+        ProgressStyle::with_template("healing [{bar:30}] step {pos}/{len} {msg} {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut observer = Bar { bar, quiet: global.quiet };
+    let mut trained = run(&config, resume, &device, &mut observer)?;
+    observer.bar.finish_and_clear();
+    let files = output::write(&mut trained, args.force || resume.is_some())?;
+    let last = trained.metrics.last();
+    if global.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "out": config.out.display().to_string(),
+                "steps": trained.metrics.len(),
+                "final": last,
+                "files": files,
+            }))?
+        );
+    } else {
+        println!(
+            "healed {} -> {} in {} steps; final training loss {:.4}",
+            config.model.display(),
+            config.out.display(),
+            trained.metrics.len(),
+            last.map_or(f64::NAN, |m| m.loss)
+        );
+        if let Some(m) = last {
+            for e in &m.eval {
+                println!("  held-out loss at r = {}: {:.4} (perplexity {:.2})", e.r, e.loss, e.loss.exp());
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! Training checkpoints: `OUT.checkpoints/step-NNNNNN/` with the weights of every trained
+//! parameter, the optimizer's state and the run's position (step, data cursor, configuration),
+//! written atomically; and metrics.jsonl beside them, one line per finished step.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use crate::model::params::Param;
+
+use super::optim::Optimizer;
+use super::train::{CheckpointState, HealError, Result, StepMetrics};
+
+/// How many checkpoints are kept (the newest ones).
+const KEEP: usize = 2;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HealError + '_ {
+    move |source| HealError::Io { path: path.to_path_buf(), source }
+}
+
+/// Writes a checkpoint for `state` and removes all but the newest [`KEEP`]; returns its directory.
+pub fn save(root: &Path, state: &CheckpointState, params: &[Param], optimizer: &Optimizer) -> Result<PathBuf> {
+    let dir = root.join(format!("step-{:06}", state.step));
+    let partial = root.join(format!("step-{:06}.partial", state.step));
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
+    }
+    std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+    let weights: HashMap<String, Tensor> = params.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
+    candle_core::safetensors::save(&weights, partial.join("weights.safetensors"))?;
+    let moments: HashMap<String, Tensor> = optimizer.state_tensors().into_iter().collect();
+    candle_core::safetensors::save(&moments, partial.join("optimizer.safetensors"))?;
+    let json = serde_json::to_vec_pretty(state).map_err(|e| HealError::Invalid(e.to_string()))?;
+    std::fs::write(partial.join("state.json"), json).map_err(io(&partial))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+    }
+    std::fs::rename(&partial, &dir).map_err(io(&dir))?;
+    let mut old: Vec<PathBuf> = std::fs::read_dir(root)
+        .map_err(io(root))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-") && !n.to_string_lossy().ends_with(".partial")))
+        .collect();
+    old.sort();
+    for stale in old.iter().take(old.len().saturating_sub(KEEP)) {
+        std::fs::remove_dir_all(stale).map_err(io(stale))?;
+    }
+    Ok(dir)
+}
+
+/// Reads a checkpoint's state (the run's configuration and position) without loading tensors.
+pub fn read_state(dir: &Path) -> Result<CheckpointState> {
+    let path = dir.join("state.json");
+    let bytes = std::fs::read(&path).map_err(io(&path))?;
+    serde_json::from_slice(&bytes).map_err(|e| HealError::Invalid(format!("{}: {e}", path.display())))
+}
+
+/// Restores the trained parameters and the optimizer from a checkpoint; returns its state.
+pub fn load(dir: &Path, params: &[Param], optimizer: &mut Optimizer, device: &Device) -> Result<CheckpointState> {
+    let state = read_state(dir)?;
+    let weights = candle_core::safetensors::load(dir.join("weights.safetensors"), device)?;
+    for p in params {
+        let t = weights
+            .get(&p.name)
+            .ok_or_else(|| HealError::Invalid(format!("{}: no weights for {}", dir.display(), p.name)))?;
+        if t.dims() != p.var.dims() {
+            return Err(HealError::Invalid(format!(
+                "{}: {} has shape {:?}, the model {:?}",
+                dir.display(),
+                p.name,
+                t.dims(),
+                p.var.dims()
+            )));
+        }
+        p.var.set(t)?;
+    }
+    let moments = candle_core::safetensors::load(dir.join("optimizer.safetensors"), device)?;
+    optimizer.load_state(moments)?;
+    Ok(state)
+}
+
+/// Appends one step's metrics to `root/metrics.jsonl`.
+pub fn append_metrics(root: &Path, line: &StepMetrics) -> Result<()> {
+    std::fs::create_dir_all(root).map_err(io(root))?;
+    let path = root.join("metrics.jsonl");
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
+    let text = serde_json::to_string(line).map_err(|e| HealError::Invalid(e.to_string()))?;
+    writeln!(f, "{text}").map_err(io(&path))
+}
+
+/// The metrics of steps before `step`, and the file cut back to them (a resumed run appends the
+/// lines of the steps it redoes).
+pub fn read_metrics(root: &Path, step: u64) -> Result<Vec<StepMetrics>> {
+    let path = root.join("metrics.jsonl");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let kept: Vec<StepMetrics> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<StepMetrics>(l).ok())
+        .filter(|m| m.step < step)
+        .collect();
+    let mut out = String::new();
+    for m in &kept {
+        out.push_str(&serde_json::to_string(m).map_err(|e| HealError::Invalid(e.to_string()))?);
+        out.push('\n');
+    }
+    std::fs::write(&path, out).map_err(io(&path))?;
+    Ok(kept)
+}

@@ -1,0 +1,100 @@
+//! Training data: documents + EOS packed into windows of `seq_len + 1` tokens (inputs and their
+//! next tokens), a held-out share kept for evaluation, and a shuffled order that is a pure function
+//! of (seed, cursor), so a resumed run reads exactly what an uninterrupted one would.
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::eval::data::{Window, Windows};
+
+/// Packed training windows and the held-out ones.
+pub struct TrainData {
+    train: Vec<Vec<u32>>,
+    pub held_out: Windows,
+    seed: u64,
+    /// The order of the epoch read last, kept to avoid reshuffling on every read.
+    order: std::cell::RefCell<(u64, Vec<usize>)>,
+}
+
+impl TrainData {
+    /// Cuts `stream` into windows of `seq_len + 1` tokens (the last partial one dropped); the last
+    /// `holdout` share of them (at least one when `holdout > 0`) is held out. Returns None when
+    /// there is not a single training window.
+    pub fn new(stream: &[u32], seq_len: usize, holdout: f64, seed: u64) -> Option<TrainData> {
+        let mut windows: Vec<Vec<u32>> = stream.chunks_exact(seq_len + 1).map(<[u32]>::to_vec).collect();
+        let held = if holdout > 0.0 {
+            ((windows.len() as f64 * holdout).ceil() as usize).min(windows.len().saturating_sub(1))
+        } else {
+            0
+        };
+        let held_out = windows.split_off(windows.len() - held);
+        if windows.is_empty() {
+            return None;
+        }
+        let held_out = Windows {
+            windows: held_out
+                .into_iter()
+                .map(|w| Window {
+                    inputs: w[..seq_len].to_vec(),
+                    targets: w[1..].to_vec(),
+                })
+                .collect(),
+            seq_len,
+        };
+        Some(TrainData {
+            train: windows,
+            held_out,
+            seed,
+            order: std::cell::RefCell::new((u64::MAX, vec![])),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.train.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.train.is_empty()
+    }
+
+    /// The window read at position `cursor` of the run: epoch `cursor / len` is a permutation of
+    /// all windows drawn from (seed, epoch).
+    pub fn window(&self, cursor: u64) -> &[u32] {
+        let n = self.train.len() as u64;
+        let (epoch, index) = (cursor / n, (cursor % n) as usize);
+        let mut cached = self.order.borrow_mut();
+        if cached.0 != epoch {
+            let mut order: Vec<usize> = (0..self.train.len()).collect();
+            let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            order.shuffle(&mut rng);
+            *cached = (epoch, order);
+        }
+        &self.train[cached.1[index]]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packs_holds_out_and_shuffles_reproducibly() {
+        let stream: Vec<u32> = (0..50).collect();
+        let d = TrainData::new(&stream, 4, 0.2, 7).unwrap();
+        // 10 windows of 5 tokens: 2 held out, 8 to train on.
+        assert_eq!((d.len(), d.held_out.windows.len()), (8, 2));
+        assert_eq!(d.held_out.windows[0].inputs, [40, 41, 42, 43]);
+        assert_eq!(d.held_out.windows[0].targets, [41, 42, 43, 44]);
+        let epoch: Vec<u32> = (0..8).map(|c| d.window(c)[0]).collect();
+        let mut sorted = epoch.clone();
+        sorted.sort();
+        assert_eq!(sorted, [0, 5, 10, 15, 20, 25, 30, 35]);
+        assert_ne!(epoch, sorted, "shuffled");
+        // The same cursor reads the same window; the next epoch is another order.
+        assert_eq!(d.window(3), TrainData::new(&stream, 4, 0.2, 7).unwrap().window(3));
+        let next: Vec<u32> = (8..16).map(|c| d.window(c)[0]).collect();
+        assert_ne!(epoch, next);
+        assert!(TrainData::new(&stream[..4], 4, 0.0, 7).is_none());
+    }
+}

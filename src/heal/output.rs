@@ -1,0 +1,139 @@
+//! The healed checkpoint: the input's layout and tokenizer, the trained weights (in the input's
+//! dtype), a config recording the whole heal configuration, metrics.jsonl, a PNG of the curves and
+//! a manifest, written into `OUT.partial-<pid>/` and renamed at the end.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::dtype::DType;
+use crate::eval::plot::plot_curves;
+use crate::formats::safetensors::write_file;
+use crate::manifest::{self, Manifest, ManifestEntry, MANIFEST_NAME};
+use crate::source::SourceModel;
+
+use super::train::{HealError, Result, Trained};
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HealError + '_ {
+    move |source| HealError::Io { path: path.to_path_buf(), source }
+}
+
+/// Writes `trained` as a checkpoint at its config's `out`; returns the files written.
+pub fn write(trained: &mut Trained, force: bool) -> Result<Vec<ManifestEntry>> {
+    let out = trained.config.out.clone();
+    if out.exists() && !force {
+        return Err(HealError::Invalid(format!("{} already exists; pass --force to replace it", out.display())));
+    }
+    let name = out.file_name().map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
+    let partial = out.with_file_name(format!("{name}.partial-{}", std::process::id()));
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
+    }
+    std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+    let result = write_into(trained, &partial).and_then(|files| {
+        if force && out.exists() {
+            let old = out.with_file_name(format!("{name}.old-{}", std::process::id()));
+            std::fs::rename(&out, &old).map_err(io(&out))?;
+            std::fs::rename(&partial, &out).map_err(io(&out))?;
+            std::fs::remove_dir_all(&old).map_err(io(&old))?;
+        } else {
+            std::fs::rename(&partial, &out).map_err(io(&out))?;
+        }
+        Ok(files)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    result
+}
+
+fn write_into(trained: &mut Trained, dir: &Path) -> Result<Vec<ManifestEntry>> {
+    let cfg = trained.config.clone();
+    let source = SourceModel::open(&cfg.model)?;
+    let dtype = source.tensors.values().next().map_or(DType::F32, |t| t.dtype);
+    let dtype = if dtype.is_quantized() { DType::F32 } else { dtype };
+    let mut tensors = Vec::new();
+    for (name, t) in trained.model.named_tensors()? {
+        let values = t.flatten_all()?.to_vec1::<f32>()?;
+        let bytes = dtype.encode_f32(&values).unwrap_or_default();
+        tensors.push((name, dtype, t.dims().to_vec(), bytes));
+    }
+    let weights = dir.join("model.safetensors");
+    write_file(&weights, &tensors).map_err(|e| HealError::Invalid(e.to_string()))?;
+    drop(tensors);
+
+    let config_path = cfg.model.join("config.json");
+    let text = std::fs::read(&config_path).map_err(io(&config_path))?;
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| HealError::Invalid(format!("{}: {e}", config_path.display())))?;
+    let last = trained.metrics.last();
+    config["surgery"]["heal"] = json!({
+        "tool_version": env!("CARGO_PKG_VERSION"),
+        "config": cfg,
+        "steps": trained.metrics.len(),
+        "final_loss": last.map(|m| m.loss),
+        "final_eval": last.map(|m| &m.eval),
+    });
+    config["torch_dtype"] = json!(match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    });
+    let mut pretty = serde_json::to_vec_pretty(&config).map_err(|e| HealError::Invalid(e.to_string()))?;
+    pretty.push(b'\n');
+    std::fs::write(dir.join("config.json"), pretty).map_err(io(dir))?;
+    // The tokenizer and the plan that made the input travel with it.
+    let mut extra: Vec<String> = source.tokenizer.iter().flat_map(|t| t.files.clone()).collect();
+    extra.push("plan.json".into());
+    for f in extra {
+        let from = cfg.model.join(&f);
+        if from.is_file() {
+            std::fs::copy(&from, dir.join(&f)).map_err(io(&from))?;
+        }
+    }
+    let metrics = cfg.checkpoint_root().join("metrics.jsonl");
+    if metrics.is_file() {
+        std::fs::copy(&metrics, dir.join("metrics.jsonl")).map_err(io(&metrics))?;
+    }
+    let train: Vec<(f64, f64)> = trained.metrics.iter().map(|m| (m.step as f64 + 1.0, m.loss)).collect();
+    let mut series = vec![("training loss".to_string(), train)];
+    let mut rs: Vec<usize> = trained.metrics.iter().flat_map(|m| m.eval.iter().map(|e| e.r)).collect();
+    rs.sort();
+    rs.dedup();
+    for r in rs {
+        let points = trained
+            .metrics
+            .iter()
+            .flat_map(|m| m.eval.iter().filter(|e| e.r == r).map(move |e| (m.step as f64 + 1.0, e.loss)))
+            .collect();
+        series.push((format!("held-out loss, r = {r}"), points));
+    }
+    plot_curves(&dir.join("curves.png"), "healing", ("optimizer step", "loss (nats/token)"), &series)
+        .map_err(|e| HealError::Invalid(e.to_string()))?;
+    manifest_of(dir)
+}
+
+/// Hashes every file of `dir` into its manifest.json; returns the entries.
+fn manifest_of(dir: &Path) -> Result<Vec<ManifestEntry>> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    names.sort();
+    let mut files = Vec::new();
+    for path in names {
+        let bytes = std::fs::metadata(&path).map_err(io(&path))?.len();
+        let sha256 = manifest::sha256_file(&path, |_| {}).map_err(io(&path))?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        files.push(ManifestEntry { path: name, bytes, sha256 });
+    }
+    let m = Manifest {
+        manifest_version: manifest::MANIFEST_VERSION,
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        files: files.clone(),
+    };
+    let mut text = serde_json::to_vec_pretty(&m).map_err(|e| HealError::Invalid(e.to_string()))?;
+    text.push(b'\n');
+    std::fs::write(dir.join(MANIFEST_NAME), text).map_err(io(dir))?;
+    Ok(files)
+}

@@ -1,0 +1,411 @@
+//! The training loop: recurrence curriculum and sampling, truncated backpropagation, gradient
+//! accumulation and clipping, Muon/AdamW, evaluation, metrics, checkpoints and resume.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::eval::data::{read_documents, token_stream};
+use crate::eval::perplexity::perplexity;
+use crate::formats::text_tokenizer::TextTokenizer;
+use crate::model::params::{Param, ParamKind, Train};
+use crate::model::{InitialState, Model};
+use crate::source::SourceModel;
+
+use super::data::TrainData;
+use super::optim::{clip_grad_norm, Kind, Optimizer, ParamGroup};
+use super::sampler;
+use super::schedule::{learning_rate, mean_recurrence, Curriculum};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HealError {
+    /// Bad options or data.
+    #[error("{0}")]
+    Invalid(String),
+    /// The loss or the gradient stopped being finite.
+    #[error("non-finite {what} at step {step}; {checkpoint}")]
+    NonFinite {
+        what: &'static str,
+        step: u64,
+        checkpoint: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+    #[error(transparent)]
+    Data(#[from] crate::eval::data::DataError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::formats::text_tokenizer::TextTokenizerError),
+}
+
+pub type Result<T> = std::result::Result<T, HealError>;
+
+/// The curriculum's shape, as flags and config files name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum CurriculumKind {
+    #[serde(rename = "linear")]
+    Linear,
+    #[serde(rename = "1-sqrt")]
+    #[value(name = "1-sqrt")]
+    OneMinusSqrt,
+    #[serde(rename = "constant")]
+    Constant,
+}
+
+impl From<CurriculumKind> for Curriculum {
+    fn from(k: CurriculumKind) -> Curriculum {
+        match k {
+            CurriculumKind::Linear => Curriculum::Linear,
+            CurriculumKind::OneMinusSqrt => Curriculum::OneMinusSqrt,
+            CurriculumKind::Constant => Curriculum::Constant,
+        }
+    }
+}
+
+/// Which optimizer trains the matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// Muon on every 2-D block matrix and the adapter, AdamW on embeddings, lm_head and norms.
+    Muon,
+    /// AdamW on everything.
+    Adamw,
+}
+
+/// Everything that defines a run; recorded in checkpoints and in the output's config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealConfig {
+    pub model: PathBuf,
+    pub data: Vec<PathBuf>,
+    pub field: String,
+    pub eval_data: Vec<PathBuf>,
+    pub holdout: f64,
+    pub out: PathBuf,
+    pub steps: u64,
+    pub seq_len: usize,
+    pub batch: usize,
+    pub micro_batch: usize,
+    pub curriculum: CurriculumKind,
+    pub curriculum_warmup: f64,
+    pub max_mean_recurrence: usize,
+    pub curriculum_start: usize,
+    pub backprop_depth: usize,
+    pub optimizer: OptimizerKind,
+    pub lr: f64,
+    pub adam_lr: f64,
+    pub weight_decay: f64,
+    pub clip: f64,
+    pub warmup: f64,
+    pub cooldown: f64,
+    pub train: Train,
+    pub static_baseline: bool,
+    pub init_random: bool,
+    pub seed: u64,
+    pub eval_every: u64,
+    pub eval_tokens: usize,
+    pub checkpoint_every: u64,
+}
+
+impl HealConfig {
+    /// Where checkpoints of this run go: `OUT.checkpoints/` beside OUT.
+    pub fn checkpoint_root(&self) -> PathBuf {
+        let name = self.out.file_name().map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
+        self.out.with_file_name(format!("{name}.checkpoints"))
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(HealError::Invalid(m));
+        if self.steps == 0 {
+            return bad("--steps must be at least 1".into());
+        }
+        if self.seq_len == 0 || self.batch == 0 || self.micro_batch == 0 {
+            return bad("--seq-len, --batch and --micro-batch must be at least 1".into());
+        }
+        if self.batch % self.micro_batch != 0 {
+            return bad(format!("--batch {} is not a multiple of --micro-batch {}", self.batch, self.micro_batch));
+        }
+        if self.max_mean_recurrence == 0 || self.backprop_depth == 0 || self.curriculum_start == 0 {
+            return bad("--max-mean-recurrence, --backprop-depth and --curriculum-start must be at least 1".into());
+        }
+        for (name, v) in [("--curriculum-warmup", self.curriculum_warmup), ("--warmup", self.warmup), ("--cooldown", self.cooldown), ("--holdout", self.holdout)] {
+            if !(0.0..=1.0).contains(&v) {
+                return bad(format!("{name} {v} must be a fraction between 0 and 1"));
+            }
+        }
+        if self.warmup + self.cooldown > 1.0 {
+            return bad(format!("--warmup {} and --cooldown {} add up to more than the run", self.warmup, self.cooldown));
+        }
+        for (name, v) in [("--lr", self.lr), ("--adam-lr", self.adam_lr), ("--clip", self.clip)] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(format!("{name} {v} must be a positive number"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One line of metrics.jsonl (schemas/metrics.schema.json).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub mean_recurrence: usize,
+    pub iterations_without_grad: Vec<usize>,
+    pub iterations_with_grad: Vec<usize>,
+    pub tokens: usize,
+    pub tokens_per_second: f64,
+    pub grad_norm: f64,
+    /// Held-out loss by r, on evaluation steps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub eval: Vec<EvalLoss>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalLoss {
+    pub r: usize,
+    pub loss: f64,
+}
+
+/// The state a checkpoint restores besides the weights and optimizer moments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointState {
+    /// The next step to run.
+    pub step: u64,
+    /// Training windows read so far.
+    pub cursor: u64,
+    pub config: HealConfig,
+}
+
+/// Callbacks for progress and step lines.
+pub trait Observer {
+    fn start(&mut self, steps: u64, first: u64);
+    fn step(&mut self, m: &StepMetrics);
+    fn note(&mut self, text: &str);
+}
+
+/// The trained model, its run's metrics, and where the checkpoints are.
+pub struct Trained {
+    pub model: Model,
+    pub metrics: Vec<StepMetrics>,
+    pub config: HealConfig,
+}
+
+/// A deterministic seed for the initial state of (step, micro-step).
+fn state_seed(seed: u64, step: u64, micro: u64) -> u64 {
+    seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ micro.wrapping_mul(0xD1B5_4A32_D192_ED03)
+}
+
+/// Mean next-token cross-entropy of `logits` [B, T, V] against `targets` [B, T], differentiable
+/// (the max is detached: logsumexp's gradient does not depend on the shift).
+pub fn mean_cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let logsumexp = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let picked = shifted.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?;
+    (logsumexp - picked)?.mean_all()
+}
+
+fn groups(params: &[Param], cfg: &HealConfig) -> Vec<ParamGroup> {
+    let (mut matrices, mut others) = (Vec::new(), Vec::new());
+    for p in params {
+        let entry = (p.name.clone(), p.var.clone());
+        match (cfg.optimizer, p.kind) {
+            (OptimizerKind::Muon, ParamKind::Matrix) => matrices.push(entry),
+            _ => others.push((entry, p.kind)),
+        }
+    }
+    let (lr_others, muon) = match cfg.optimizer {
+        OptimizerKind::Muon => (cfg.adam_lr, true),
+        OptimizerKind::Adamw => (cfg.lr, false),
+    };
+    // Weight decay on matrices and embeddings, not on norm gains (decaying a gain towards 0
+    // rescales the layer instead of regularizing it).
+    let (norms, decayed): (Vec<_>, Vec<_>) = others.into_iter().partition(|(_, k)| *k == ParamKind::Norm);
+    let mut out = Vec::new();
+    if muon && !matrices.is_empty() {
+        out.push(ParamGroup { name: "muon".into(), vars: matrices, kind: Kind::Muon, lr: cfg.lr, weight_decay: cfg.weight_decay });
+    }
+    if !decayed.is_empty() {
+        out.push(ParamGroup { name: "adamw".into(), vars: decayed.into_iter().map(|(e, _)| e).collect(), kind: Kind::AdamW, lr: lr_others, weight_decay: cfg.weight_decay });
+    }
+    if !norms.is_empty() {
+        out.push(ParamGroup { name: "adamw-norms".into(), vars: norms.into_iter().map(|(e, _)| e).collect(), kind: Kind::AdamW, lr: lr_others, weight_decay: 0.0 });
+    }
+    out
+}
+
+/// Loads the model and data of `cfg`, restores `resume` if given, and trains to `cfg.steps`.
+pub fn run(cfg: &HealConfig, resume: Option<&Path>, device: &Device, observer: &mut dyn Observer) -> Result<Trained> {
+    cfg.validate()?;
+    let source = SourceModel::open(&cfg.model)?;
+    let Some(shape) = source.config.recurrent else {
+        return Err(HealError::Invalid(format!(
+            "{} is not a recurrent checkpoint; make one with `surgery apply MODEL --shape P,C,K` first",
+            cfg.model.display()
+        )));
+    };
+    if cfg.train == Train::Adapter && (!shape.adapter || cfg.static_baseline) {
+        return Err(HealError::Invalid("--train adapter needs an adapter to train (not --injection none, not --static)".into()));
+    }
+    let tokenizer = TextTokenizer::for_model(&source)?;
+    let docs = read_documents(&cfg.data, Some(&cfg.field))?;
+    if docs.skipped_invalid_utf8 > 0 {
+        observer.note(&format!("skipped {} document(s) that are not valid UTF-8", docs.skipped_invalid_utf8));
+    }
+    let stream = token_stream(&docs, &tokenizer, None)?;
+    let holdout = if cfg.eval_data.is_empty() { cfg.holdout } else { 0.0 };
+    let mut data = TrainData::new(&stream, cfg.seq_len, holdout, cfg.seed).ok_or_else(|| {
+        HealError::Invalid(format!(
+            "the data holds {} tokens, not enough for one training window of --seq-len {} + 1",
+            stream.len(),
+            cfg.seq_len
+        ))
+    })?;
+    if !cfg.eval_data.is_empty() {
+        let eval_docs = read_documents(&cfg.eval_data, Some(&cfg.field))?;
+        let eval_stream = token_stream(&eval_docs, &tokenizer, Some(cfg.eval_tokens + 1))?;
+        data.held_out = crate::eval::data::windows(&eval_stream, cfg.seq_len, Some(cfg.eval_tokens));
+    }
+
+    let mut model = Model::load(&source, device)?;
+    if cfg.init_random {
+        model.reinitialize(cfg.seed)?;
+    }
+    let params = model.trainable(cfg.train, cfg.static_baseline)?;
+    let mut optimizer = Optimizer::new(groups(&params, cfg))?;
+    let (mut step, mut cursor) = (0u64, 0u64);
+    let mut metrics = Vec::new();
+    if let Some(dir) = resume {
+        let restored = super::checkpoint::load(dir, &params, &mut optimizer, device)?;
+        step = restored.step;
+        cursor = restored.cursor;
+        metrics = super::checkpoint::read_metrics(&cfg.checkpoint_root(), step)?;
+    }
+    let vars: Vec<&candle_core::Var> = params.iter().map(|p| &p.var).collect();
+    let n_micro = (cfg.batch / cfg.micro_batch) as u64;
+    let evaluate_at = |m_max: usize| -> Vec<usize> {
+        let mut rs = vec![1, m_max, 2 * m_max];
+        rs.dedup();
+        if cfg.static_baseline { vec![1] } else { rs }
+    };
+    observer.start(cfg.steps, step);
+    let mut last_checkpoint: Option<PathBuf> = None;
+    while step < cfg.steps {
+        let started = Instant::now();
+        let m = if cfg.static_baseline {
+            1
+        } else {
+            mean_recurrence(cfg.curriculum.into(), step, cfg.steps, cfg.curriculum_warmup, cfg.max_mean_recurrence, cfg.curriculum_start)
+        };
+        let lr_scale = learning_rate(step, cfg.steps, 1.0, cfg.warmup, cfg.cooldown);
+        let mut accumulated: Option<candle_core::backprop::GradStore> = None;
+        let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+        let (mut without, mut with) = (Vec::new(), Vec::new());
+        for micro in 0..n_micro {
+            let draw = if cfg.static_baseline {
+                sampler::Draw { without_grad: 0, with_grad: 1 }
+            } else {
+                sampler::draw(m, cfg.backprop_depth, cfg.seed, step, micro)
+            };
+            without.push(draw.without_grad);
+            with.push(draw.with_grad);
+            let (mut ids, mut targets) = (Vec::new(), Vec::new());
+            for _ in 0..cfg.micro_batch {
+                let w = data.window(cursor);
+                ids.extend_from_slice(&w[..cfg.seq_len]);
+                targets.extend_from_slice(&w[1..]);
+                cursor += 1;
+            }
+            let shape = (cfg.micro_batch, cfg.seq_len);
+            let ids = Tensor::from_vec(ids, shape, device)?;
+            let targets = Tensor::from_vec(targets, shape, device)?;
+            let logits = model.forward_detached(
+                &ids,
+                None,
+                draw.without_grad + draw.with_grad,
+                draw.without_grad,
+                InitialState::Seeded(state_seed(cfg.seed, step, micro)),
+                None,
+            )?;
+            let loss = (mean_cross_entropy(&logits, &targets)? / n_micro as f64)?;
+            let value = loss.to_scalar::<f32>()? as f64 * n_micro as f64;
+            if !value.is_finite() {
+                return Err(non_finite("loss", step, &last_checkpoint, resume));
+            }
+            loss_sum += value;
+            tokens += cfg.micro_batch * cfg.seq_len;
+            let grads = loss.backward()?;
+            accumulated = Some(match accumulated {
+                None => grads,
+                Some(mut acc) => {
+                    for v in &vars {
+                        if let Some(g) = grads.get(v.as_tensor()) {
+                            let sum = match acc.get(v.as_tensor()) {
+                                Some(a) => (a + g)?,
+                                None => g.clone(),
+                            };
+                            acc.insert(v.as_tensor(), sum);
+                        }
+                    }
+                    acc
+                }
+            });
+        }
+        let mut grads = accumulated.ok_or_else(|| HealError::Invalid("no micro-step ran".into()))?;
+        let grad_norm = clip_grad_norm(&mut grads, &vars, cfg.clip)?;
+        if !grad_norm.is_finite() {
+            return Err(non_finite("gradient", step, &last_checkpoint, resume));
+        }
+        optimizer.step(&grads, lr_scale)?;
+        let seconds = started.elapsed().as_secs_f64();
+        let mut line = StepMetrics {
+            step,
+            loss: loss_sum / n_micro as f64,
+            lr: lr_scale * cfg.lr,
+            mean_recurrence: m,
+            iterations_without_grad: without,
+            iterations_with_grad: with,
+            tokens,
+            tokens_per_second: tokens as f64 / seconds.max(1e-9),
+            grad_norm,
+            eval: vec![],
+        };
+        step += 1;
+        let last = step == cfg.steps;
+        if !data.held_out.windows.is_empty() && (last || (cfg.eval_every > 0 && step % cfg.eval_every == 0)) {
+            for r in evaluate_at(cfg.max_mean_recurrence) {
+                let row = perplexity(&model, &data.held_out, cfg.micro_batch, r, cfg.seed, &mut |_| {})?;
+                line.eval.push(EvalLoss { r, loss: row.loss });
+            }
+        }
+        observer.step(&line);
+        super::checkpoint::append_metrics(&cfg.checkpoint_root(), &line)?;
+        metrics.push(line);
+        if !last && cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0 {
+            let state = CheckpointState { step, cursor, config: cfg.clone() };
+            last_checkpoint = Some(super::checkpoint::save(&cfg.checkpoint_root(), &state, &params, &optimizer)?);
+        }
+    }
+    Ok(Trained { model, metrics, config: cfg.clone() })
+}
+
+fn non_finite(what: &'static str, step: u64, last: &Option<PathBuf>, resumed: Option<&Path>) -> HealError {
+    let checkpoint = match last.as_deref().or(resumed) {
+        Some(dir) => format!("the last good checkpoint is {}", dir.display()),
+        None => "no checkpoint was written yet".into(),
+    };
+    HealError::NonFinite { what, step, checkpoint }
+}
