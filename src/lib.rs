@@ -5,6 +5,7 @@
 pub mod arch;
 pub mod dtype;
 pub mod eval;
+pub mod export;
 pub mod formats;
 pub mod heal;
 pub mod manifest;

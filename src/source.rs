@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use crate::arch::{self, LayerRole, Naming, Role};
 use crate::dtype::DType;
+use crate::export::spec;
 use crate::formats::gguf::{self, GgufFile};
 use crate::formats::hf_config::{self, ConfigError, Family, ModelConfig, RopeScaling};
 use crate::formats::safetensors::{Checkpoint, SafetensorsError, INDEX_NAME};
@@ -89,6 +90,10 @@ pub struct TensorRef {
     /// Set for GGUF Q and K: llama.cpp stores their rows permuted per head (for its RoPE layout);
     /// reading undoes it with this many heads.
     pub unpermute_heads: Option<usize>,
+    /// Non-empty for a fused role (`Wqkv`, `fc`) of a recurrent GGUF, which stores q, k, v (and
+    /// gate, up) as separate tensors: the tensor is these parts' rows, in order. Its own byte
+    /// range is then empty, and [`SourceModel::read_f32`] concatenates the parts.
+    pub parts: Vec<TensorRef>,
 }
 
 impl TensorRef {
@@ -179,6 +184,13 @@ impl SourceModel {
 
     /// A tensor's values as f32 in the Hugging Face convention (dequantized, rows un-permuted).
     pub fn read_f32(&self, t: &TensorRef) -> Result<Vec<f32>, gguf::GgufError> {
+        if !t.parts.is_empty() {
+            let mut values = Vec::with_capacity(t.n_elements());
+            for part in &t.parts {
+                values.extend(self.read_f32(part)?);
+            }
+            return Ok(values);
+        }
         let rows = t.shape.first().copied().unwrap_or(1);
         decode_rows(t.dtype, self.bytes(t), rows, t.unpermute_heads)
     }
@@ -313,6 +325,7 @@ fn open_hf(path: &Path, root: &Path, single: Option<&Path>) -> Result<SourceMode
                 start: t.start,
                 end: t.end,
                 unpermute_heads: None,
+                parts: Vec::new(),
             },
         );
     }
@@ -425,9 +438,13 @@ fn open_gguf(path: &Path) -> Result<SourceModel, SourceError> {
         reason,
     };
     let arch_name = g.get_str("general.architecture").unwrap_or("");
+    if arch_name == spec::ARCH {
+        return open_recurrent_gguf(path, g);
+    }
     if arch_name != "llama" {
         return Err(bad(format!(
-            "GGUF architecture {arch_name:?} is not supported (supported: llama)"
+            "GGUF architecture {arch_name:?} is not supported (supported: llama, {})",
+            spec::ARCH
         )));
     }
     if g.tensor("rope_freqs.weight").is_some() {
@@ -516,6 +533,7 @@ fn open_gguf(path: &Path) -> Result<SourceModel, SourceError> {
                 start: info.offset,
                 end: info.offset + info.n_bytes,
                 unpermute_heads,
+                parts: Vec::new(),
             },
         );
     }
@@ -524,6 +542,228 @@ fn open_gguf(path: &Path) -> Result<SourceModel, SourceError> {
             path: path.to_path_buf(),
             name: extra.name.clone(),
             family: "llama",
+        });
+    }
+    check_shapes(path, &config, &tensors)?;
+    let root = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let files = vec![file_entry(&root, path)?];
+    let tokenizer = g
+        .get_str("tokenizer.ggml.model")
+        .map(|model| TokenizerInfo {
+            kind: format!("gguf {model}"),
+            vocab: tokens,
+            files: vec![],
+        });
+    Ok(SourceModel {
+        path: path.to_path_buf(),
+        root,
+        format: SourceFormat::Gguf,
+        config,
+        files,
+        tensors,
+        tokenizer,
+        storage: Storage::Gguf(Box::new(g)),
+    })
+}
+
+/// A GGUF of the recurrent architecture (schemas/gguf-recurrent.md): prelude, core and coda
+/// blocks as `blk.N`, the adapter, and the recurrence keys. Its q/k/v and gate/up tensors become
+/// the fused `Qkv` and `GateUp` roles of the recurrent layout (see [`TensorRef::parts`]), so the
+/// model loads from it as from a Hugging Face recurrent checkpoint.
+fn open_recurrent_gguf(path: &Path, g: GgufFile) -> Result<SourceModel, SourceError> {
+    let bad = |reason: String| SourceError::NotAModel {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let key = |k: &str| spec::key(spec::ARCH, k);
+    let get = |k: &str| -> Result<usize, SourceError> {
+        g.get_u64(k)
+            .and_then(|v| usize::try_from(v).ok())
+            .ok_or_else(|| bad(format!("missing or non-integer GGUF key {k}")))
+    };
+    let need = |k: &str| get(&key(k));
+    let family = match g.get_str(spec::KEY_BLOCK_TYPE) {
+        Some("llama") => Family::Llama,
+        Some("olmo2") => Family::Olmo2,
+        other => {
+            return Err(bad(format!(
+                "{} is {other:?}; expected \"llama\" or \"olmo2\"",
+                spec::KEY_BLOCK_TYPE
+            )))
+        }
+    };
+    let adapter = match g.get_str(spec::KEY_INJECTION) {
+        Some("linear") => true,
+        Some("none") => false,
+        other => {
+            return Err(bad(format!(
+                "{} is {other:?}; expected \"linear\" or \"none\"",
+                spec::KEY_INJECTION
+            )))
+        }
+    };
+    let (prelude, core, coda) = (
+        get(spec::KEY_PRELUDE)?,
+        get(spec::KEY_CORE)?,
+        get(spec::KEY_CODA)?,
+    );
+    let n_layers = need("block_count")?;
+    if core == 0 || prelude.checked_add(core).and_then(|n| n.checked_add(coda)) != Some(n_layers) {
+        return Err(bad(format!(
+            "block counts prelude {prelude} + core {core} + coda {coda} must be block_count \
+             {n_layers}, with a core of at least one block"
+        )));
+    }
+    let state_std = match g.get(spec::KEY_STATE_SIGMA) {
+        None => 0.0,
+        Some(v) => v
+            .as_f64()
+            .map(shortest_f32)
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .ok_or_else(|| bad(format!("{} must be a float >= 0", spec::KEY_STATE_SIGMA)))?,
+    };
+    let rope_scaling = match g.get_str(spec::KEY_ROPE_SCALING_TYPE) {
+        None => None,
+        Some("llama3") => {
+            let float = |k: &str| {
+                g.get_f64(k)
+                    .map(shortest_f32)
+                    .ok_or_else(|| bad(format!("missing or non-float GGUF key {k}")))
+            };
+            Some(RopeScaling {
+                factor: float(spec::KEY_ROPE_SCALING_FACTOR)?,
+                low_freq_factor: float(spec::KEY_ROPE_SCALING_LOW)?,
+                high_freq_factor: float(spec::KEY_ROPE_SCALING_HIGH)?,
+                original_max_position_embeddings: get(spec::KEY_ROPE_SCALING_ORIG_CTX)?,
+            })
+        }
+        Some(other) => {
+            return Err(bad(format!(
+                "{} {other:?} is not supported (supported: llama3)",
+                spec::KEY_ROPE_SCALING_TYPE
+            )))
+        }
+    };
+    let hidden = need("embedding_length")?;
+    let n_heads = need("attention.head_count")?;
+    let tokens = g.get_array("tokenizer.ggml.tokens").map(|a| a.len());
+    let token_id = |k: &str| g.get_u64(k).map(Value::from);
+    let config = ModelConfig {
+        family,
+        n_layers,
+        hidden,
+        n_heads,
+        n_kv_heads: match g.get(&key("attention.head_count_kv")) {
+            None => n_heads,
+            Some(_) => need("attention.head_count_kv")?,
+        },
+        head_dim: match g.get(&key("attention.key_length")) {
+            None if n_heads > 0 => hidden / n_heads,
+            _ => need("attention.key_length")?,
+        },
+        ffn: need("feed_forward_length")?,
+        vocab: need("vocab_size")?,
+        rope_theta: g
+            .get_f64(&key("rope.freq_base"))
+            .map_or(10000.0, shortest_f32),
+        rope_scaling,
+        tied: false,
+        norm_eps: g
+            .get_f64(&key("attention.layer_norm_rms_epsilon"))
+            .map_or(1e-5, shortest_f32),
+        max_position: g
+            .get_u64(&key("context_length"))
+            .and_then(|v| usize::try_from(v).ok()),
+        bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
+        eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
+        torch_dtype: None,
+        recurrent: Some(crate::formats::hf_config::RecurrentShape {
+            prelude,
+            core,
+            coda,
+            mean_recurrence: g.get_u64(spec::KEY_RECURRENCE).map_or(32, |r| r as usize),
+            mean_backprop_depth: 8,
+            adapter,
+            state_std,
+        }),
+    }
+    .validated()
+    .map_err(|source| SourceError::Config {
+        path: path.to_path_buf(),
+        source,
+    })?;
+
+    // Llama blocks are stored with llama.cpp's Q/K row order; OLMo-2 blocks are not permuted
+    // (llama.cpp runs OLMo-2 with NEOX-style RoPE, which is the Hugging Face order).
+    let permuted = family == Family::Llama;
+    let mut seen = std::collections::HashSet::new();
+    let mut lookup = |name: String, role: Role, unpermute_heads| -> Result<TensorRef, SourceError> {
+        let Some(info) = g.tensor(&name) else {
+            return Err(SourceError::MissingTensor {
+                path: path.to_path_buf(),
+                name,
+                role,
+            });
+        };
+        seen.insert(name.clone());
+        Ok(TensorRef {
+            name,
+            file: 0,
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            start: info.offset,
+            end: info.offset + info.n_bytes,
+            unpermute_heads,
+            parts: Vec::new(),
+        })
+    };
+    let mut tensors = BTreeMap::new();
+    for role in arch::required_roles(&config) {
+        let t = match role {
+            Role::Embed => lookup(spec::TOKEN_EMBD.into(), role, None)?,
+            Role::FinalNorm => lookup(spec::OUTPUT_NORM.into(), role, None)?,
+            Role::Adapter => lookup(spec::ADAPTER.into(), role, None)?,
+            // No output.weight: the output shares token_embd (tied), as in llama.cpp.
+            Role::LmHead if g.tensor(spec::OUTPUT).is_none() => {
+                lookup(spec::TOKEN_EMBD.into(), role, None)?
+            }
+            Role::LmHead => lookup(spec::OUTPUT.into(), role, None)?,
+            Role::Layer(i, fused @ (LayerRole::Qkv | LayerRole::GateUp)) => {
+                let mut parts = Vec::new();
+                for &part in spec::unfused(fused) {
+                    let heads = match part {
+                        LayerRole::Q if permuted => Some(config.n_heads),
+                        LayerRole::K if permuted => Some(config.n_kv_heads),
+                        _ => None,
+                    };
+                    let name = spec::block_tensor(i, part).unwrap_or_default();
+                    parts.push(lookup(name, Role::Layer(i, part), heads)?);
+                }
+                let cols = parts.first().and_then(|p| p.shape.get(1)).copied().unwrap_or(0);
+                let rows = parts.iter().map(|p| p.shape.first().copied().unwrap_or(0)).sum();
+                TensorRef {
+                    name: parts.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join("+"),
+                    file: 0,
+                    dtype: parts.first().map_or(DType::F32, |p| p.dtype),
+                    shape: vec![rows, cols],
+                    start: 0,
+                    end: 0,
+                    unpermute_heads: None,
+                    parts,
+                }
+            }
+            Role::Layer(i, r) => lookup(spec::block_tensor(i, r).unwrap_or_default(), role, None)?,
+        };
+        tensors.insert(role, t);
+    }
+    let extra = g.tensors.iter().find(|t| {
+        !seen.contains(&t.name) && !(t.name == spec::ROPE_FREQS && config.rope_scaling.is_some())
+    });
+    if let Some(extra) = extra {
+        return Err(SourceError::UnexpectedTensor {
+            path: path.to_path_buf(),
+            name: extra.name.clone(),
+            family: spec::ARCH,
         });
     }
     check_shapes(path, &config, &tensors)?;

@@ -2,6 +2,7 @@
 
 mod apply;
 mod eval;
+mod heal;
 mod inspect;
 mod plan;
 mod verify;
@@ -47,6 +48,8 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// Perplexity on held-out text against test-time recurrence r.
     Eval(eval::EvalArgs),
+    /// Fine-tune a recurrent checkpoint under the recurrence curriculum (with checkpoints, --resume).
+    Heal(heal::HealArgs),
 
 }
 
@@ -57,6 +60,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Apply(args) => apply::run(args, cli.global),
         Command::Verify(args) => verify::run(args, cli.global),
         Command::Eval(args) => eval::run(args, cli.global),
+        Command::Heal(args) => heal::run_cli(args, cli.global),
     }
 }
 

@@ -30,7 +30,7 @@ pub fn save(root: &Path, state: &CheckpointState, params: &[Param], optimizer: &
     std::fs::create_dir_all(&partial).map_err(io(&partial))?;
     let weights: HashMap<String, Tensor> = params.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
     candle_core::safetensors::save(&weights, partial.join("weights.safetensors"))?;
-    let moments: HashMap<String, Tensor> = optimizer.state_tensors().into_iter().collect();
+    let moments: HashMap<String, Tensor> = optimizer.state_tensors()?.into_iter().collect();
     candle_core::safetensors::save(&moments, partial.join("optimizer.safetensors"))?;
     let json = serde_json::to_vec_pretty(state).map_err(|e| HealError::Invalid(e.to_string()))?;
     std::fs::write(partial.join("state.json"), json).map_err(io(&partial))?;

@@ -1,6 +1,9 @@
 //! Healing: the recurrence-curriculum fine-tune (REFERENCE.md, "Training").
 
+pub mod checkpoint;
 pub mod data;
 pub mod optim;
+pub mod output;
 pub mod sampler;
 pub mod schedule;
+pub mod train;

@@ -50,7 +50,9 @@ pub enum OptimError {
     #[error("variable {0:?} appears twice in the optimizer's groups; give each variable one name and one group")]
     Duplicate(String),
     /// Muon orthogonalizes matrices; put vectors (norms, biases) in an AdamW group.
-    #[error("variable {name:?} has shape {dims:?}; Muon needs a 2-D matrix, put it in an AdamW group")]
+    #[error(
+        "variable {name:?} has shape {dims:?}; Muon needs a 2-D matrix, put it in an AdamW group"
+    )]
     NotAMatrix { name: String, dims: Vec<usize> },
     /// A learning rate, weight decay or lr scale that is negative or not finite.
     #[error("{what} is {value}; it must be finite and non-negative")]
@@ -469,7 +471,11 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[&Var], max_norm: f64) -> Re
     let mut sum_sq = 0f64;
     for var in &with_grad {
         if let Some(g) = grads.get(var.as_tensor()) {
-            let s = g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+            let s = g
+                .to_dtype(DType::F32)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f32>()?;
             sum_sq += f64::from(s);
         }
     }
@@ -496,7 +502,10 @@ mod tests {
 
     #[test]
     fn rejects_muon_on_a_vector() {
-        let err = Optimizer::new(vec![ParamGroup::muon("m", vec![("b".into(), var(&[1.0], &[1]))])]);
+        let err = Optimizer::new(vec![ParamGroup::muon(
+            "m",
+            vec![("b".into(), var(&[1.0], &[1]))],
+        )]);
         assert!(matches!(err, Err(OptimError::NotAMatrix { .. })));
     }
 
@@ -508,14 +517,20 @@ mod tests {
             ParamGroup::adamw("x", vec![("w".into(), a)]),
             ParamGroup::adamw("y", vec![("w".into(), b)]),
         ];
-        assert!(matches!(Optimizer::new(groups), Err(OptimError::Duplicate(_))));
+        assert!(matches!(
+            Optimizer::new(groups),
+            Err(OptimError::Duplicate(_))
+        ));
     }
 
     #[test]
     fn rejects_a_variable_twice() {
         let a = var(&[1.0], &[1]);
         let group = ParamGroup::adamw("x", vec![("w".into(), a.clone()), ("v".into(), a)]);
-        assert!(matches!(Optimizer::new(vec![group]), Err(OptimError::Duplicate(_))));
+        assert!(matches!(
+            Optimizer::new(vec![group]),
+            Err(OptimError::Duplicate(_))
+        ));
     }
 
     #[test]
@@ -529,7 +544,14 @@ mod tests {
     #[test]
     fn rejects_a_nan_lr_scale() {
         let w = var(&[1.0], &[1]);
-        let grads = w.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = w
+            .as_tensor()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let mut opt = Optimizer::new(vec![ParamGroup::adamw("x", vec![("w".into(), w)])]).unwrap();
         let err = opt.step(&grads, f64::NAN);
         assert!(matches!(err, Err(OptimError::BadHyperparameter { .. })));
@@ -537,7 +559,14 @@ mod tests {
 
     fn stepped_adamw() -> (Optimizer, Var) {
         let w = var(&[1.0, 2.0], &[2]);
-        let grads = w.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = w
+            .as_tensor()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let mut opt =
             Optimizer::new(vec![ParamGroup::adamw("x", vec![("w".into(), w.clone())])]).unwrap();
         opt.step(&grads, 1.0).unwrap();
@@ -548,8 +577,14 @@ mod tests {
     fn load_rejects_unknown_state() {
         let (mut opt, _) = stepped_adamw();
         let mut state: HashMap<_, _> = opt.state_tensors().unwrap().into_iter().collect();
-        state.insert("other.exp_avg".into(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap());
-        assert!(matches!(opt.load_state(state), Err(OptimError::UnknownState(_))));
+        state.insert(
+            "other.exp_avg".into(),
+            Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+        );
+        assert!(matches!(
+            opt.load_state(state),
+            Err(OptimError::UnknownState(_))
+        ));
     }
 
     #[test]
@@ -557,7 +592,10 @@ mod tests {
         let (mut opt, _) = stepped_adamw();
         let mut state: HashMap<_, _> = opt.state_tensors().unwrap().into_iter().collect();
         state.remove("w.exp_avg_sq");
-        assert!(matches!(opt.load_state(state), Err(OptimError::MissingState(_))));
+        assert!(matches!(
+            opt.load_state(state),
+            Err(OptimError::MissingState(_))
+        ));
     }
 
     #[test]
@@ -565,15 +603,24 @@ mod tests {
         let (mut opt, _) = stepped_adamw();
         let mut state: HashMap<_, _> = opt.state_tensors().unwrap().into_iter().collect();
         state.remove(STEP_KEY);
-        assert!(matches!(opt.load_state(state), Err(OptimError::MissingState(_))));
+        assert!(matches!(
+            opt.load_state(state),
+            Err(OptimError::MissingState(_))
+        ));
     }
 
     #[test]
     fn load_rejects_a_wrong_shape() {
         let (mut opt, _) = stepped_adamw();
         let mut state: HashMap<_, _> = opt.state_tensors().unwrap().into_iter().collect();
-        state.insert("w.exp_avg".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
-        assert!(matches!(opt.load_state(state), Err(OptimError::StateShape { .. })));
+        state.insert(
+            "w.exp_avg".into(),
+            Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+        );
+        assert!(matches!(
+            opt.load_state(state),
+            Err(OptimError::StateShape { .. })
+        ));
     }
 
     #[test]
@@ -581,7 +628,10 @@ mod tests {
         let (mut opt, _) = stepped_adamw();
         let mut state: HashMap<_, _> = opt.state_tensors().unwrap().into_iter().collect();
         state.insert(STEP_KEY.into(), Tensor::new(-1i64, &Device::Cpu).unwrap());
-        assert!(matches!(opt.load_state(state), Err(OptimError::BadCounter(_))));
+        assert!(matches!(
+            opt.load_state(state),
+            Err(OptimError::BadCounter(_))
+        ));
     }
 
     #[test]
@@ -597,13 +647,25 @@ mod tests {
     fn no_gradient_no_change() {
         let a = var(&[1.0, 2.0], &[2]);
         let b = var(&[3.0, 4.0], &[2]);
-        let grads = a.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = a
+            .as_tensor()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let group = ParamGroup::adamw("x", vec![("a".into(), a.clone()), ("b".into(), b.clone())]);
         let mut opt = Optimizer::new(vec![group]).unwrap();
         opt.step(&grads, 1.0).unwrap();
         assert_eq!(b.as_tensor().to_vec1::<f32>().unwrap(), vec![3.0, 4.0]);
         assert_ne!(a.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);
-        let keys: Vec<String> = opt.state_tensors().unwrap().into_iter().map(|(k, _)| k).collect();
+        let keys: Vec<String> = opt
+            .state_tensors()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         assert_eq!(keys, ["step", "a.exp_avg", "a.exp_avg_sq", "a.steps"]);
     }
 
@@ -616,14 +678,28 @@ mod tests {
                 .unwrap(),
         )
         .unwrap();
-        let loss = w.as_tensor().to_dtype(DType::F32).unwrap().sqr().unwrap().sum_all().unwrap();
+        let loss = w
+            .as_tensor()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
         let grads = loss.backward().unwrap();
         let mut group = ParamGroup::muon("m", vec![("w".into(), w.clone())]);
         group.lr = 0.1;
         let mut opt = Optimizer::new(vec![group]).unwrap();
         opt.step(&grads, 1.0).unwrap();
         assert_eq!(w.dtype(), DType::BF16);
-        let after = w.as_tensor().to_dtype(DType::F32).unwrap().sqr().unwrap().sum_all().unwrap();
+        let after = w
+            .as_tensor()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
         assert!(after.to_scalar::<f32>().unwrap() < 30.0);
     }
 }

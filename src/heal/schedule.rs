@@ -131,7 +131,10 @@ mod tests {
     #[test]
     fn constant_is_m_max_everywhere() {
         for step in [0, 1, 500, 999, 5_000] {
-            assert_eq!(mean_recurrence(Curriculum::Constant, step, 1000, 0.75, 32, 1), 32);
+            assert_eq!(
+                mean_recurrence(Curriculum::Constant, step, 1000, 0.75, 32, 1),
+                32
+            );
         }
     }
 
@@ -139,12 +142,18 @@ mod tests {
     fn start_floors_the_curriculum() {
         assert_eq!(mean_recurrence(Curriculum::Linear, 0, 1000, 0.25, 4, 1), 1);
         assert_eq!(mean_recurrence(Curriculum::Linear, 0, 1000, 0.25, 4, 3), 3);
-        assert_eq!(mean_recurrence(Curriculum::Linear, 999, 1000, 0.25, 4, 3), 4);
+        assert_eq!(
+            mean_recurrence(Curriculum::Linear, 999, 1000, 0.25, 4, 3),
+            4
+        );
     }
 
     #[test]
     fn no_warmup_is_constant() {
-        assert_eq!(mean_recurrence(Curriculum::OneMinusSqrt, 0, 1000, 0.0, 8, 1), 8);
+        assert_eq!(
+            mean_recurrence(Curriculum::OneMinusSqrt, 0, 1000, 0.0, 8, 1),
+            8
+        );
         assert_eq!(mean_recurrence(Curriculum::Linear, 0, 0, 0.5, 8, 1), 8);
     }
 

@@ -46,6 +46,8 @@ pub enum HealError {
     Data(#[from] crate::eval::data::DataError),
     #[error(transparent)]
     Tokenizer(#[from] crate::formats::text_tokenizer::TextTokenizerError),
+    #[error(transparent)]
+    Optim(#[from] super::optim::OptimError),
 }
 
 pub type Result<T> = std::result::Result<T, HealError>;

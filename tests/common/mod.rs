@@ -92,10 +92,12 @@ pub fn validate_against_schema(plan: &Path, name: &str) {
     let Some(python) = python_with_gguf() else {
         return;
     };
+    // A .jsonl file is validated line by line.
     let script = "import json,sys,jsonschema\n\
-                  s=json.load(open(sys.argv[1])); p=json.load(open(sys.argv[2]))\n\
+                  s=json.load(open(sys.argv[1])); f=sys.argv[2]\n\
+                  docs=[json.loads(l) for l in open(f) if l.strip()] if f.endswith('.jsonl') else [json.load(open(f))]\n\
                   jsonschema.Draft202012Validator.check_schema(s)\n\
-                  jsonschema.validate(p, s, cls=jsonschema.Draft202012Validator)\n";
+                  [jsonschema.validate(p, s, cls=jsonschema.Draft202012Validator) for p in docs]\n";
     let schema = root().join(format!("schemas/{name}.schema.json"));
     let out = Command::new(python)
         .args(["-c", script])
