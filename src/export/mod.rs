@@ -1,4 +1,40 @@
-//! Export: a checkpoint to GGUF (our recurrent architecture, or stock llama.cpp `llama`) and to
-//! the Hugging Face safetensors layout.
+//! Export: any checkpoint to GGUF (our recurrent architecture, or stock llama.cpp `llama` where
+//! that is exact) and to the Hugging Face safetensors layout, streamed a chunk at a time.
 
+pub mod gguf;
+pub mod mix;
+pub mod rows;
+pub mod safetensors;
 pub mod spec;
+pub mod vocab;
+
+use std::path::PathBuf;
+
+pub use gguf::{export_gguf, GgufArch, GgufOptions, GgufReport};
+pub use mix::QuantType;
+pub use safetensors::{export_safetensors, SafetensorsOptions, SafetensorsReport};
+
+/// Why an export failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// The output exists and `--force` was not given.
+    #[error("{0} already exists; pass --force to replace it")]
+    Exists(PathBuf),
+    /// The model cannot be exported as asked; the message says why and what to do instead.
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Gguf(#[from] crate::formats::gguf::GgufError),
+    #[error(transparent)]
+    Vocab(#[from] vocab::VocabError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::formats::tokenizer::TokenizerError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A tensor that could not be read or converted.
+    #[error("{0}")]
+    Convert(String),
+}

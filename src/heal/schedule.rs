@@ -87,8 +87,9 @@ pub fn mean_recurrence(
 /// 0.001 lr. With `base_lr = 1.0` the result is the factor [`Optimizer::step`] takes as `lr_scale`.
 ///
 /// The decay always ends at `total_steps` (transformers' stable length is total - Nw - Nd, so its
-/// decay starts at D = total - Nd): fractions whose sum exceeds 1 leave no stable phase and the
-/// end of the warmup is overridden by the decay, as there; validating them is the config's job.
+/// decay starts at D = total - Nd): if the fractions sum past 1 there is no stable phase, and the
+/// warmup, checked first, runs in full with the decay taking over part-way, as there; validating
+/// the fractions is the training config's job.
 ///
 /// [`Optimizer::step`]: crate::heal::optim::Optimizer::step
 pub fn learning_rate(

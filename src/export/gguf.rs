@@ -1,0 +1,630 @@
+//! `surgery export gguf`: any checkpoint [`SourceModel`] opens to a GGUF v3 file, streamed one
+//! chunk of one tensor at a time through [`GgufWriter`].
+//!
+//! Two architectures (DESIGN.md decision 10):
+//!
+//! - `huginn_raven`, ours (schemas/gguf-recurrent.md): the unique prelude, core and coda blocks
+//!   as `blk.N`, the adapter, and the keys that say how to loop them. Our runtime reads it back.
+//! - `llama`, stock llama.cpp's, written only where it is exact: any static Llama-family model;
+//!   a recurrent model without injection, its core unrolled `--recurrence` times; a recurrent
+//!   model whose adapter is exactly `[0 | I]` (the state is ignored, so every r computes the
+//!   pruned model), its core written once. Anything else is refused with the reason.
+//!
+//! Both use llama.cpp's tensor names, its Q/K row order for Llama blocks, llama-quantize's
+//! choice of types per tensor ([`QuantType`]) and `rope_freqs.weight` for Llama-3 RoPE scaling.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use crate::arch::{expected_shape, LayerRole, Role};
+use crate::dtype::DType;
+use crate::export::mix::{QuantType, TensorKind};
+use crate::export::rows::{chunks, read_rows, rows_cols, source_bytes, RowOrder};
+use crate::export::spec;
+use crate::export::vocab::tokenizer_metadata;
+use crate::export::ExportError;
+use crate::formats::gguf::{GgufWriter, TensorHeader, Value};
+use crate::formats::hf_config::{Family, ModelConfig, RecurrentShape};
+use crate::source::SourceModel;
+use crate::surgery::Progress;
+
+/// `general.quantization_version`: ggml's `GGML_QNT_VERSION`.
+const QUANTIZATION_VERSION: u32 = 2;
+/// `context_length` when the source does not say (llama.cpp requires the key).
+const DEFAULT_CONTEXT: usize = 4096;
+
+/// The GGUF architecture to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GgufArch {
+    /// Ours: `huginn_raven` (schemas/gguf-recurrent.md).
+    Recurrent,
+    /// Stock llama.cpp `llama`.
+    Llama,
+}
+
+impl FromStr for GgufArch {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<GgufArch, String> {
+        match s {
+            "recurrent" => Ok(GgufArch::Recurrent),
+            "llama" => Ok(GgufArch::Llama),
+            _ => Err(format!(
+                "unknown --arch {s:?} (expected recurrent or llama)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GgufOptions {
+    pub quant: QuantType,
+    /// None: `recurrent` for a recurrent checkpoint, `llama` for a static one.
+    pub arch: Option<GgufArch>,
+    /// `--arch llama`: how many times to unroll a core without injection. `--arch recurrent`:
+    /// the file's default test-time recurrence (else the checkpoint's mean recurrence).
+    pub recurrence: Option<usize>,
+    /// Replace an existing output file.
+    pub force: bool,
+}
+
+/// What was written.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GgufReport {
+    pub out: PathBuf,
+    pub arch: String,
+    #[serde(rename = "type")]
+    pub quant: String,
+    pub tensors: usize,
+    pub block_count: usize,
+    /// Tensors per type name.
+    pub types: BTreeMap<String, usize>,
+    pub file_bytes: u64,
+    /// Bytes of source tensor data read (a core unrolled r times is read r times).
+    pub source_bytes: u64,
+    pub notes: Vec<String>,
+}
+
+/// One output tensor: its header, and where its rows come from.
+struct Job {
+    header: TensorHeader,
+    src: JobSource,
+}
+
+enum JobSource {
+    /// Rows `start..start + rows` of the source tensor of `role`, in `order`.
+    Rows {
+        role: Role,
+        start: usize,
+        order: RowOrder,
+    },
+    /// Values computed here (`rope_freqs`).
+    Values(Vec<f32>),
+}
+
+/// The output blocks, each the index of a source block, and the metadata that depends on them.
+struct Layout {
+    arch: GgufArch,
+    blocks: Vec<usize>,
+    /// Whether source blocks store fused `Qkv` / `GateUp` (the recurrent layout).
+    fused: bool,
+    recurrent: Option<(RecurrentShape, usize)>,
+    notes: Vec<String>,
+}
+
+/// Writes `source` as a GGUF file at `out` (through `out.partial`, renamed at the end).
+pub fn export_gguf(
+    source: &SourceModel,
+    out: &Path,
+    opts: &GgufOptions,
+    progress: &mut dyn Progress,
+) -> Result<GgufReport, ExportError> {
+    if out.exists() && !opts.force {
+        return Err(ExportError::Exists(out.to_path_buf()));
+    }
+    let c = &source.config;
+    let layout = layout(source, opts)?;
+    let jobs = jobs(source, &layout, opts.quant)?;
+    let (tokenizer, mut notes) = tokenizer_metadata(source, c.vocab)?;
+    notes.splice(0..0, layout.notes.iter().cloned());
+    if c.max_position.is_none() {
+        notes.push(format!(
+            "the source does not give its context length; {DEFAULT_CONTEXT} is written"
+        ));
+    }
+    let metadata = metadata(source, &layout, opts.quant, tokenizer);
+    let headers: Vec<TensorHeader> = jobs.iter().map(|j| j.header.clone()).collect();
+
+    let total: u64 = jobs.iter().map(|j| job_source_bytes(source, j)).sum();
+    progress.start("exporting", total);
+    let mut writer = GgufWriter::create(out, &metadata, &headers)?;
+    let mut done = 0u64;
+    for job in &jobs {
+        write_job(source, job, &mut writer, &mut |n| progress.advance(done + n))?;
+        done += job_source_bytes(source, job);
+    }
+    let file_bytes = writer.finish()?;
+    progress.finish();
+
+    let mut types = BTreeMap::new();
+    for h in &headers {
+        *types.entry(h.dtype.name().to_string()).or_insert(0) += 1;
+    }
+    Ok(GgufReport {
+        out: out.to_path_buf(),
+        arch: arch_name(layout.arch).into(),
+        quant: opts.quant.to_string(),
+        tensors: headers.len(),
+        block_count: layout.blocks.len(),
+        types,
+        file_bytes,
+        source_bytes: total,
+        notes,
+    })
+}
+
+fn arch_name(arch: GgufArch) -> &'static str {
+    match arch {
+        GgufArch::Recurrent => spec::ARCH,
+        GgufArch::Llama => "llama",
+    }
+}
+
+/// Which blocks go out, or why the request cannot be met exactly.
+fn layout(source: &SourceModel, opts: &GgufOptions) -> Result<Layout, ExportError> {
+    let c = &source.config;
+    let arch = opts.arch.unwrap_or(match c.recurrent {
+        Some(_) => GgufArch::Recurrent,
+        None => GgufArch::Llama,
+    });
+    if opts.recurrence == Some(0) {
+        return Err(ExportError::Refused(
+            "--recurrence 0 is not a recurrence: the core runs r >= 1 times".into(),
+        ));
+    }
+    let mut notes = Vec::new();
+    let Some(shape) = c.recurrent else {
+        if arch == GgufArch::Recurrent {
+            return Err(ExportError::Refused(format!(
+                "{} is a static model; --arch recurrent needs a recurrent checkpoint (make one \
+                 with `surgery apply`), and --arch llama exports this one as it is",
+                source.path.display()
+            )));
+        }
+        refuse_non_llama(c, "a static")?;
+        if opts.recurrence.is_some() {
+            notes.push("a static model has no recurrence; --recurrence is ignored".into());
+        }
+        return Ok(Layout {
+            arch,
+            blocks: (0..c.n_layers).collect(),
+            fused: false,
+            recurrent: None,
+            notes,
+        });
+    };
+    let (p, k) = (shape.prelude, shape.coda);
+    let core = p..p + shape.core;
+    let coda = p + shape.core..p + shape.core + k;
+    if arch == GgufArch::Recurrent {
+        let r = opts.recurrence.unwrap_or(shape.mean_recurrence);
+        return Ok(Layout {
+            arch,
+            blocks: (0..c.n_layers).collect(),
+            fused: true,
+            recurrent: Some((shape, r)),
+            notes,
+        });
+    }
+    refuse_non_llama(c, "this recurrent")?;
+    let blocks: Vec<usize> = if !shape.adapter {
+        // No injection: s_0 = e and s_i = core(s_{i-1}), a plain stack of P + r C + K blocks.
+        let Some(r) = opts.recurrence else {
+            return Err(ExportError::Refused(
+                "--arch llama unrolls a core without injection into a static stack: give \
+                 --recurrence R, the number of core passes to write"
+                    .into(),
+            ));
+        };
+        (0..p)
+            .chain((0..r).flat_map(|_| core.clone()))
+            .chain(coda)
+            .collect()
+    } else {
+        let distance = adapter_distance_from_identity(source)?;
+        if distance != 0.0 {
+            return Err(ExportError::Refused(format!(
+                "--arch llama cannot express this model exactly: its adapter is not [0 | I] \
+                 (largest |W - [0 | I]| = {distance:e}), so its output depends on the state and \
+                 on r; stock llama.cpp has no looped architecture. Export with --arch recurrent \
+                 (schemas/gguf-recurrent.md), which our runtime serves"
+            )));
+        }
+        // [0 | I] ignores the state: s_i = core(e) for every i >= 1, whatever r is.
+        if opts.recurrence.is_some() {
+            notes.push(
+                "the adapter is exactly [0 | I], so every r computes the same model; the core \
+                 is written once and --recurrence is ignored"
+                    .into(),
+            );
+        }
+        (0..p).chain(core).chain(coda).collect()
+    };
+    Ok(Layout {
+        arch,
+        blocks,
+        fused: true,
+        recurrent: None,
+        notes,
+    })
+}
+
+fn refuse_non_llama(c: &ModelConfig, what: &str) -> Result<(), ExportError> {
+    if c.family == Family::Llama {
+        return Ok(());
+    }
+    Err(ExportError::Refused(format!(
+        "--arch llama needs Llama blocks, and {what} model has {} blocks (post-norms and q/k \
+         norms, which llama.cpp's `llama` architecture does not have)",
+        c.family.name()
+    )))
+}
+
+/// Largest |W - [0 | I]| of the adapter, over its exact f32 values.
+fn adapter_distance_from_identity(source: &SourceModel) -> Result<f64, ExportError> {
+    let t = source
+        .tensor(Role::Adapter)
+        .ok_or_else(|| ExportError::Convert("the checkpoint has no adapter tensor".into()))?;
+    let h = source.config.hidden;
+    let w = source.read_f32(t)?;
+    Ok(w.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let (row, col) = (i / (2 * h), i % (2 * h));
+            let target = if col == h + row { 1.0 } else { 0.0 };
+            (f64::from(v) - target).abs()
+        })
+        .fold(0.0, f64::max))
+}
+
+/// The blocks' tensors in llama.cpp's names and order.
+fn block_roles(family: Family) -> &'static [LayerRole] {
+    use LayerRole::*;
+    match family {
+        Family::Llama => &[AttnNorm, Q, K, V, O, MlpNorm, Gate, Up, Down],
+        Family::Olmo2 => &[
+            Q,
+            K,
+            V,
+            QNorm,
+            KNorm,
+            O,
+            PostAttnNorm,
+            Gate,
+            Up,
+            Down,
+            PostMlpNorm,
+        ],
+    }
+}
+
+/// Whether the output is the embedding: no lm_head, or one holding the embedding's bytes (a
+/// recurrent checkpoint of a tied source stores two equal copies).
+fn output_is_tied(source: &SourceModel) -> bool {
+    let (Some(embed), Some(head)) = (source.tensor(Role::Embed), source.tensor(Role::LmHead))
+    else {
+        return true;
+    };
+    if embed.name == head.name {
+        return true;
+    }
+    let (a, b) = (source.bytes(embed), source.bytes(head));
+    embed.dtype == head.dtype && embed.shape == head.shape && !a.is_empty() && a == b
+}
+
+fn jobs(source: &SourceModel, layout: &Layout, quant: QuantType) -> Result<Vec<Job>, ExportError> {
+    let c = &source.config;
+    let tied = output_is_tied(source);
+    let mut jobs = Vec::new();
+    let mut push = |name: String, role: Role, shape: Vec<usize>, kind: TensorKind, start, order| {
+        let (_, cols) = rows_cols(&shape);
+        let dtype = if shape.len() == 1 {
+            DType::F32
+        } else {
+            quant.tensor_type(kind, cols)
+        };
+        jobs.push(Job {
+            header: TensorHeader { name, dtype, shape },
+            src: JobSource::Rows { role, start, order },
+        });
+    };
+    let embed_shape = expected_shape(c, Role::Embed);
+    push(
+        spec::TOKEN_EMBD.into(),
+        Role::Embed,
+        embed_shape,
+        TensorKind::Embed { tied },
+        0,
+        RowOrder::Hf,
+    );
+    let n_blocks = layout.blocks.len();
+    // llama.cpp's RoPE rotates adjacent pairs; Llama blocks are permuted into that order.
+    let permute = c.family == Family::Llama;
+    let head_order = RowOrder::Gguf {
+        head_rows: c.head_dim,
+    };
+    for (out, &src) in layout.blocks.iter().enumerate() {
+        for &role in block_roles(c.family) {
+            use LayerRole::*;
+            let shape = expected_shape(c, Role::Layer(src, role));
+            let (source_role, start) = match (layout.fused, role) {
+                (true, Q) => (Qkv, 0),
+                (true, K) => (Qkv, c.q_dim()),
+                (true, V) => (Qkv, c.q_dim() + c.kv_dim()),
+                (true, Gate) => (GateUp, 0),
+                (true, Up) => (GateUp, c.ffn),
+                (_, r) => (r, 0),
+            };
+            let order = match role {
+                Q | K if permute => head_order,
+                _ => RowOrder::Hf,
+            };
+            let kind = match role {
+                V => TensorKind::AttnV {
+                    block: out,
+                    n_blocks,
+                },
+                Down => TensorKind::FfnDown {
+                    block: out,
+                    n_blocks,
+                },
+                _ => TensorKind::Matrix,
+            };
+            let name = spec::block_tensor(out, role).unwrap_or_default();
+            push(name, Role::Layer(src, source_role), shape, kind, start, order);
+        }
+    }
+    if layout.recurrent.is_some_and(|(s, _)| s.adapter) {
+        let shape = expected_shape(c, Role::Adapter);
+        push(
+            spec::ADAPTER.into(),
+            Role::Adapter,
+            shape,
+            TensorKind::Adapter,
+            0,
+            RowOrder::Hf,
+        );
+    }
+    push(
+        spec::OUTPUT_NORM.into(),
+        Role::FinalNorm,
+        expected_shape(c, Role::FinalNorm),
+        TensorKind::Vector,
+        0,
+        RowOrder::Hf,
+    );
+    if !tied {
+        push(
+            spec::OUTPUT.into(),
+            Role::LmHead,
+            expected_shape(c, Role::LmHead),
+            TensorKind::Output,
+            0,
+            RowOrder::Hf,
+        );
+    }
+    if let Some(factors) = llama3_rope_factors(c) {
+        // After token_embd, where llama.cpp's converter puts it.
+        jobs.insert(
+            1,
+            Job {
+                header: TensorHeader {
+                    name: spec::ROPE_FREQS.into(),
+                    dtype: DType::F32,
+                    shape: vec![factors.len()],
+                },
+                src: JobSource::Values(factors),
+            },
+        );
+    }
+    for job in &jobs {
+        if let JobSource::Rows { role, .. } = job.src {
+            if source.tensor(role).is_none() {
+                return Err(ExportError::Convert(format!(
+                    "the checkpoint has no tensor for {role}"
+                )));
+            }
+        }
+    }
+    Ok(jobs)
+}
+
+/// Llama-3 RoPE scaling as llama.cpp applies it: one divisor per rotary frequency
+/// (convert_hf_to_gguf.py `LlamaModel.generate_extra_tensors`): 1 for short wavelengths,
+/// `factor` for long ones, and the smooth interpolation between, `1 / ((1 - s) / factor + s)`.
+/// The frequencies are transformers' `_compute_llama3_parameters`, in f32.
+pub fn llama3_rope_factors(c: &ModelConfig) -> Option<Vec<f32>> {
+    let s = c.rope_scaling?;
+    let dim = c.head_dim;
+    let old = s.original_max_position_embeddings as f32;
+    let (factor, low, high) = (
+        s.factor as f32,
+        s.low_freq_factor as f32,
+        s.high_freq_factor as f32,
+    );
+    let (low_wavelen, high_wavelen) = (old / low, old / high);
+    let factors = (0..dim)
+        .step_by(2)
+        .map(|i| {
+            let freq = 1.0 / (c.rope_theta as f32).powf(i as f32 / dim as f32);
+            let wavelen = 2.0 * std::f32::consts::PI / freq;
+            if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth = (old / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        })
+        .collect();
+    Some(factors)
+}
+
+fn job_source_bytes(source: &SourceModel, job: &Job) -> u64 {
+    match &job.src {
+        JobSource::Rows { role, start, .. } => source.tensor(*role).map_or(0, |t| {
+            let (rows, _) = rows_cols(&job.header.shape);
+            source_bytes(t, &(*start..start + rows))
+        }),
+        JobSource::Values(v) => 4 * v.len() as u64,
+    }
+}
+
+/// Streams one tensor into the writer, a chunk of whole heads (or rows) at a time.
+fn write_job(
+    source: &SourceModel,
+    job: &Job,
+    writer: &mut GgufWriter,
+    advance: &mut dyn FnMut(u64),
+) -> Result<(), ExportError> {
+    let (role, start, order) = match &job.src {
+        JobSource::Values(values) => {
+            let bytes = crate::formats::gguf::quantize(job.header.dtype, values)?;
+            writer.write(&bytes)?;
+            return Ok(());
+        }
+        JobSource::Rows { role, start, order } => (*role, *start, *order),
+    };
+    let t = source
+        .tensor(role)
+        .ok_or_else(|| ExportError::Convert(format!("the checkpoint has no tensor for {role}")))?;
+    let (rows, cols) = rows_cols(&job.header.shape);
+    let mut read = 0;
+    for chunk in chunks(rows, cols, order.unit()) {
+        let range = start + chunk.start..start + chunk.end;
+        read += source_bytes(t, &range);
+        let bytes = read_rows(source, t, range, job.header.dtype, order).map_err(|e| {
+            ExportError::Convert(format!("tensor {} (from {}): {e}", job.header.name, t.name))
+        })?;
+        writer.write(&bytes)?;
+        advance(read);
+    }
+    Ok(())
+}
+
+/// Every key of the file: `general.*`, the architecture's hyperparameters, the tokenizer.
+fn metadata(
+    source: &SourceModel,
+    layout: &Layout,
+    quant: QuantType,
+    tokenizer: Vec<(String, Value)>,
+) -> Vec<(String, Value)> {
+    let c = &source.config;
+    let arch = arch_name(layout.arch);
+    let u32v = |n: usize| Value::U32(u32::try_from(n).unwrap_or(u32::MAX));
+    let string = |s: &str| Value::String(s.to_string());
+    let mut m: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), string(arch)),
+        ("general.type".into(), string("model")),
+        ("general.name".into(), string(&model_name(source))),
+    ];
+    // The source's own description (author, license, ...) travels with it.
+    if let Some(g) = source.gguf() {
+        const OURS: &[&str] = &[
+            "general.architecture",
+            "general.type",
+            "general.name",
+            "general.file_type",
+            "general.quantization_version",
+            "general.alignment",
+        ];
+        m.extend(
+            g.metadata
+                .iter()
+                .filter(|(k, _)| k.starts_with("general.") && !OURS.contains(&k.as_str()))
+                .cloned(),
+        );
+    }
+    m.push(("general.file_type".into(), Value::U32(quant.file_type())));
+    m.push((
+        "general.quantization_version".into(),
+        Value::U32(QUANTIZATION_VERSION),
+    ));
+    let k = |suffix: &str| spec::key(arch, suffix);
+    m.extend([
+        (k("vocab_size"), u32v(c.vocab)),
+        (
+            k("context_length"),
+            u32v(c.max_position.unwrap_or(DEFAULT_CONTEXT)),
+        ),
+        (k("embedding_length"), u32v(c.hidden)),
+        (k("block_count"), u32v(layout.blocks.len())),
+        (k("feed_forward_length"), u32v(c.ffn)),
+        (k("attention.head_count"), u32v(c.n_heads)),
+        (k("attention.head_count_kv"), u32v(c.n_kv_heads)),
+        (k("attention.key_length"), u32v(c.head_dim)),
+        (k("attention.value_length"), u32v(c.head_dim)),
+        (k("rope.dimension_count"), u32v(c.head_dim)),
+        (k("rope.freq_base"), Value::F32(c.rope_theta as f32)),
+        (
+            k("attention.layer_norm_rms_epsilon"),
+            Value::F32(c.norm_eps as f32),
+        ),
+    ]);
+    if let Some((shape, r)) = layout.recurrent {
+        m.extend([
+            (spec::KEY_BLOCK_TYPE.into(), string(c.family.name())),
+            (spec::KEY_PRELUDE.into(), u32v(shape.prelude)),
+            (spec::KEY_CORE.into(), u32v(shape.core)),
+            (spec::KEY_CODA.into(), u32v(shape.coda)),
+            (spec::KEY_RECURRENCE.into(), u32v(r)),
+            (
+                spec::KEY_INJECTION.into(),
+                string(if shape.adapter { "linear" } else { "none" }),
+            ),
+            (
+                spec::KEY_STATE_SIGMA.into(),
+                Value::F32(shape.state_std as f32),
+            ),
+        ]);
+        if let Some(s) = c.rope_scaling {
+            m.extend([
+                (spec::KEY_ROPE_SCALING_TYPE.into(), string("llama3")),
+                (spec::KEY_ROPE_SCALING_FACTOR.into(), Value::F32(s.factor as f32)),
+                (
+                    spec::KEY_ROPE_SCALING_LOW.into(),
+                    Value::F32(s.low_freq_factor as f32),
+                ),
+                (
+                    spec::KEY_ROPE_SCALING_HIGH.into(),
+                    Value::F32(s.high_freq_factor as f32),
+                ),
+                (
+                    spec::KEY_ROPE_SCALING_ORIG_CTX.into(),
+                    u32v(s.original_max_position_embeddings),
+                ),
+            ]);
+        }
+    }
+    m.extend(tokenizer);
+    m
+}
+
+/// `general.name`: the source GGUF's, else the checkpoint's directory or file name.
+fn model_name(source: &SourceModel) -> String {
+    if let Some(name) = source.gguf().and_then(|g| g.get_str("general.name")) {
+        return name.to_string();
+    }
+    let path = if source.path.is_dir() {
+        source.path.as_path()
+    } else {
+        source.path.parent().unwrap_or(&source.path)
+    };
+    path.canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".into())
+}

@@ -1,0 +1,146 @@
+//! Rows of a source tensor in the type and row order an output wants: the one primitive both
+//! exporters stream with. Bytes are copied as they are whenever the type and the row order
+//! already match (a Q8_0 tensor exported as Q8_0 is not requantized; an F32 Q/K is only
+//! reordered); otherwise the rows are decoded to f32 and encoded again, one chunk at a time.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use crate::dtype::DType;
+use crate::formats::gguf::{self, GgufError};
+use crate::source::{decode_rows, SourceModel, TensorRef};
+
+/// Rows per chunk are chosen so that a chunk holds about this many f32 values (16 MiB).
+pub const CHUNK_VALUES: usize = 4 << 20;
+
+/// (rows, elements per row) of a tensor: a 1-D tensor is one row.
+pub fn rows_cols(shape: &[usize]) -> (usize, usize) {
+    match shape {
+        [] => (0, 0),
+        [n] => (1, *n),
+        [rows, rest @ ..] => (*rows, rest.iter().product()),
+    }
+}
+
+/// Row order of a Q or K matrix: Hugging Face's (rotate-half), or llama.cpp's, which interleaves
+/// the two halves of every head of `head_rows` rows (see [`gguf::permute_rows_hf_to_gguf`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowOrder {
+    Hf,
+    Gguf { head_rows: usize },
+}
+
+impl RowOrder {
+    /// Rows per unit that must stay together in a chunk (a whole head when permuted).
+    pub fn unit(self) -> usize {
+        match self {
+            RowOrder::Hf => 1,
+            RowOrder::Gguf { head_rows } => head_rows.max(1),
+        }
+    }
+}
+
+/// The row order `t` is stored in.
+fn stored_order(t: &TensorRef) -> RowOrder {
+    match t.unpermute_heads {
+        Some(heads) => RowOrder::Gguf {
+            head_rows: rows_cols(&t.shape).0 / heads.max(1),
+        },
+        None => RowOrder::Hf,
+    }
+}
+
+/// Splits `0..n_rows` into chunks of whole units of about [`CHUNK_VALUES`] values.
+pub fn chunks(n_rows: usize, cols: usize, unit: usize) -> Vec<Range<usize>> {
+    let unit = unit.max(1);
+    let per = (CHUNK_VALUES / cols.max(1) / unit).max(1) * unit;
+    (0..n_rows)
+        .step_by(per)
+        .map(|a| a..(a + per).min(n_rows))
+        .collect()
+}
+
+/// The bytes of source tensor `t` read for rows `rows` (what the progress counts).
+pub fn source_bytes(t: &TensorRef, rows: &Range<usize>) -> u64 {
+    if !t.parts.is_empty() {
+        let mut base = 0;
+        let mut total = 0;
+        for p in &t.parts {
+            let n = rows_cols(&p.shape).0;
+            let lo = rows.start.max(base);
+            let hi = rows.end.min(base + n);
+            if lo < hi {
+                total += source_bytes(p, &(lo - base..hi - base));
+            }
+            base += n;
+        }
+        return total;
+    }
+    let n_rows = rows_cols(&t.shape).0.max(1) as u64;
+    (t.end - t.start) / n_rows * rows.len() as u64
+}
+
+/// Rows `rows` of `t` as `want` in row order `order`. When `order` is llama.cpp's, `rows` must be
+/// whole heads (and so must any stored permutation).
+pub fn read_rows<'a>(
+    source: &'a SourceModel,
+    t: &'a TensorRef,
+    rows: Range<usize>,
+    want: DType,
+    order: RowOrder,
+) -> Result<Cow<'a, [u8]>, GgufError> {
+    if !t.parts.is_empty() {
+        let mut out = Vec::new();
+        let mut base = 0;
+        for p in &t.parts {
+            let n = rows_cols(&p.shape).0;
+            let lo = rows.start.max(base);
+            let hi = rows.end.min(base + n);
+            if lo < hi {
+                out.extend_from_slice(&read_rows(source, p, lo - base..hi - base, want, order)?);
+            }
+            base += n;
+        }
+        return Ok(Cow::Owned(out));
+    }
+    let (n_rows, _) = rows_cols(&t.shape);
+    let bytes = source.bytes(t);
+    let row_bytes = bytes.len() / n_rows.max(1);
+    let slice = bytes
+        .get(rows.start * row_bytes..rows.end * row_bytes)
+        .filter(|_| row_bytes * n_rows == bytes.len() && row_bytes > 0)
+        .ok_or_else(|| GgufError::ByteLength {
+            dtype: t.dtype,
+            n_elements: t.n_elements(),
+            expected: t.dtype.size_of(t.n_elements() as u64).unwrap_or(0),
+            actual: bytes.len(),
+        })?;
+    let n = rows.len();
+    let stored = stored_order(t);
+    let heads = |head_rows: usize| n / head_rows.max(1);
+    if t.dtype == want {
+        match (stored, order) {
+            (a, b) if a == b => return Ok(Cow::Borrowed(slice)),
+            (RowOrder::Hf, RowOrder::Gguf { head_rows }) => {
+                return gguf::permute_rows_hf_to_gguf(slice, n, heads(head_rows)).map(Cow::Owned)
+            }
+            (RowOrder::Gguf { head_rows }, RowOrder::Hf) => {
+                return gguf::unpermute_rows_gguf_to_hf(slice, n, heads(head_rows))
+                    .map(Cow::Owned)
+            }
+            _ => {}
+        }
+    }
+    let unpermute = match stored {
+        RowOrder::Hf => None,
+        RowOrder::Gguf { head_rows } => Some(heads(head_rows)),
+    };
+    let values = decode_rows(t.dtype, slice, n, unpermute)?;
+    let encoded = gguf::quantize(want, &values)?;
+    match order {
+        RowOrder::Hf => Ok(Cow::Owned(encoded)),
+        RowOrder::Gguf { head_rows } => {
+            gguf::permute_rows_hf_to_gguf(&encoded, n, heads(head_rows)).map(Cow::Owned)
+        }
+    }
+}

@@ -1,0 +1,476 @@
+//! `surgery export safetensors`: any checkpoint (a GGUF of either architecture, or a Hugging Face
+//! directory) to the Hugging Face layout: `config.json`, `model.safetensors` (sharded with
+//! `model.safetensors.index.json` above the shard size), the tokenizer files (built from the
+//! GGUF vocabulary for a GGUF source) and `manifest.json`.
+//!
+//! A static model gets `LlamaForCausalLM` / `Olmo2ForCausalLM` names; a recurrent one the
+//! published `huginn_raven` layout (fused `Wqkv` and `fc`). Q/K rows go back to Hugging Face's
+//! order, and a tensor already in the output type is copied byte for byte, so
+//! safetensors -> GGUF (f32) -> safetensors gives the original tensors bit for bit. Written into
+//! `DIR.partial-<pid>/` and renamed at the end.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde_json::{json, Value as Json};
+
+use crate::arch::{required_roles, Naming, Role};
+use crate::dtype::DType;
+use crate::export::rows::{chunks, read_rows, rows_cols, source_bytes, RowOrder};
+use crate::export::ExportError;
+use crate::formats::hf_config::{Family, ModelConfig};
+use crate::formats::safetensors::INDEX_NAME;
+use crate::formats::tokenizer::{tokenizer_config_json_from_gguf, tokenizer_json_from_gguf};
+use crate::manifest::{self, HashingWriter, Manifest, ManifestEntry, MANIFEST_NAME};
+use crate::source::{SourceFormat, SourceModel};
+use crate::surgery::Progress;
+
+/// `--dtype` of `export safetensors`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutDType {
+    /// The source's main type when it is a float type, else F32 (quantized GGUF weights).
+    Auto,
+    Float(DType),
+}
+
+impl FromStr for OutDType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<OutDType, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(OutDType::Auto),
+            "f32" => Ok(OutDType::Float(DType::F32)),
+            "f16" => Ok(OutDType::Float(DType::F16)),
+            "bf16" => Ok(OutDType::Float(DType::BF16)),
+            _ => Err(format!(
+                "unknown --dtype {s:?} (expected auto, f32, f16 or bf16)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SafetensorsOptions {
+    pub dtype: OutDType,
+    /// Largest shard in bytes of tensor data.
+    pub max_shard_bytes: u64,
+    pub force: bool,
+}
+
+/// What was written.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SafetensorsReport {
+    pub out: PathBuf,
+    /// `llama`, `olmo2` or `huginn_raven`.
+    pub model_type: String,
+    pub dtype: String,
+    pub shards: usize,
+    pub tensors: usize,
+    pub tensor_bytes: u64,
+    pub source_bytes: u64,
+    pub files: Vec<ManifestEntry>,
+    pub notes: Vec<String>,
+}
+
+/// One output tensor.
+struct OutTensor {
+    name: String,
+    role: Role,
+    shape: Vec<usize>,
+    bytes: u64,
+}
+
+/// Writes `source` in the Hugging Face layout into the directory `out`.
+pub fn export_safetensors(
+    source: &SourceModel,
+    out: &Path,
+    opts: &SafetensorsOptions,
+    progress: &mut dyn Progress,
+) -> Result<SafetensorsReport, ExportError> {
+    if out.exists() && !opts.force {
+        return Err(ExportError::Exists(out.to_path_buf()));
+    }
+    let dtype = match opts.dtype {
+        OutDType::Float(d) => d,
+        OutDType::Auto => Some(source.main_dtype())
+            .filter(|d| !d.is_quantized())
+            .unwrap_or(DType::F32),
+    };
+    let tensors = out_tensors(source, dtype)?;
+    let partial = partial_dir(out);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ExportError::Io { path, source }
+    };
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
+    }
+    std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+    let result = write_dir(source, &tensors, dtype, &partial, opts, progress)
+        .and_then(|report| {
+            publish(&partial, out, opts.force)?;
+            Ok(SafetensorsReport {
+                out: out.to_path_buf(),
+                ..report
+            })
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    result
+}
+
+fn partial_dir(out: &Path) -> PathBuf {
+    let name = out
+        .file_name()
+        .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
+    out.with_file_name(format!("{name}.partial-{}", std::process::id()))
+}
+
+/// Renames the finished directory into place; with `force` the old one is moved aside first and
+/// removed once the new one is in place.
+fn publish(partial: &Path, out: &Path, force: bool) -> Result<(), ExportError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ExportError::Io { path, source }
+    };
+    if force && out.exists() {
+        let old = out.with_file_name(format!(
+            "{}.old-{}",
+            out.file_name()
+                .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned()),
+            std::process::id()
+        ));
+        std::fs::rename(out, &old).map_err(io(out))?;
+        std::fs::rename(partial, out).map_err(io(out))?;
+        let removed = if old.is_dir() {
+            std::fs::remove_dir_all(&old)
+        } else {
+            std::fs::remove_file(&old)
+        };
+        return removed.map_err(io(&old));
+    }
+    std::fs::rename(partial, out).map_err(io(out))
+}
+
+fn out_tensors(source: &SourceModel, dtype: DType) -> Result<Vec<OutTensor>, ExportError> {
+    let c = &source.config;
+    let naming = match c.recurrent {
+        Some(shape) => Naming::Raven(c.family, shape),
+        None => Naming::HuggingFace(c.family),
+    };
+    required_roles(c)
+        .into_iter()
+        .map(|role| {
+            let t = source.tensor(role).ok_or_else(|| {
+                ExportError::Convert(format!("the checkpoint has no tensor for {role}"))
+            })?;
+            let name = naming
+                .name(role)
+                .ok_or_else(|| ExportError::Convert(format!("no output name for {role}")))?;
+            let n = t.n_elements() as u64;
+            Ok(OutTensor {
+                name,
+                role,
+                shape: t.shape.clone(),
+                bytes: dtype.size_of(n).unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+/// Splits tensors (in order) into shards of at most `max` bytes; a bigger tensor stands alone.
+fn shards(tensors: &[OutTensor], max: u64) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut size) = (0, 0u64);
+    for (i, t) in tensors.iter().enumerate() {
+        if i > start && size + t.bytes > max {
+            out.push(start..i);
+            (start, size) = (i, 0);
+        }
+        size += t.bytes;
+    }
+    if start < tensors.len() {
+        out.push(start..tensors.len());
+    }
+    out
+}
+
+fn shard_name(i: usize, n: usize) -> String {
+    if n == 1 {
+        "model.safetensors".into()
+    } else {
+        format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+    }
+}
+
+/// The header of a shard, padded with spaces to a multiple of 8 bytes.
+fn shard_header(tensors: &[OutTensor], dtype: DType) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut offset = 0u64;
+    for t in tensors {
+        header.insert(
+            t.name.clone(),
+            json!({"dtype": dtype.name(), "shape": t.shape, "data_offsets": [offset, offset + t.bytes]}),
+        );
+        offset += t.bytes;
+    }
+    let mut bytes = serde_json::to_vec(&header).unwrap_or_default();
+    bytes.resize(bytes.len().div_ceil(8) * 8, b' ');
+    bytes
+}
+
+fn write_dir(
+    source: &SourceModel,
+    tensors: &[OutTensor],
+    dtype: DType,
+    dir: &Path,
+    opts: &SafetensorsOptions,
+    progress: &mut dyn Progress,
+) -> Result<SafetensorsReport, ExportError> {
+    let total_source: u64 = tensors
+        .iter()
+        .filter_map(|t| {
+            let s = source.tensor(t.role)?;
+            Some(source_bytes(s, &(0..rows_cols(&s.shape).0)))
+        })
+        .sum();
+    progress.start("exporting", total_source);
+    let ranges = shards(tensors, opts.max_shard_bytes);
+    let mut files = Vec::new();
+    let mut weight_map = serde_json::Map::new();
+    let mut done = 0u64;
+    for (i, range) in ranges.iter().enumerate() {
+        let name = shard_name(i, ranges.len());
+        let path = dir.join(&name);
+        let io = |source| ExportError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = File::create(&path).map_err(io)?;
+        let mut w = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
+        let part = &tensors[range.clone()];
+        let header = shard_header(part, dtype);
+        w.write_all(&(header.len() as u64).to_le_bytes())
+            .and_then(|()| w.write_all(&header))
+            .map_err(io)?;
+        for t in part {
+            let s = source.tensor(t.role).ok_or_else(|| {
+                ExportError::Convert(format!("the checkpoint has no tensor for {}", t.role))
+            })?;
+            let (rows, cols) = rows_cols(&s.shape);
+            let unit = s
+                .unpermute_heads
+                .map_or(1, |heads| rows / heads.max(1))
+                .max(if s.parts.is_empty() { 1 } else { source.config.head_dim });
+            for chunk in chunks(rows, cols, unit) {
+                done += source_bytes(s, &chunk);
+                let bytes = read_rows(source, s, chunk, dtype, RowOrder::Hf).map_err(|e| {
+                    ExportError::Convert(format!("tensor {} (from {}): {e}", t.name, s.name))
+                })?;
+                w.write_all(&bytes).map_err(io)?;
+                progress.advance(done);
+            }
+            weight_map.insert(t.name.clone(), json!(name));
+        }
+        let (buf, bytes, sha256) = w.finish();
+        buf.into_inner()
+            .map_err(|e| io(e.into_error()))?
+            .sync_all()
+            .map_err(io)?;
+        files.push(ManifestEntry {
+            path: name,
+            bytes,
+            sha256,
+        });
+    }
+    progress.finish();
+
+    let tensor_bytes: u64 = tensors.iter().map(|t| t.bytes).sum();
+    if ranges.len() > 1 {
+        let index = json!({"metadata": {"total_size": tensor_bytes}, "weight_map": weight_map});
+        files.push(write_small(dir, INDEX_NAME, &pretty(&index))?);
+    }
+    let config = config_json(&source.config, dtype);
+    files.push(write_small(dir, "config.json", &pretty(&config))?);
+    let mut notes = Vec::new();
+    for (name, bytes) in tokenizer_files(source, &mut notes)? {
+        files.push(write_small(dir, &name, &bytes)?);
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    let manifest = Manifest {
+        manifest_version: manifest::MANIFEST_VERSION,
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        files: files.clone(),
+    };
+    write_small(
+        dir,
+        MANIFEST_NAME,
+        &pretty(&serde_json::to_value(&manifest).unwrap_or_default()),
+    )?;
+    let model_type = match source.config.recurrent {
+        Some(_) => "huginn_raven",
+        None => source.config.family.name(),
+    };
+    Ok(SafetensorsReport {
+        out: dir.to_path_buf(),
+        model_type: model_type.into(),
+        dtype: dtype.name().into(),
+        shards: ranges.len(),
+        tensors: tensors.len(),
+        tensor_bytes,
+        source_bytes: total_source,
+        files,
+        notes,
+    })
+}
+
+fn pretty(v: &Json) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec_pretty(v).unwrap_or_default();
+    bytes.push(b'\n');
+    bytes
+}
+
+fn write_small(dir: &Path, name: &str, bytes: &[u8]) -> Result<ManifestEntry, ExportError> {
+    let path = dir.join(name);
+    let io = |source| ExportError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut f = File::create(&path).map_err(io)?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io)?;
+    Ok(ManifestEntry {
+        path: name.into(),
+        bytes: bytes.len() as u64,
+        sha256: manifest::sha256_bytes(bytes),
+    })
+}
+
+/// The tokenizer files: copied from a Hugging Face source, built from a GGUF's vocabulary.
+fn tokenizer_files(
+    source: &SourceModel,
+    notes: &mut Vec<String>,
+) -> Result<Vec<(String, Vec<u8>)>, ExportError> {
+    match source.format {
+        SourceFormat::Safetensors => {
+            let names = source.tokenizer.as_ref().map_or(&[][..], |t| &t.files[..]);
+            names
+                .iter()
+                .map(|name| {
+                    let path = source.root.join(name);
+                    std::fs::read(&path)
+                        .map(|b| (name.clone(), b))
+                        .map_err(|source| ExportError::Io { path, source })
+                })
+                .collect()
+        }
+        SourceFormat::Gguf => {
+            let Some(g) = source.gguf() else {
+                return Ok(vec![]);
+            };
+            if g.get("tokenizer.ggml.tokens").is_none() {
+                notes.push("the GGUF has no vocabulary: no tokenizer files written".into());
+                return Ok(vec![]);
+            }
+            match tokenizer_json_from_gguf(g) {
+                Ok(t) => Ok(vec![
+                    ("tokenizer.json".into(), pretty(&t)),
+                    (
+                        "tokenizer_config.json".into(),
+                        pretty(&tokenizer_config_json_from_gguf(g)),
+                    ),
+                ]),
+                Err(e) => {
+                    notes.push(format!("no tokenizer.json written: {e}"));
+                    Ok(vec![])
+                }
+            }
+        }
+    }
+}
+
+fn torch_dtype(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    }
+}
+
+fn rope_scaling_json(c: &ModelConfig) -> Json {
+    c.rope_scaling.map_or(Json::Null, |r| {
+        json!({
+            "rope_type": "llama3",
+            "factor": r.factor,
+            "low_freq_factor": r.low_freq_factor,
+            "high_freq_factor": r.high_freq_factor,
+            "original_max_position_embeddings": r.original_max_position_embeddings,
+        })
+    })
+}
+
+/// config.json: transformers' Llama / OLMo-2 config for a static model, the published
+/// `huginn_raven` keys (REFERENCE.md) for a recurrent one.
+fn config_json(c: &ModelConfig, dtype: DType) -> Json {
+    let Some(s) = c.recurrent else {
+        let (model_type, arch) = match c.family {
+            Family::Llama => ("llama", "LlamaForCausalLM"),
+            Family::Olmo2 => ("olmo2", "Olmo2ForCausalLM"),
+        };
+        return json!({
+            "architectures": [arch],
+            "model_type": model_type,
+            "hidden_size": c.hidden,
+            "intermediate_size": c.ffn,
+            "num_hidden_layers": c.n_layers,
+            "num_attention_heads": c.n_heads,
+            "num_key_value_heads": c.n_kv_heads,
+            "head_dim": c.head_dim,
+            "hidden_act": "silu",
+            "vocab_size": c.vocab,
+            "rope_theta": c.rope_theta,
+            "rope_scaling": rope_scaling_json(c),
+            "rms_norm_eps": c.norm_eps,
+            "tie_word_embeddings": c.tied,
+            "max_position_embeddings": c.max_position,
+            "attention_bias": false,
+            "mlp_bias": false,
+            "bos_token_id": c.bos_token_id,
+            "eos_token_id": c.eos_token_id,
+            "torch_dtype": torch_dtype(dtype),
+        });
+    };
+    json!({
+        "architectures": ["RavenForCausalLM"],
+        "model_type": "huginn_raven",
+        "block_type": c.family,
+        "injection_type": if s.adapter { "linear" } else { "none" },
+        "n_embd": c.hidden,
+        "n_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads,
+        "head_dim": c.head_dim,
+        "intermediate_size": c.ffn,
+        "n_layers": c.n_layers,
+        "n_layers_in_prelude": s.prelude,
+        "n_layers_in_recurrent_block": s.core,
+        "n_layers_in_coda": s.coda,
+        "mean_recurrence": s.mean_recurrence,
+        "mean_backprop_depth": s.mean_backprop_depth,
+        "norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": rope_scaling_json(c),
+        "vocab_size": c.vocab,
+        "padded_vocab_size": c.vocab,
+        "max_position_embeddings": c.max_position,
+        "tie_embeddings": false,
+        "bias": false,
+        "qk_bias": false,
+        "init_values": {"std": s.state_std, "embed_scale": 1.0},
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_id,
+        "torch_dtype": torch_dtype(dtype),
+    })
+}
