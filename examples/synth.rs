@@ -3,6 +3,7 @@
 //! ```sh
 //! cargo run --release --example synth -- OUT_DIR --preset tinyllama --layers 22 --dtype bf16
 //! cargo run --release --example synth -- model.gguf --preset tiny --gguf Q8_0
+//! cargo run --release --example synth -- DIR --preset tiny --byte-tokenizer   # with a tokenizer
 //! ```
 
 use std::path::PathBuf;
@@ -12,10 +13,14 @@ use surgery::synth::{self, SynthSpec};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let out = PathBuf::from(args.next().ok_or("usage: synth OUT [--preset tiny|tinyllama] [--layers N] [--dtype f32|f16|bf16] [--shards N] [--gguf TYPE] [--seed N]")?);
+    let out = PathBuf::from(args.next().ok_or("usage: synth OUT [--preset tiny|tinyllama] [--layers N] [--dtype f32|f16|bf16] [--shards N] [--gguf TYPE] [--seed N] [--byte-tokenizer]")?);
     let mut spec = SynthSpec::llama(6);
-    let (mut seed, mut gguf) = (0u64, None);
+    let (mut seed, mut gguf, mut tokenizer) = (0u64, None, false);
     while let Some(flag) = args.next() {
+        if flag == "--byte-tokenizer" {
+            tokenizer = true;
+            continue;
+        }
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--preset" => {
@@ -46,6 +51,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     match gguf {
         Some(t) => synth::write_gguf(&out, &spec, seed, t)?,
         None => synth::write_hf(&out, &spec, seed)?,
+    }
+    if tokenizer {
+        synth::write_byte_tokenizer(&out)?;
     }
     println!("wrote {}", out.display());
     Ok(())

@@ -232,6 +232,7 @@ fn refusals() {
         (&["heal", "rec", "--data", "train.txt", "--out", "o", "--warmup", "0.6", "--cooldown", "0.6"], "add up to more than the run"),
         (&["heal", "rec", "--data", "train.txt", "--out", "rec"], "rec already exists; pass --force"),
         (&["heal", "rec", "--data", "train.txt", "--out", "o", "--device", "cuda"], "--device cuda is not available"),
+        (&["heal", "rec", "--data", "train.txt", "--out", "o", "--device", "tpu"], "--device tpu is not a device"),
     ];
     for (args, want) in cases {
         assert_refused(d, args, want);

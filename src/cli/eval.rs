@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::Device;
 
 use surgery::eval::data::{read_documents, token_stream, windows};
 use surgery::eval::perplexity::{perplexity, EvalRow};
@@ -47,6 +46,9 @@ pub struct EvalArgs {
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Write a PNG of perplexity against r.
     #[arg(long, value_name = "FILE.png")]
     pub plot: Option<PathBuf>,
@@ -69,7 +71,7 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
     // One token more than scored: the last target needs its input.
     let stream = token_stream(&docs, &tokenizer, args.max_tokens.map(|m| m + 1))?;
     let windows = windows(&stream, args.seq_len, args.max_tokens);
-    let device = Device::Cpu;
+    let device = super::parse_device(&args.device)?;
     let model = match &args.layers {
         None => Model::load(&source, &device)?,
         Some(_) if source.config.recurrent.is_some() => {

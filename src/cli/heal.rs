@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use surgery::heal::checkpoint::read_state;
@@ -109,7 +108,7 @@ pub struct HealArgs {
     /// Continue a run from one of its checkpoints (OUT.checkpoints/step-N); the run's settings come from it.
     #[arg(long, value_name = "CHECKPOINT")]
     pub resume: Option<PathBuf>,
-    /// cpu (CUDA needs a build with the `cuda` feature).
+    /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// CPU threads (default: all cores).
@@ -189,10 +188,7 @@ impl Observer for Bar {
 }
 
 pub fn run_cli(args: HealArgs, global: Global) -> anyhow::Result<()> {
-    let device = match args.device.as_str() {
-        "cpu" => Device::Cpu,
-        other => bail!("--device {other} is not available in this build (CPU only; CUDA needs the `cuda` feature)"),
-    };
+    let device = super::parse_device(&args.device)?;
     if let Some(n) = args.threads {
         std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
     }

@@ -48,6 +48,10 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// Perplexity on held-out text against test-time recurrence r.
     Eval(eval::EvalArgs),
+    /// Export to GGUF (llama.cpp) or to the Hugging Face safetensors layout.
+    Export(export::ExportArgs),
+    /// Generate text from a prompt, streaming tokens; optionally with adaptive recurrence.
+    Generate(generate::GenerateArgs),
     /// Fine-tune a recurrent checkpoint under the recurrence curriculum (with checkpoints, --resume).
     Heal(heal::HealArgs),
 
@@ -60,6 +64,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Apply(args) => apply::run(args, cli.global),
         Command::Verify(args) => verify::run(args, cli.global),
         Command::Eval(args) => eval::run(args, cli.global),
+        Command::Export(args) => export::run(args, cli.global),
+        Command::Generate(args) => generate::run(args, cli.global),
         Command::Heal(args) => heal::run_cli(args, cli.global),
     }
 }
@@ -157,5 +163,22 @@ pub fn print_notes(plan: &surgery::plan::Plan, global: Global) {
         for note in &plan.notes {
             eprintln!("note: {note}");
         }
+    }
+}
+
+/// `cpu`, `cuda` or `cuda:N`. A build without the `cuda` feature says so when CUDA is asked for.
+pub fn parse_device(name: &str) -> anyhow::Result<candle_core::Device> {
+    let cuda = |n: usize| {
+        candle_core::Device::new_cuda(n).map_err(|e| {
+            anyhow::anyhow!("--device {name} is not available: {e} (CUDA needs a build with `--features cuda`)")
+        })
+    };
+    match name {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "cuda" => cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => cuda(n),
+            _ => anyhow::bail!("--device {other} is not a device: expected cpu, cuda or cuda:N"),
+        },
     }
 }
