@@ -50,6 +50,18 @@ pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
+/// x @ w^T for x (..., in) and w (out, in): (..., in) -> (..., out). Flattened to one 2-D matmul,
+/// because broadcasting w over the batch makes its gradient a batch of full-size copies.
+pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let (lead, inner) = dims.split_at(dims.len() - 1);
+    let rows: usize = lead.iter().product();
+    let y = x.reshape((rows, inner[0]))?.matmul(&w.t()?)?;
+    let mut out = lead.to_vec();
+    out.push(w.dim(0)?);
+    y.reshape(out)
+}
+
 /// x * sigmoid(x), from exp.
 fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
     x / (x.neg()?.exp()? + 1.0)?
@@ -86,7 +98,7 @@ impl Block {
         let (b, t, _) = x.dims3()?;
         let (hd, nh, nkv) = (c.head_dim, c.n_heads, c.n_kv_heads);
         // (B, T, h) @ (h, q + 2kv) -> (B, T, q + 2kv)
-        let qkv = x.broadcast_matmul(&self.wqkv.t()?)?;
+        let qkv = linear(x, &self.wqkv)?;
         let mut q = qkv.narrow(D::Minus1, 0, nh * hd)?;
         let mut k = qkv.narrow(D::Minus1, nh * hd, nkv * hd)?;
         let v = qkv.narrow(D::Minus1, (nh + nkv) * hd, nkv * hd)?;
@@ -125,15 +137,15 @@ impl Block {
         let out = softmax(&scores)?.matmul(&v.contiguous()?)?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         // (B, T, q) @ (q, h) -> (B, T, h)
-        Ok(out.broadcast_matmul(&self.wo.t()?)?)
+        Ok(linear(&out, &self.wo)?)
     }
 
     /// down(silu(gate(x)) * up(x)): (B, T, h) -> (B, T, h)
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
         let f = self.w_down.dim(1)?;
-        let gu = x.broadcast_matmul(&self.w_gate_up.t()?)?;
+        let gu = linear(x, &self.w_gate_up)?;
         let gate = gu.narrow(D::Minus1, 0, f)?;
         let up = gu.narrow(D::Minus1, f, f)?;
-        Ok((silu(&gate)? * up)?.broadcast_matmul(&self.w_down.t()?)?)
+        Ok(linear(&(silu(&gate)? * up)?, &self.w_down)?)
     }
 }

@@ -6,6 +6,7 @@
 //! no gradient in candle), so the trainer can use this forward as it is.
 
 mod block;
+mod generate;
 pub mod params;
 mod rope;
 
@@ -19,6 +20,7 @@ use crate::formats::hf_config::{Family, ModelConfig};
 use crate::source::SourceModel;
 
 pub use block::Block;
+pub use generate::{generate, sample, Exit, GenerateOptions, GenerateReport};
 pub use rope::Rope;
 
 #[derive(Debug, thiserror::Error)]
@@ -255,7 +257,7 @@ impl Model {
             for k in 0..r {
                 if let Some(adapter) = &self.adapter {
                     // concat on the hidden axis, state first: (B, T, 2h) @ (2h, h) -> (B, T, h)
-                    s = Tensor::cat(&[&s, &e], D::Minus1)?.broadcast_matmul(&adapter.t()?)?;
+                    s = block::linear(&Tensor::cat(&[&s, &e], D::Minus1)?, adapter)?;
                 }
                 for (j, block) in self.core.iter().enumerate() {
                     s = block.forward(&s, &ctx, slot_at(&mut cache, p + k * c + j))?;
@@ -277,7 +279,7 @@ impl Model {
         }
         let x = block::rms_norm(&x, &self.final_norm, self.config.norm_eps)?;
         // (B, T, h) @ (h, V) -> (B, T, V)
-        Ok(x.broadcast_matmul(&self.lm_head.t()?)?)
+        Ok(block::linear(&x, &self.lm_head)?)
     }
 
     /// s_0: a normal of the model's sigma truncated at +-3 sigma (resampled beyond), or zeros.
