@@ -697,26 +697,27 @@ fn open_recurrent_gguf(path: &Path, g: GgufFile) -> Result<SourceModel, SourceEr
     // (llama.cpp runs OLMo-2 with NEOX-style RoPE, which is the Hugging Face order).
     let permuted = family == Family::Llama;
     let mut seen = std::collections::HashSet::new();
-    let mut lookup = |name: String, role: Role, unpermute_heads| -> Result<TensorRef, SourceError> {
-        let Some(info) = g.tensor(&name) else {
-            return Err(SourceError::MissingTensor {
-                path: path.to_path_buf(),
+    let mut lookup =
+        |name: String, role: Role, unpermute_heads| -> Result<TensorRef, SourceError> {
+            let Some(info) = g.tensor(&name) else {
+                return Err(SourceError::MissingTensor {
+                    path: path.to_path_buf(),
+                    name,
+                    role,
+                });
+            };
+            seen.insert(name.clone());
+            Ok(TensorRef {
                 name,
-                role,
-            });
+                file: 0,
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                start: info.offset,
+                end: info.offset + info.n_bytes,
+                unpermute_heads,
+                parts: Vec::new(),
+            })
         };
-        seen.insert(name.clone());
-        Ok(TensorRef {
-            name,
-            file: 0,
-            dtype: info.dtype,
-            shape: info.shape.clone(),
-            start: info.offset,
-            end: info.offset + info.n_bytes,
-            unpermute_heads,
-            parts: Vec::new(),
-        })
-    };
     let mut tensors = BTreeMap::new();
     for role in arch::required_roles(&config) {
         let t = match role {
@@ -737,12 +738,33 @@ fn open_recurrent_gguf(path: &Path, g: GgufFile) -> Result<SourceModel, SourceEr
                         _ => None,
                     };
                     let name = spec::block_tensor(i, part).unwrap_or_default();
-                    parts.push(lookup(name, Role::Layer(i, part), heads)?);
+                    let t = lookup(name, Role::Layer(i, part), heads)?;
+                    let want = arch::expected_shape(&config, Role::Layer(i, part));
+                    if t.shape != want {
+                        return Err(SourceError::ShapeMismatch {
+                            path: path.to_path_buf(),
+                            name: t.name,
+                            got: t.shape,
+                            want,
+                        });
+                    }
+                    parts.push(t);
                 }
-                let cols = parts.first().and_then(|p| p.shape.get(1)).copied().unwrap_or(0);
-                let rows = parts.iter().map(|p| p.shape.first().copied().unwrap_or(0)).sum();
+                let cols = parts
+                    .first()
+                    .and_then(|p| p.shape.get(1))
+                    .copied()
+                    .unwrap_or(0);
+                let rows = parts
+                    .iter()
+                    .map(|p| p.shape.first().copied().unwrap_or(0))
+                    .sum();
                 TensorRef {
-                    name: parts.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join("+"),
+                    name: parts
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join("+"),
                     file: 0,
                     dtype: parts.first().map_or(DType::F32, |p| p.dtype),
                     shape: vec![rows, cols],
@@ -756,9 +778,10 @@ fn open_recurrent_gguf(path: &Path, g: GgufFile) -> Result<SourceModel, SourceEr
         };
         tensors.insert(role, t);
     }
-    let extra = g.tensors.iter().find(|t| {
-        !seen.contains(&t.name) && !(t.name == spec::ROPE_FREQS && config.rope_scaling.is_some())
-    });
+    let known = |name: &String| {
+        seen.contains(name) || (name == spec::ROPE_FREQS && config.rope_scaling.is_some())
+    };
+    let extra = g.tensors.iter().find(|t| !known(&t.name));
     if let Some(extra) = extra {
         return Err(SourceError::UnexpectedTensor {
             path: path.to_path_buf(),

@@ -329,12 +329,9 @@ fn newton_schulz_singular_values_are_near_one() {
         // O = q(G G^T) G for a polynomial q, so O G^T is symmetric: same singular vectors as G.
         let ogt = to_rows(&o.matmul(&g.t().unwrap()).unwrap());
         let scale = ogt.iter().flatten().fold(0f64, |a, b| a.max(b.abs()));
-        for i in 0..ogt.len() {
-            for j in 0..ogt.len() {
-                assert!(
-                    (ogt[i][j] - ogt[j][i]).abs() < 1e-4 * scale,
-                    "{rows}x{cols}"
-                );
+        for (i, row) in ogt.iter().enumerate() {
+            for (j, value) in row.iter().enumerate() {
+                assert!((value - ogt[j][i]).abs() < 1e-4 * scale, "{rows}x{cols}");
             }
         }
     }

@@ -103,7 +103,10 @@ fn notes(notes: &[String], global: Global) {
 
 fn gguf(args: GgufArgs, global: Global) -> anyhow::Result<()> {
     if args.out.exists() && !args.force {
-        bail!("{} already exists; pass --force to replace it", args.out.display());
+        bail!(
+            "{} already exists; pass --force to replace it",
+            args.out.display()
+        );
     }
     let source = SourceModel::open(&args.model)?;
     let opts = GgufOptions {
@@ -145,7 +148,10 @@ fn gguf(args: GgufArgs, global: Global) -> anyhow::Result<()> {
 
 fn safetensors(args: SafetensorsArgs, global: Global) -> anyhow::Result<()> {
     if args.out.exists() && !args.force {
-        bail!("{} already exists; pass --force to replace it", args.out.display());
+        bail!(
+            "{} already exists; pass --force to replace it",
+            args.out.display()
+        );
     }
     let source = SourceModel::open(&args.model)?;
     let opts = SafetensorsOptions {

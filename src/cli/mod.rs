@@ -2,6 +2,8 @@
 
 mod apply;
 mod eval;
+mod export;
+mod generate;
 mod heal;
 mod inspect;
 mod plan;
@@ -54,7 +56,6 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Fine-tune a recurrent checkpoint under the recurrence curriculum (with checkpoints, --resume).
     Heal(heal::HealArgs),
-
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {

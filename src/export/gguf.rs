@@ -20,7 +20,7 @@ use std::str::FromStr;
 use crate::arch::{expected_shape, LayerRole, Role};
 use crate::dtype::DType;
 use crate::export::mix::{QuantType, TensorKind};
-use crate::export::rows::{chunks, read_rows, rows_cols, source_bytes, RowOrder};
+use crate::export::rows::{chunks, rows_cols, source_bytes, stream_rows, RowOrder};
 use crate::export::spec;
 use crate::export::vocab::tokenizer_metadata;
 use crate::export::ExportError;
@@ -142,7 +142,9 @@ pub fn export_gguf(
     let mut writer = GgufWriter::create(out, &metadata, &headers)?;
     let mut done = 0u64;
     for job in &jobs {
-        write_job(source, job, &mut writer, &mut |n| progress.advance(done + n))?;
+        write_job(source, job, &mut writer, &mut |n| {
+            progress.advance(done + n)
+        })?;
         done += job_source_bytes(source, job);
     }
     let file_bytes = writer.finish()?;
@@ -383,7 +385,14 @@ fn jobs(source: &SourceModel, layout: &Layout, quant: QuantType) -> Result<Vec<J
                 _ => TensorKind::Matrix,
             };
             let name = spec::block_tensor(out, role).unwrap_or_default();
-            push(name, Role::Layer(src, source_role), shape, kind, start, order);
+            push(
+                name,
+                Role::Layer(src, source_role),
+                shape,
+                kind,
+                start,
+                order,
+            );
         }
     }
     if layout.recurrent.is_some_and(|(s, _)| s.adapter) {
@@ -502,17 +511,30 @@ fn write_job(
         .tensor(role)
         .ok_or_else(|| ExportError::Convert(format!("the checkpoint has no tensor for {role}")))?;
     let (rows, cols) = rows_cols(&job.header.shape);
+    let ranges: Vec<_> = chunks(rows, cols, order.unit())
+        .into_iter()
+        .map(|c| start + c.start..start + c.end)
+        .collect();
     let mut read = 0;
-    for chunk in chunks(rows, cols, order.unit()) {
-        let range = start + chunk.start..start + chunk.end;
-        read += source_bytes(t, &range);
-        let bytes = read_rows(source, t, range, job.header.dtype, order).map_err(|e| {
+    stream_rows(
+        source,
+        t,
+        &ranges,
+        job.header.dtype,
+        order,
+        &mut |bytes, n| {
+            writer.write(bytes)?;
+            read += n;
+            advance(read);
+            Ok::<(), ExportError>(())
+        },
+    )
+    .map_err(|e| match e {
+        ExportError::Gguf(e) => {
             ExportError::Convert(format!("tensor {} (from {}): {e}", job.header.name, t.name))
-        })?;
-        writer.write(&bytes)?;
-        advance(read);
-    }
-    Ok(())
+        }
+        other => other,
+    })
 }
 
 /// Every key of the file: `general.*`, the architecture's hyperparameters, the tokenizer.
@@ -593,7 +615,10 @@ fn metadata(
         if let Some(s) = c.rope_scaling {
             m.extend([
                 (spec::KEY_ROPE_SCALING_TYPE.into(), string("llama3")),
-                (spec::KEY_ROPE_SCALING_FACTOR.into(), Value::F32(s.factor as f32)),
+                (
+                    spec::KEY_ROPE_SCALING_FACTOR.into(),
+                    Value::F32(s.factor as f32),
+                ),
                 (
                     spec::KEY_ROPE_SCALING_LOW.into(),
                     Value::F32(s.low_freq_factor as f32),

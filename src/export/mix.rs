@@ -76,12 +76,20 @@ pub enum TensorKind {
     /// Any 1-D tensor.
     Vector,
     /// `token_embd`; `tied` when no `output` is written and it serves as the output too.
-    Embed { tied: bool },
+    Embed {
+        tied: bool,
+    },
     Output,
     /// `attn_v` of block `block` out of `n_blocks`.
-    AttnV { block: usize, n_blocks: usize },
+    AttnV {
+        block: usize,
+        n_blocks: usize,
+    },
     /// `ffn_down` of block `block` out of `n_blocks`.
-    FfnDown { block: usize, n_blocks: usize },
+    FfnDown {
+        block: usize,
+        n_blocks: usize,
+    },
     Adapter,
     /// Every other weight matrix.
     Matrix,
@@ -91,7 +99,7 @@ pub enum TensorKind {
 /// block in between.
 pub fn use_more_bits(block: usize, n_blocks: usize) -> bool {
     let eighth = n_blocks / 8;
-    block < eighth || block >= 7 * n_blocks / 8 || (block >= eighth && (block - eighth) % 3 == 2)
+    block < eighth || block >= 7 * n_blocks / 8 || (block - eighth) % 3 == 2
 }
 
 impl QuantType {
@@ -223,9 +231,18 @@ mod tests {
 
     #[test]
     fn rows_of_576_fall_back_to_block_32_types() {
-        assert_eq!(t("q4_k_m").tensor_type(TensorKind::Matrix, 576), DType::Q5_0);
-        assert_eq!(t("q5_k_m").tensor_type(TensorKind::Matrix, 576), DType::Q5_1);
-        assert_eq!(t("q4_k_m").tensor_type(TensorKind::Output, 576), DType::Q8_0);
+        assert_eq!(
+            t("q4_k_m").tensor_type(TensorKind::Matrix, 576),
+            DType::Q5_0
+        );
+        assert_eq!(
+            t("q5_k_m").tensor_type(TensorKind::Matrix, 576),
+            DType::Q5_1
+        );
+        assert_eq!(
+            t("q4_k_m").tensor_type(TensorKind::Output, 576),
+            DType::Q8_0
+        );
         assert_eq!(t("q6_k").tensor_type(TensorKind::Matrix, 1536), DType::Q6K);
         assert_eq!(t("q4_0").tensor_type(TensorKind::Matrix, 40), DType::F16);
         assert_eq!(t("q4_k").tensor_type(TensorKind::Matrix, 48), DType::F16);

@@ -10,8 +10,9 @@ use crate::dtype::DType;
 use crate::formats::gguf::{self, GgufError};
 use crate::source::{decode_rows, SourceModel, TensorRef};
 
-/// Rows per chunk are chosen so that a chunk holds about this many f32 values (16 MiB).
-pub const CHUNK_VALUES: usize = 4 << 20;
+/// Rows per chunk are chosen so that a chunk holds about this many f32 values (1 MiB): small
+/// enough that even a small model's tensors split into chunks for every core.
+pub const CHUNK_VALUES: usize = 1 << 18;
 
 /// (rows, elements per row) of a tensor: a 1-D tensor is one row.
 pub fn rows_cols(shape: &[usize]) -> (usize, usize) {
@@ -80,6 +81,60 @@ pub fn source_bytes(t: &TensorRef, rows: &Range<usize>) -> u64 {
     (t.end - t.start) / n_rows * rows.len() as u64
 }
 
+/// Where [`stream_rows`] hands each chunk: its bytes and the source bytes it was read from.
+pub type Sink<'a, E> = dyn FnMut(&[u8], u64) -> Result<(), E> + 'a;
+
+/// Streams rows `ranges` of `t` as `want` in `order` into `sink`, in order, with the bytes of
+/// source data each chunk read. Chunks that need decoding and encoding are converted on all
+/// cores, a group of chunks at a time, so memory stays at a few chunks per core.
+pub fn stream_rows<E: From<GgufError>>(
+    source: &SourceModel,
+    t: &TensorRef,
+    ranges: &[Range<usize>],
+    want: DType,
+    order: RowOrder,
+    sink: &mut Sink<'_, E>,
+) -> Result<(), E> {
+    let converts = std::iter::once(t)
+        .chain(&t.parts)
+        .any(|p| p.parts.is_empty() && p.dtype != want);
+    let threads = if converts {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        1
+    };
+    for group in ranges.chunks(threads) {
+        let results: Vec<Result<Cow<'_, [u8]>, GgufError>> = if group.len() == 1 {
+            group
+                .iter()
+                .map(|r| read_rows(source, t, r.clone(), want, order))
+                .collect()
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = group
+                    .iter()
+                    .map(|r| scope.spawn(move || read_rows(source, t, r.clone(), want, order)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(GgufError::Io {
+                                path: source.path.clone(),
+                                source: std::io::Error::other("a conversion thread panicked"),
+                            })
+                        })
+                    })
+                    .collect()
+            })
+        };
+        for (range, bytes) in group.iter().zip(results) {
+            sink(&bytes?, source_bytes(t, range))?;
+        }
+    }
+    Ok(())
+}
+
 /// Rows `rows` of `t` as `want` in row order `order`. When `order` is llama.cpp's, `rows` must be
 /// whole heads (and so must any stored permutation).
 pub fn read_rows<'a>(
@@ -125,8 +180,7 @@ pub fn read_rows<'a>(
                 return gguf::permute_rows_hf_to_gguf(slice, n, heads(head_rows)).map(Cow::Owned)
             }
             (RowOrder::Gguf { head_rows }, RowOrder::Hf) => {
-                return gguf::unpermute_rows_gguf_to_hf(slice, n, heads(head_rows))
-                    .map(Cow::Owned)
+                return gguf::unpermute_rows_gguf_to_hf(slice, n, heads(head_rows)).map(Cow::Owned)
             }
             _ => {}
         }

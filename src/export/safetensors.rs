@@ -18,7 +18,7 @@ use serde_json::{json, Value as Json};
 
 use crate::arch::{required_roles, Naming, Role};
 use crate::dtype::DType;
-use crate::export::rows::{chunks, read_rows, rows_cols, source_bytes, RowOrder};
+use crate::export::rows::{chunks, rows_cols, source_bytes, stream_rows, RowOrder};
 use crate::export::ExportError;
 use crate::formats::hf_config::{Family, ModelConfig};
 use crate::formats::safetensors::INDEX_NAME;
@@ -108,14 +108,13 @@ pub fn export_safetensors(
         std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
     }
     std::fs::create_dir_all(&partial).map_err(io(&partial))?;
-    let result = write_dir(source, &tensors, dtype, &partial, opts, progress)
-        .and_then(|report| {
-            publish(&partial, out, opts.force)?;
-            Ok(SafetensorsReport {
-                out: out.to_path_buf(),
-                ..report
-            })
-        });
+    let result = write_dir(source, &tensors, dtype, &partial, opts, progress).and_then(|report| {
+        publish(&partial, out, opts.force)?;
+        Ok(SafetensorsReport {
+            out: out.to_path_buf(),
+            ..report
+        })
+    });
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&partial);
     }
@@ -265,15 +264,24 @@ fn write_dir(
             let unit = s
                 .unpermute_heads
                 .map_or(1, |heads| rows / heads.max(1))
-                .max(if s.parts.is_empty() { 1 } else { source.config.head_dim });
-            for chunk in chunks(rows, cols, unit) {
-                done += source_bytes(s, &chunk);
-                let bytes = read_rows(source, s, chunk, dtype, RowOrder::Hf).map_err(|e| {
-                    ExportError::Convert(format!("tensor {} (from {}): {e}", t.name, s.name))
-                })?;
-                w.write_all(&bytes).map_err(io)?;
+                .max(if s.parts.is_empty() {
+                    1
+                } else {
+                    source.config.head_dim
+                });
+            let ranges = chunks(rows, cols, unit);
+            stream_rows(source, s, &ranges, dtype, RowOrder::Hf, &mut |bytes, n| {
+                w.write_all(bytes).map_err(io)?;
+                done += n;
                 progress.advance(done);
-            }
+                Ok::<(), ExportError>(())
+            })
+            .map_err(|e| match e {
+                ExportError::Gguf(e) => {
+                    ExportError::Convert(format!("tensor {} (from {}): {e}", t.name, s.name))
+                }
+                other => other,
+            })?;
             weight_map.insert(t.name.clone(), json!(name));
         }
         let (buf, bytes, sha256) = w.finish();

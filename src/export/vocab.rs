@@ -52,11 +52,14 @@ pub enum VocabError {
     Unsupported { path: String, reason: String },
 }
 
+/// GGUF key/value pairs, in file order.
+pub type Metadata = Vec<(String, Value)>;
+
 /// The tokenizer keys for a model whose embedding has `n_rows` rows, and notes for the user.
 pub fn tokenizer_metadata(
     source: &SourceModel,
     n_rows: usize,
-) -> Result<(Vec<(String, Value)>, Vec<String>), VocabError> {
+) -> Result<(Metadata, Vec<String>), VocabError> {
     if let Some(g) = source.gguf() {
         let keys: Vec<(String, Value)> = g
             .metadata
@@ -136,13 +139,16 @@ fn pad_gguf_arrays(mut keys: Vec<(String, Value)>, n_rows: usize) -> Vec<(String
         if start >= n_rows {
             continue;
         }
-        let pad: Box<dyn Fn(usize) -> Value> = match key.as_str() {
-            KEY_TOKENS => Box::new(|i| Value::String(format!("[PAD{i}]"))),
-            KEY_TOKEN_TYPE => Box::new(|_| Value::I32(UNUSED)),
-            KEY_SCORES => Box::new(|_| Value::F32(-1000.0)),
-            _ => continue,
+        let pad = |i: usize| match key.as_str() {
+            KEY_TOKENS => Some(Value::String(format!("[PAD{i}]"))),
+            KEY_TOKEN_TYPE => Some(Value::I32(UNUSED)),
+            KEY_SCORES => Some(Value::F32(-1000.0)),
+            _ => None,
         };
-        items.extend((start..n_rows).map(pad));
+        if pad(start).is_none() {
+            continue;
+        }
+        items.extend((start..n_rows).filter_map(pad));
     }
     keys
 }
@@ -262,7 +268,9 @@ fn tokens_and_types(tokenizer: &Json, n_rows: usize) -> Result<(Vec<String>, Vec
         by_id.insert(id as usize, (text.clone(), NORMAL));
     }
     for added in tokenizer["added_tokens"].as_array().into_iter().flatten() {
-        let id = added["id"].as_u64().ok_or("an added token has no integer id")?;
+        let id = added["id"]
+            .as_u64()
+            .ok_or("an added token has no integer id")?;
         let text = added["content"]
             .as_str()
             .ok_or("an added token has no content")?;
@@ -289,7 +297,9 @@ fn tokens_and_types(tokenizer: &Json, n_rows: usize) -> Result<(Vec<String>, Vec
             .unwrap_or_else(|| (format!("[PAD{id}]"), UNUSED));
         // llama.cpp asserts that token texts are unique.
         if !seen.insert(text.clone()) {
-            return Err(format!("token {id} {text:?} appears twice in the vocabulary"));
+            return Err(format!(
+                "token {id} {text:?} appears twice in the vocabulary"
+            ));
         }
         tokens.push(text);
         types.push(kind);
@@ -323,8 +333,12 @@ fn post_processor_inserts(post: &Json) -> (bool, bool) {
     match post["type"].as_str() {
         Some("TemplateProcessing") => {
             let single = post["single"].as_array().map(Vec::as_slice).unwrap_or(&[]);
-            let is_special = |item: Option<&Json>| item.is_some_and(|i| i.get("SpecialToken").is_some());
-            (is_special(single.first()), single.len() > 1 && is_special(single.last()))
+            let is_special =
+                |item: Option<&Json>| item.is_some_and(|i| i.get("SpecialToken").is_some());
+            (
+                is_special(single.first()),
+                single.len() > 1 && is_special(single.last()),
+            )
         }
         Some("Sequence") => post["processors"]
             .as_array()
@@ -348,7 +362,10 @@ const CONTRACTIONS_CPP: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][
 
 /// One split of the pre-tokenizer, normalized so that both spellings compare equal.
 fn normalize(regex: &str) -> String {
-    let r = regex.strip_suffix(r"|\s+").filter(|r| *r == GPT2).unwrap_or(regex);
+    let r = regex
+        .strip_suffix(r"|\s+")
+        .filter(|r| *r == GPT2)
+        .unwrap_or(regex);
     r.replace(CONTRACTIONS_HF, CONTRACTIONS_CPP)
 }
 
@@ -361,9 +378,7 @@ fn splits(pre: &Json, out: &mut Vec<String>) -> Result<(), String> {
             }
             Ok(())
         }
-        Some("Split")
-            if pre["behavior"] == "Isolated" && pre["invert"].as_bool() != Some(true) =>
-        {
+        Some("Split") if pre["behavior"] == "Isolated" && pre["invert"].as_bool() != Some(true) => {
             let regex = pre["pattern"]["Regex"]
                 .as_str()
                 .ok_or("a Split pre-tokenizer without a Regex pattern")?;
@@ -422,11 +437,7 @@ fn pre_name(pre: &Json, clean_spaces: Option<bool>) -> Result<&'static str, Stri
         {
             "default"
         }
-        _ => {
-            return Err(unknown(format!(
-                "a pre-tokenizer splitting with {found:?}"
-            )))
-        }
+        _ => return Err(unknown(format!("a pre-tokenizer splitting with {found:?}"))),
     };
     Ok(name)
 }
@@ -476,16 +487,14 @@ mod tests {
             .filter_map(Value::as_i64)
             .collect();
         assert_eq!(types, vec![3, 3, 1, 1, 1, 5, 5]);
-        assert_eq!(
-            get(&keys, KEY_MERGES),
-            Some(&Value::Array(vec![s("a b")]))
-        );
+        assert_eq!(get(&keys, KEY_MERGES), Some(&Value::Array(vec![s("a b")])));
         assert_eq!(get(&keys, KEY_BOS_ID), Some(&Value::U32(1)));
         assert_eq!(get(&keys, KEY_EOS_ID), Some(&Value::U32(0)));
         assert_eq!(get(&keys, KEY_ADD_BOS), Some(&Value::Bool(false)));
         assert_eq!(get(&keys, KEY_CHAT_TEMPLATE), Some(&s("{{x}}")));
         // Without the clean-spaces hint the same splits are StarCoder's.
-        let keys = from_tokenizer_json(&smollm_like(), &Json::Null, ConfigIds::default(), 5).unwrap();
+        let keys =
+            from_tokenizer_json(&smollm_like(), &Json::Null, ConfigIds::default(), 5).unwrap();
         assert_eq!(get(&keys, KEY_PRE), Some(&s("starcoder")));
     }
 
@@ -500,17 +509,29 @@ mod tests {
             (byte_level(true), "gpt-2"),
             (seq(vec![split(GPT2), byte_level(false)]), "gpt-2"),
             (seq(vec![split(&hf_llama3), byte_level(false)]), "llama-bpe"),
-            (seq(vec![split(&cpp_llama3), byte_level(false)]), "llama-bpe"),
             (
-                seq(vec![split(&format!("{CONTRACTIONS_HF}{QWEN2_TAIL}")), byte_level(false)]),
+                seq(vec![split(&cpp_llama3), byte_level(false)]),
+                "llama-bpe",
+            ),
+            (
+                seq(vec![
+                    split(&format!("{CONTRACTIONS_HF}{QWEN2_TAIL}")),
+                    byte_level(false),
+                ]),
                 "qwen2",
             ),
-            (seq(vec![split(r"\p{N}"), split(GPT2), byte_level(false)]), "starcoder"),
+            (
+                seq(vec![split(r"\p{N}"), split(GPT2), byte_level(false)]),
+                "starcoder",
+            ),
         ] {
             assert_eq!(pre_name(&pre, None), Ok(want), "{pre}");
         }
         let err = pre_name(&seq(vec![split("x+"), byte_level(false)]), None).unwrap_err();
-        assert!(err.contains("not one whose llama.cpp pre-tokenizer"), "{err}");
+        assert!(
+            err.contains("not one whose llama.cpp pre-tokenizer"),
+            "{err}"
+        );
         let err = pre_name(&json!({"type": "Whitespace"}), None).unwrap_err();
         assert!(err.contains("\"Whitespace\""), "{err}");
     }
@@ -524,7 +545,16 @@ mod tests {
         assert_eq!(get(&keys, KEY_ADD_BOS), Some(&Value::Bool(true)));
         assert_eq!(get(&keys, KEY_ADD_EOS), Some(&Value::Bool(false)));
         let config = json!({"add_bos_token": false});
-        let keys = from_tokenizer_json(&t, &config, ConfigIds { bos: Some(1), eos: Some(0) }, 5).unwrap();
+        let keys = from_tokenizer_json(
+            &t,
+            &config,
+            ConfigIds {
+                bos: Some(1),
+                eos: Some(0),
+            },
+            5,
+        )
+        .unwrap();
         assert_eq!(get(&keys, KEY_ADD_BOS), Some(&Value::Bool(false)));
         assert_eq!(get(&keys, KEY_BOS_ID), Some(&Value::U32(1)));
     }
@@ -534,7 +564,10 @@ mod tests {
         let err = from_tokenizer_json(&smollm_like(), &Json::Null, ConfigIds::default(), 3)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("ids up to 4 but the embedding has only 3 rows"), "{err}");
+        assert!(
+            err.contains("ids up to 4 but the embedding has only 3 rows"),
+            "{err}"
+        );
         let mut sp = smollm_like();
         sp["pre_tokenizer"] = json!({"type": "Metaspace"});
         let err = from_tokenizer_json(&sp, &Json::Null, ConfigIds::default(), 5)
@@ -552,8 +585,14 @@ mod tests {
     #[test]
     fn carried_over_arrays_are_padded_to_the_embedding() {
         let keys = vec![
-            (KEY_TOKENS.to_string(), Value::Array(vec![Value::String("a".into())])),
-            (KEY_TOKEN_TYPE.to_string(), Value::Array(vec![Value::I32(1)])),
+            (
+                KEY_TOKENS.to_string(),
+                Value::Array(vec![Value::String("a".into())]),
+            ),
+            (
+                KEY_TOKEN_TYPE.to_string(),
+                Value::Array(vec![Value::I32(1)]),
+            ),
             (KEY_MERGES.to_string(), Value::Array(vec![])),
         ];
         let padded = pad_gguf_arrays(keys, 3);

@@ -134,7 +134,7 @@ impl HealConfig {
         if self.seq_len == 0 || self.batch == 0 || self.micro_batch == 0 {
             return bad("--seq-len, --batch and --micro-batch must be at least 1".into());
         }
-        if self.batch % self.micro_batch != 0 {
+        if !self.batch.is_multiple_of(self.micro_batch) {
             return bad(format!("--batch {} is not a multiple of --micro-batch {}", self.batch, self.micro_batch));
         }
         if self.max_mean_recurrence == 0 || self.backprop_depth == 0 || self.curriculum_start == 0 {

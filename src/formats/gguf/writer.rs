@@ -180,13 +180,16 @@ impl GgufWriter {
                 source: std::io::Error::other("the writer was already closed"),
             });
         };
-        let file = out
+        let published = out
             .into_inner()
-            .map_err(|e| io(&self.partial)(e.into_error()))?;
-        file.sync_all().map_err(io(&self.partial))?;
-        drop(file);
-        fs::rename(&self.partial, &self.path).map_err(io(&self.path))?;
-        Ok(self.len)
+            .map_err(|e| io(&self.partial)(e.into_error()))
+            .and_then(|file| file.sync_all().map_err(io(&self.partial)))
+            .and_then(|()| fs::rename(&self.partial, &self.path).map_err(io(&self.path)));
+        if published.is_err() {
+            // Best effort: the original error is the one worth reporting.
+            let _ = fs::remove_file(&self.partial);
+        }
+        published.map(|()| self.len)
     }
 
     fn put(&mut self, bytes: &[u8]) -> Result<(), GgufError> {
@@ -624,5 +627,19 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("after the last tensor"));
+    }
+
+    #[test]
+    fn a_failed_rename_removes_the_partial_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("taken");
+        std::fs::create_dir(path.join("inside").parent().unwrap()).unwrap();
+        std::fs::write(path.join("inside"), b"x").unwrap();
+        let w = GgufWriter::create(&path, &[], &[]).unwrap();
+        assert!(
+            w.finish().is_err(),
+            "a non-empty directory cannot be replaced"
+        );
+        assert!(!partial_path(&path).exists());
     }
 }

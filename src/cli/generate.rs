@@ -1,0 +1,173 @@
+//! `surgery generate MODEL --prompt TEXT --recurrence R`: sample a continuation, streaming tokens
+//! to stdout as they come; `--exit latent-diff:EPS` stops each token's core iterations early and
+//! reports the mean recurrence per token.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+
+use surgery::formats::text_tokenizer::TextTokenizer;
+use surgery::model::{generate, Exit, GenerateOptions, Model};
+use surgery::source::SourceModel;
+
+use super::Global;
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// A recurrent checkpoint or GGUF, or any static model (then r is ignored).
+    pub model: PathBuf,
+    /// The text to continue (special tokens such as <|im_start|> are recognized).
+    #[arg(long)]
+    pub prompt: String,
+    /// Core iterations per token (the most, with --exit); default: the model's own default.
+    #[arg(long, value_name = "R")]
+    pub recurrence: Option<usize>,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy (deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Seed of the sampler and of the initial states.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Adaptive compute: latent-diff:EPS stops a token's iterations once
+    /// ||s_i - s_{i-1}|| / ||s_i|| < EPS.
+    #[arg(long, value_name = "latent-diff:EPS", value_parser = parse_exit)]
+    pub exit: Option<Exit>,
+    /// Keep going after the end-of-text token (for benchmarks).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+fn parse_exit(s: &str) -> Result<Exit, String> {
+    s.parse()
+}
+
+/// Text decoded so far, printed as it grows; a trailing incomplete UTF-8 sequence (U+FFFD) is
+/// held back until the next token completes it.
+struct Streamer<'a> {
+    tokenizer: &'a TextTokenizer,
+    ids: Vec<u32>,
+    printed: usize,
+    echo: bool,
+}
+
+impl Streamer<'_> {
+    fn push(&mut self, id: u32) -> anyhow::Result<()> {
+        self.ids.push(id);
+        let text = self.tokenizer.decode(&self.ids)?;
+        let ready = text.trim_end_matches('\u{FFFD}');
+        if self.echo && ready.len() > self.printed && ready.is_char_boundary(self.printed) {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&ready.as_bytes()[self.printed..])?;
+            out.flush()?;
+            self.printed = ready.len();
+        }
+        Ok(())
+    }
+}
+
+pub fn run(args: GenerateArgs, global: Global) -> anyhow::Result<()> {
+    if args.recurrence == Some(0) {
+        bail!("--recurrence 0 is not a recurrence: the core runs r >= 1 times");
+    }
+    if !(args.temperature.is_finite() && args.temperature >= 0.0) {
+        bail!("--temperature must be a number >= 0");
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1]");
+    }
+    if let Some(n) = args.threads {
+        // candle's CPU kernels size their pool from this, before any tensor work.
+        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+    }
+    let source = SourceModel::open(&args.model)?;
+    let tokenizer = TextTokenizer::for_model(&source)?;
+    let prompt = tokenizer.encode(&args.prompt)?;
+    if prompt.is_empty() {
+        bail!("the prompt tokenizes to nothing: give some text");
+    }
+    let model = Model::load(&source, &Device::Cpu)?;
+    let r = match source.config.recurrent {
+        Some(shape) => args.recurrence.unwrap_or(shape.mean_recurrence),
+        None => {
+            if args.recurrence.is_some() && !global.quiet {
+                eprintln!("note: a static model has no recurrence; --recurrence is ignored");
+            }
+            1
+        }
+    };
+    let opts = GenerateOptions {
+        r,
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+        exit: args.exit.unwrap_or(Exit::Never),
+        stop: if args.ignore_eos {
+            vec![]
+        } else {
+            tokenizer.eos.into_iter().collect()
+        },
+    };
+    let mut streamer = Streamer {
+        tokenizer: &tokenizer,
+        ids: Vec::new(),
+        printed: 0,
+        echo: !global.json,
+    };
+    let mut failed = None;
+    let report = generate(&model, &prompt, &opts, &mut |id| {
+        if let Err(e) = streamer.push(id) {
+            failed = Some(e);
+        }
+        Ok(())
+    })
+    .context("generating")?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let text = tokenizer.decode(&report.tokens)?;
+    if global.json {
+        let value = serde_json::json!({
+            "model": args.model.display().to_string(),
+            "prompt": args.prompt,
+            "text": text,
+            "r": source.config.recurrent.map(|_| r),
+            "exit": args.exit.map(|e| match e {
+                Exit::LatentDiff(eps) => format!("latent-diff:{eps}"),
+                Exit::Never => "never".into(),
+            }),
+            "report": report,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    // Whatever the stream held back (a final incomplete character) and the newline.
+    let rest = text.get(streamer.printed..).unwrap_or("");
+    println!("{rest}");
+    if !global.quiet {
+        let mean = report
+            .mean_recurrence
+            .map(|m| format!(", mean recurrence {m:.2} of at most {r}"))
+            .unwrap_or_default();
+        eprintln!(
+            "{} prompt tokens, {} generated ({}), {:.1} tokens/s after a {:.2} s prefill{mean}",
+            report.prompt_tokens,
+            report.tokens.len(),
+            report.stopped.replace('_', " "),
+            report.tokens_per_second,
+            report.prefill_seconds,
+        );
+    }
+    Ok(())
+}
