@@ -261,7 +261,8 @@ pub fn write_gguf(
 /// GPT-2's byte-to-character table (the ByteLevel pre-tokenizer's alphabet): printable bytes map to
 /// themselves, the others to U+0100 onwards in order.
 fn byte_alphabet() -> Vec<char> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut next = 256;
     (0..256u32)
         .map(|b| {

@@ -41,9 +41,27 @@ fn reports_one_row_per_recurrence_and_identity_cuts_do_not_depend_on_r() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     setup(d);
-    let v = eval_json(d, &["id", "--data", "held.txt", "--recurrence", "1,2,4", "--seq-len", "32", "--batch", "3"]);
+    let v = eval_json(
+        d,
+        &[
+            "id",
+            "--data",
+            "held.txt",
+            "--recurrence",
+            "1,2,4",
+            "--seq-len",
+            "32",
+            "--batch",
+            "3",
+        ],
+    );
     let rows = v["rows"].as_array().unwrap();
-    assert_eq!(rows.iter().map(|r| r["r"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 4]);
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["r"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 2, 4]
+    );
     // Three documents of 30, 70 and 36 bytes, one token a byte, each followed by EOS: 139 tokens,
     // of which all but the first are scored.
     assert!(rows.iter().all(|r| r["tokens"] == 138), "{rows:?}");
@@ -55,13 +73,53 @@ fn reports_one_row_per_recurrence_and_identity_cuts_do_not_depend_on_r() {
     assert!((rows[0]["perplexity"].as_f64().unwrap() - loss(0).exp()).abs() < 1e-6);
 
     // (2,2,2) of 6 layers drops nothing: the static source over the same layers gives the same loss.
-    let s = eval_json(d, &["m", "--data", "held.txt", "--seq-len", "32", "--layers", "0..2,2..6"]);
+    let s = eval_json(
+        d,
+        &[
+            "m",
+            "--data",
+            "held.txt",
+            "--seq-len",
+            "32",
+            "--layers",
+            "0..2,2..6",
+        ],
+    );
     assert!(s["rows"][0]["r"].is_null());
-    assert!((s["rows"][0]["loss"].as_f64().unwrap() - loss(0)).abs() < 1e-4, "{s}");
+    assert!(
+        (s["rows"][0]["loss"].as_f64().unwrap() - loss(0)).abs() < 1e-4,
+        "{s}"
+    );
 
     // A noisy adapter makes r matter; the same seed gives the same numbers.
-    let a = eval_json(d, &["noisy", "--data", "held.txt", "--recurrence", "1,4", "--seq-len", "32", "--max-tokens", "100"]);
-    let b = eval_json(d, &["noisy", "--data", "held.txt", "--recurrence", "1,4", "--seq-len", "32", "--max-tokens", "100"]);
+    let a = eval_json(
+        d,
+        &[
+            "noisy",
+            "--data",
+            "held.txt",
+            "--recurrence",
+            "1,4",
+            "--seq-len",
+            "32",
+            "--max-tokens",
+            "100",
+        ],
+    );
+    let b = eval_json(
+        d,
+        &[
+            "noisy",
+            "--data",
+            "held.txt",
+            "--recurrence",
+            "1,4",
+            "--seq-len",
+            "32",
+            "--max-tokens",
+            "100",
+        ],
+    );
     assert_eq!(a["rows"][0]["loss"], b["rows"][0]["loss"]);
     assert_eq!(a["rows"][0]["tokens"], 100);
     assert_ne!(a["rows"][0]["loss"], a["rows"][1]["loss"]);
@@ -72,16 +130,53 @@ fn table_plot_and_static_note() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     setup(d);
-    let o = surgery(d, &["eval", "id", "--data", "held.txt", "--recurrence", "1,2", "--seq-len", "16", "--plot", "ppl.png"]);
+    let o = surgery(
+        d,
+        &[
+            "eval",
+            "id",
+            "--data",
+            "held.txt",
+            "--recurrence",
+            "1,2",
+            "--seq-len",
+            "16",
+            "--plot",
+            "ppl.png",
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
-    assert!(text.contains("perplexity") && text.contains("plot written to ppl.png"), "{text}");
+    assert!(
+        text.contains("perplexity") && text.contains("plot written to ppl.png"),
+        "{text}"
+    );
     let png = std::fs::read(d.join("ppl.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     assert!(!d.join("ppl.png.partial").exists());
-    let o = surgery(d, &["eval", "m", "--data", "held.txt", "--recurrence", "1,32", "--seq-len", "16"]);
+    let o = surgery(
+        d,
+        &[
+            "eval",
+            "m",
+            "--data",
+            "held.txt",
+            "--recurrence",
+            "1,32",
+            "--seq-len",
+            "16",
+        ],
+    );
     assert!(stderr(&o).contains("a static model has no recurrence; --recurrence is ignored"));
-    assert_eq!(stdout(&o).lines().filter(|l| l.trim_start().starts_with('-')).count(), 1, "{}", stdout(&o));
+    assert_eq!(
+        stdout(&o)
+            .lines()
+            .filter(|l| l.trim_start().starts_with('-'))
+            .count(),
+        1,
+        "{}",
+        stdout(&o)
+    );
 }
 
 #[test]
@@ -93,14 +188,26 @@ fn refusals() {
     std::fs::write(d.join("held.csv"), "a,b").unwrap();
     synth::write_hf(&d.join("notok"), &SynthSpec::llama(2), 1).unwrap();
     let cases: &[(&[&str], &str)] = &[
-        (&["eval", "id", "--data", "held.txt", "--recurrence", "0,1"], "--recurrence 0 is not a recurrence"),
+        (
+            &["eval", "id", "--data", "held.txt", "--recurrence", "0,1"],
+            "--recurrence 0 is not a recurrence",
+        ),
         (&["eval", "id", "--data", "nothing.txt"], "nothing.txt"),
         (&["eval", "id", "--data", "empty.txt"], "no documents in"),
         (&["eval", "id", "--data", "held.csv"], "held.csv"),
-        (&["eval", "id", "--data", "held.txt", "--layers", "0..2"], "--layers selects layers of a static model"),
-        (&["eval", "m", "--data", "held.txt", "--layers", "0..9"], "layer 6 is out of range"),
+        (
+            &["eval", "id", "--data", "held.txt", "--layers", "0..2"],
+            "--layers selects layers of a static model",
+        ),
+        (
+            &["eval", "m", "--data", "held.txt", "--layers", "0..9"],
+            "layer 6 is out of range",
+        ),
         (&["eval", "notok", "--data", "held.txt"], "no tokenizer"),
-        (&["eval", "id", "--data", "held.txt", "--seq-len", "0"], "--seq-len and --batch must be at least 1"),
+        (
+            &["eval", "id", "--data", "held.txt", "--seq-len", "0"],
+            "--seq-len and --batch must be at least 1",
+        ),
     ];
     for (args, want) in cases {
         assert_refused(d, args, want);

@@ -22,7 +22,20 @@ const TEXT: &str = "In the beginning God created the heaven and the earth. And t
 fn setup(d: &Path) {
     synth::write_hf(&d.join("src"), &SynthSpec::llama(4), 3).unwrap();
     synth::write_byte_tokenizer(&d.join("src")).unwrap();
-    let o = surgery(d, &["apply", "src", "--shape", "1,2,1", "--adapter-noise", "0.05", "--out", "rec", "-q"]);
+    let o = surgery(
+        d,
+        &[
+            "apply",
+            "src",
+            "--shape",
+            "1,2,1",
+            "--adapter-noise",
+            "0.05",
+            "--out",
+            "rec",
+            "-q",
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let text: Vec<String> = (0..40).map(|i| format!("{i}. {TEXT}")).collect();
     std::fs::write(d.join("train.txt"), text.join("\n\n")).unwrap();
@@ -37,7 +50,9 @@ fn batch() -> (Tensor, Tensor) {
 
 fn loss_of(model: &Model, r: usize, without: usize) -> Tensor {
     let (ids, targets) = batch();
-    let logits = model.forward_detached(&ids, None, r, without, InitialState::Seeded(5), None).unwrap();
+    let logits = model
+        .forward_detached(&ids, None, r, without, InitialState::Seeded(5), None)
+        .unwrap();
     mean_cross_entropy(&logits, &targets).unwrap()
 }
 
@@ -46,36 +61,80 @@ fn every_trainable_parameter_gets_a_finite_nonzero_gradient_and_frozen_ones_none
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path());
     let source = SourceModel::open(&dir.path().join("rec")).unwrap();
-    for (train, expected) in [(Train::All, 1 + 1 + 1 + 1 + 4 * 6), (Train::Core, 2 * 6), (Train::Adapter, 1)] {
+    for (train, expected) in [
+        (Train::All, 1 + 1 + 1 + 1 + 4 * 6),
+        (Train::Core, 2 * 6),
+        (Train::Adapter, 1),
+    ] {
         let mut model = Model::load(&source, &Device::Cpu).unwrap();
-        let all: Vec<String> = model.named_tensors().unwrap().into_iter().map(|(n, _)| n).collect();
+        let all: Vec<String> = model
+            .named_tensors()
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         let params = model.trainable(train, false).unwrap();
         assert_eq!(params.len(), expected, "{train:?}");
         // r = 3 with one iteration detached: truncated backpropagation still reaches everything.
         let grads = loss_of(&model, 3, 1).backward().unwrap();
         for p in &params {
-            let g = grads.get(p.var.as_tensor()).unwrap_or_else(|| panic!("{train:?}: no gradient for {}", p.name));
-            let max = g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(max.is_finite() && max > 0.0, "{train:?}: {} gradient max {max}", p.name);
+            let g = grads
+                .get(p.var.as_tensor())
+                .unwrap_or_else(|| panic!("{train:?}: no gradient for {}", p.name));
+            let max = g
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                max.is_finite() && max > 0.0,
+                "{train:?}: {} gradient max {max}",
+                p.name
+            );
         }
         // Frozen parameters are not Vars: nothing can update them.
         let trained: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
-        let frozen = all.iter().filter(|n| !trained.contains(&n.as_str())).count();
+        let frozen = all
+            .iter()
+            .filter(|n| !trained.contains(&n.as_str()))
+            .count();
         assert_eq!(frozen + params.len(), all.len());
         if train == Train::Core {
-            assert!(trained.iter().all(|n| n.starts_with("transformer.core_block.")), "{trained:?}");
+            assert!(
+                trained
+                    .iter()
+                    .all(|n| n.starts_with("transformer.core_block.")),
+                "{trained:?}"
+            );
         }
     }
 }
 
 fn element(p: &Param, i: usize) -> f64 {
-    p.var.as_tensor().flatten_all().unwrap().get(i).unwrap().to_scalar::<f64>().unwrap()
+    p.var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .get(i)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 fn set_element(p: &Param, i: usize, value: f64) {
-    let mut v = p.var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let mut v = p
+        .var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     v[i] = value;
-    p.var.set(&Tensor::from_vec(v, p.var.dims(), &Device::Cpu).unwrap()).unwrap();
+    p.var
+        .set(&Tensor::from_vec(v, p.var.dims(), &Device::Cpu).unwrap())
+        .unwrap();
 }
 
 #[test]
@@ -83,7 +142,10 @@ fn gradients_agree_with_finite_differences_in_f64() {
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path());
     let source = SourceModel::open(&dir.path().join("rec")).unwrap();
-    let mut model = Model::load(&source, &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+    let mut model = Model::load(&source, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     let params = model.trainable(Train::All, false).unwrap();
     let loss = |m: &Model| loss_of(m, 2, 0).to_scalar::<f64>().unwrap();
     let grads = loss_of(&model, 2, 0).backward().unwrap();
@@ -95,8 +157,17 @@ fn gradients_agree_with_finite_differences_in_f64() {
     ];
     let h = 1e-5;
     for name in wanted {
-        let p = params.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("{name}"));
-        let g = grads.get(p.var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let p = params
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("{name}"));
+        let g = grads
+            .get(p.var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         // The largest-gradient element and two others (embedding: rows of tokens in the batch).
         let mut order: Vec<usize> = (0..g.len()).collect();
         order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
@@ -109,16 +180,44 @@ fn gradients_agree_with_finite_differences_in_f64() {
             set_element(p, i, w);
             let numeric = (up - down) / (2.0 * h);
             let rel = (numeric - g[i]).abs() / g[i].abs().max(1e-12);
-            eprintln!("{name}[{i}]: analytic {:.6e}, numeric {numeric:.6e}, relative error {rel:.1e}", g[i]);
-            assert!(rel < 1e-3, "{name}[{i}]: analytic {} vs numeric {numeric}", g[i]);
+            eprintln!(
+                "{name}[{i}]: analytic {:.6e}, numeric {numeric:.6e}, relative error {rel:.1e}",
+                g[i]
+            );
+            assert!(
+                rel < 1e-3,
+                "{name}[{i}]: analytic {} vs numeric {numeric}",
+                g[i]
+            );
         }
     }
 }
 
 fn heal(d: &Path, out: &str, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
-        "heal", "rec", "--data", "train.txt", "--out", out, "--seq-len", "32", "--batch", "4", "--micro-batch", "2",
-        "--max-mean-recurrence", "3", "--holdout", "0.1", "--eval-tokens", "256", "--lr", "0.02", "--adam-lr", "0.01", "-q",
+        "heal",
+        "rec",
+        "--data",
+        "train.txt",
+        "--out",
+        out,
+        "--seq-len",
+        "32",
+        "--batch",
+        "4",
+        "--micro-batch",
+        "2",
+        "--max-mean-recurrence",
+        "3",
+        "--holdout",
+        "0.1",
+        "--eval-tokens",
+        "256",
+        "--lr",
+        "0.02",
+        "--adam-lr",
+        "0.01",
+        "-q",
     ];
     args.extend_from_slice(extra);
     surgery(d, &args)
@@ -144,22 +243,40 @@ fn sixty_steps_reduce_the_loss_deterministically() {
     let (a, b) = (metrics(&d.join("a")), metrics(&d.join("b")));
     assert_eq!(a.len(), 60);
     let strip = |m: &[Value]| -> Vec<Value> {
-        m.iter().map(|l| {
-            let mut l = l.clone();
-            l.as_object_mut().unwrap().remove("tokens_per_second");
-            l
-        }).collect()
+        m.iter()
+            .map(|l| {
+                let mut l = l.clone();
+                l.as_object_mut().unwrap().remove("tokens_per_second");
+                l
+            })
+            .collect()
     };
     assert_eq!(strip(&a), strip(&b), "two runs, identical metrics");
     let first = a[0]["loss"].as_f64().unwrap();
-    let last: f64 = a[55..].iter().map(|m| m["loss"].as_f64().unwrap()).sum::<f64>() / 5.0;
+    let last: f64 = a[55..]
+        .iter()
+        .map(|m| m["loss"].as_f64().unwrap())
+        .sum::<f64>()
+        / 5.0;
     eprintln!("training loss {first:.4} -> {last:.4}");
     assert!(last < 0.8 * first, "loss {first} -> {last}");
-    assert_eq!(a[29]["eval"].as_array().unwrap().len(), 3, "eval at r = 1, m_max, 2 m_max");
-    assert!(a.iter().all(|m| m["iterations_with_grad"].as_array().unwrap().iter().all(|k| k.as_u64().unwrap() <= 3)));
-    assert_eq!(std::fs::read(d.join("a/model.safetensors")).unwrap(), std::fs::read(d.join("b/model.safetensors")).unwrap());
+    assert_eq!(
+        a[29]["eval"].as_array().unwrap().len(),
+        3,
+        "eval at r = 1, m_max, 2 m_max"
+    );
+    assert!(a.iter().all(|m| m["iterations_with_grad"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|k| k.as_u64().unwrap() <= 3)));
+    assert_eq!(
+        std::fs::read(d.join("a/model.safetensors")).unwrap(),
+        std::fs::read(d.join("b/model.safetensors")).unwrap()
+    );
     assert!(stdout(&surgery(d, &["verify", "a"])).contains("ok"));
-    let config: Value = serde_json::from_slice(&std::fs::read(d.join("a/config.json")).unwrap()).unwrap();
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(d.join("a/config.json")).unwrap()).unwrap();
     assert_eq!(config["surgery"]["heal"]["config"]["steps"], 60);
     assert_eq!(config["surgery"]["heal"]["config"]["seed"], 0);
     let png = std::fs::read(d.join("a/curves.png")).unwrap();
@@ -207,13 +324,19 @@ fn a_nan_weight_stops_the_run_naming_the_step_and_keeps_the_checkpoint() {
     let mut v = w[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
     v[7] = f32::NAN;
     let dims = w[name].dims().to_vec();
-    w.insert(name.into(), Tensor::from_vec(v, dims, &Device::Cpu).unwrap());
+    w.insert(
+        name.into(),
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(&w, &path).unwrap();
     let before = listing(&ckpt);
     let o = surgery(d, &["heal", "--resume", ckpt.to_str().unwrap(), "-q"]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("non-finite loss at step 4") && err.contains("step-000004"), "{err}");
+    assert!(
+        err.contains("non-finite loss at step 4") && err.contains("step-000004"),
+        "{err}"
+    );
     assert_eq!(listing(&ckpt), before, "the checkpoint is intact");
     assert!(!d.join("run").exists());
 }
@@ -225,14 +348,96 @@ fn refusals() {
     setup(d);
     std::fs::write(d.join("tiny.txt"), "too short").unwrap();
     let cases: &[(&[&str], &str)] = &[
-        (&["heal", "src", "--data", "train.txt", "--out", "o"], "is not a recurrent checkpoint"),
-        (&["heal", "rec", "--data", "tiny.txt", "--out", "o", "--seq-len", "64"], "not enough for one training window"),
-        (&["heal", "rec", "--data", "train.txt", "--out", "o", "--batch", "3", "--micro-batch", "2"], "--batch 3 is not a multiple of --micro-batch 2"),
-        (&["heal", "rec", "--data", "train.txt", "--out", "o", "--steps", "0"], "--steps must be at least 1"),
-        (&["heal", "rec", "--data", "train.txt", "--out", "o", "--warmup", "0.6", "--cooldown", "0.6"], "add up to more than the run"),
-        (&["heal", "rec", "--data", "train.txt", "--out", "rec"], "rec already exists; pass --force"),
-        (&["heal", "rec", "--data", "train.txt", "--out", "o", "--device", "cuda"], "--device cuda is not available"),
-        (&["heal", "rec", "--data", "train.txt", "--out", "o", "--device", "tpu"], "--device tpu is not a device"),
+        (
+            &["heal", "src", "--data", "train.txt", "--out", "o"],
+            "is not a recurrent checkpoint",
+        ),
+        (
+            &[
+                "heal",
+                "rec",
+                "--data",
+                "tiny.txt",
+                "--out",
+                "o",
+                "--seq-len",
+                "64",
+            ],
+            "not enough for one training window",
+        ),
+        (
+            &[
+                "heal",
+                "rec",
+                "--data",
+                "train.txt",
+                "--out",
+                "o",
+                "--batch",
+                "3",
+                "--micro-batch",
+                "2",
+            ],
+            "--batch 3 is not a multiple of --micro-batch 2",
+        ),
+        (
+            &[
+                "heal",
+                "rec",
+                "--data",
+                "train.txt",
+                "--out",
+                "o",
+                "--steps",
+                "0",
+            ],
+            "--steps must be at least 1",
+        ),
+        (
+            &[
+                "heal",
+                "rec",
+                "--data",
+                "train.txt",
+                "--out",
+                "o",
+                "--warmup",
+                "0.6",
+                "--cooldown",
+                "0.6",
+            ],
+            "add up to more than the run",
+        ),
+        (
+            &["heal", "rec", "--data", "train.txt", "--out", "rec"],
+            "rec already exists; pass --force",
+        ),
+        (
+            &[
+                "heal",
+                "rec",
+                "--data",
+                "train.txt",
+                "--out",
+                "o",
+                "--device",
+                "cuda",
+            ],
+            "--device cuda is not available",
+        ),
+        (
+            &[
+                "heal",
+                "rec",
+                "--data",
+                "train.txt",
+                "--out",
+                "o",
+                "--device",
+                "tpu",
+            ],
+            "--device tpu is not a device",
+        ),
     ];
     for (args, want) in cases {
         assert_refused(d, args, want);

@@ -31,7 +31,14 @@ fn ids(g: &HashMap<String, Tensor>) -> Tensor {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -40,7 +47,9 @@ fn static_models_match_transformers() {
         let Some(dir) = golden_dir(name) else { return };
         let g = golden(&dir.join("golden_hf_logits.safetensors"));
         let model = Model::load(&SourceModel::open(&dir).unwrap(), &Device::Cpu).unwrap();
-        let logits = model.forward(&ids(&g), None, 1, InitialState::Seeded(0), None).unwrap();
+        let logits = model
+            .forward(&ids(&g), None, 1, InitialState::Seeded(0), None)
+            .unwrap();
         let diff = max_abs_diff(&logits, &g["logits"]);
         eprintln!("{name}: max abs difference to transformers {diff:.2e}");
         assert!(diff <= 1e-4, "{name}: max abs difference {diff}");
@@ -60,7 +69,9 @@ fn recurrent_models_match_the_papers_code_at_r_1_2_4() {
         let model = Model::load(&SourceModel::open(&dir).unwrap(), &Device::Cpu).unwrap();
         let state = &g["input_states"];
         for r in [1, 2, 4] {
-            let logits = model.forward(&ids(&g), None, r, InitialState::Given(state), None).unwrap();
+            let logits = model
+                .forward(&ids(&g), None, r, InitialState::Given(state), None)
+                .unwrap();
             let diff = max_abs_diff(&logits, &g[&format!("logits_r{r}")]);
             eprintln!("{name} r={r}: max abs difference to the reference {diff:.2e}");
             assert!(diff <= 1e-4, "{name} r={r}: max abs difference {diff}");
@@ -77,20 +88,49 @@ fn recurrent_models_match_the_papers_code_at_r_1_2_4() {
 fn applied_identity_cut_matches_the_reference_identity_logits() {
     for (source, cut, core, coda) in [
         ("tiny-llama", "tiny-llama-recurrent-1-2-1", "3..5", "5..6"),
-        ("tiny-llama3-tied", "tiny-llama3-tied-recurrent-2-2-2", "2..4", "4..6"),
+        (
+            "tiny-llama3-tied",
+            "tiny-llama3-tied-recurrent-2-2-2",
+            "2..4",
+            "4..6",
+        ),
     ] {
-        let (Some(src), Some(golden_cut)) = (golden_dir(source), golden_dir(cut)) else { return };
+        let (Some(src), Some(golden_cut)) = (golden_dir(source), golden_dir(cut)) else {
+            return;
+        };
         let g = golden(&golden_cut.join("golden_reference_logits.safetensors"));
         let work = tempfile::tempdir().unwrap();
-        let prelude = if cut.ends_with("1-2-1") { "0..1" } else { "0..2" };
+        let prelude = if cut.ends_with("1-2-1") {
+            "0..1"
+        } else {
+            "0..2"
+        };
         let out = common::surgery(
             work.path(),
-            &["apply", src.to_str().unwrap(), "--prelude", prelude, "--core", core, "--coda", coda, "--out", "rec", "-q"],
+            &[
+                "apply",
+                src.to_str().unwrap(),
+                "--prelude",
+                prelude,
+                "--core",
+                core,
+                "--coda",
+                coda,
+                "--out",
+                "rec",
+                "-q",
+            ],
         );
         assert!(out.status.success(), "{}", common::stderr(&out));
-        let model = Model::load(&SourceModel::open(&work.path().join("rec")).unwrap(), &Device::Cpu).unwrap();
+        let model = Model::load(
+            &SourceModel::open(&work.path().join("rec")).unwrap(),
+            &Device::Cpu,
+        )
+        .unwrap();
         for r in [1, 3] {
-            let logits = model.forward(&ids(&g), None, r, InitialState::Seeded(7), None).unwrap();
+            let logits = model
+                .forward(&ids(&g), None, r, InitialState::Seeded(7), None)
+                .unwrap();
             // r = 3 too: with [0 | I] the state is discarded, so every r computes the pruned model.
             let diff = max_abs_diff(&logits, &g["logits_identity_r1"]);
             assert!(diff <= 1e-4, "{cut} r={r}: max abs difference {diff}");

@@ -75,7 +75,10 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
     let model = match &args.layers {
         None => Model::load(&source, &device)?,
         Some(_) if source.config.recurrent.is_some() => {
-            bail!("--layers selects layers of a static model; {} is recurrent", args.model.display())
+            bail!(
+                "--layers selects layers of a static model; {} is recurrent",
+                args.model.display()
+            )
         }
         Some(ranges) => {
             let layers: Vec<usize> = ranges.iter().flat_map(|r| r.iter()).collect();
@@ -91,27 +94,44 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
         vec![1]
     };
     if !global.quiet && docs.skipped_invalid_utf8 > 0 {
-        eprintln!("note: skipped {} document(s) that are not valid UTF-8", docs.skipped_invalid_utf8);
+        eprintln!(
+            "note: skipped {} document(s) that are not valid UTF-8",
+            docs.skipped_invalid_utf8
+        );
     }
     let total = (windows.n_targets() * rs.len()) as u64;
     let bar = byte_progress(global, total, "evaluating");
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tokens {per_sec} {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} tokens {per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut rows: Vec<EvalRow> = Vec::new();
     for (k, &r) in rs.iter().enumerate() {
         let base = (k * windows.n_targets()) as u64;
         bar.set_message(format!("r={r}"));
-        let row = perplexity(&model, &windows, args.batch, r, args.seed, &mut |n| bar.set_position(base + n as u64))
-            .with_context(|| format!("evaluating at r = {r}"))?;
+        let row = perplexity(&model, &windows, args.batch, r, args.seed, &mut |n| {
+            bar.set_position(base + n as u64)
+        })
+        .with_context(|| format!("evaluating at r = {r}"))?;
         rows.push(row);
     }
     bar.finish_and_clear();
     if let Some(path) = &args.plot {
-        let points = rows.iter().map(|row| (row.r.unwrap_or(1) as u32, row.perplexity)).collect();
-        let name = args.model.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
-        plot_perplexity(path, &format!("{name}: perplexity against test-time recurrence"), &[(name, points)])?;
+        let points = rows
+            .iter()
+            .map(|row| (row.r.unwrap_or(1) as u32, row.perplexity))
+            .collect();
+        let name = args
+            .model
+            .file_name()
+            .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+        plot_perplexity(
+            path,
+            &format!("{name}: perplexity against test-time recurrence"),
+            &[(name, points)],
+        )?;
     }
     if global.json {
         let value = serde_json::json!({
@@ -132,10 +152,16 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
             windows.n_targets(),
             args.seq_len
         );
-        println!("{:>4} {:>8} {:>12} {:>10}", "r", "loss", "perplexity", "tokens/s");
+        println!(
+            "{:>4} {:>8} {:>12} {:>10}",
+            "r", "loss", "perplexity", "tokens/s"
+        );
         for row in &rows {
             let r = row.r.map_or_else(|| "-".into(), |r| r.to_string());
-            println!("{r:>4} {:>8.4} {:>12.3} {:>10.1}", row.loss, row.perplexity, row.tokens_per_second);
+            println!(
+                "{r:>4} {:>8.4} {:>12.3} {:>10.1}",
+                row.loss, row.perplexity, row.tokens_per_second
+            );
         }
         if let Some(path) = &args.plot {
             println!("plot written to {}", path.display());

@@ -175,8 +175,16 @@ impl Observer for Bar {
             m.loss, m.lr, m.mean_recurrence, m.tokens_per_second
         ));
         if !m.eval.is_empty() && !self.quiet {
-            let evals: Vec<String> = m.eval.iter().map(|e| format!("r={}: {:.4}", e.r, e.loss)).collect();
-            self.bar.println(format!("step {}: held-out loss {}", m.step + 1, evals.join(", ")));
+            let evals: Vec<String> = m
+                .eval
+                .iter()
+                .map(|e| format!("r={}: {:.4}", e.r, e.loss))
+                .collect();
+            self.bar.println(format!(
+                "step {}: held-out loss {}",
+                m.step + 1,
+                evals.join(", ")
+            ));
         }
     }
 
@@ -197,14 +205,20 @@ pub fn run_cli(args: HealArgs, global: Global) -> anyhow::Result<()> {
         None => (args.config()?, None),
     };
     if resume.is_none() && config.out.exists() && !args.force {
-        bail!("{} already exists; pass --force to replace it", config.out.display());
+        bail!(
+            "{} already exists; pass --force to replace it",
+            config.out.display()
+        );
     }
     let bar = super::byte_progress(global, config.steps, "healing");
     bar.set_style(
         ProgressStyle::with_template("healing [{bar:30}] step {pos}/{len} {msg} {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut observer = Bar { bar, quiet: global.quiet };
+    let mut observer = Bar {
+        bar,
+        quiet: global.quiet,
+    };
     let mut trained = run(&config, resume, &device, &mut observer)?;
     observer.bar.finish_and_clear();
     let files = output::write(&mut trained, args.force || resume.is_some())?;
@@ -229,7 +243,12 @@ pub fn run_cli(args: HealArgs, global: Global) -> anyhow::Result<()> {
         );
         if let Some(m) = last {
             for e in &m.eval {
-                println!("  held-out loss at r = {}: {:.4} (perplexity {:.2})", e.r, e.loss, e.loss.exp());
+                println!(
+                    "  held-out loss at r = {}: {:.4} (perplexity {:.2})",
+                    e.r,
+                    e.loss,
+                    e.loss.exp()
+                );
             }
         }
     }

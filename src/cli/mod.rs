@@ -171,7 +171,9 @@ pub fn print_notes(plan: &surgery::plan::Plan, global: Global) {
 pub fn parse_device(name: &str) -> anyhow::Result<candle_core::Device> {
     let cuda = |n: usize| {
         candle_core::Device::new_cuda(n).map_err(|e| {
-            anyhow::anyhow!("--device {name} is not available: {e} (CUDA needs a build with `--features cuda`)")
+            anyhow::anyhow!(
+                "--device {name} is not available: {e} (CUDA needs a build with `--features cuda`)"
+            )
         })
     };
     match name {

@@ -46,8 +46,12 @@ pub fn perplexity(
             let pad = t - w.inputs.len();
             ids.extend(w.inputs.iter().copied().chain(std::iter::repeat_n(0, pad)));
             targets.extend(w.targets.iter().copied().chain(std::iter::repeat_n(0, pad)));
-            mask.extend(std::iter::repeat_n(1u32, w.inputs.len()).chain(std::iter::repeat_n(0, pad)));
-            weights.extend(std::iter::repeat_n(1f32, w.targets.len()).chain(std::iter::repeat_n(0.0, pad)));
+            mask.extend(
+                std::iter::repeat_n(1u32, w.inputs.len()).chain(std::iter::repeat_n(0, pad)),
+            );
+            weights.extend(
+                std::iter::repeat_n(1f32, w.targets.len()).chain(std::iter::repeat_n(0.0, pad)),
+            );
         }
         let device = model.device();
         let ids = Tensor::from_vec(ids, (b, t), device)?;

@@ -161,11 +161,16 @@ pub fn plot_perplexity(
         let y_label = |v: &f64| label(if log_y { 10f64.powf(*v) } else { *v }, y_step);
         let labels = Labels {
             x_desc: "test-time recurrence r",
-            y_desc: if log_y { "perplexity (log scale)" } else { "perplexity" },
+            y_desc: if log_y {
+                "perplexity (log scale)"
+            } else {
+                "perplexity"
+            },
             x: &x_label,
             y: &y_label,
         };
-        draw(&root, title, &lines, (&x, &y), &labels).map_err(|e| PlotError::Draw(e.to_string()))?;
+        draw(&root, title, &lines, (&x, &y), &labels)
+            .map_err(|e| PlotError::Draw(e.to_string()))?;
         root.present().map_err(|e| PlotError::Draw(e.to_string()))?;
     }
     write_png(path, &rgb)
@@ -342,14 +347,26 @@ pub fn plot_curves(
     register_font()?;
     let lines: Vec<(&str, Vec<(f64, f64)>)> = series
         .iter()
-        .map(|(n, p)| (n.as_str(), p.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect()))
+        .map(|(n, p)| {
+            (
+                n.as_str(),
+                p.iter()
+                    .copied()
+                    .filter(|(x, y)| x.is_finite() && y.is_finite())
+                    .collect(),
+            )
+        })
         .collect();
     let all = || lines.iter().flat_map(|(_, p)| p.iter().copied());
     if all().next().is_none() {
         return Err(PlotError::Empty);
     }
-    let (x0, x1) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (x, _)| (a.min(x), b.max(x)));
-    let (y0, y1) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (_, y)| (a.min(y), b.max(y)));
+    let (x0, x1) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (x, _)| {
+        (a.min(x), b.max(x))
+    });
+    let (y0, y1) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (_, y)| {
+        (a.min(y), b.max(y))
+    });
     let x = linear_axis(x0, x1.max(x0 + 1.0));
     let y = linear_axis(y0, y1.max(y0 + 1e-3));
     let step = |a: &Axis| match a.ticks.as_slice() {
@@ -359,12 +376,18 @@ pub fn plot_curves(
     let (xs, ys) = (step(&x), step(&y));
     let x_label = move |v: &f64| label(*v, xs);
     let y_label = move |v: &f64| label(*v, ys);
-    let labels = Labels { x_desc, y_desc, x: &x_label, y: &y_label };
+    let labels = Labels {
+        x_desc,
+        y_desc,
+        x: &x_label,
+        y: &y_label,
+    };
     let (w, h) = SIZE;
     let mut rgb = vec![0u8; (w as usize) * (h as usize) * 3];
     {
         let root = BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area();
-        draw(&root, title, &lines, (&x, &y), &labels).map_err(|e| PlotError::Draw(e.to_string()))?;
+        draw(&root, title, &lines, (&x, &y), &labels)
+            .map_err(|e| PlotError::Draw(e.to_string()))?;
         root.present().map_err(|e| PlotError::Draw(e.to_string()))?;
     }
     write_png(path, &rgb)

@@ -17,18 +17,29 @@ use super::train::{CheckpointState, HealError, Result, StepMetrics};
 const KEEP: usize = 2;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HealError + '_ {
-    move |source| HealError::Io { path: path.to_path_buf(), source }
+    move |source| HealError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Writes a checkpoint for `state` and removes all but the newest [`KEEP`]; returns its directory.
-pub fn save(root: &Path, state: &CheckpointState, params: &[Param], optimizer: &Optimizer) -> Result<PathBuf> {
+pub fn save(
+    root: &Path,
+    state: &CheckpointState,
+    params: &[Param],
+    optimizer: &Optimizer,
+) -> Result<PathBuf> {
     let dir = root.join(format!("step-{:06}", state.step));
     let partial = root.join(format!("step-{:06}.partial", state.step));
     if partial.exists() {
         std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
     }
     std::fs::create_dir_all(&partial).map_err(io(&partial))?;
-    let weights: HashMap<String, Tensor> = params.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
+    let weights: HashMap<String, Tensor> = params
+        .iter()
+        .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+        .collect();
     candle_core::safetensors::save(&weights, partial.join("weights.safetensors"))?;
     let moments: HashMap<String, Tensor> = optimizer.state_tensors()?.into_iter().collect();
     candle_core::safetensors::save(&moments, partial.join("optimizer.safetensors"))?;
@@ -41,7 +52,13 @@ pub fn save(root: &Path, state: &CheckpointState, params: &[Param], optimizer: &
     let mut old: Vec<PathBuf> = std::fs::read_dir(root)
         .map_err(io(root))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-") && !n.to_string_lossy().ends_with(".partial")))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name().is_some_and(|n| {
+                    n.to_string_lossy().starts_with("step-")
+                        && !n.to_string_lossy().ends_with(".partial")
+                })
+        })
         .collect();
     old.sort();
     for stale in old.iter().take(old.len().saturating_sub(KEEP)) {
@@ -54,17 +71,23 @@ pub fn save(root: &Path, state: &CheckpointState, params: &[Param], optimizer: &
 pub fn read_state(dir: &Path) -> Result<CheckpointState> {
     let path = dir.join("state.json");
     let bytes = std::fs::read(&path).map_err(io(&path))?;
-    serde_json::from_slice(&bytes).map_err(|e| HealError::Invalid(format!("{}: {e}", path.display())))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| HealError::Invalid(format!("{}: {e}", path.display())))
 }
 
 /// Restores the trained parameters and the optimizer from a checkpoint; returns its state.
-pub fn load(dir: &Path, params: &[Param], optimizer: &mut Optimizer, device: &Device) -> Result<CheckpointState> {
+pub fn load(
+    dir: &Path,
+    params: &[Param],
+    optimizer: &mut Optimizer,
+    device: &Device,
+) -> Result<CheckpointState> {
     let state = read_state(dir)?;
     let weights = candle_core::safetensors::load(dir.join("weights.safetensors"), device)?;
     for p in params {
-        let t = weights
-            .get(&p.name)
-            .ok_or_else(|| HealError::Invalid(format!("{}: no weights for {}", dir.display(), p.name)))?;
+        let t = weights.get(&p.name).ok_or_else(|| {
+            HealError::Invalid(format!("{}: no weights for {}", dir.display(), p.name))
+        })?;
         if t.dims() != p.var.dims() {
             return Err(HealError::Invalid(format!(
                 "{}: {} has shape {:?}, the model {:?}",
@@ -85,7 +108,11 @@ pub fn load(dir: &Path, params: &[Param], optimizer: &mut Optimizer, device: &De
 pub fn append_metrics(root: &Path, line: &StepMetrics) -> Result<()> {
     std::fs::create_dir_all(root).map_err(io(root))?;
     let path = root.join("metrics.jsonl");
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(io(&path))?;
     let text = serde_json::to_string(line).map_err(|e| HealError::Invalid(e.to_string()))?;
     writeln!(f, "{text}").map_err(io(&path))
 }

@@ -22,7 +22,10 @@ impl TrainData {
     /// `holdout` share of them (at least one when `holdout > 0`) is held out. Returns None when
     /// there is not a single training window.
     pub fn new(stream: &[u32], seq_len: usize, holdout: f64, seed: u64) -> Option<TrainData> {
-        let mut windows: Vec<Vec<u32>> = stream.chunks_exact(seq_len + 1).map(<[u32]>::to_vec).collect();
+        let mut windows: Vec<Vec<u32>> = stream
+            .chunks_exact(seq_len + 1)
+            .map(<[u32]>::to_vec)
+            .collect();
         let held = if holdout > 0.0 {
             ((windows.len() as f64 * holdout).ceil() as usize).min(windows.len().saturating_sub(1))
         } else {
@@ -66,7 +69,8 @@ impl TrainData {
         let mut cached = self.order.borrow_mut();
         if cached.0 != epoch {
             let mut order: Vec<usize> = (0..self.train.len()).collect();
-            let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             order.shuffle(&mut rng);
             *cached = (epoch, order);
         }
@@ -92,7 +96,10 @@ mod tests {
         assert_eq!(sorted, [0, 5, 10, 15, 20, 25, 30, 35]);
         assert_ne!(epoch, sorted, "shuffled");
         // The same cursor reads the same window; the next epoch is another order.
-        assert_eq!(d.window(3), TrainData::new(&stream, 4, 0.2, 7).unwrap().window(3));
+        assert_eq!(
+            d.window(3),
+            TrainData::new(&stream, 4, 0.2, 7).unwrap().window(3)
+        );
         let next: Vec<u32> = (8..16).map(|c| d.window(c)[0]).collect();
         assert_ne!(epoch, next);
         assert!(TrainData::new(&stream[..4], 4, 0.0, 7).is_none());

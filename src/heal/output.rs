@@ -15,16 +15,24 @@ use crate::source::SourceModel;
 use super::train::{HealError, Result, Trained};
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HealError + '_ {
-    move |source| HealError::Io { path: path.to_path_buf(), source }
+    move |source| HealError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Writes `trained` as a checkpoint at its config's `out`; returns the files written.
 pub fn write(trained: &mut Trained, force: bool) -> Result<Vec<ManifestEntry>> {
     let out = trained.config.out.clone();
     if out.exists() && !force {
-        return Err(HealError::Invalid(format!("{} already exists; pass --force to replace it", out.display())));
+        return Err(HealError::Invalid(format!(
+            "{} already exists; pass --force to replace it",
+            out.display()
+        )));
     }
-    let name = out.file_name().map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
+    let name = out
+        .file_name()
+        .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
     let partial = out.with_file_name(format!("{name}.partial-{}", std::process::id()));
     if partial.exists() {
         std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
@@ -50,8 +58,16 @@ pub fn write(trained: &mut Trained, force: bool) -> Result<Vec<ManifestEntry>> {
 fn write_into(trained: &mut Trained, dir: &Path) -> Result<Vec<ManifestEntry>> {
     let cfg = trained.config.clone();
     let source = SourceModel::open(&cfg.model)?;
-    let dtype = source.tensors.values().next().map_or(DType::F32, |t| t.dtype);
-    let dtype = if dtype.is_quantized() { DType::F32 } else { dtype };
+    let dtype = source
+        .tensors
+        .values()
+        .next()
+        .map_or(DType::F32, |t| t.dtype);
+    let dtype = if dtype.is_quantized() {
+        DType::F32
+    } else {
+        dtype
+    };
     let mut tensors = Vec::new();
     for (name, t) in trained.model.named_tensors()? {
         let values = t.flatten_all()?.to_vec1::<f32>()?;
@@ -64,8 +80,8 @@ fn write_into(trained: &mut Trained, dir: &Path) -> Result<Vec<ManifestEntry>> {
 
     let config_path = cfg.model.join("config.json");
     let text = std::fs::read(&config_path).map_err(io(&config_path))?;
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&text).map_err(|e| HealError::Invalid(format!("{}: {e}", config_path.display())))?;
+    let mut config: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| HealError::Invalid(format!("{}: {e}", config_path.display())))?;
     let last = trained.metrics.last();
     config["surgery"]["heal"] = json!({
         "tool_version": env!("CARGO_PKG_VERSION"),
@@ -79,11 +95,16 @@ fn write_into(trained: &mut Trained, dir: &Path) -> Result<Vec<ManifestEntry>> {
         DType::F16 => "float16",
         _ => "float32",
     });
-    let mut pretty = serde_json::to_vec_pretty(&config).map_err(|e| HealError::Invalid(e.to_string()))?;
+    let mut pretty =
+        serde_json::to_vec_pretty(&config).map_err(|e| HealError::Invalid(e.to_string()))?;
     pretty.push(b'\n');
     std::fs::write(dir.join("config.json"), pretty).map_err(io(dir))?;
     // The tokenizer and the plan that made the input travel with it.
-    let mut extra: Vec<String> = source.tokenizer.iter().flat_map(|t| t.files.clone()).collect();
+    let mut extra: Vec<String> = source
+        .tokenizer
+        .iter()
+        .flat_map(|t| t.files.clone())
+        .collect();
     extra.push("plan.json".into());
     for f in extra {
         let from = cfg.model.join(&f);
@@ -95,21 +116,39 @@ fn write_into(trained: &mut Trained, dir: &Path) -> Result<Vec<ManifestEntry>> {
     if metrics.is_file() {
         std::fs::copy(&metrics, dir.join("metrics.jsonl")).map_err(io(&metrics))?;
     }
-    let train: Vec<(f64, f64)> = trained.metrics.iter().map(|m| (m.step as f64 + 1.0, m.loss)).collect();
+    let train: Vec<(f64, f64)> = trained
+        .metrics
+        .iter()
+        .map(|m| (m.step as f64 + 1.0, m.loss))
+        .collect();
     let mut series = vec![("training loss".to_string(), train)];
-    let mut rs: Vec<usize> = trained.metrics.iter().flat_map(|m| m.eval.iter().map(|e| e.r)).collect();
+    let mut rs: Vec<usize> = trained
+        .metrics
+        .iter()
+        .flat_map(|m| m.eval.iter().map(|e| e.r))
+        .collect();
     rs.sort();
     rs.dedup();
     for r in rs {
         let points = trained
             .metrics
             .iter()
-            .flat_map(|m| m.eval.iter().filter(|e| e.r == r).map(move |e| (m.step as f64 + 1.0, e.loss)))
+            .flat_map(|m| {
+                m.eval
+                    .iter()
+                    .filter(|e| e.r == r)
+                    .map(move |e| (m.step as f64 + 1.0, e.loss))
+            })
             .collect();
         series.push((format!("held-out loss, r = {r}"), points));
     }
-    plot_curves(&dir.join("curves.png"), "healing", ("optimizer step", "loss (nats/token)"), &series)
-        .map_err(|e| HealError::Invalid(e.to_string()))?;
+    plot_curves(
+        &dir.join("curves.png"),
+        "healing",
+        ("optimizer step", "loss (nats/token)"),
+        &series,
+    )
+    .map_err(|e| HealError::Invalid(e.to_string()))?;
     manifest_of(dir)
 }
 
@@ -124,8 +163,15 @@ fn manifest_of(dir: &Path) -> Result<Vec<ManifestEntry>> {
     for path in names {
         let bytes = std::fs::metadata(&path).map_err(io(&path))?.len();
         let sha256 = manifest::sha256_file(&path, |_| {}).map_err(io(&path))?;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        files.push(ManifestEntry { path: name, bytes, sha256 });
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        files.push(ManifestEntry {
+            path: name,
+            bytes,
+            sha256,
+        });
     }
     let m = Manifest {
         manifest_version: manifest::MANIFEST_VERSION,

@@ -122,7 +122,10 @@ pub struct HealConfig {
 impl HealConfig {
     /// Where checkpoints of this run go: `OUT.checkpoints/` beside OUT.
     pub fn checkpoint_root(&self) -> PathBuf {
-        let name = self.out.file_name().map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
+        let name = self
+            .out
+            .file_name()
+            .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
         self.out.with_file_name(format!("{name}.checkpoints"))
     }
 
@@ -135,20 +138,38 @@ impl HealConfig {
             return bad("--seq-len, --batch and --micro-batch must be at least 1".into());
         }
         if !self.batch.is_multiple_of(self.micro_batch) {
-            return bad(format!("--batch {} is not a multiple of --micro-batch {}", self.batch, self.micro_batch));
+            return bad(format!(
+                "--batch {} is not a multiple of --micro-batch {}",
+                self.batch, self.micro_batch
+            ));
         }
         if self.max_mean_recurrence == 0 || self.backprop_depth == 0 || self.curriculum_start == 0 {
-            return bad("--max-mean-recurrence, --backprop-depth and --curriculum-start must be at least 1".into());
+            return bad(
+                "--max-mean-recurrence, --backprop-depth and --curriculum-start must be at least 1"
+                    .into(),
+            );
         }
-        for (name, v) in [("--curriculum-warmup", self.curriculum_warmup), ("--warmup", self.warmup), ("--cooldown", self.cooldown), ("--holdout", self.holdout)] {
+        for (name, v) in [
+            ("--curriculum-warmup", self.curriculum_warmup),
+            ("--warmup", self.warmup),
+            ("--cooldown", self.cooldown),
+            ("--holdout", self.holdout),
+        ] {
             if !(0.0..=1.0).contains(&v) {
                 return bad(format!("{name} {v} must be a fraction between 0 and 1"));
             }
         }
         if self.warmup + self.cooldown > 1.0 {
-            return bad(format!("--warmup {} and --cooldown {} add up to more than the run", self.warmup, self.cooldown));
+            return bad(format!(
+                "--warmup {} and --cooldown {} add up to more than the run",
+                self.warmup, self.cooldown
+            ));
         }
-        for (name, v) in [("--lr", self.lr), ("--adam-lr", self.adam_lr), ("--clip", self.clip)] {
+        for (name, v) in [
+            ("--lr", self.lr),
+            ("--adam-lr", self.adam_lr),
+            ("--clip", self.clip),
+        ] {
             if !(v.is_finite() && v > 0.0) {
                 return bad(format!("{name} {v} must be a positive number"));
             }
@@ -235,22 +256,46 @@ fn groups(params: &[Param], cfg: &HealConfig) -> Vec<ParamGroup> {
     };
     // Weight decay on matrices and embeddings, not on norm gains (decaying a gain towards 0
     // rescales the layer instead of regularizing it).
-    let (norms, decayed): (Vec<_>, Vec<_>) = others.into_iter().partition(|(_, k)| *k == ParamKind::Norm);
+    let (norms, decayed): (Vec<_>, Vec<_>) =
+        others.into_iter().partition(|(_, k)| *k == ParamKind::Norm);
     let mut out = Vec::new();
     if muon && !matrices.is_empty() {
-        out.push(ParamGroup { name: "muon".into(), vars: matrices, kind: Kind::Muon, lr: cfg.lr, weight_decay: cfg.weight_decay });
+        out.push(ParamGroup {
+            name: "muon".into(),
+            vars: matrices,
+            kind: Kind::Muon,
+            lr: cfg.lr,
+            weight_decay: cfg.weight_decay,
+        });
     }
     if !decayed.is_empty() {
-        out.push(ParamGroup { name: "adamw".into(), vars: decayed.into_iter().map(|(e, _)| e).collect(), kind: Kind::AdamW, lr: lr_others, weight_decay: cfg.weight_decay });
+        out.push(ParamGroup {
+            name: "adamw".into(),
+            vars: decayed.into_iter().map(|(e, _)| e).collect(),
+            kind: Kind::AdamW,
+            lr: lr_others,
+            weight_decay: cfg.weight_decay,
+        });
     }
     if !norms.is_empty() {
-        out.push(ParamGroup { name: "adamw-norms".into(), vars: norms.into_iter().map(|(e, _)| e).collect(), kind: Kind::AdamW, lr: lr_others, weight_decay: 0.0 });
+        out.push(ParamGroup {
+            name: "adamw-norms".into(),
+            vars: norms.into_iter().map(|(e, _)| e).collect(),
+            kind: Kind::AdamW,
+            lr: lr_others,
+            weight_decay: 0.0,
+        });
     }
     out
 }
 
 /// Loads the model and data of `cfg`, restores `resume` if given, and trains to `cfg.steps`.
-pub fn run(cfg: &HealConfig, resume: Option<&Path>, device: &Device, observer: &mut dyn Observer) -> Result<Trained> {
+pub fn run(
+    cfg: &HealConfig,
+    resume: Option<&Path>,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<Trained> {
     cfg.validate()?;
     let source = SourceModel::open(&cfg.model)?;
     let Some(shape) = source.config.recurrent else {
@@ -260,15 +305,24 @@ pub fn run(cfg: &HealConfig, resume: Option<&Path>, device: &Device, observer: &
         )));
     };
     if cfg.train == Train::Adapter && (!shape.adapter || cfg.static_baseline) {
-        return Err(HealError::Invalid("--train adapter needs an adapter to train (not --injection none, not --static)".into()));
+        return Err(HealError::Invalid(
+            "--train adapter needs an adapter to train (not --injection none, not --static)".into(),
+        ));
     }
     let tokenizer = TextTokenizer::for_model(&source)?;
     let docs = read_documents(&cfg.data, Some(&cfg.field))?;
     if docs.skipped_invalid_utf8 > 0 {
-        observer.note(&format!("skipped {} document(s) that are not valid UTF-8", docs.skipped_invalid_utf8));
+        observer.note(&format!(
+            "skipped {} document(s) that are not valid UTF-8",
+            docs.skipped_invalid_utf8
+        ));
     }
     let stream = token_stream(&docs, &tokenizer, None)?;
-    let holdout = if cfg.eval_data.is_empty() { cfg.holdout } else { 0.0 };
+    let holdout = if cfg.eval_data.is_empty() {
+        cfg.holdout
+    } else {
+        0.0
+    };
     let mut data = TrainData::new(&stream, cfg.seq_len, holdout, cfg.seed).ok_or_else(|| {
         HealError::Invalid(format!(
             "the data holds {} tokens, not enough for one training window of --seq-len {} + 1",
@@ -279,7 +333,8 @@ pub fn run(cfg: &HealConfig, resume: Option<&Path>, device: &Device, observer: &
     if !cfg.eval_data.is_empty() {
         let eval_docs = read_documents(&cfg.eval_data, Some(&cfg.field))?;
         let eval_stream = token_stream(&eval_docs, &tokenizer, Some(cfg.eval_tokens + 1))?;
-        data.held_out = crate::eval::data::windows(&eval_stream, cfg.seq_len, Some(cfg.eval_tokens));
+        data.held_out =
+            crate::eval::data::windows(&eval_stream, cfg.seq_len, Some(cfg.eval_tokens));
     }
 
     let mut model = Model::load(&source, device)?;
@@ -301,7 +356,11 @@ pub fn run(cfg: &HealConfig, resume: Option<&Path>, device: &Device, observer: &
     let evaluate_at = |m_max: usize| -> Vec<usize> {
         let mut rs = vec![1, m_max, 2 * m_max];
         rs.dedup();
-        if cfg.static_baseline { vec![1] } else { rs }
+        if cfg.static_baseline {
+            vec![1]
+        } else {
+            rs
+        }
     };
     observer.start(cfg.steps, step);
     let mut last_checkpoint: Option<PathBuf> = None;
@@ -310,7 +369,14 @@ pub fn run(cfg: &HealConfig, resume: Option<&Path>, device: &Device, observer: &
         let m = if cfg.static_baseline {
             1
         } else {
-            mean_recurrence(cfg.curriculum.into(), step, cfg.steps, cfg.curriculum_warmup, cfg.max_mean_recurrence, cfg.curriculum_start)
+            mean_recurrence(
+                cfg.curriculum.into(),
+                step,
+                cfg.steps,
+                cfg.curriculum_warmup,
+                cfg.max_mean_recurrence,
+                cfg.curriculum_start,
+            )
         };
         let lr_scale = learning_rate(step, cfg.steps, 1.0, cfg.warmup, cfg.cooldown);
         let mut accumulated: Option<candle_core::backprop::GradStore> = None;
@@ -318,7 +384,10 @@ pub fn run(cfg: &HealConfig, resume: Option<&Path>, device: &Device, observer: &
         let (mut without, mut with) = (Vec::new(), Vec::new());
         for micro in 0..n_micro {
             let draw = if cfg.static_baseline {
-                sampler::Draw { without_grad: 0, with_grad: 1 }
+                sampler::Draw {
+                    without_grad: 0,
+                    with_grad: 1,
+                }
             } else {
                 sampler::draw(m, cfg.backprop_depth, cfg.seed, step, micro)
             };
@@ -366,7 +435,8 @@ pub fn run(cfg: &HealConfig, resume: Option<&Path>, device: &Device, observer: &
                 }
             });
         }
-        let mut grads = accumulated.ok_or_else(|| HealError::Invalid("no micro-step ran".into()))?;
+        let mut grads =
+            accumulated.ok_or_else(|| HealError::Invalid("no micro-step ran".into()))?;
         let grad_norm = clip_grad_norm(&mut grads, &vars, cfg.clip)?;
         if !grad_norm.is_finite() {
             return Err(non_finite("gradient", step, &last_checkpoint, resume));
@@ -387,9 +457,18 @@ pub fn run(cfg: &HealConfig, resume: Option<&Path>, device: &Device, observer: &
         };
         step += 1;
         let last = step == cfg.steps;
-        if !data.held_out.windows.is_empty() && (last || (cfg.eval_every > 0 && step % cfg.eval_every == 0)) {
+        if !data.held_out.windows.is_empty()
+            && (last || (cfg.eval_every > 0 && step % cfg.eval_every == 0))
+        {
             for r in evaluate_at(cfg.max_mean_recurrence) {
-                let row = perplexity(&model, &data.held_out, cfg.micro_batch, r, cfg.seed, &mut |_| {})?;
+                let row = perplexity(
+                    &model,
+                    &data.held_out,
+                    cfg.micro_batch,
+                    r,
+                    cfg.seed,
+                    &mut |_| {},
+                )?;
                 line.eval.push(EvalLoss { r, loss: row.loss });
             }
         }
@@ -397,17 +476,39 @@ pub fn run(cfg: &HealConfig, resume: Option<&Path>, device: &Device, observer: &
         super::checkpoint::append_metrics(&cfg.checkpoint_root(), &line)?;
         metrics.push(line);
         if !last && cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0 {
-            let state = CheckpointState { step, cursor, config: cfg.clone() };
-            last_checkpoint = Some(super::checkpoint::save(&cfg.checkpoint_root(), &state, &params, &optimizer)?);
+            let state = CheckpointState {
+                step,
+                cursor,
+                config: cfg.clone(),
+            };
+            last_checkpoint = Some(super::checkpoint::save(
+                &cfg.checkpoint_root(),
+                &state,
+                &params,
+                &optimizer,
+            )?);
         }
     }
-    Ok(Trained { model, metrics, config: cfg.clone() })
+    Ok(Trained {
+        model,
+        metrics,
+        config: cfg.clone(),
+    })
 }
 
-fn non_finite(what: &'static str, step: u64, last: &Option<PathBuf>, resumed: Option<&Path>) -> HealError {
+fn non_finite(
+    what: &'static str,
+    step: u64,
+    last: &Option<PathBuf>,
+    resumed: Option<&Path>,
+) -> HealError {
     let checkpoint = match last.as_deref().or(resumed) {
         Some(dir) => format!("the last good checkpoint is {}", dir.display()),
         None => "no checkpoint was written yet".into(),
     };
-    HealError::NonFinite { what, step, checkpoint }
+    HealError::NonFinite {
+        what,
+        step,
+        checkpoint,
+    }
 }

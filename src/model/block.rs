@@ -13,7 +13,12 @@ pub enum Norms {
     /// Llama: before attention and before the MLP.
     Pre { attn: Tensor, mlp: Tensor },
     /// OLMo-2: on the attention and MLP outputs, plus q/k norms.
-    Post { attn: Tensor, mlp: Tensor, q: Tensor, k: Tensor },
+    Post {
+        attn: Tensor,
+        mlp: Tensor,
+        q: Tensor,
+        k: Tensor,
+    },
 }
 
 pub struct Block {
@@ -41,7 +46,8 @@ pub struct Context<'a> {
 /// x / sqrt(mean(x^2) + eps) * w over the last axis.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(mean_square + eps)?.sqrt()?)?.broadcast_mul(w)
+    x.broadcast_div(&(mean_square + eps)?.sqrt()?)?
+        .broadcast_mul(w)
 }
 
 /// softmax over the last axis from exp and sum (candle's fused version records no gradient).
@@ -132,7 +138,8 @@ impl Block {
         };
         let (k, v) = (repeat(k)?, repeat(v)?);
         // (B, H, T, D) @ (B, H, D, Tk) -> (B, H, T, Tk)
-        let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?.broadcast_add(ctx.bias)?;
+        let scores =
+            (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?.broadcast_add(ctx.bias)?;
         // (B, H, T, Tk) @ (B, H, Tk, D) -> (B, H, T, D) -> (B, T, H * D)
         let out = softmax(&scores)?.matmul(&v.contiguous()?)?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;

@@ -102,20 +102,34 @@ impl Model {
     /// layers (see [`Model::load_static`] for a subset).
     pub fn load(source: &SourceModel, device: &Device) -> Result<Model> {
         match source.config.recurrent {
-            None => Model::load_static(source, &(0..source.config.n_layers).collect::<Vec<_>>(), device),
+            None => Model::load_static(
+                source,
+                &(0..source.config.n_layers).collect::<Vec<_>>(),
+                device,
+            ),
             Some(shape) => {
                 let block = |i: usize| Block::load_recurrent(source, i, device);
                 let p = shape.prelude;
                 let c = shape.core;
                 let prelude = (0..p).map(block).collect::<Result<Vec<_>>>()?;
                 let core = (p..p + c).map(block).collect::<Result<Vec<_>>>()?;
-                let coda = (p + c..p + c + shape.coda).map(block).collect::<Result<Vec<_>>>()?;
+                let coda = (p + c..p + c + shape.coda)
+                    .map(block)
+                    .collect::<Result<Vec<_>>>()?;
                 let adapter = if shape.adapter {
                     Some(load(source, Role::Adapter, device)?)
                 } else {
                     None
                 };
-                Model::assemble(source, prelude, core, coda, adapter, shape.state_std, device)
+                Model::assemble(
+                    source,
+                    prelude,
+                    core,
+                    coda,
+                    adapter,
+                    shape.state_std,
+                    device,
+                )
             }
         }
     }
@@ -124,7 +138,9 @@ impl Model {
     /// model, or the source with some removed (the pruned model the identity adapter reproduces).
     pub fn load_static(source: &SourceModel, layers: &[usize], device: &Device) -> Result<Model> {
         if source.config.recurrent.is_some() {
-            return Err(ModelError::Invalid("load_static needs a static checkpoint".into()));
+            return Err(ModelError::Invalid(
+                "load_static needs a static checkpoint".into(),
+            ));
         }
         let blocks = layers
             .iter()
@@ -224,7 +240,9 @@ impl Model {
         let past = cache.as_ref().map_or(0, |c| c.len);
         if let Some(c) = cache.as_deref_mut() {
             if mask.is_some() {
-                return Err(ModelError::Invalid("a KV cache cannot be used with a padding mask".into()));
+                return Err(ModelError::Invalid(
+                    "a KV cache cannot be used with a padding mask".into(),
+                ));
             }
             if let Some(held) = c.r.filter(|&held| held != r) {
                 return Err(ModelError::Invalid(format!(
@@ -238,10 +256,18 @@ impl Model {
         let bias = bias.to_dtype(dtype)?;
         let (cos, sin) = self.rope.cos_sin(&positions)?;
         let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
-        let ctx = block::Context { bias: &bias, cos: &cos, sin: &sin, config: &self.config };
+        let ctx = block::Context {
+            bias: &bias,
+            cos: &cos,
+            sin: &sin,
+            config: &self.config,
+        };
 
         // (B, T) -> (B, T, h)
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden))?;
+        let mut x =
+            self.embed
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, t, self.config.hidden))?;
         for (i, block) in self.prelude.iter().enumerate() {
             x = block.forward(&x, &ctx, slot_at(&mut cache, i))?;
         }
@@ -288,7 +314,8 @@ impl Model {
             return Ok(Tensor::zeros(dims, self.embed.dtype(), &self.device)?);
         }
         let n: usize = dims.iter().product();
-        let normal = Normal::new(0.0f64, self.state_std).map_err(|e| ModelError::Invalid(e.to_string()))?;
+        let normal =
+            Normal::new(0.0f64, self.state_std).map_err(|e| ModelError::Invalid(e.to_string()))?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let values: Vec<f32> = (0..n)
             .map(|_| loop {
@@ -305,7 +332,9 @@ impl Model {
     /// gradient checks).
     pub fn to_dtype(mut self, dtype: CDType) -> Result<Model> {
         if self.config.recurrent.is_none() {
-            return Err(ModelError::Invalid("to_dtype converts recurrent models".into()));
+            return Err(ModelError::Invalid(
+                "to_dtype converts recurrent models".into(),
+            ));
         }
         for (_, _, _, t) in self.walk()? {
             *t = t.to_dtype(dtype)?;
@@ -315,7 +344,10 @@ impl Model {
 }
 
 /// The KV slot `i` of the cache, if there is a cache.
-fn slot_at<'a>(cache: &'a mut Option<&mut KvCache>, i: usize) -> Option<&'a mut Option<(Tensor, Tensor)>> {
+fn slot_at<'a>(
+    cache: &'a mut Option<&mut KvCache>,
+    i: usize,
+) -> Option<&'a mut Option<(Tensor, Tensor)>> {
     let slots = &mut cache.as_deref_mut()?.slots;
     if slots.len() <= i {
         slots.resize(i + 1, None);
@@ -361,7 +393,11 @@ fn positions_and_bias(
 
 /// Mean next-token cross-entropy (natural log) of `logits` [B, T, V] against `targets` [B, T]
 /// (u32) where `weights` [B, T] (f32) is 1, and the number of such tokens.
-pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<(f64, f64)> {
+pub fn cross_entropy_sum(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+) -> Result<(f64, f64)> {
     let max = logits.max_keepdim(D::Minus1)?;
     let shifted = logits.broadcast_sub(&max)?;
     let logsumexp = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
@@ -395,13 +431,27 @@ impl Block {
             let ts = parts.iter().map(|&p| get(p)).collect::<Result<Vec<_>>>()?;
             Ok(Tensor::cat(&ts, 0)?)
         };
-        Block::new(source.config.family, cat(&[Q, K, V])?, get(O)?, cat(&[Gate, Up])?, get(Down)?, &get)
+        Block::new(
+            source.config.family,
+            cat(&[Q, K, V])?,
+            get(O)?,
+            cat(&[Gate, Up])?,
+            get(Down)?,
+            &get,
+        )
     }
 
     fn load_recurrent(source: &SourceModel, i: usize, device: &Device) -> Result<Block> {
         use LayerRole::*;
         let get = |r: LayerRole| load(source, Role::Layer(i, r), device);
-        Block::new(source.config.family, get(Qkv)?, get(O)?, get(GateUp)?, get(Down)?, &get)
+        Block::new(
+            source.config.family,
+            get(Qkv)?,
+            get(O)?,
+            get(GateUp)?,
+            get(Down)?,
+            &get,
+        )
     }
 
     fn new(
@@ -414,7 +464,10 @@ impl Block {
     ) -> Result<Block> {
         use LayerRole::*;
         let norms = match family {
-            Family::Llama => block::Norms::Pre { attn: get(AttnNorm)?, mlp: get(MlpNorm)? },
+            Family::Llama => block::Norms::Pre {
+                attn: get(AttnNorm)?,
+                mlp: get(MlpNorm)?,
+            },
             Family::Olmo2 => block::Norms::Post {
                 attn: get(PostAttnNorm)?,
                 mlp: get(PostMlpNorm)?,
@@ -422,6 +475,12 @@ impl Block {
                 k: get(KNorm)?,
             },
         };
-        Ok(Block { norms, wqkv, wo, w_gate_up, w_down })
+        Ok(Block {
+            norms,
+            wqkv,
+            wo,
+            w_gate_up,
+            w_down,
+        })
     }
 }

@@ -9,7 +9,9 @@ use super::block::Norms;
 use super::{Model, ModelError, Result};
 
 /// Which parameters `heal` trains; the rest stay frozen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Train {
     All,
@@ -48,19 +50,38 @@ pub(super) enum Part {
 impl Model {
     /// Every parameter: (name in the recurrent layout, kind, part, &mut tensor).
     pub(super) fn walk(&mut self) -> Result<Vec<(String, ParamKind, Part, &mut Tensor)>> {
-        let shape = self
-            .config
-            .recurrent
-            .ok_or_else(|| ModelError::Invalid("only a recurrent model has named parameters to train".into()))?;
+        let shape = self.config.recurrent.ok_or_else(|| {
+            ModelError::Invalid("only a recurrent model has named parameters to train".into())
+        })?;
         let naming = Naming::Raven(self.config.family, shape);
         let name = |role: Role| naming.name(role).unwrap_or_default();
         let mut out = vec![
-            (name(Role::Embed), ParamKind::Embedding, Part::Outside, &mut self.embed),
-            (name(Role::FinalNorm), ParamKind::Norm, Part::Outside, &mut self.final_norm),
-            (name(Role::LmHead), ParamKind::Embedding, Part::Outside, &mut self.lm_head),
+            (
+                name(Role::Embed),
+                ParamKind::Embedding,
+                Part::Outside,
+                &mut self.embed,
+            ),
+            (
+                name(Role::FinalNorm),
+                ParamKind::Norm,
+                Part::Outside,
+                &mut self.final_norm,
+            ),
+            (
+                name(Role::LmHead),
+                ParamKind::Embedding,
+                Part::Outside,
+                &mut self.lm_head,
+            ),
         ];
         if let Some(adapter) = &mut self.adapter {
-            out.push((name(Role::Adapter), ParamKind::Matrix, Part::Adapter, adapter));
+            out.push((
+                name(Role::Adapter),
+                ParamKind::Matrix,
+                Part::Adapter,
+                adapter,
+            ));
         }
         let blocks = self
             .prelude
@@ -70,10 +91,25 @@ impl Model {
             .chain(self.coda.iter_mut().map(|b| (Part::Coda, b)));
         for (i, (part, block)) in blocks.enumerate() {
             let layer = |r: LayerRole| name(Role::Layer(i, r));
-            out.push((layer(LayerRole::Qkv), ParamKind::Matrix, part, &mut block.wqkv));
+            out.push((
+                layer(LayerRole::Qkv),
+                ParamKind::Matrix,
+                part,
+                &mut block.wqkv,
+            ));
             out.push((layer(LayerRole::O), ParamKind::Matrix, part, &mut block.wo));
-            out.push((layer(LayerRole::GateUp), ParamKind::Matrix, part, &mut block.w_gate_up));
-            out.push((layer(LayerRole::Down), ParamKind::Matrix, part, &mut block.w_down));
+            out.push((
+                layer(LayerRole::GateUp),
+                ParamKind::Matrix,
+                part,
+                &mut block.w_gate_up,
+            ));
+            out.push((
+                layer(LayerRole::Down),
+                ParamKind::Matrix,
+                part,
+                &mut block.w_down,
+            ));
             match &mut block.norms {
                 Norms::Pre { attn, mlp } => {
                     out.push((layer(LayerRole::AttnNorm), ParamKind::Norm, part, attn));
@@ -112,7 +148,11 @@ impl Model {
 
     /// Every parameter with its name in the recurrent layout (values as the model has them now).
     pub fn named_tensors(&mut self) -> Result<Vec<(String, Tensor)>> {
-        Ok(self.walk()?.into_iter().map(|(n, _, _, t)| (n, t.clone())).collect())
+        Ok(self
+            .walk()?
+            .into_iter()
+            .map(|(n, _, _, t)| (n, t.clone()))
+            .collect())
     }
 
     /// Replaces every parameter with a fresh draw: N(0, 0.02) for matrices and embeddings, ones

@@ -22,7 +22,11 @@ impl Rope {
             // transformers' _compute_llama3_parameters: long wavelengths are divided by `factor`,
             // short ones kept, the band between interpolated smoothly.
             let old = s.original_max_position_embeddings as f32;
-            let (factor, low, high) = (s.factor as f32, s.low_freq_factor as f32, s.high_freq_factor as f32);
+            let (factor, low, high) = (
+                s.factor as f32,
+                s.low_freq_factor as f32,
+                s.high_freq_factor as f32,
+            );
             let low_wavelen = old / low;
             let high_wavelen = old / high;
             for f in &mut inv_freq {
@@ -44,7 +48,10 @@ impl Rope {
         let half = self.inv_freq.len();
         let inv = Tensor::from_slice(&self.inv_freq, (1, 1, half), device)?;
         // (B, T, 1) * (1, 1, D/2) -> (B, T, D/2); then [freqs, freqs] -> (B, T, D)
-        let freqs = positions.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?.broadcast_mul(&inv)?;
+        let freqs = positions
+            .to_dtype(DType::F32)?
+            .unsqueeze(D::Minus1)?
+            .broadcast_mul(&inv)?;
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
         Ok((emb.cos()?, emb.sin()?))
     }
