@@ -27,7 +27,7 @@ heal() { # OUT M STEPS
         --max-mean-recurrence "$2" --backprop-depth 8 --holdout 0 --checkpoint-every 0 >/dev/null
 }
 mm=$(target/release/examples/matmul 1024 20)
-heal m4 4 4
+heal m4 4 3
 python3 - "$work/m4/metrics.jsonl" "$mm" <<'PY'
 import json, sys
 layer = 3_540_096            # SmolLM2 parameters per layer
@@ -46,7 +46,7 @@ print(f"| heal, m = 4 (constant), seq-len 256, batch 4 | {tokens / seconds:.0f} 
 PY
 for m in 8 32; do
     rss=$(/usr/bin/time -v "$bin" heal "$work/rec" --data "$work/kjv-part.jsonl" --out "$work/rss$m" --force -q \
-        --seq-len 256 --batch 1 --steps 2 --curriculum constant --max-mean-recurrence $m --backprop-depth 8 \
+        --seq-len 256 --batch 1 --steps 1 --curriculum constant --max-mean-recurrence $m --backprop-depth 8 \
         --holdout 0 --checkpoint-every 0 2>&1 >/dev/null | awk -F': ' '/Maximum resident set size/ {print $2}')
     echo "| peak RSS, m = $m, k = 8, seq-len 256, batch 1 | $((rss / 1024)) MB |"
 done
