@@ -3,6 +3,7 @@
 //! The library owns every domain step; `src/main.rs` and `src/cli/` only parse arguments and print.
 
 pub mod arch;
+pub mod atomic;
 pub mod dtype;
 pub mod eval;
 pub mod export;

@@ -99,7 +99,7 @@ pub fn export_safetensors(
             .unwrap_or(DType::F32),
     };
     let tensors = out_tensors(source, dtype)?;
-    let partial = partial_dir(out);
+    let partial = crate::atomic::partial_dir(out);
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ExportError::Io { path, source }
@@ -109,7 +109,8 @@ pub fn export_safetensors(
     }
     std::fs::create_dir_all(&partial).map_err(io(&partial))?;
     let result = write_dir(source, &tensors, dtype, &partial, opts, progress).and_then(|report| {
-        publish(&partial, out, opts.force)?;
+        crate::atomic::publish(&partial, out, opts.force)
+            .map_err(|(path, source)| ExportError::Io { path, source })?;
         Ok(SafetensorsReport {
             out: out.to_path_buf(),
             ..report
@@ -119,39 +120,6 @@ pub fn export_safetensors(
         let _ = std::fs::remove_dir_all(&partial);
     }
     result
-}
-
-fn partial_dir(out: &Path) -> PathBuf {
-    let name = out
-        .file_name()
-        .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
-    out.with_file_name(format!("{name}.partial-{}", std::process::id()))
-}
-
-/// Renames the finished directory into place; with `force` the old one is moved aside first and
-/// removed once the new one is in place.
-fn publish(partial: &Path, out: &Path, force: bool) -> Result<(), ExportError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ExportError::Io { path, source }
-    };
-    if force && out.exists() {
-        let old = out.with_file_name(format!(
-            "{}.old-{}",
-            out.file_name()
-                .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned()),
-            std::process::id()
-        ));
-        std::fs::rename(out, &old).map_err(io(out))?;
-        std::fs::rename(partial, out).map_err(io(out))?;
-        let removed = if old.is_dir() {
-            std::fs::remove_dir_all(&old)
-        } else {
-            std::fs::remove_file(&old)
-        };
-        return removed.map_err(io(&old));
-    }
-    std::fs::rename(partial, out).map_err(io(out))
 }
 
 fn out_tensors(source: &SourceModel, dtype: DType) -> Result<Vec<OutTensor>, ExportError> {

@@ -30,23 +30,14 @@ pub fn write(trained: &mut Trained, force: bool) -> Result<Vec<ManifestEntry>> {
             out.display()
         )));
     }
-    let name = out
-        .file_name()
-        .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
-    let partial = out.with_file_name(format!("{name}.partial-{}", std::process::id()));
+    let partial = crate::atomic::partial_dir(&out);
     if partial.exists() {
         std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
     }
     std::fs::create_dir_all(&partial).map_err(io(&partial))?;
     let result = write_into(trained, &partial).and_then(|files| {
-        if force && out.exists() {
-            let old = out.with_file_name(format!("{name}.old-{}", std::process::id()));
-            std::fs::rename(&out, &old).map_err(io(&out))?;
-            std::fs::rename(&partial, &out).map_err(io(&out))?;
-            std::fs::remove_dir_all(&old).map_err(io(&old))?;
-        } else {
-            std::fs::rename(&partial, &out).map_err(io(&out))?;
-        }
+        crate::atomic::publish(&partial, &out, force)
+            .map_err(|(path, source)| HealError::Io { path, source })?;
         Ok(files)
     });
     if result.is_err() {

@@ -93,7 +93,7 @@ pub fn apply(
     }
     check::plan(plan)?;
     let sources = check::source(plan)?;
-    let partial = partial_path(out);
+    let partial = crate::atomic::partial_dir(out);
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ApplyError::Io { path, source }
@@ -118,7 +118,8 @@ pub fn apply(
         File::open(&partial)
             .and_then(|d| d.sync_all())
             .map_err(io(&partial))?;
-        publish(&partial, out, opts.force)?;
+        crate::atomic::publish(&partial, out, opts.force)
+            .map_err(|(path, source)| ApplyError::Io { path, source })?;
         Ok(ApplyReport {
             out: out.to_path_buf(),
             ..report
@@ -128,40 +129,6 @@ pub fn apply(
         let _ = std::fs::remove_dir_all(&partial);
     }
     result
-}
-
-/// `OUT.partial-<pid>` next to OUT, so the final rename stays on one filesystem.
-fn partial_path(out: &Path) -> PathBuf {
-    let name = out
-        .file_name()
-        .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
-    out.with_file_name(format!("{name}.partial-{}", std::process::id()))
-}
-
-/// Renames the finished directory into place; with `force`, the old OUT is moved aside first and
-/// removed only once the new one is in place.
-fn publish(partial: &Path, out: &Path, force: bool) -> Result<(), ApplyError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ApplyError::Io { path, source }
-    };
-    if force && out.exists() {
-        let old = out.with_file_name(format!(
-            "{}.old-{}",
-            out.file_name()
-                .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned()),
-            std::process::id()
-        ));
-        std::fs::rename(out, &old).map_err(io(out))?;
-        std::fs::rename(partial, out).map_err(io(out))?;
-        let remove = if old.is_dir() {
-            std::fs::remove_dir_all(&old)
-        } else {
-            std::fs::remove_file(&old)
-        };
-        return remove.map_err(io(&old));
-    }
-    std::fs::rename(partial, out).map_err(io(out))
 }
 
 fn tensor_bytes(t: &TensorSpec) -> u64 {
