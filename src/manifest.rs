@@ -53,6 +53,34 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `v` as pretty JSON with a final newline, the form of every small JSON file we write.
+pub fn pretty_json(v: &serde_json::Value) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec_pretty(v).unwrap_or_default();
+    bytes.push(b'\n');
+    bytes
+}
+
+/// Writes a small file into `dir`, fsynced, and returns its manifest entry; on failure, the path.
+pub fn write_entry(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+) -> Result<ManifestEntry, (PathBuf, std::io::Error)> {
+    use std::io::Write as _;
+    let path = dir.join(name);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&path)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    };
+    write().map_err(|e| (path.clone(), e))?;
+    Ok(ManifestEntry {
+        path: name.into(),
+        bytes: bytes.len() as u64,
+        sha256: sha256_bytes(bytes),
+    })
+}
+
 /// A writer that hashes and counts what passes through it, so outputs are hashed as they are
 /// written instead of read back.
 pub struct HashingWriter<W: Write> {

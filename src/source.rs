@@ -544,26 +544,7 @@ fn open_gguf(path: &Path) -> Result<SourceModel, SourceError> {
             family: "llama",
         });
     }
-    check_shapes(path, &config, &tensors)?;
-    let root = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let files = vec![file_entry(&root, path)?];
-    let tokenizer = g
-        .get_str("tokenizer.ggml.model")
-        .map(|model| TokenizerInfo {
-            kind: format!("gguf {model}"),
-            vocab: tokens,
-            files: vec![],
-        });
-    Ok(SourceModel {
-        path: path.to_path_buf(),
-        root,
-        format: SourceFormat::Gguf,
-        config,
-        files,
-        tensors,
-        tokenizer,
-        storage: Storage::Gguf(Box::new(g)),
-    })
+    gguf_source(path, config, tensors, g, tokens)
 }
 
 /// A GGUF of the recurrent architecture (schemas/gguf-recurrent.md): prelude, core and coda
@@ -789,6 +770,17 @@ fn open_recurrent_gguf(path: &Path, g: GgufFile) -> Result<SourceModel, SourceEr
             family: spec::ARCH,
         });
     }
+    gguf_source(path, config, tensors, g, tokens)
+}
+
+/// The SourceModel of a GGUF file whose config and tensor index are built and checked.
+fn gguf_source(
+    path: &Path,
+    config: ModelConfig,
+    tensors: BTreeMap<Role, TensorRef>,
+    g: GgufFile,
+    tokens: Option<usize>,
+) -> Result<SourceModel, SourceError> {
     check_shapes(path, &config, &tensors)?;
     let root = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let files = vec![file_entry(&root, path)?];

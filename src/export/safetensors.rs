@@ -304,25 +304,13 @@ fn write_dir(
     })
 }
 
-fn pretty(v: &Json) -> Vec<u8> {
-    let mut bytes = serde_json::to_vec_pretty(v).unwrap_or_default();
-    bytes.push(b'\n');
-    bytes
+fn pretty(v: &serde_json::Value) -> Vec<u8> {
+    manifest::pretty_json(v)
 }
 
 fn write_small(dir: &Path, name: &str, bytes: &[u8]) -> Result<ManifestEntry, ExportError> {
-    let path = dir.join(name);
-    let io = |source| ExportError::Io {
-        path: path.clone(),
-        source,
-    };
-    let mut f = File::create(&path).map_err(io)?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io)?;
-    Ok(ManifestEntry {
-        path: name.into(),
-        bytes: bytes.len() as u64,
-        sha256: manifest::sha256_bytes(bytes),
-    })
+    manifest::write_entry(dir, name, bytes)
+        .map_err(|(path, source)| ExportError::Io { path, source })
 }
 
 /// The tokenizer files: copied from a Hugging Face source, built from a GGUF's vocabulary.

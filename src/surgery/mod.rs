@@ -292,24 +292,12 @@ fn write_all(
 }
 
 fn pretty(v: &serde_json::Value) -> Vec<u8> {
-    let mut bytes = serde_json::to_vec_pretty(v).unwrap_or_default();
-    bytes.push(b'\n');
-    bytes
+    manifest::pretty_json(v)
 }
 
 fn write_small(dir: &Path, name: &str, bytes: &[u8]) -> Result<ManifestEntry, ApplyError> {
-    let path = dir.join(name);
-    let io = |source| ApplyError::Io {
-        path: path.clone(),
-        source,
-    };
-    let mut f = File::create(&path).map_err(io)?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io)?;
-    Ok(ManifestEntry {
-        path: name.into(),
-        bytes: bytes.len() as u64,
-        sha256: manifest::sha256_bytes(bytes),
-    })
+    manifest::write_entry(dir, name, bytes)
+        .map_err(|(path, source)| ApplyError::Io { path, source })
 }
 
 /// The bytes of a non-weight output file.
