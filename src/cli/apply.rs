@@ -28,6 +28,9 @@ pub struct ApplyArgs {
     /// Shard the weights above this size, in decimal units: 500MB, 5GB, or bytes.
     #[arg(long, value_name = "SIZE", default_value = "5GB", value_parser = parse_size)]
     pub max_shard_size: u64,
+    /// Refuse a source whose tensors hold NaN or Inf (by default they are copied with a warning).
+    #[arg(long)]
+    pub strict: bool,
 }
 
 /// "5GB" -> 5_000_000_000; units B, kB, MB, GB, TB (decimal, as Hugging Face's `max_shard_size`).
@@ -86,6 +89,7 @@ pub fn run(args: ApplyArgs, global: Global) -> anyhow::Result<()> {
     let opts = ApplyOptions {
         max_shard_bytes: args.max_shard_size,
         force: args.force,
+        strict: args.strict,
     };
     let started = Instant::now();
     let report = apply(
@@ -96,6 +100,13 @@ pub fn run(args: ApplyArgs, global: Global) -> anyhow::Result<()> {
         &mut BarProgress::new(global),
     )?;
     let seconds = started.elapsed().as_secs_f64();
+    for bad in &report.nonfinite {
+        eprintln!(
+            "warning: tensor {:?} holds {} non-finite values (NaN or Inf) copied from the source; \
+             pass --strict to refuse such a source",
+            bad.tensor, bad.count
+        );
+    }
     if global.json {
         let mut value = serde_json::to_value(&report)?;
         value["seconds"] = serde_json::json!(seconds);

@@ -81,45 +81,7 @@ impl SafetensorsFile {
         // SAFETY: the map is read-only; a source file changed underneath us while we run is
         // caught by the sha256 recorded in the plan, not by this reader.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
-        let invalid = |reason: String| SafetensorsError::Invalid {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let (header_len, meta) =
-            safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| invalid(describe(&e)))?;
-        let data_start = 8 + header_len as u64;
-        let mut tensors = Vec::new();
-        for name in meta.offset_keys() {
-            let info = meta
-                .info(&name)
-                .ok_or_else(|| invalid(format!("tensor {name:?} vanished from the header")))?;
-            let dtype = match info.dtype {
-                safetensors::Dtype::F32 => DType::F32,
-                safetensors::Dtype::F16 => DType::F16,
-                safetensors::Dtype::BF16 => DType::BF16,
-                other => {
-                    return Err(SafetensorsError::UnsupportedDtype {
-                        path: path.to_path_buf(),
-                        tensor: name,
-                        dtype: format!("{other:?}"),
-                    })
-                }
-            };
-            let (s, e) = info.data_offsets;
-            tensors.push(StTensor {
-                name,
-                dtype,
-                shape: info.shape.clone(),
-                start: data_start + s as u64,
-                end: data_start + e as u64,
-            });
-        }
-        let metadata = meta
-            .metadata()
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
+        let (tensors, metadata) = parse(&mmap, path)?;
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
             mmap,
@@ -151,6 +113,92 @@ impl SafetensorsFile {
     }
 }
 
+/// Parses and validates a whole safetensors file held in `buf` (`path` only names it in errors):
+/// its tensors in data order and its `__metadata__`. What [`SafetensorsFile::open`] does over its
+/// map; public as the entry point of the fuzz target in fuzz/.
+pub fn parse(
+    buf: &[u8],
+    path: &Path,
+) -> Result<(Vec<StTensor>, BTreeMap<String, String>), SafetensorsError> {
+    let invalid = |reason: String| SafetensorsError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (header_len, meta) =
+        safetensors::SafeTensors::read_metadata(buf).map_err(|e| invalid(describe(&e)))?;
+    // The crate reads the header into a map, so a name given twice silently keeps one entry (and
+    // its offsets then leave a gap): look for duplicates in the JSON text itself.
+    let header = buf.get(8..8 + header_len).unwrap_or_default();
+    if let Err(e) = serde_json::from_slice::<UniqueKeys>(header) {
+        return Err(invalid(e.to_string()));
+    }
+    let data_start = 8 + header_len as u64;
+    let mut tensors = Vec::new();
+    for name in meta.offset_keys() {
+        let info = meta
+            .info(&name)
+            .ok_or_else(|| invalid(format!("tensor {name:?} vanished from the header")))?;
+        let dtype = match info.dtype {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            other => {
+                return Err(SafetensorsError::UnsupportedDtype {
+                    path: path.to_path_buf(),
+                    tensor: name,
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        let (s, e) = info.data_offsets;
+        tensors.push(StTensor {
+            name,
+            dtype,
+            shape: info.shape.clone(),
+            start: data_start + s as u64,
+            end: data_start + e as u64,
+        });
+    }
+    let metadata = meta
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    Ok((tensors, metadata))
+}
+
+/// A JSON object whose keys are all different (the values are skipped).
+struct UniqueKeys;
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = UniqueKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<UniqueKeys, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if !seen.insert(key.clone()) {
+                        return Err(serde::de::Error::custom(format!(
+                            "tensor {key:?} is named twice in the header"
+                        )));
+                    }
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+                Ok(UniqueKeys)
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
 /// One line for each of the crate's validation errors.
 fn describe(e: &safetensors::SafeTensorError) -> String {
     use safetensors::SafeTensorError as E;
@@ -178,16 +226,29 @@ pub struct Checkpoint {
     by_name: HashMap<String, (usize, usize)>,
 }
 
-#[derive(Deserialize)]
-struct RawIndex {
+/// `model.safetensors.index.json`: which shard holds each tensor.
+#[derive(Debug, Deserialize)]
+pub struct RawIndex {
     #[serde(default)]
-    metadata: RawIndexMetadata,
-    weight_map: BTreeMap<String, String>,
+    pub metadata: RawIndexMetadata,
+    pub weight_map: BTreeMap<String, String>,
 }
 
-#[derive(Deserialize, Default)]
-struct RawIndexMetadata {
-    total_size: Option<u64>,
+#[derive(Debug, Deserialize, Default)]
+pub struct RawIndexMetadata {
+    pub total_size: Option<u64>,
+}
+
+/// Parses an index and checks that every shard it names is a plain file name (no path that
+/// could leave the checkpoint's directory). Public as the entry point of the fuzz target.
+pub fn parse_index(bytes: &[u8]) -> Result<RawIndex, String> {
+    let raw: RawIndex = serde_json::from_slice(bytes).map_err(|e| format!("invalid index: {e}"))?;
+    for shard in raw.weight_map.values() {
+        if shard.contains('/') || shard.contains('\\') || shard.starts_with('.') {
+            return Err(format!("shard name {shard:?} is not a plain file name"));
+        }
+    }
+    Ok(raw)
 }
 
 impl Checkpoint {
@@ -230,19 +291,13 @@ impl Checkpoint {
             reason,
         };
         let text = std::fs::read(index).map_err(io_err(index))?;
-        let raw: RawIndex =
-            serde_json::from_slice(&text).map_err(|e| bad(format!("invalid index: {e}")))?;
+        let raw = parse_index(&text).map_err(bad)?;
         let dir = index.parent().unwrap_or(Path::new("."));
         let mut shards: Vec<&String> = raw.weight_map.values().collect();
         shards.sort();
         shards.dedup();
         let mut files = Vec::new();
         for shard in shards {
-            if shard.contains('/') || shard.contains('\\') || shard.starts_with('.') {
-                return Err(bad(format!(
-                    "shard name {shard:?} is not a plain file name"
-                )));
-            }
             let path = dir.join(shard);
             if !path.is_file() {
                 return Err(bad(format!("names shard {shard:?}, which does not exist")));
@@ -420,6 +475,12 @@ mod tests {
                 "header is not valid JSON",
             ),
             ("not json", 0, "header is not valid JSON"),
+            // The crate's map keeps the last of two entries and would accept this file.
+            (
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+                4,
+                r#"tensor "a" is named twice in the header"#,
+            ),
         ];
         for (header, len, want) in cases {
             let path = raw_file(dir.path(), header, len);

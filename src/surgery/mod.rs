@@ -44,6 +44,9 @@ pub enum ApplyError {
     /// A conversion failed (a corrupt quantized block, a tokenizer that cannot be built).
     #[error("{0}")]
     Convert(String),
+    /// A source tensor holds NaN or Inf values and `strict` was asked for.
+    #[error("tensor {tensor:?} would receive {count} non-finite values (NaN or Inf) from the source; refusing under --strict")]
+    NonFinite { tensor: String, count: u64 },
 }
 
 /// Progress of a long step, reported by the library and drawn by the CLI.
@@ -68,6 +71,15 @@ pub struct ApplyOptions {
     pub max_shard_bytes: u64,
     /// Replace an existing output.
     pub force: bool,
+    /// Refuse a source whose tensors hold NaN or Inf (else they are copied and reported).
+    pub strict: bool,
+}
+
+/// An output tensor that received NaN or Inf values from its source.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NonFinite {
+    pub tensor: String,
+    pub count: u64,
 }
 
 /// What `apply` wrote.
@@ -78,6 +90,8 @@ pub struct ApplyReport {
     pub tensors: usize,
     pub tensor_bytes: u64,
     pub files: Vec<ManifestEntry>,
+    /// Output tensors holding NaN or Inf copied from the source (refused under `strict`).
+    pub nonfinite: Vec<NonFinite>,
 }
 
 /// Applies `plan` (whose exact bytes are `plan_bytes`, recorded as plan.json) into `out`.
@@ -196,6 +210,7 @@ fn write_all(
     let mut weight_map = serde_json::Map::new();
     progress.start("writing", total);
     let mut done = 0u64;
+    let mut nonfinite = Vec::new();
     for (i, range) in shards.iter().enumerate() {
         let name = shard_name(i, shards.len());
         let path = dir.join(&name);
@@ -219,12 +234,18 @@ fn write_all(
             sink.owned(header).map_err(io)?;
             for t in tensors {
                 let before = sink.written;
-                write_tensor(t, sources, &mut sink, &mut |n| progress.advance(done + n)).map_err(
-                    |e| match e {
+                let bad = write_tensor(t, sources, &mut sink, &mut |n| progress.advance(done + n))
+                    .map_err(|e| match e {
                         ApplyError::Io { source, .. } => io(source),
                         other => other,
-                    },
-                )?;
+                    })?;
+                if bad > 0 {
+                    let tensor = t.name.clone();
+                    if opts.strict {
+                        return Err(ApplyError::NonFinite { tensor, count: bad });
+                    }
+                    nonfinite.push(NonFinite { tensor, count: bad });
+                }
                 let wrote = sink.written - before;
                 if wrote != tensor_bytes(t) {
                     return Err(ApplyError::Convert(format!(
@@ -288,6 +309,7 @@ fn write_all(
         tensors: plan.tensors.len(),
         tensor_bytes: total,
         files,
+        nonfinite,
     })
 }
 
@@ -375,18 +397,20 @@ impl<'a> Sink<'a> {
 }
 
 /// Streams one tensor's bytes into `sink`, calling `advance` with the bytes written so far.
+/// Returns how many of the values taken from the source are NaN or Inf.
 fn write_tensor<'a>(
     t: &'a TensorSpec,
     sources: &'a SourceFiles,
     sink: &mut Sink<'a>,
     advance: &mut dyn FnMut(u64),
-) -> Result<(), ApplyError> {
+) -> Result<u64, ApplyError> {
     let io = |source| ApplyError::Io {
         path: PathBuf::new(),
         source,
     };
     let out = t.dtype.0;
     let start = sink.written;
+    let mut nonfinite = 0;
     match t.transform {
         None => {
             let init = t
@@ -405,6 +429,7 @@ fn write_tensor<'a>(
             for s in &t.sources {
                 let base = SourceFiles::offset(s);
                 for (k, chunk) in sources.bytes(s).chunks(CHUNK_BYTES).enumerate() {
+                    nonfinite += count_nonfinite(s.dtype.0, chunk);
                     sink.mapped(s, base + k * CHUNK_BYTES, chunk).map_err(io)?;
                     advance(sink.written - start);
                 }
@@ -424,6 +449,7 @@ fn write_tensor<'a>(
                     let heads = s.unpermute_heads.map(|_| chunk_rows / unit);
                     let values = decode_rows(s.dtype.0, chunk, chunk_rows, heads)
                         .map_err(|e| ApplyError::Convert(format!("tensor {:?}: {e}", s.tensor)))?;
+                    nonfinite += values.iter().filter(|v| !v.is_finite()).count() as u64;
                     sink.owned(encode(out, &values)?).map_err(io)?;
                     sources.release(s, base + k * per_chunk * row_bytes, chunk.len());
                     advance(sink.written - start);
@@ -431,7 +457,27 @@ fn write_tensor<'a>(
             }
         }
     }
-    Ok(())
+    Ok(nonfinite)
+}
+
+/// NaN and Inf values among little-endian float `bytes` (all exponent bits set); 0 for other
+/// dtypes, whose values are only ever decoded to f32 and counted there.
+fn count_nonfinite(dtype: DType, bytes: &[u8]) -> u64 {
+    let halves = |mask: u16| {
+        bytes
+            .chunks_exact(2)
+            .filter(|b| u16::from_le_bytes([b[0], b[1]]) & mask == mask)
+            .count() as u64
+    };
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .filter(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite())
+            .count() as u64,
+        DType::F16 => halves(0x7c00),
+        DType::BF16 => halves(0x7f80),
+        _ => 0,
+    }
 }
 
 fn encode(dtype: DType, values: &[f32]) -> Result<Vec<u8>, ApplyError> {
@@ -460,5 +506,21 @@ mod tests {
         assert_eq!(shard_name(0, 1), "model.safetensors");
         assert_eq!(shard_name(1, 3), "model-00002-of-00003.safetensors");
         assert_eq!(shard_header(&tensors[..1]).len() % 8, 0);
+    }
+
+    #[test]
+    fn counts_nan_and_inf_in_every_float_dtype() {
+        let f32s: Vec<u8> = [1.0f32, f32::NAN, f32::INFINITY, -0.0, f32::NEG_INFINITY]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(count_nonfinite(DType::F32, &f32s), 3);
+        // f16 1.0, +Inf, NaN, max finite; bf16 1.0, -Inf, NaN, max finite.
+        let f16s = [0x3c00u16, 0x7c00, 0x7e00, 0x7bff];
+        let bf16s = [0x3f80u16, 0xff80, 0x7fc0, 0x7f7f];
+        let le = |v: &[u16]| v.iter().flat_map(|h| h.to_le_bytes()).collect::<Vec<u8>>();
+        assert_eq!(count_nonfinite(DType::F16, &le(&f16s)), 2);
+        assert_eq!(count_nonfinite(DType::BF16, &le(&bf16s)), 2);
+        assert_eq!(count_nonfinite(DType::Q8_0, &[0xff; 34]), 0);
     }
 }

@@ -245,7 +245,7 @@ fn index<'a>(names: impl Iterator<Item = &'a String>) -> HashMap<String, usize> 
 
 /// The parsed and validated header of a GGUF file.
 #[derive(Debug)]
-pub(crate) struct Header {
+pub struct Header {
     pub version: u32,
     pub metadata: Vec<(String, Value)>,
     pub tensors: Vec<TensorInfo>,
@@ -259,8 +259,9 @@ pub(crate) struct Header {
 const MIN_KV_BYTES: u64 = 13;
 const MIN_TENSOR_INFO_BYTES: u64 = 24;
 
-/// Parses then validates a whole GGUF file held in `buf`.
-pub(crate) fn parse(buf: &[u8]) -> Result<Header, GgufError> {
+/// Parses then validates a whole GGUF file held in `buf` (what [`GgufFile::open`] does over its
+/// map; public as the entry point of the fuzz target in fuzz/).
+pub fn parse(buf: &[u8]) -> Result<Header, GgufError> {
     let mut cur = Cursor { buf, pos: 0 };
     let magic = cur.array::<4>(&|| "magic".into())?;
     if magic != MAGIC {
