@@ -147,7 +147,8 @@ fn same_value(ours: &Value, theirs: &Json) -> bool {
         }
         (Value::String(s), Json::String(t)) => s == t,
         (Value::Bool(b), Json::Bool(t)) => b == t,
-        (Value::F32(f), t) => t.as_f64() == Some(f64::from(*f)),
+        // The same f32, whether the reader printed it widened exactly (gguf-py) or shortest (gguf-rs).
+        (Value::F32(f), t) => t.as_f64().map(|x| x as f32) == Some(*f),
         (Value::F64(f), t) => t.as_f64() == Some(*f),
         (v, t) => v.as_i64().is_some_and(|i| t.as_i64() == Some(i)),
     }
@@ -249,6 +250,96 @@ fn python_gguf_reads_back_every_type_and_mix() {
     assert_eq!(types["blk.2.ffn_down.weight"], "Q6_K");
     assert_eq!(types["blk.1.attn_q.weight"], "Q4_K");
     assert_eq!(types["adapter.weight"], "Q8_0");
+}
+
+/// tools/gguf-rs-dump built once (its own crate and target dir: see its Cargo.toml).
+fn gguf_rs_dump() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = common::root();
+            let target = root.join("target/tools");
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "--release", "--quiet", "--manifest-path"])
+                .arg(root.join("tools/gguf-rs-dump/Cargo.toml"))
+                .arg("--target-dir")
+                .arg(&target)
+                .status()
+                .unwrap();
+            assert!(status.success(), "building tools/gguf-rs-dump failed");
+            target.join("release/gguf-rs-dump")
+        })
+        .clone()
+}
+
+/// Asserts that the gguf-rs crate, a reader nobody here wrote, reads `path` as ours does: the
+/// version, alignment and data offset, every key with its value, and every tensor's name, ggml
+/// type, dimensions (GGUF order: ours reversed), offset and size.
+fn assert_gguf_rs_reads(path: &Path) {
+    let out = Command::new(gguf_rs_dump()).arg(path).output().unwrap();
+    assert!(out.status.success(), "gguf-rs: {}", stderr(&out));
+    let theirs: Json = serde_json::from_slice(&out.stdout).unwrap();
+    let ours = GgufFile::open(path).unwrap();
+    assert_eq!(theirs["version"], "v3");
+    assert_eq!(theirs["alignment"], ours.alignment);
+    assert_eq!(theirs["data_offset"], ours.data_start);
+    let meta = theirs["metadata"].as_object().unwrap();
+    assert_eq!(meta.len(), ours.metadata.len(), "key count");
+    for (key, value) in &ours.metadata {
+        let t = &meta[key.as_str()];
+        assert!(same_value(value, t), "{key}: {value:?} vs {t}");
+    }
+    let tensors = theirs["tensors"].as_array().unwrap();
+    assert_eq!(tensors.len(), ours.tensors.len());
+    for (info, t) in ours.tensors.iter().zip(tensors) {
+        let dims: Vec<usize> = info.shape.iter().rev().copied().collect();
+        assert_eq!(t["name"], info.name.as_str());
+        assert_eq!(t["kind"], info.dtype.ggml_id(), "{}", info.name);
+        assert_eq!(t["dims"], serde_json::json!(dims), "{}", info.name);
+        assert_eq!(t["offset"], info.offset - ours.data_start, "{}", info.name);
+        assert_eq!(t["size"], info.n_bytes, "{}", info.name);
+    }
+}
+
+#[test]
+fn gguf_rs_reads_back_every_type_and_mix() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    hf(d, "m", &wide());
+    ok(
+        d,
+        &[
+            "apply",
+            "m",
+            "--shape",
+            "1,1,1",
+            "--adapter-noise",
+            "0.1",
+            "--out",
+            "rec",
+            "-q",
+        ],
+    );
+    // Not bf16: gguf-rs 0.1.8 sizes every type id >= 10 in blocks of 256, BF16 (30) included,
+    // so it reports a BF16 tensor 256 times too small.
+    for t in [
+        "f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q4_k_m",
+        "q5_k_m",
+    ] {
+        let file = format!("m-{t}.gguf");
+        ok(
+            d,
+            &["export", "gguf", "m", "--type", t, "--out", &file, "-q"],
+        );
+        assert_gguf_rs_reads(&d.join(&file));
+    }
+    ok(
+        d,
+        &[
+            "export", "gguf", "rec", "--type", "q8_0", "--out", "rec.gguf", "-q",
+        ],
+    );
+    assert_gguf_rs_reads(&d.join("rec.gguf"));
 }
 
 #[test]
