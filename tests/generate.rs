@@ -380,6 +380,17 @@ fn refuses_bad_options() {
     assert_refused(d, &with(&["--top-p", "0"]), "--top-p must be in (0, 1]");
     assert_refused(
         d,
+        &with(&["--device", "tpu"]),
+        "--device tpu is not a device",
+    );
+    #[cfg(not(feature = "cuda"))]
+    assert_refused(
+        d,
+        &with(&["--device", "cuda"]),
+        "CUDA needs a build with `--features cuda`",
+    );
+    assert_refused(
+        d,
         &with(&["--temperature=-1"]),
         "--temperature must be a number >= 0",
     );

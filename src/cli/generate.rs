@@ -6,7 +6,6 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::Device;
 
 use surgery::formats::text_tokenizer::TextTokenizer;
 use surgery::model::{generate, Exit, GenerateOptions, Model};
@@ -46,6 +45,9 @@ pub struct GenerateArgs {
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 fn parse_exit(s: &str) -> Result<Exit, String> {
@@ -90,13 +92,14 @@ pub fn run(args: GenerateArgs, global: Global) -> anyhow::Result<()> {
         // candle's CPU kernels size their pool from this, before any tensor work.
         std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
     }
+    let device = super::parse_device(&args.device)?;
     let source = SourceModel::open(&args.model)?;
     let tokenizer = TextTokenizer::for_model(&source)?;
     let prompt = tokenizer.encode(&args.prompt)?;
     if prompt.is_empty() {
         bail!("the prompt tokenizes to nothing: give some text");
     }
-    let model = Model::load(&source, &Device::Cpu)?;
+    let model = Model::load(&source, &device)?;
     let r = match source.config.recurrent {
         Some(shape) => args.recurrence.unwrap_or(shape.mean_recurrence),
         None => {
