@@ -212,7 +212,9 @@ fn describe(e: &safetensors::SafeTensorError) -> String {
             format!("tensor {t:?} has offsets that overlap, leave a gap or run backwards")
         }
         E::TensorInvalidInfo => "a tensor's shape and dtype do not match its byte range".into(),
-        E::MetadataIncompleteBuffer => "tensor data does not end at the end of the file".into(),
+        E::MetadataIncompleteBuffer => {
+            "tensor data does not end at the end of the file (truncated, or trailing bytes)".into()
+        }
         E::ValidationOverflow => "a tensor's size overflows".into(),
         other => other.to_string(),
     }
