@@ -9,6 +9,7 @@ mod block;
 mod generate;
 pub mod params;
 mod rope;
+mod stepwise;
 
 use candle_core::{DType as CDType, Device, IndexOp, Tensor, D};
 use rand::SeedableRng;

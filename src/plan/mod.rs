@@ -2,6 +2,7 @@
 //! from or how it is initialized, the output config and the source's identity (DESIGN.md
 //! decision 1). `surgery plan` writes it; `surgery apply` executes exactly it.
 
+pub mod calibrate;
 pub mod cost;
 pub mod range;
 
@@ -283,6 +284,10 @@ pub struct Plan {
     pub notes: Vec<String>,
     /// Informational: what the output costs (not read by apply).
     pub costs: cost::Costs,
+    /// Informational: per-layer scores and ranked core placements from `plan --calibrate` (not
+    /// read by apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<calibrate::Calibration>,
 }
 
 impl Plan {
@@ -452,6 +457,7 @@ pub fn make(source: &SourceModel, req: &PlanRequest, hashes: &[String]) -> Resul
         files,
         notes,
         costs,
+        calibration: None,
     })
 }
 

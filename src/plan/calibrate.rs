@@ -1,0 +1,795 @@
+//! `surgery plan --calibrate`: scores every layer of a static source on calibration text and ranks
+//! placements of the core by the perplexity of the pruned model each starts from (issue 10). The
+//! paper picked its layers by hand; this lets the data say which to drop before a byte is written.
+//!
+//! One base pass keeps the hidden state at every layer boundary (layers + 1 states per token;
+//! 1.2 GB for SmolLM2 at 16k tokens). Everything else reruns only what changes, from that cache:
+//! - block influence (ShortGPT, Men et al. 2024): 1 - the mean cosine similarity of a layer's
+//!   input and output hidden states, over all tokens; a layer that computes the identity has 0;
+//! - relative update: the mean of ||output - input|| / ||input|| over all tokens;
+//! - removal perplexity: the source without that one layer, i.e. layers i+1.. run from the cached
+//!   input of layer i;
+//! - candidates: the pruned static model (prelude + core once + coda) that the identity adapter
+//!   reproduces at every r (DESIGN.md decision 3). The prelude is the first P layers in every
+//!   placement, so a candidate is its core and coda run from the cached state after the prelude.
+//!
+//! Removal and the first ranking pass read only the first `subset` tokens (they cost about 17
+//! and, per shape, about 8 full forwards of SmolLM2 on all tokens); the best `rescore` placements
+//! of each shape are then measured again on all of them. Every number says on how many tokens.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::eval::data::{read_documents, token_stream, windows, DataError, Windows};
+use crate::formats::text_tokenizer::{TextTokenizer, TextTokenizerError};
+use crate::model::{Model, ModelError};
+use crate::source::SourceModel;
+use crate::surgery::Progress;
+
+use super::cost::CostAtR;
+use super::{LayerRange, LayerRequest, PlanError, Shape};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CalibrateError {
+    /// The calibration text holds fewer tokens than asked for.
+    #[error("--calibrate {path}: the text has {tokens} tokens, but --calibrate-tokens {want} needs {need}; pass a smaller --calibrate-tokens or more text")]
+    TooFewTokens {
+        path: String,
+        tokens: usize,
+        want: usize,
+        need: usize,
+    },
+    /// A count option out of range.
+    #[error("{0}")]
+    Invalid(String),
+    /// The calibration text could not be read.
+    #[error("--calibrate: {0}")]
+    Data(#[from] DataError),
+    /// The model has no usable tokenizer.
+    #[error("--calibrate needs the model's tokenizer: {0}")]
+    Tokenizer(#[from] TextTokenizerError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+impl From<candle_core::Error> for CalibrateError {
+    fn from(e: candle_core::Error) -> Self {
+        CalibrateError::Model(ModelError::Candle(e))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, CalibrateError>;
+
+/// How much text each measurement reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CalibrateOptions {
+    /// Tokens scored by the base pass (block influence, relative update, the source's perplexity)
+    /// and by the re-scoring of the best candidates.
+    pub tokens: usize,
+    /// The first tokens of those that single-layer removal and the first ranking pass score.
+    pub subset: usize,
+    /// Tokens per window; each window starts without context.
+    pub seq_len: usize,
+    /// Placements of each shape measured again on all `tokens` after the first pass.
+    pub rescore: usize,
+}
+
+/// Where a candidate's core sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    /// The paper's rule: the C layers just before the coda.
+    Rule,
+    /// Another block of C consecutive layers between prelude and coda.
+    Contiguous,
+    /// C layers evenly spaced from the first layer after the prelude to the last before the coda
+    /// (a plan holds a contiguous core only, so this one is measured but cannot be picked).
+    EvenlySpaced,
+    /// The layer map given with --prelude/--core/--coda.
+    Given,
+}
+
+impl Placement {
+    pub fn name(self) -> &'static str {
+        match self {
+            Placement::Rule => "rule",
+            Placement::Contiguous => "contiguous",
+            Placement::EvenlySpaced => "evenly spaced",
+            Placement::Given => "given",
+        }
+    }
+}
+
+/// The scores of one source layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerScore {
+    pub layer: usize,
+    /// 1 - mean cos(input, output) over all tokens (ShortGPT); 0 for an identity layer.
+    #[serde(with = "score")]
+    pub block_influence: f64,
+    /// Mean ||output - input|| / ||input|| over all tokens.
+    #[serde(with = "score")]
+    pub relative_update: f64,
+    /// Perplexity of the source without this layer, on the first `subset_tokens` tokens.
+    #[serde(with = "score")]
+    pub removal_perplexity: f64,
+}
+
+/// The costs shared by every placement of one shape (from the plan of its rule placement).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShapeCosts {
+    /// P,C,K
+    pub shape: String,
+    pub recurrent_params: u64,
+    pub at_r: Vec<CostAtR>,
+}
+
+/// One measured placement: the layers of the pruned static model and its perplexities.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Candidate {
+    /// 1 for the best.
+    pub rank: usize,
+    /// P,C,K
+    pub shape: String,
+    pub placement: Placement,
+    pub prelude: LayerRange,
+    /// Source layers of the core, in order.
+    pub core: Vec<usize>,
+    pub coda: LayerRange,
+    /// The core as `a..b` when it is contiguous: only then can a plan hold it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub core_range: Option<LayerRange>,
+    /// Source layers no part uses.
+    pub dropped: Vec<LayerRange>,
+    /// Perplexity of the pruned static model on the first `subset_tokens` tokens.
+    #[serde(with = "score")]
+    pub subset_perplexity: f64,
+    /// Perplexity on all `tokens` tokens; absent when this placement was not re-scored.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_score")]
+    pub perplexity: Option<f64>,
+}
+
+impl Candidate {
+    /// Source layers of the pruned static model, in order: prelude, core, coda.
+    pub fn layers(&self) -> Vec<usize> {
+        self.prelude
+            .iter()
+            .chain(self.core.iter().copied())
+            .chain(self.coda.iter())
+            .collect()
+    }
+
+    /// The explicit layer request a plan of this candidate is made from, if a plan can hold it.
+    pub fn request(&self, allow_reuse: bool) -> Option<LayerRequest> {
+        Some(LayerRequest {
+            shape: None,
+            prelude: Some(self.prelude),
+            core: Some(self.core_range?),
+            coda: Some(self.coda),
+            allow_reuse,
+        })
+    }
+
+    /// The core as written in tables: `a..b`, or the list of its layers.
+    pub fn core_label(&self) -> String {
+        match self.core_range {
+            Some(r) => r.to_string(),
+            None => {
+                let layers: Vec<String> = self.core.iter().map(ToString::to_string).collect();
+                layers.join(",")
+            }
+        }
+    }
+}
+
+/// Everything `plan --calibrate` measured; the plan file carries it (apply does not read it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    /// The calibration text as given, and its JSONL field.
+    pub data: String,
+    pub field: String,
+    pub documents: usize,
+    /// Tokens scored by the base pass and the re-scoring.
+    pub tokens: usize,
+    /// Tokens scored by single-layer removal and the first ranking pass (the first ones).
+    pub subset_tokens: usize,
+    pub seq_len: usize,
+    /// Placements of each shape re-scored on all tokens.
+    pub rescored_per_shape: usize,
+    /// The source model's perplexity on all tokens and on the subset.
+    #[serde(with = "score")]
+    pub source_perplexity: f64,
+    #[serde(with = "score")]
+    pub source_subset_perplexity: f64,
+    pub layers: Vec<LayerScore>,
+    /// Layers by block influence, lowest first: the order ShortGPT drops them in.
+    pub drop_order: Vec<usize>,
+    pub shapes: Vec<ShapeCosts>,
+    /// Best first: the re-scored placements by perplexity on all tokens, then the others by
+    /// perplexity on the subset.
+    pub candidates: Vec<Candidate>,
+}
+
+impl Calibration {
+    /// The best candidate a plan can hold (a contiguous core).
+    pub fn best_plannable(&self) -> Option<&Candidate> {
+        self.candidates.iter().find(|c| c.core_range.is_some())
+    }
+}
+
+/// Seconds spent in each stage, for the report (not in the plan: it would make plans of the same
+/// inputs differ).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    pub base_pass: f64,
+    pub removal: f64,
+    pub ranking: f64,
+    pub rescoring: f64,
+    pub total: f64,
+}
+
+/// Perplexities are serialized as numbers, and a non-finite one (a model that overflows) as null,
+/// read back as +inf: JSON has no NaN or infinity.
+mod score {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else {
+            s.serialize_none()
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::INFINITY))
+    }
+}
+
+/// [`score`] for an optional value (absent: not measured).
+mod opt_score {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(x) if x.is_finite() => s.serialize_f64(*x),
+            _ => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        Ok(Some(
+            Option::<f64>::deserialize(d)?.unwrap_or(f64::INFINITY),
+        ))
+    }
+}
+
+/// The calibration text, tokenized and cut into windows.
+pub struct CalibrationText {
+    /// The file as given, and its JSONL field.
+    pub path: String,
+    pub field: String,
+    pub windows: Windows,
+    pub documents: usize,
+    pub skipped_invalid_utf8: usize,
+}
+
+/// Reads `path` (.txt or .jsonl with the text in `field`), tokenizes it with the model's tokenizer
+/// and keeps the first `tokens` scored tokens in windows of `seq_len`. Refuses a text too short.
+pub fn read_text(
+    source: &SourceModel,
+    path: &Path,
+    field: &str,
+    opts: &CalibrateOptions,
+) -> Result<CalibrationText> {
+    if opts.tokens < 1 || opts.seq_len < 1 || opts.subset < 1 {
+        return Err(CalibrateError::Invalid(
+            "--calibrate-tokens, --calibrate-subset and --calibrate-seq-len must be at least 1"
+                .into(),
+        ));
+    }
+    let docs = read_documents(&[path.to_path_buf()], Some(field))?;
+    let tokenizer = TextTokenizer::for_model(source)?;
+    // One token more than scored: the last target needs its input.
+    let need = opts.tokens + 1;
+    let stream = match token_stream(&docs, &tokenizer, Some(need)) {
+        Err(DataError::TooShort { tokens }) => Err(tokens),
+        Ok(s) if s.len() < need => Err(s.len()),
+        other => Ok(other?),
+    }
+    .map_err(|tokens| CalibrateError::TooFewTokens {
+        path: path.display().to_string(),
+        tokens,
+        want: opts.tokens,
+        need,
+    })?;
+    Ok(CalibrationText {
+        path: path.display().to_string(),
+        field: field.to_string(),
+        windows: windows(&stream, opts.seq_len, Some(opts.tokens)),
+        documents: docs.texts.len(),
+        skipped_invalid_utf8: docs.skipped_invalid_utf8,
+    })
+}
+
+/// The placements of `shape` on `n_layers` layers: prelude = the first P, coda = the last K, the
+/// core every block of C consecutive layers between them (the last of which is the paper's rule),
+/// and C layers evenly spaced between them when that differs from every block.
+pub fn placements(shape: Shape, n_layers: usize) -> Result<Vec<Candidate>> {
+    // The rule's own checks: too deep, empty core.
+    let rule = LayerRequest {
+        shape: Some(shape),
+        ..Default::default()
+    }
+    .resolve(n_layers)?;
+    let (p, c) = (shape.prelude, shape.core);
+    let coda_start = rule.coda.start;
+    let mut out: Vec<Candidate> = (p..=coda_start - c)
+        .map(|a| {
+            let core = LayerRange::new(a, a + c);
+            let placement = if core == rule.core {
+                Placement::Rule
+            } else {
+                Placement::Contiguous
+            };
+            candidate(
+                shape,
+                placement,
+                [rule.prelude, rule.coda],
+                core.iter().collect(),
+                n_layers,
+            )
+        })
+        .collect();
+    let span = coda_start - p;
+    if span > c && c >= 2 {
+        // Both ends included: layer p + round(j (span - 1) / (c - 1)).
+        let core = (0..c)
+            .map(|j| p + (j * (span - 1) + (c - 1) / 2) / (c - 1))
+            .collect();
+        out.push(candidate(
+            shape,
+            Placement::EvenlySpaced,
+            [rule.prelude, rule.coda],
+            core,
+            n_layers,
+        ));
+    }
+    Ok(out)
+}
+
+/// The one candidate of an explicit layer request (--prelude/--core/--coda).
+pub fn given(request: &LayerRequest, n_layers: usize) -> Result<Candidate> {
+    let layers = request.resolve(n_layers)?;
+    Ok(candidate(
+        layers.shape(),
+        Placement::Given,
+        [layers.prelude, layers.coda],
+        layers.core.iter().collect(),
+        n_layers,
+    ))
+}
+
+/// A candidate, not yet measured; `[prelude, coda]`, the core's layers.
+fn candidate(
+    shape: Shape,
+    placement: Placement,
+    [prelude, coda]: [LayerRange; 2],
+    core: Vec<usize>,
+    n_layers: usize,
+) -> Candidate {
+    let core_range = match (core.first(), core.last()) {
+        (Some(&a), Some(&b)) if b + 1 - a == core.len() => Some(LayerRange::new(a, b + 1)),
+        _ => None,
+    };
+    let mut c = Candidate {
+        rank: 0,
+        shape: shape.to_string(),
+        placement,
+        prelude,
+        core,
+        coda,
+        core_range,
+        dropped: vec![],
+        subset_perplexity: f64::NAN,
+        perplexity: None,
+    };
+    c.dropped = dropped(&c.layers(), n_layers);
+    c
+}
+
+/// Maximal runs of layers below `n_layers` that `used` leaves out.
+fn dropped(used: &[usize], n_layers: usize) -> Vec<LayerRange> {
+    let mut out: Vec<LayerRange> = Vec::new();
+    for l in (0..n_layers).filter(|l| !used.contains(l)) {
+        match out.last_mut() {
+            Some(r) if r.end == l => r.end = l + 1,
+            _ => out.push(LayerRange::new(l, l + 1)),
+        }
+    }
+    out
+}
+
+/// One window's cached hidden states: `states[i]` is the input of layer i, `states[n]` the last
+/// layer's output, each (1, T, h).
+struct Cached {
+    states: Vec<Tensor>,
+    /// (1, T) u32
+    targets: Tensor,
+}
+
+/// The first `len` tokens of window `window`.
+type View = (usize, usize);
+
+/// Runs the calibration of a static `model` on `text` and measures `candidates` (from
+/// [`placements`] or [`given`]); `shapes` carries each shape's costs. Deterministic: the same
+/// inputs give bitwise the same scores.
+pub fn calibrate(
+    model: &Model,
+    text: &CalibrationText,
+    candidates: Vec<Candidate>,
+    shapes: Vec<ShapeCosts>,
+    opts: &CalibrateOptions,
+    progress: &mut dyn Progress,
+) -> Result<(Calibration, Timings)> {
+    if model.is_recurrent() {
+        return Err(CalibrateError::Invalid(
+            "--calibrate scores a static model; this one is recurrent".into(),
+        ));
+    }
+    let started = Instant::now();
+    let mut timings = Timings::default();
+    let n = model.n_blocks();
+    let all: Vec<View> = text
+        .windows
+        .windows
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (i, w.targets.len()))
+        .collect();
+    let tokens: usize = all.iter().map(|v| v.1).sum();
+    let subset = prefix(&all, opts.subset);
+    let subset_tokens: usize = subset.iter().map(|v| v.1).sum();
+
+    // 1. The base pass: every boundary state of every window, and the per-layer similarities.
+    let mut clock = Instant::now();
+    progress.start("calibration: base pass (windows)", all.len() as u64);
+    let mut cache = Vec::with_capacity(all.len());
+    let mut sums = vec![LayerSums::default(); n];
+    for (i, w) in text.windows.windows.iter().enumerate() {
+        let device = model.device();
+        let ids = Tensor::from_vec(w.inputs.clone(), (1, w.inputs.len()), device)?;
+        let targets = Tensor::from_vec(w.targets.clone(), (1, w.targets.len()), device)?;
+        let mut x = model.embed(&ids)?;
+        let mut states = Vec::with_capacity(n + 1);
+        for (layer, sums) in sums.iter_mut().enumerate() {
+            let output = model.run_blocks(&x, &[layer])?;
+            sums.add(&x, &output)?;
+            states.push(std::mem::replace(&mut x, output));
+        }
+        states.push(x);
+        cache.push(Cached { states, targets });
+        progress.advance(i as u64 + 1);
+    }
+    progress.finish();
+    let source_perplexity = perplexity_from(model, &cache, &all, n, &[], &mut |_| {})?;
+    let source_subset_perplexity = perplexity_from(model, &cache, &subset, n, &[], &mut |_| {})?;
+    timings.base_pass = clock.elapsed().as_secs_f64();
+
+    // 2. Single-layer removal on the subset: layers i+1.. from the cached input of layer i.
+    clock = Instant::now();
+    progress.start(
+        "calibration: single-layer removal (windows)",
+        (n * subset.len()) as u64,
+    );
+    let mut layers = Vec::with_capacity(n);
+    for (i, s) in sums.iter().enumerate() {
+        let rest: Vec<usize> = (i + 1..n).collect();
+        let base = (i * subset.len()) as u64;
+        let removal = perplexity_from(model, &cache, &subset, i, &rest, &mut |k| {
+            progress.advance(base + k as u64)
+        })?;
+        layers.push(LayerScore {
+            layer: i,
+            block_influence: 1.0 - s.cos / s.count as f64,
+            relative_update: s.ratio / s.count as f64,
+            removal_perplexity: removal,
+        });
+    }
+    progress.finish();
+    timings.removal = clock.elapsed().as_secs_f64();
+    let mut drop_order: Vec<usize> = (0..n).collect();
+    drop_order.sort_by(|&a, &b| {
+        layers[a]
+            .block_influence
+            .total_cmp(&layers[b].block_influence)
+    });
+
+    // 3. Every candidate on the subset, from the longest cached prefix of its layer list.
+    clock = Instant::now();
+    let mut candidates = candidates;
+    progress.start(
+        "calibration: ranking (windows)",
+        (candidates.len() * subset.len()) as u64,
+    );
+    for (j, c) in candidates.iter_mut().enumerate() {
+        let base = (j * subset.len()) as u64;
+        c.subset_perplexity = candidate_perplexity(model, &cache, &subset, c, &mut |k| {
+            progress.advance(base + k as u64)
+        })?;
+    }
+    progress.finish();
+    timings.ranking = clock.elapsed().as_secs_f64();
+
+    // 4. The best placements of each shape again on all tokens (the subset may be all of them).
+    clock = Instant::now();
+    let rescore = if subset_tokens == tokens {
+        candidates.len()
+    } else {
+        opts.rescore
+    };
+    let chosen = best_per_shape(&candidates, rescore);
+    let full = subset_tokens < tokens;
+    progress.start(
+        "calibration: re-scoring on all tokens (windows)",
+        if full {
+            (chosen.len() * all.len()) as u64
+        } else {
+            0
+        },
+    );
+    for (j, &k) in chosen.iter().enumerate() {
+        let c = &mut candidates[k];
+        c.perplexity = Some(if full {
+            let base = (j * all.len()) as u64;
+            candidate_perplexity(model, &cache, &all, c, &mut |w| {
+                progress.advance(base + w as u64)
+            })?
+        } else {
+            c.subset_perplexity
+        });
+    }
+    progress.finish();
+    timings.rescoring = clock.elapsed().as_secs_f64();
+
+    rank(&mut candidates);
+    timings.total = started.elapsed().as_secs_f64();
+    Ok((
+        Calibration {
+            data: text.path.clone(),
+            field: text.field.clone(),
+            documents: text.documents,
+            tokens,
+            subset_tokens,
+            seq_len: text.windows.seq_len,
+            rescored_per_shape: rescore.min(candidates.len()),
+            source_perplexity,
+            source_subset_perplexity,
+            layers,
+            drop_order,
+            shapes,
+            candidates,
+        },
+        timings,
+    ))
+}
+
+/// The windows' first `tokens` targets: whole windows, the last one cut (causal attention makes
+/// a window's first tokens independent of the rest, so a cut cached state is exact).
+fn prefix(all: &[View], tokens: usize) -> Vec<View> {
+    let mut left = tokens;
+    let mut out = Vec::new();
+    for &(w, len) in all {
+        if left == 0 {
+            break;
+        }
+        out.push((w, len.min(left)));
+        left -= len.min(left);
+    }
+    out
+}
+
+/// Running sums of one layer's similarity measures over tokens.
+#[derive(Debug, Clone, Default)]
+struct LayerSums {
+    cos: f64,
+    ratio: f64,
+    count: usize,
+}
+
+impl LayerSums {
+    /// Adds every token of `input` and `output` (1, T, h).
+    fn add(&mut self, input: &Tensor, output: &Tensor) -> Result<()> {
+        let per_token = |t: Tensor| -> Result<Vec<f32>> {
+            Ok(t.sum_keepdim(D::Minus1)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let dot = per_token((input * output)?)?;
+        let a2 = per_token(input.sqr()?)?;
+        let b2 = per_token(output.sqr()?)?;
+        let d2 = per_token((output - input)?.sqr()?)?;
+        for (((dot, a2), b2), d2) in dot.iter().zip(&a2).zip(&b2).zip(&d2) {
+            let (dot, a2, b2, d2) = (*dot as f64, *a2 as f64, *b2 as f64, *d2 as f64);
+            // A zero vector has no direction: equal to another zero vector, orthogonal to the rest.
+            self.cos += if a2 > 0.0 && b2 > 0.0 {
+                dot / (a2 * b2).sqrt()
+            } else if a2 == b2 {
+                1.0
+            } else {
+                0.0
+            };
+            self.ratio += if a2 > 0.0 { (d2 / a2).sqrt() } else { 0.0 };
+            self.count += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Perplexity over `views` of the blocks `blocks` run from boundary state `start`; `progress`
+/// gets the number of windows done.
+fn perplexity_from(
+    model: &Model,
+    cache: &[Cached],
+    views: &[View],
+    start: usize,
+    blocks: &[usize],
+    progress: &mut dyn FnMut(usize),
+) -> Result<f64> {
+    let (mut nll, mut count) = (0.0, 0);
+    for (k, &(w, len)) in views.iter().enumerate() {
+        let window = cache
+            .get(w)
+            .ok_or_else(|| CalibrateError::Invalid(format!("no cached window {w}")))?;
+        let state = window.states.get(start).ok_or_else(|| {
+            CalibrateError::Invalid(format!("no cached state before layer {start}"))
+        })?;
+        let x = model.run_blocks(&state.narrow(1, 0, len)?, blocks)?;
+        let (sum, n) = model.head_nll(&x, &window.targets.narrow(1, 0, len)?)?;
+        nll += sum;
+        count += n;
+        progress(k + 1);
+    }
+    Ok((nll / count.max(1) as f64).exp())
+}
+
+/// A candidate's pruned static model over `views`, from the cached state after the longest
+/// prefix of its layers that is 0, 1, 2, ... (the prelude, in every placement).
+fn candidate_perplexity(
+    model: &Model,
+    cache: &[Cached],
+    views: &[View],
+    c: &Candidate,
+    progress: &mut dyn FnMut(usize),
+) -> Result<f64> {
+    let layers = c.layers();
+    let start = layers
+        .iter()
+        .enumerate()
+        .take_while(|&(i, &l)| i == l)
+        .count();
+    perplexity_from(model, cache, views, start, &layers[start..], progress)
+}
+
+/// Indices of the `k` best candidates of each shape by subset perplexity (ties: listed first).
+fn best_per_shape(candidates: &[Candidate], k: usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut shapes: Vec<&str> = candidates.iter().map(|c| c.shape.as_str()).collect();
+    shapes.dedup();
+    for shape in shapes {
+        let mut of: Vec<usize> = (0..candidates.len())
+            .filter(|&i| candidates[i].shape == shape)
+            .collect();
+        of.sort_by(|&a, &b| {
+            candidates[a]
+                .subset_perplexity
+                .total_cmp(&candidates[b].subset_perplexity)
+        });
+        out.extend(of.into_iter().take(k));
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Sorts best first: re-scored candidates by perplexity on all tokens, then the others by subset
+/// perplexity; ties keep the enumeration order. Numbers the ranks from 1.
+fn rank(candidates: &mut [Candidate]) {
+    candidates.sort_by(|a, b| {
+        let key = |c: &Candidate| {
+            (
+                c.perplexity.is_none(),
+                c.perplexity.unwrap_or(c.subset_perplexity),
+            )
+        };
+        let (ka, kb) = (key(a), key(b));
+        ka.0.cmp(&kb.0).then(ka.1.total_cmp(&kb.1))
+    });
+    for (i, c) in candidates.iter_mut().enumerate() {
+        c.rank = i + 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placements_of_a_shape() {
+        let shape: Shape = "4,8,4".parse().unwrap();
+        let all = placements(shape, 30).unwrap();
+        // 15 blocks from 4..12 to 18..26, then the evenly spaced core.
+        assert_eq!(all.len(), 16);
+        assert_eq!(all[0].core_range, Some(LayerRange::new(4, 12)));
+        assert_eq!(all[0].dropped, vec![LayerRange::new(12, 26)]);
+        assert_eq!(all[14].placement, Placement::Rule);
+        assert_eq!(all[14].core_range, Some(LayerRange::new(18, 26)));
+        let even = &all[15];
+        assert_eq!(even.placement, Placement::EvenlySpaced);
+        assert_eq!(even.core, vec![4, 7, 10, 13, 16, 19, 22, 25]);
+        assert_eq!(even.core_range, None);
+        assert_eq!(even.request(false).map(|r| r.core), None);
+        assert_eq!(
+            even.layers(),
+            vec![0, 1, 2, 3, 4, 7, 10, 13, 16, 19, 22, 25, 26, 27, 28, 29]
+        );
+        // A shape that leaves no choice has one placement; one too deep is refused.
+        let tight = placements("2,2,2".parse().unwrap(), 6).unwrap();
+        assert_eq!(tight.len(), 1);
+        assert_eq!(tight[0].placement, Placement::Rule);
+        let e = placements("4,8,4".parse().unwrap(), 10).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--shape 4,8,4 needs 16 layers, but the model has 10"
+        );
+    }
+
+    #[test]
+    fn prefix_cuts_the_last_window() {
+        assert_eq!(prefix(&[(0, 4), (1, 4), (2, 2)], 6), vec![(0, 4), (1, 2)]);
+        assert_eq!(prefix(&[(0, 4)], 9), vec![(0, 4)]);
+    }
+
+    #[test]
+    fn ranking_puts_rescored_first() {
+        let shape: Shape = "1,1,1".parse().unwrap();
+        let mut cs = placements(shape, 5).unwrap();
+        let ppl = [3.0, 1.0, 2.0];
+        for (c, p) in cs.iter_mut().zip(ppl) {
+            c.subset_perplexity = p;
+        }
+        let chosen = best_per_shape(&cs, 2);
+        assert_eq!(chosen, vec![1, 2]);
+        cs[1].perplexity = Some(2.5);
+        cs[2].perplexity = Some(2.4);
+        rank(&mut cs);
+        let order: Vec<(usize, String)> = cs.iter().map(|c| (c.rank, c.core_label())).collect();
+        assert_eq!(
+            order,
+            vec![(1, "3..4".into()), (2, "2..3".into()), (3, "1..2".into())]
+        );
+    }
+
+    #[test]
+    fn non_finite_scores_round_trip_as_null() {
+        let s = LayerScore {
+            layer: 0,
+            block_influence: 0.5,
+            relative_update: f64::NAN,
+            removal_perplexity: f64::INFINITY,
+        };
+        let j = serde_json::to_string(&s).unwrap();
+        assert_eq!(
+            j,
+            r#"{"layer":0,"block_influence":0.5,"relative_update":null,"removal_perplexity":null}"#
+        );
+        let back: LayerScore = serde_json::from_str(&j).unwrap();
+        assert_eq!(back.removal_perplexity, f64::INFINITY);
+    }
+}
