@@ -24,7 +24,7 @@ use crate::export::rows::{chunks, rows_cols, source_bytes, stream_rows, RowOrder
 use crate::export::spec;
 use crate::export::vocab::tokenizer_metadata;
 use crate::export::ExportError;
-use crate::formats::gguf::{GgufWriter, TensorHeader, Value};
+use crate::formats::gguf::{GgufError, GgufWriter, TensorHeader, Value};
 use crate::formats::hf_config::{Family, ModelConfig, RecurrentShape};
 use crate::source::SourceModel;
 use crate::surgery::Progress;
@@ -530,6 +530,8 @@ fn write_job(
         },
     )
     .map_err(|e| match e {
+        // A failed write (a full disk) stays an I/O error: exit code 2, not "invalid input".
+        ExportError::Gguf(GgufError::Io { path, source }) => ExportError::Io { path, source },
         ExportError::Gguf(e) => {
             ExportError::Convert(format!("tensor {} (from {}): {e}", job.header.name, t.name))
         }
