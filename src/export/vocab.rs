@@ -19,8 +19,13 @@
 //! tokenizer.json converter writes (plain `Split`s). A tokenizer that matches no entry is
 //! refused: an approximate pre-tokenizer silently changes every tokenization.
 //!
-//! SentencePiece-style vocabularies (`tokenizer.ggml.model = "llama"` with scores) are not
-//! exported yet and are refused with a message saying so.
+//! A SentencePiece-style vocabulary (Llama 2, TinyLlama: a BPE model with `byte_fallback` and
+//! `▁` for spaces, no ByteLevel) becomes `tokenizer.ggml.model = "llama"`, as the converter's
+//! `_set_vocab_sentencepiece` writes it: `pre = "default"`, tokens, `scores` (from the merge
+//! ranks, see [`crate::formats::spm`]; 0 for control, byte and unknown tokens as SentencePiece
+//! gives them, -1000 for padding), token types with BYTE (6) for `<0xXX>` and UNKNOWN (2) for
+//! the unknown token, `add_space_prefix` from the normalizer (`Prepend("▁")`) or a `Metaspace`
+//! pre-tokenizer, and no merges.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -28,20 +33,20 @@ use std::path::Path;
 use serde_json::Value as Json;
 
 use crate::formats::gguf::Value;
+use crate::formats::spm::{self, KEY_ADD_SPACE_PREFIX, KEY_SCORES, SPACE};
 use crate::formats::tokenizer::{
     KEY_ADD_BOS, KEY_ADD_EOS, KEY_BOS_ID, KEY_CHAT_TEMPLATE, KEY_EOS_ID, KEY_MERGES, KEY_MODEL,
     KEY_PAD_ID, KEY_PRE, KEY_TOKENS, KEY_TOKEN_TYPE, KEY_UNK_ID,
 };
 use crate::source::SourceModel;
 
-/// `tokenizer.ggml.scores` (SentencePiece vocabularies carry one per token).
-const KEY_SCORES: &str = "tokenizer.ggml.scores";
-
 /// llama.h `llama_token_type`.
 const NORMAL: i32 = 1;
+const UNKNOWN: i32 = 2;
 const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
 const UNUSED: i32 = 5;
+const BYTE: i32 = 6;
 
 /// Why the tokenizer metadata could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -172,20 +177,20 @@ pub fn from_tokenizer_json(
     let kind = model["type"].as_str().unwrap_or("");
     if kind != "BPE" {
         return Err(unsupported(format!(
-            "model type {kind:?} is not exported: only byte-level BPE (gpt2) vocabularies are"
+            "model type {kind:?} is not exported: only BPE vocabularies (byte-level, or \
+             SentencePiece-style with byte fallback) are"
         )));
     }
-    if !has_byte_level(&tokenizer["pre_tokenizer"]) {
+    let sentencepiece = !has_byte_level(&tokenizer["pre_tokenizer"]);
+    if sentencepiece && model["byte_fallback"] != true {
         return Err(unsupported(
-            "a BPE vocabulary without a ByteLevel pre-tokenizer (SentencePiece style, llama.cpp \
-             `llama` with scores) is not exported yet: only byte-level BPE (gpt2) vocabularies are"
+            "a BPE vocabulary with neither a ByteLevel pre-tokenizer nor byte fallback is \
+             neither llama.cpp's `gpt2` nor its `llama` (SentencePiece) tokenizer"
                 .into(),
         ));
     }
-    let (tokens, types) = tokens_and_types(tokenizer, n_rows).map_err(invalid)?;
+    let (tokens, mut types) = tokens_and_types(tokenizer, n_rows).map_err(invalid)?;
     let merges = merges(model).map_err(invalid)?;
-    let clean_spaces = config["clean_up_tokenization_spaces"].as_bool();
-    let pre = pre_name(&tokenizer["pre_tokenizer"], clean_spaces).map_err(unsupported)?;
 
     let index: BTreeMap<&str, usize> = tokens
         .iter()
@@ -210,22 +215,64 @@ pub fn from_tokenizer_json(
     let add_eos = config["add_eos_token"].as_bool().unwrap_or(inserts_eos);
 
     let string = |s: &str| Value::String(s.to_string());
-    let mut keys = vec![
-        (KEY_MODEL.to_string(), string("gpt2")),
-        (KEY_PRE.to_string(), string(pre)),
-        (
-            KEY_TOKENS.to_string(),
-            Value::Array(tokens.into_iter().map(Value::String).collect()),
-        ),
-        (
-            KEY_TOKEN_TYPE.to_string(),
-            Value::Array(types.into_iter().map(Value::I32).collect()),
-        ),
-        (
-            KEY_MERGES.to_string(),
-            Value::Array(merges.into_iter().map(Value::String).collect()),
-        ),
-    ];
+    let mut keys = if sentencepiece {
+        let unk_text = model["unk_token"].as_str();
+        for (text, kind) in tokens.iter().zip(&mut types) {
+            if Some(text.as_str()) == unk_text {
+                *kind = UNKNOWN;
+            } else if *kind == NORMAL && spm::is_byte_token(text) {
+                *kind = BYTE;
+            }
+        }
+        let scores = spm::scores_from_merges(&tokens, &merges);
+        let scores = scores
+            .into_iter()
+            .zip(&types)
+            .map(|(score, kind)| match *kind {
+                NORMAL | USER_DEFINED => score,
+                UNUSED => -1000.0,
+                _ => 0.0,
+            });
+        vec![
+            (KEY_MODEL.to_string(), string("llama")),
+            (KEY_PRE.to_string(), string("default")),
+            (
+                KEY_TOKENS.to_string(),
+                Value::Array(tokens.into_iter().map(Value::String).collect()),
+            ),
+            (
+                KEY_SCORES.to_string(),
+                Value::Array(scores.map(Value::F32).collect()),
+            ),
+            (
+                KEY_TOKEN_TYPE.to_string(),
+                Value::Array(types.into_iter().map(Value::I32).collect()),
+            ),
+            (
+                KEY_ADD_SPACE_PREFIX.to_string(),
+                Value::Bool(adds_space_prefix(tokenizer)),
+            ),
+        ]
+    } else {
+        let clean_spaces = config["clean_up_tokenization_spaces"].as_bool();
+        let pre = pre_name(&tokenizer["pre_tokenizer"], clean_spaces).map_err(unsupported)?;
+        let merges = merges
+            .into_iter()
+            .map(|(l, r)| Value::String(format!("{l} {r}")));
+        vec![
+            (KEY_MODEL.to_string(), string("gpt2")),
+            (KEY_PRE.to_string(), string(pre)),
+            (
+                KEY_TOKENS.to_string(),
+                Value::Array(tokens.into_iter().map(Value::String).collect()),
+            ),
+            (
+                KEY_TOKEN_TYPE.to_string(),
+                Value::Array(types.into_iter().map(Value::I32).collect()),
+            ),
+            (KEY_MERGES.to_string(), Value::Array(merges.collect())),
+        ]
+    };
     for (key, id) in [
         (KEY_BOS_ID, bos),
         (KEY_EOS_ID, eos),
@@ -253,6 +300,26 @@ fn has_byte_level(pre: &Json) -> bool {
             .is_some_and(|steps| steps.iter().any(has_byte_level)),
         _ => false,
     }
+}
+
+/// Whether a SentencePiece-style tokenizer puts a `▁` before the text: Hugging Face's Llama
+/// tokenizer.json does it with a `Prepend` normalizer, newer ones with a `Metaspace`
+/// pre-tokenizer whose prepend scheme is not `never`.
+fn adds_space_prefix(tokenizer: &Json) -> bool {
+    fn prepends(normalizer: &Json) -> bool {
+        match normalizer["type"].as_str() {
+            Some("Prepend") => normalizer["prepend"] == SPACE,
+            Some("Sequence") => normalizer["normalizers"]
+                .as_array()
+                .is_some_and(|steps| steps.iter().any(prepends)),
+            _ => false,
+        }
+    }
+    let pre = &tokenizer["pre_tokenizer"];
+    let metaspace = pre["type"] == "Metaspace"
+        && pre["prepend_scheme"] != "never"
+        && pre["add_prefix_space"] != false;
+    prepends(&tokenizer["normalizer"]) || metaspace
 }
 
 /// Token texts by id and their llama.cpp types, padded to `n_rows`.
@@ -307,8 +374,8 @@ fn tokens_and_types(tokenizer: &Json, n_rows: usize) -> Result<(Vec<String>, Vec
     Ok((tokens, types))
 }
 
-/// Merges as `"left right"`, from either spelling tokenizers writes (`"a b"` or `["a", "b"]`).
-fn merges(model: &Json) -> Result<Vec<String>, String> {
+/// Merges as `(left, right)`, from either spelling tokenizers writes (`"a b"` or `["a", "b"]`).
+fn merges(model: &Json) -> Result<Vec<(String, String)>, String> {
     let items = match &model["merges"] {
         Json::Null => return Ok(vec![]),
         Json::Array(items) => items,
@@ -318,9 +385,14 @@ fn merges(model: &Json) -> Result<Vec<String>, String> {
         .iter()
         .enumerate()
         .map(|(i, m)| match m {
-            Json::String(s) => Ok(s.clone()),
+            Json::String(s) => s
+                .split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| format!("merge {i} {s:?} is not two tokens separated by a space")),
             Json::Array(pair) => match (pair.first().and_then(Json::as_str), pair.get(1)) {
-                (Some(a), Some(Json::String(b))) if pair.len() == 2 => Ok(format!("{a} {b}")),
+                (Some(a), Some(Json::String(b))) if pair.len() == 2 => {
+                    Ok((a.to_string(), b.to_string()))
+                }
                 _ => Err(format!("merge {i} is not a pair of strings")),
             },
             _ => Err(format!("merge {i} is neither a string nor a pair")),
@@ -573,7 +645,10 @@ mod tests {
         let err = from_tokenizer_json(&sp, &Json::Null, ConfigIds::default(), 5)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("SentencePiece style"), "{err}");
+        assert!(
+            err.contains("neither a ByteLevel pre-tokenizer nor byte fallback"),
+            "{err}"
+        );
         let mut wp = smollm_like();
         wp["model"]["type"] = json!("WordPiece");
         let err = from_tokenizer_json(&wp, &Json::Null, ConfigIds::default(), 5)

@@ -3,5 +3,6 @@
 pub mod gguf;
 pub mod hf_config;
 pub mod safetensors;
+pub mod spm;
 pub mod text_tokenizer;
 pub mod tokenizer;

@@ -20,9 +20,13 @@
 //! - BOS/EOS insertion follows `tokenizer.ggml.add_bos_token` / `add_eos_token`, else
 //!   llama.cpp's default for the pre-tokenizer type, as a `TemplateProcessing` post-processor.
 //!
-//! SentencePiece (`llama`), WordPiece (`bert`), Unigram (`t5`) and RWKV vocabularies are refused
-//! with [`TokenizerError::Unsupported`]: their llama.cpp tokenizers are not plain BPE, and an
-//! approximate tokenizer.json would be worse than none.
+//! - `tokenizer.ggml.model = "llama"` (SentencePiece, `LLAMA_VOCAB_TYPE_SPM`) becomes a byte-
+//!   fallback BPE model whose merges are ranked by `tokenizer.ggml.scores`, with llama.cpp's
+//!   space handling as normalizer (see [`crate::formats::spm`]).
+//!
+//! WordPiece (`bert`), Unigram (`t5`) and RWKV vocabularies are refused with
+//! [`TokenizerError::Unsupported`]: their llama.cpp tokenizers are not BPE, and an approximate
+//! tokenizer.json would be worse than none.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -30,6 +34,7 @@ use std::str::FromStr;
 use serde_json::{json, Map, Value as Json};
 
 use crate::formats::gguf::{GgufFile, Value};
+use crate::formats::spm::{merges_from_scores, KEY_ADD_SPACE_PREFIX, KEY_SCORES, SPACE};
 
 /// `tokenizer.ggml.model`: the tokenizer family (llama-vocab.cpp `LLM_KV_TOKENIZER_MODEL`).
 pub const KEY_MODEL: &str = "tokenizer.ggml.model";
@@ -82,11 +87,11 @@ pub enum TokenizerError {
         index: usize,
         expected: &'static str,
     },
-    /// A tokenizer family llama.cpp knows but this converter does not (SentencePiece, ...).
-    #[error("`tokenizer.ggml.model` = `{model}` is not supported: only `gpt2` (byte-level BPE) vocabularies convert to tokenizer.json")]
+    /// A tokenizer family llama.cpp knows but this converter does not (WordPiece, Unigram, ...).
+    #[error("`tokenizer.ggml.model` = `{model}` is not supported: only `gpt2` (byte-level BPE) and `llama` (SentencePiece BPE) vocabularies convert to tokenizer.json")]
     Unsupported { model: String },
     /// A tokenizer family llama.cpp does not know either.
-    #[error("`tokenizer.ggml.model` = `{model}` is not a tokenizer type llama.cpp knows (expected `gpt2`)")]
+    #[error("`tokenizer.ggml.model` = `{model}` is not a tokenizer type llama.cpp knows (expected `gpt2` or `llama`)")]
     UnknownModel { model: String },
     /// A pre-tokenizer type that is unknown or not (yet) translated.
     #[error("`tokenizer.ggml.pre` = `{pre}` is not supported; supported: {supported}")]
@@ -260,13 +265,23 @@ fn resolve_pre(g: &GgufFile) -> Result<Pre, TokenizerError> {
     })
 }
 
-/// Checks `tokenizer.ggml.model`: only `gpt2` (byte-level BPE) converts.
-fn check_model(g: &GgufFile) -> Result<(), TokenizerError> {
+/// The vocabulary families that convert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    /// `gpt2`: byte-level BPE.
+    Bpe,
+    /// `llama`: SentencePiece with scores (see [`crate::formats::spm`]).
+    Spm,
+}
+
+/// Checks `tokenizer.ggml.model`: `gpt2` (byte-level BPE) and `llama` (SentencePiece) convert.
+fn check_model(g: &GgufFile) -> Result<Family, TokenizerError> {
     let model = required_str(g, KEY_MODEL)?;
     match model {
-        "gpt2" => Ok(()),
-        // The families llama-vocab.cpp's load() accepts besides gpt2.
-        "llama" | "bert" | "t5" | "rwkv" | "plamo2" | "no_vocab" | "none" => {
+        "gpt2" => Ok(Family::Bpe),
+        "llama" => Ok(Family::Spm),
+        // The families llama-vocab.cpp's load() accepts besides those.
+        "bert" | "t5" | "rwkv" | "plamo2" | "no_vocab" | "none" => {
             Err(TokenizerError::Unsupported {
                 model: model.to_string(),
             })
@@ -540,28 +555,46 @@ fn post_processor(
 /// tokenizes as llama.cpp does with the same file (see the module docs). The result has been
 /// loaded by the tokenizers crate once before it is returned.
 pub fn tokenizer_json_from_gguf(g: &GgufFile) -> Result<Json, TokenizerError> {
-    check_model(g)?;
-    let pre = resolve_pre(g)?;
     let tokens = read_tokens(g)?;
     let types = read_token_types(g, tokens.len())?;
+    let tokenizer = match check_model(g)? {
+        Family::Bpe => bpe_tokenizer_json(g, &tokens, &types)?,
+        Family::Spm => spm_tokenizer_json(g, &tokens, &types)?,
+    };
+    // Validate before anyone writes it: a file tokenizers cannot load is a bug here.
+    tokenizers::Tokenizer::from_str(&tokenizer.to_string())
+        .map_err(|e| TokenizerError::Rejected(e.to_string()))?;
+    Ok(tokenizer)
+}
+
+fn vocab_map(tokens: &[String]) -> Map<String, Json> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (t.clone(), json!(id)))
+        .collect()
+}
+
+/// A byte-level BPE vocabulary (`gpt2`).
+fn bpe_tokenizer_json(
+    g: &GgufFile,
+    tokens: &[String],
+    types: &[i64],
+) -> Result<Json, TokenizerError> {
+    let pre = resolve_pre(g)?;
     let known: HashSet<&str> = tokens.iter().map(String::as_str).collect();
     let merges = read_merges(g, &known)?;
     let add_bos = optional_bool(g, KEY_ADD_BOS)?.unwrap_or(pre.add_bos);
     let add_eos = optional_bool(g, KEY_ADD_EOS)?.unwrap_or(false);
 
-    let vocab: Map<String, Json> = tokens
-        .iter()
-        .enumerate()
-        .map(|(id, t)| (t.clone(), json!(id)))
-        .collect();
-    let tokenizer = json!({
+    Ok(json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
-        "added_tokens": added_tokens(&tokens, &types),
+        "added_tokens": added_tokens(tokens, types),
         "normalizer": null,
         "pre_tokenizer": pre_tokenizer(pre.kind),
-        "post_processor": post_processor(g, &tokens, add_bos, add_eos)?,
+        "post_processor": post_processor(g, tokens, add_bos, add_eos)?,
         "decoder": {
             "type": "ByteLevel",
             "add_prefix_space": true,
@@ -577,14 +610,98 @@ pub fn tokenizer_json_from_gguf(g: &GgufFile) -> Result<Json, TokenizerError> {
             "fuse_unk": false,
             "byte_fallback": false,
             "ignore_merges": pre.ignore_merges,
-            "vocab": vocab,
+            "vocab": vocab_map(tokens),
             "merges": merges,
         },
-    });
-    // Validate before anyone writes it: a file tokenizers cannot load is a bug here.
-    tokenizers::Tokenizer::from_str(&tokenizer.to_string())
-        .map_err(|e| TokenizerError::Rejected(e.to_string()))?;
-    Ok(tokenizer)
+    }))
+}
+
+/// `tokenizer.ggml.scores`: one number per token.
+fn read_scores(g: &GgufFile, n_tokens: usize) -> Result<Vec<f32>, TokenizerError> {
+    let items = required_array(g, KEY_SCORES)?;
+    if items.len() != n_tokens {
+        return Err(TokenizerError::LengthMismatch {
+            key: KEY_SCORES,
+            len: items.len(),
+            n_tokens,
+        });
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(index, v)| {
+            v.as_f64()
+                .map(|f| f as f32)
+                .ok_or(TokenizerError::WrongElement {
+                    key: KEY_SCORES,
+                    index,
+                    expected: "a number",
+                })
+        })
+        .collect()
+}
+
+/// A SentencePiece vocabulary (`llama`) as byte-fallback BPE with merges ranked by the scores
+/// (see [`crate::formats::spm`]), spaces written `▁` by the normalizer (and one put in front of
+/// each piece of text unless `add_space_prefix` is false), as llama.cpp's SPM tokenizer does, and
+/// the decoder of Hugging Face's Llama tokenizer.json.
+fn spm_tokenizer_json(
+    g: &GgufFile,
+    tokens: &[String],
+    types: &[i64],
+) -> Result<Json, TokenizerError> {
+    let scores = read_scores(g, tokens.len())?;
+    // llama.cpp's defaults for SPM (llama_vocab::impl::load).
+    let add_bos = optional_bool(g, KEY_ADD_BOS)?.unwrap_or(true);
+    let add_eos = optional_bool(g, KEY_ADD_EOS)?.unwrap_or(false);
+    let add_space_prefix = optional_bool(g, KEY_ADD_SPACE_PREFIX)?.unwrap_or(true);
+    let unk = special_id(g, KEY_UNK_ID, tokens.len())?
+        .or_else(|| types.iter().position(|&t| t == TOKEN_TYPE_UNKNOWN));
+    let merges: Vec<Json> = merges_from_scores(tokens, &scores)
+        .into_iter()
+        .map(|(l, r)| json!([l, r]))
+        .collect();
+    let replace_spaces =
+        json!({ "type": "Replace", "pattern": { "String": " " }, "content": SPACE });
+    let (normalizer, decoder) = if add_space_prefix {
+        (
+            json!({ "type": "Sequence", "normalizers": [
+                { "type": "Prepend", "prepend": SPACE }, replace_spaces] }),
+            json!({ "type": "Sequence", "decoders": [
+                { "type": "Replace", "pattern": { "String": SPACE }, "content": " " },
+                { "type": "ByteFallback" }, { "type": "Fuse" },
+                { "type": "Strip", "content": " ", "start": 1, "stop": 0 }] }),
+        )
+    } else {
+        (
+            replace_spaces,
+            json!({ "type": "Sequence", "decoders": [
+                { "type": "Replace", "pattern": { "String": SPACE }, "content": " " },
+                { "type": "ByteFallback" }, { "type": "Fuse" }] }),
+        )
+    };
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens(tokens, types),
+        "normalizer": normalizer,
+        "pre_tokenizer": null,
+        "post_processor": post_processor(g, tokens, add_bos, add_eos)?,
+        "decoder": decoder,
+        "model": {
+            "type": "BPE",
+            "dropout": null,
+            "unk_token": unk.map(|i| tokens[i].clone()),
+            "continuing_subword_prefix": null,
+            "end_of_word_suffix": null,
+            "fuse_unk": true,
+            "byte_fallback": true,
+            "ignore_merges": false,
+            "vocab": vocab_map(tokens),
+            "merges": merges,
+        },
+    }))
 }
 
 /// Builds the `tokenizer_config.json` that goes next to [`tokenizer_json_from_gguf`]'s output,
@@ -595,7 +712,19 @@ pub fn tokenizer_json_from_gguf(g: &GgufFile) -> Result<Json, TokenizerError> {
 /// malformed metadata is reported.
 pub fn tokenizer_config_json_from_gguf(g: &GgufFile) -> Json {
     let tokens = g.get_array(KEY_TOKENS).unwrap_or(&[]);
-    let pre = resolve_pre(g).ok();
+    let spm = g.get_str(KEY_MODEL) == Some("llama");
+    // SPM has no pre-tokenizer type; llama.cpp adds BOS and does not clean spaces for it.
+    let pre = resolve_pre(g).ok().map(|p| {
+        if spm {
+            Pre {
+                add_bos: true,
+                clean_spaces: false,
+                ..p
+            }
+        } else {
+            p
+        }
+    });
     let mut config = Map::new();
     config.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
     let add_bos = g
@@ -822,10 +951,19 @@ mod tests {
     }
 
     #[test]
-    fn sentencepiece_is_unsupported_by_name() {
-        let err = build(&with(tiny(), KEY_MODEL, Some(s("llama")))).unwrap_err();
+    fn wordpiece_is_unsupported_by_name() {
+        let err = build(&with(tiny(), KEY_MODEL, Some(s("bert")))).unwrap_err();
         assert!(matches!(err, TokenizerError::Unsupported { .. }), "{err}");
-        assert!(err.to_string().contains("`llama`"), "{err}");
+        assert!(err.to_string().contains("`bert`"), "{err}");
+    }
+
+    #[test]
+    fn sentencepiece_needs_its_scores() {
+        let err = build(&with(tiny(), KEY_MODEL, Some(s("llama")))).unwrap_err();
+        assert!(
+            err.to_string().contains("no `tokenizer.ggml.scores`"),
+            "{err}"
+        );
     }
 
     #[test]
