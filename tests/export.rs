@@ -342,6 +342,179 @@ fn gguf_rs_reads_back_every_type_and_mix() {
     assert_gguf_rs_reads(&d.join("rec.gguf"));
 }
 
+/// A SentencePiece-style tokenizer.json as Hugging Face writes Llama 2's: `<unk>`, `<s>`,
+/// `</s>`, the 256 byte tokens, `▁` and the lowercase letters, and merges up to a few words;
+/// byte fallback, `Prepend("▁")` + `Replace(" ", "▁")`.
+fn write_sentencepiece_tokenizer(dir: &Path) {
+    let mut vocab: Vec<String> = ["<unk>", "<s>", "</s>"].map(String::from).to_vec();
+    vocab.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+    vocab.push("▁".into());
+    vocab.extend(('a'..='z').map(String::from));
+    let merges = [
+        ("▁", "t"),
+        ("h", "e"),
+        ("▁t", "he"),
+        ("a", "t"),
+        ("▁", "c"),
+        ("▁c", "at"),
+        ("▁", "s"),
+        ("a", "n"),
+        ("▁", "a"),
+        ("▁a", "n"),
+        ("▁", "an"),
+        ("▁an", "d"),
+    ];
+    for (l, r) in merges {
+        let joined = format!("{l}{r}");
+        if !vocab.contains(&joined) {
+            vocab.push(joined);
+        }
+    }
+    let ids: serde_json::Map<String, Json> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), serde_json::json!(i)))
+        .collect();
+    let added: Vec<Json> = ["<unk>", "<s>", "</s>"]
+        .iter()
+        .enumerate()
+        .map(|(id, t)| {
+            serde_json::json!({"id": id, "content": t, "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": null,
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+            "byte_fallback": true, "ignore_merges": false, "vocab": ids,
+            "merges": merges.iter().map(|(l, r)| serde_json::json!([l, r])).collect::<Vec<_>>()},
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}"#,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_sentencepiece_vocabulary_goes_to_gguf_as_llama_and_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let m = d.join("m");
+    synth::write_hf(
+        &m,
+        &SynthSpec {
+            vocab: 320,
+            ..SynthSpec::llama(2)
+        },
+        3,
+    )
+    .unwrap();
+    write_sentencepiece_tokenizer(&m);
+    ok(
+        d,
+        &[
+            "export", "gguf", "m", "--type", "f32", "--out", "m.gguf", "-q",
+        ],
+    );
+    let g = GgufFile::open(d.join("m.gguf")).unwrap();
+    assert_eq!(g.get_str("tokenizer.ggml.model"), Some("llama"));
+    assert!(g.get("tokenizer.ggml.merges").is_none());
+    assert_eq!(
+        g.get("tokenizer.ggml.add_space_prefix"),
+        Some(&Value::Bool(true))
+    );
+    let scores = g.get_array("tokenizer.ggml.scores").unwrap();
+    let types = g.get_array("tokenizer.ggml.token_type").unwrap();
+    assert_eq!(
+        (scores.len(), types.len()),
+        (320, 320),
+        "padded to the embedding"
+    );
+    // A token scores minus the rank of the first merge making it: `▁t` (286) is merge 0,
+    // `▁and` (296) merge 11. <unk> is UNKNOWN, <s> CONTROL, the bytes BYTE.
+    assert_eq!(scores[286], Value::F32(0.0));
+    assert_eq!(scores[296], Value::F32(-11.0));
+    assert_eq!(types[0], Value::I32(2));
+    assert_eq!(types[1], Value::I32(3));
+    assert_eq!(types[3 + 0x20], Value::I32(6));
+    assert_eq!(types[297], Value::I32(5), "padding is UNUSED");
+
+    // The GGUF's vocabulary tokenizes as the original tokenizer.json does.
+    let original = TextTokenizer::for_model(&SourceModel::open(&m).unwrap()).unwrap();
+    let from_gguf =
+        TextTokenizer::for_model(&SourceModel::open(&d.join("m.gguf")).unwrap()).unwrap();
+    for text in [
+        "the cat and the hat",
+        "  a cat sat  ",
+        "Über 😀",
+        "theandcat",
+        "x\ny",
+    ] {
+        assert_eq!(
+            from_gguf.encode(text).unwrap(),
+            original.encode(text).unwrap(),
+            "{text:?}"
+        );
+    }
+    assert_eq!(
+        from_gguf.encode("the cat").unwrap(),
+        [1, 288, 291],
+        "<s> ▁the ▁cat"
+    );
+    // ... and greedy generation from either is the same.
+    let gen = |model: &str| {
+        stdout(&surgery(
+            d,
+            &[
+                "generate",
+                model,
+                "--prompt",
+                "the cat",
+                "--max-tokens",
+                "6",
+                "--ignore-eos",
+            ],
+        ))
+    };
+    assert_eq!(gen("m.gguf"), gen("m"));
+
+    // Without the merge `▁` + `an`, llama.cpp would still join them: the export says so.
+    let path = m.join("tokenizer.json");
+    let mut t: Json = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    t["model"]["merges"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|p| p != &serde_json::json!(["▁", "an"]));
+    std::fs::write(&path, t.to_string()).unwrap();
+    let out = surgery(
+        d,
+        &["export", "gguf", "m", "--type", "f32", "--out", "m2.gguf"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .contains("merges leave out 1 join(s) of two tokens into a third (e.g. `▁` + `an`)"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[test]
 fn each_type_stays_within_its_known_error() {
     let dir = tempfile::tempdir().unwrap();

@@ -112,7 +112,41 @@ pub fn tokenizer_metadata(
             reason,
         },
     })?;
-    Ok((keys, vec![]))
+    let notes = unmade_merges_note(&tokenizer, &keys).into_iter().collect();
+    Ok((keys, notes))
+}
+
+/// llama.cpp's SentencePiece tokenizer joins any two adjacent pieces whose join is a token, so a
+/// `llama` vocabulary tokenizes as its tokenizer.json only if the merges list every such join
+/// (those converted from SentencePiece models do). A note counts the joins the merges leave out.
+fn unmade_merges_note(tokenizer: &Json, keys: &Metadata) -> Option<String> {
+    let get = |key: &str| keys.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+    if get(KEY_MODEL)?.as_str()? != "llama" {
+        return None;
+    }
+    let tokens: Vec<String> = get(KEY_TOKENS)?
+        .as_array()?
+        .iter()
+        .filter_map(|t| t.as_str().map(String::from))
+        .collect();
+    let scores: Vec<f32> = get(KEY_SCORES)?
+        .as_array()?
+        .iter()
+        .filter_map(|v| v.as_f64().map(|f| f as f32))
+        .collect();
+    let listed: std::collections::HashSet<(String, String)> =
+        merges(&tokenizer["model"]).ok()?.into_iter().collect();
+    let unmade: Vec<(String, String)> = spm::merges_from_scores(&tokens, &scores)
+        .into_iter()
+        .filter(|m| !listed.contains(m))
+        .collect();
+    let (left, right) = unmade.first()?;
+    Some(format!(
+        "tokenizer.json's merges leave out {} join(s) of two tokens into a third (e.g. `{left}` + \
+         `{right}`); llama.cpp's SentencePiece tokenizer makes every such join, so it will split \
+         some text differently from this tokenizer.json",
+        unmade.len()
+    ))
 }
 
 fn no_tokenizer_note() -> String {
