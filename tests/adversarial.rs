@@ -1059,3 +1059,71 @@ fn heal_data_jsonl_without_the_text_field() {
         "d.jsonl:1: no field `text`",
     );
 }
+
+/// Not a refusal: a paragraph that is not UTF-8 among valid ones is skipped, counted and noted.
+#[test]
+fn heal_data_skips_an_invalid_utf8_paragraph_with_a_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    recurrent(d);
+    let mut text = b"caf\xe9 au lait".to_vec();
+    for i in 0..20 {
+        text.extend_from_slice(
+            format!("\n\n{i}. And God saw the light, that it was good.").as_bytes(),
+        );
+    }
+    std::fs::write(d.join("mixed.txt"), text).unwrap();
+    let args = [
+        "heal",
+        "rec",
+        "--data",
+        "mixed.txt",
+        "--out",
+        "healed",
+        "--steps",
+        "1",
+        "--seq-len",
+        "32",
+        "--batch",
+        "2",
+        "--micro-batch",
+        "2",
+        "--holdout",
+        "0",
+    ];
+    let o = surgery(d, &args);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("note: skipped 1 document(s) that are not valid UTF-8"),
+        "{err}"
+    );
+}
+
+/// With --json a refusal is also a JSON object on stdout.
+#[test]
+fn refusals_are_json_with_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    patch(&gguf_model(d), 4, &1u32.to_le_bytes());
+    let o = surgery(
+        d,
+        &[
+            "plan",
+            "m.gguf",
+            "--shape",
+            "1,1,0",
+            "--out",
+            "plan.json",
+            "--json",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["exit_code"], 1);
+    assert_eq!(
+        v["error"],
+        "m.gguf: unsupported GGUF version 1: only versions 2 and 3 are supported"
+    );
+    assert!(!d.join("plan.json").exists());
+}

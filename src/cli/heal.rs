@@ -189,7 +189,13 @@ impl Observer for Bar {
     }
 
     fn note(&mut self, text: &str) {
-        if !self.quiet {
+        // A hidden bar (stderr not a terminal) prints nothing, notes included.
+        if self.quiet {
+            return;
+        }
+        if self.bar.is_hidden() {
+            eprintln!("note: {text}");
+        } else {
             self.bar.println(format!("note: {text}"));
         }
     }
