@@ -769,6 +769,20 @@ fn gguf_offsets_out_of_order_and_overlapping() {
 }
 
 #[test]
+fn gguf_offsets_out_of_order() {
+    let dir = tempfile::tempdir().unwrap();
+    hand_made(
+        dir.path(),
+        Gguf::new()
+            .arch()
+            .tensor("a", &[32], F32, 128)
+            .tensor("b", &[32], F32, 0)
+            .data(256),
+        r#"tensor "b" has its data at byte"#,
+    );
+}
+
+#[test]
 fn gguf_offset_not_aligned() {
     let dir = tempfile::tempdir().unwrap();
     hand_made(

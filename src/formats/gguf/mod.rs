@@ -136,6 +136,19 @@ pub enum GgufError {
     /// Two tensors whose data share bytes.
     #[error("tensors {first:?} and {second:?} overlap in the data section")]
     TensorOverlap { first: String, second: String },
+    /// Tensor data not in the order of the tensor infos, which gguf.cpp requires (it expects each
+    /// tensor at the running, aligned end of the previous one).
+    #[error(
+        "tensor {tensor:?} has its data at byte {offset}, before the end of {previous:?} \
+         (byte {previous_end}), which is listed before it: GGUF stores tensor data in the order \
+         of the tensor infos"
+    )]
+    TensorOutOfOrder {
+        tensor: String,
+        offset: u64,
+        previous: String,
+        previous_end: u64,
+    },
     /// A tensor handed to the writer whose byte length does not match its shape and type.
     #[error(
         "tensor {tensor:?} ({dtype}, shape {shape:?}) needs {expected} bytes but has {actual}"

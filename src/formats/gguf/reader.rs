@@ -309,6 +309,7 @@ pub fn parse(buf: &[u8]) -> Result<Header, GgufError> {
         tensors.push(t);
     }
     check_no_overlap(&tensors)?;
+    check_in_order(&tensors)?;
     Ok(Header {
         version,
         metadata,
@@ -412,6 +413,26 @@ fn check_no_overlap(tensors: &[TensorInfo]) -> Result<(), GgufError> {
                 return Err(GgufError::TensorOverlap {
                     first: a.name.clone(),
                     second: b.name.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Tensor data in the order of the tensor infos, as gguf.cpp requires (it is stricter still: no
+/// gap beyond the alignment padding). Checked after [`check_no_overlap`], so an overlap is
+/// reported as such.
+fn check_in_order(tensors: &[TensorInfo]) -> Result<(), GgufError> {
+    for pair in tensors.windows(2) {
+        if let [a, b] = pair {
+            let previous_end = a.offset.saturating_add(a.n_bytes);
+            if b.offset < previous_end {
+                return Err(GgufError::TensorOutOfOrder {
+                    tensor: b.name.clone(),
+                    offset: b.offset,
+                    previous: a.name.clone(),
+                    previous_end,
                 });
             }
         }
@@ -946,6 +967,18 @@ mod tests {
             .tensor("a", &[16], 0, 0)
             .data(32, 96);
         assert_err(raw, "tensors \"a\" and \"b\" overlap");
+    }
+
+    #[test]
+    fn tensor_data_out_of_order() {
+        let raw = Raw::header(3, 2, 0)
+            .tensor("b", &[16], 0, 64)
+            .tensor("a", &[16], 0, 0)
+            .data(32, 128);
+        assert_err(
+            raw,
+            "tensor \"a\" has its data at byte 96, before the end of \"b\" (byte 224)",
+        );
     }
 
     #[test]
