@@ -7,21 +7,15 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_refused, listing, stderr, surgery};
+use common::{assert_refused, stderr, surgery};
 use serde_json::{json, Map, Value};
 use surgery::dtype::DType;
 use surgery::synth::{self, SynthSpec};
 
 /// Runs `args` in `d` and asserts the refusal: exit 1, one line containing `want`, no panic or
-/// backtrace, and `d` exactly as it was (no output, no partial directory or file).
+/// backtrace, and `d` exactly as it was (so no output, and no partial directory or file).
 fn refused(d: &Path, args: &[&str], want: &str) {
-    let before = listing(d);
     assert_refused(d, args, want);
-    let err = stderr(&surgery(d, args));
-    eprintln!("{}", err.trim_end());
-    assert!(!err.contains("RUST_BACKTRACE") && !err.contains("stack backtrace"));
-    assert!(listing(d).iter().all(|n| !n.contains(".partial")));
-    assert_eq!(listing(d), before);
 }
 
 /// A 4-layer synthetic llama (F32, untied) in `d/src`, with a byte-level tokenizer.

@@ -127,5 +127,9 @@ pub fn assert_refused(dir: &Path, args: &[&str], want: &str) {
         "{args:?}: one line: {err}"
     );
     assert!(!err.contains("panicked"), "{args:?}: {err}");
+    assert!(
+        !err.contains("RUST_BACKTRACE") && !err.contains("stack backtrace"),
+        "{args:?}: {err}"
+    );
     assert_eq!(listing(dir), before, "{args:?} wrote something");
 }
