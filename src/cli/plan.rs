@@ -1,15 +1,21 @@
-//! `surgery plan MODEL --shape P,C,K`: the layer map, its costs, and the plan file `apply` runs.
+//! `surgery plan MODEL --shape P,C,K`: the layer map, its costs, and the plan file `apply` runs;
+//! with `--calibrate FILE`, per-layer scores and core placements ranked on that text (issue 10).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
 use surgery::manifest::sha256_file;
+use surgery::model::Model;
+use surgery::plan::calibrate::{
+    self, CalibrateOptions, Calibration, Placement, ShapeCosts, Timings,
+};
 use surgery::plan::{
     self, AdapterInit, DtypeChoice, Injection, LayerRange, LayerRequest, Plan, PlanOptions,
     PlanRequest, Shape, StateInit,
 };
 use surgery::source::SourceModel;
+use surgery::surgery::Progress;
 
 use super::{byte_progress, si, thousands, Global};
 
@@ -25,15 +31,78 @@ pub struct PlanArgs {
     /// Overwrite an existing --out file.
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub calibrate: CalibrateArgs,
+}
+
+/// `--calibrate` and its options.
+#[derive(clap::Args)]
+pub struct CalibrateArgs {
+    /// Score every layer and rank core placements of each --shape on this text (.txt, or .jsonl
+    /// with --field): block influence, relative update, perplexity without each layer, and the
+    /// perplexity of each placement's pruned model.
+    #[arg(long, value_name = "FILE")]
+    pub calibrate: Option<PathBuf>,
+    /// The JSONL field holding the calibration text [default: text].
+    #[arg(long)]
+    pub field: Option<String>,
+    /// Tokens of the calibration text scored by the base pass and the re-scoring [default: 16384].
+    #[arg(long, value_name = "N")]
+    pub calibrate_tokens: Option<usize>,
+    /// The first tokens of those that single-layer removal and the first ranking pass score
+    /// [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub calibrate_subset: Option<usize>,
+    /// Tokens per calibration window; each starts without context [default: 512].
+    #[arg(long, value_name = "T")]
+    pub calibrate_seq_len: Option<usize>,
+    /// Best placements of each shape re-scored on all --calibrate-tokens after the first pass;
+    /// the paper's rule placement always is [default: 2].
+    #[arg(long, value_name = "K")]
+    pub rescore: Option<usize>,
+    /// best: write the plan of the best ranked placement a plan can hold (a contiguous core).
+    #[arg(long, value_enum)]
+    pub pick: Option<Pick>,
+}
+
+/// Which ranked placement becomes the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Pick {
+    Best,
+}
+
+impl CalibrateArgs {
+    fn options(&self) -> CalibrateOptions {
+        CalibrateOptions {
+            tokens: self.calibrate_tokens.unwrap_or(16384),
+            subset: self.calibrate_subset.unwrap_or(1024),
+            seq_len: self.calibrate_seq_len.unwrap_or(512),
+            rescore: self.rescore.unwrap_or(2),
+        }
+    }
+
+    /// The first calibration option given without --calibrate, by its flag.
+    fn stray(&self) -> Option<&'static str> {
+        [
+            ("--field", self.field.is_some()),
+            ("--calibrate-tokens", self.calibrate_tokens.is_some()),
+            ("--calibrate-subset", self.calibrate_subset.is_some()),
+            ("--calibrate-seq-len", self.calibrate_seq_len.is_some()),
+            ("--rescore", self.rescore.is_some()),
+            ("--pick", self.pick.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(flag, given)| given.then_some(flag))
+    }
 }
 
 /// The layer map and options of a plan; shared by `plan` and `apply MODEL`.
 #[derive(clap::Args, Default)]
 pub struct LayoutArgs {
     /// Layer counts P,C,K of prelude, core and coda; the paper's rule picks the layers: the first
-    /// P, the last K, and the C just before the coda.
+    /// P, the last K, and the C just before the coda. `plan --calibrate` takes several.
     #[arg(long, value_name = "P,C,K")]
-    pub shape: Option<Shape>,
+    pub shape: Vec<Shape>,
     /// Source layers of the prelude (end excluded), instead of the rule's.
     #[arg(long, value_name = "a..b")]
     pub prelude: Option<LayerRange>,
@@ -87,7 +156,7 @@ impl LayoutArgs {
             dtype,
             context,
         } = self;
-        shape.is_none()
+        shape.is_empty()
             && prelude.is_none()
             && core.is_none()
             && coda.is_none()
@@ -105,7 +174,7 @@ impl LayoutArgs {
         let defaults = PlanOptions::default();
         PlanRequest {
             layers: LayerRequest {
-                shape: self.shape,
+                shape: self.shape.first().copied(),
                 prelude: self.prelude,
                 core: self.core,
                 coda: self.coda,
@@ -132,6 +201,12 @@ pub fn make_plan(
     layout: &LayoutArgs,
     global: Global,
 ) -> anyhow::Result<(SourceModel, Plan)> {
+    if layout.shape.len() > 1 {
+        bail!(
+            "--shape is given {} times; several shapes are for `surgery plan --calibrate FILE`",
+            layout.shape.len()
+        );
+    }
     let model = SourceModel::open(model)?;
     let request = layout.request();
     // Validate the layer map before hashing gigabytes.
@@ -150,6 +225,16 @@ pub fn run(args: PlanArgs, global: Global) -> anyhow::Result<()> {
             );
         }
     }
+    let Some(data) = args.calibrate.calibrate.clone() else {
+        if let Some(flag) = args.calibrate.stray() {
+            bail!("{flag} is an option of --calibrate FILE, which is not given");
+        }
+        return plan_only(&args, global);
+    };
+    run_calibrated(&args, &data, global)
+}
+
+fn plan_only(args: &PlanArgs, global: Global) -> anyhow::Result<()> {
     let (model, plan) = make_plan(&args.model, &args.layout, global)?;
     super::print_notes(&plan, global);
     if let Some(out) = &args.out {
@@ -256,4 +341,302 @@ fn print_plan(plan: &Plan, model: &SourceModel) {
         plan.tensors.len(),
         si(c.output_tensor_bytes as f64, "B")
     );
+}
+
+/// `plan --calibrate FILE`: everything is checked (shapes, text, options) before the model is
+/// loaded and the minutes of measurement start.
+fn run_calibrated(args: &PlanArgs, data: &Path, global: Global) -> anyhow::Result<()> {
+    let layout = &args.layout;
+    let mut shapes: Vec<Shape> = Vec::new();
+    for s in &layout.shape {
+        if !shapes.contains(s) {
+            shapes.push(*s);
+        }
+    }
+    let explicit = layout.prelude.is_some() || layout.core.is_some() || layout.coda.is_some();
+    if explicit && shapes.len() > 1 {
+        bail!("--prelude/--core/--coda fix one layer map; give one --shape with them");
+    }
+    if shapes.len() > 1 && args.out.is_some() && args.calibrate.pick.is_none() {
+        bail!("several --shape values: pass --pick best to choose the plan --out writes");
+    }
+    let source = SourceModel::open(&args.model)?;
+    if source.config.recurrent.is_some() {
+        bail!("the model is already recurrent (huginn_raven); calibrate and plan from its static source instead");
+    }
+    let n_layers = source.config.n_layers;
+    let request = layout.request();
+    let candidates = if explicit || shapes.is_empty() {
+        vec![calibrate::given(&request.layers, n_layers)?]
+    } else {
+        let mut all = Vec::new();
+        for &s in &shapes {
+            all.extend(calibrate::placements(s, n_layers)?);
+        }
+        all
+    };
+    let opts = args.calibrate.options();
+    let field = args.calibrate.field.as_deref().unwrap_or("text");
+    let text = calibrate::read_text(&source, data, field, &opts)?;
+    if !global.quiet && text.skipped_invalid_utf8 > 0 {
+        eprintln!(
+            "note: skipped {} calibration document(s) that are not valid UTF-8",
+            text.skipped_invalid_utf8
+        );
+    }
+    let hashes = hash_files(&source, global)?;
+    // Each shape's costs from the plan of its rule placement (of the given map with ranges),
+    // which also checks every plan option before the long run.
+    let mut shape_costs = Vec::new();
+    for c in &candidates {
+        if shape_costs.iter().any(|s: &ShapeCosts| s.shape == c.shape) {
+            continue;
+        }
+        let mut req = request.clone();
+        if !explicit {
+            req.layers = LayerRequest {
+                shape: c.shape.parse().ok(),
+                ..Default::default()
+            };
+        }
+        let costs = plan::make(&source, &req, &hashes)?.costs;
+        shape_costs.push(ShapeCosts {
+            shape: c.shape.clone(),
+            recurrent_params: costs.recurrent_params,
+            at_r: costs.at_r,
+        });
+    }
+    let model = Model::load(&source, &candle_core::Device::Cpu)?;
+    let mut progress = CountProgress::new(global);
+    let (calibration, timings) =
+        calibrate::calibrate(&model, &text, candidates, shape_costs, &opts, &mut progress)?;
+    drop(model);
+
+    let picked = match args.calibrate.pick {
+        Some(Pick::Best) => {
+            let best = calibration.best_plannable().ok_or_else(|| {
+                anyhow::anyhow!("no ranked placement has a contiguous core, which a plan needs")
+            })?;
+            let mut req = request.clone();
+            req.layers = best.request(layout.allow_reuse).unwrap_or_default();
+            Some((best.rank, req))
+        }
+        None if shapes.len() <= 1 => Some((0, request.clone())),
+        None => None,
+    };
+    let plan = match &picked {
+        Some((_, req)) => {
+            let mut plan = plan::make(&source, req, &hashes)?;
+            plan.calibration = Some(calibration.clone());
+            Some(plan)
+        }
+        None => None,
+    };
+    if let Some(plan) = &plan {
+        super::print_notes(plan, global);
+    }
+    if let (Some(out), Some(plan)) = (&args.out, &plan) {
+        write_atomically(out, plan)?;
+    }
+    let picked_rank = picked.map(|(rank, _)| rank).filter(|&r| r > 0);
+    if global.json {
+        let mut value = match &plan {
+            Some(plan) => serde_json::to_value(plan)?,
+            None => serde_json::json!({ "calibration": calibration }),
+        };
+        value["calibration_seconds"] = serde_json::to_value(&timings)?;
+        value["picked_rank"] = serde_json::json!(picked_rank);
+        value["written_to"] = serde_json::json!(args.out.as_ref().map(|p| p.display().to_string()));
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    print_calibration(&calibration, &timings, request.context);
+    if let Some(plan) = &plan {
+        println!();
+        if let Some(rank) = picked_rank {
+            println!("picked: rank {rank}, the best placement a plan can hold\n");
+        }
+        print_plan(plan, &source);
+    } else {
+        println!("\n(several shapes: pass --pick best to plan the best placement)");
+    }
+    if let (Some(out), Some(_)) = (&args.out, &plan) {
+        println!("\nplan written to {}", out.display());
+    }
+    Ok(())
+}
+
+/// A count of windows on stderr, hidden with --quiet or when stderr is not a terminal.
+struct CountProgress {
+    global: Global,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl CountProgress {
+    fn new(global: Global) -> Self {
+        CountProgress { global, bar: None }
+    }
+}
+
+impl Progress for CountProgress {
+    fn start(&mut self, what: &str, total: u64) {
+        let bar = byte_progress(self.global, total, what);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        self.bar = Some(bar);
+    }
+
+    fn advance(&mut self, done: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(done);
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// `value / max` of `width` cells in Unicode eighth blocks.
+fn bar(value: f64, max: f64, width: usize) -> String {
+    const EIGHTHS: [&str; 8] = ["", "▏", "▎", "▍", "▌", "▋", "▊", "▉"];
+    let frac = if max > 0.0 && value.is_finite() {
+        (value / max).clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let eighths = (frac * (width * 8) as f64).round() as usize;
+    let mut s = "█".repeat(eighths / 8);
+    s.push_str(EIGHTHS[eighths % 8]);
+    let cells = eighths / 8 + usize::from(eighths % 8 > 0);
+    s.push_str(&" ".repeat(width.saturating_sub(cells)));
+    s
+}
+
+fn print_calibration(c: &Calibration, timings: &Timings, context: u64) {
+    let tokens = thousands(c.tokens as u64);
+    let subset = thousands(c.subset_tokens as u64);
+    println!(
+        "calibration  {} (field {}, {} documents): {tokens} tokens in windows of {}, {:.0} s",
+        c.data, c.field, c.documents, c.seq_len, timings.total
+    );
+    println!(
+        "source perplexity {:.3} on all {tokens} tokens, {:.3} on the first {subset}",
+        c.source_perplexity, c.source_subset_perplexity
+    );
+    println!(
+        "block influence and update/input on all {tokens} tokens; perplexity without a layer on the first {subset}\n"
+    );
+    let max_bi = c
+        .layers
+        .iter()
+        .map(|l| l.block_influence)
+        .fold(0.0, f64::max);
+    let cost = |l: &calibrate::LayerScore| (l.removal_perplexity / c.source_subset_perplexity).ln();
+    let max_cost = c
+        .layers
+        .iter()
+        .map(cost)
+        .filter(|v| v.is_finite())
+        .fold(0.0, f64::max);
+    println!(
+        "{:>5}  {:<27} {:>13}  {:<14} {}",
+        "layer",
+        "block influence",
+        "update/input",
+        "ppl without it",
+        "(log of its ratio to the source's)"
+    );
+    for l in &c.layers {
+        println!(
+            "{:>5}  {:<8.4} {}  {:>13.4}  {:<14.3} {}",
+            l.layer,
+            l.block_influence,
+            bar(l.block_influence, max_bi, 18),
+            l.relative_update,
+            l.removal_perplexity,
+            bar(cost(l), max_cost, 18)
+        );
+    }
+    let order: Vec<String> = c.drop_order.iter().map(ToString::to_string).collect();
+    println!(
+        "\ndrop order by block influence (ShortGPT, lowest first): {}",
+        order.join(", ")
+    );
+
+    let rescored = if c.subset_tokens == c.tokens {
+        format!("every placement on all {tokens} tokens")
+    } else {
+        format!(
+            "all placements on the first {subset} tokens, the best {} of each shape and the rule again on all {tokens}",
+            c.rescored_per_shape
+        )
+    };
+    println!(
+        "\ncore placements ranked by the perplexity of the pruned model (prelude + core once + coda,\nwhat the identity adapter starts from): {rescored}\n"
+    );
+    println!(
+        "{:>4}  {:<8} {:<14} {:<24} {:>11} {:>11} {:>13} {:>10} {:>10} {:>10}",
+        "rank",
+        "shape",
+        "placement",
+        "core",
+        format!("ppl {}", short(c.tokens)),
+        format!("ppl {}", short(c.subset_tokens)),
+        "params",
+        "FLOPs r=1",
+        "FLOPs r=8",
+        "KV/tok r=8"
+    );
+    const SHOWN: usize = 20;
+    let mut hidden = 0;
+    for cand in &c.candidates {
+        let show = cand.rank <= SHOWN || cand.placement == Placement::Rule;
+        if !show {
+            hidden += 1;
+            continue;
+        }
+        let costs = c.shapes.iter().find(|s| s.shape == cand.shape);
+        let at = |r: u64| costs.and_then(|s| s.at_r.iter().find(|a| a.r == r));
+        let plannable = if cand.core_range.is_some() { "" } else { " *" };
+        println!(
+            "{:>4}  {:<8} {:<14} {:<24} {:>11} {:>11.3} {:>13} {:>10} {:>10} {:>10}",
+            cand.rank,
+            cand.shape,
+            cand.placement.name(),
+            format!("{}{plannable}", cand.core_label()),
+            cand.perplexity
+                .map_or_else(|| "-".into(), |p| format!("{p:.3}")),
+            cand.subset_perplexity,
+            costs.map_or_else(String::new, |s| thousands(s.recurrent_params)),
+            at(1).map_or_else(String::new, |a| si(a.forward_flops_per_token as f64, "")),
+            at(8).map_or_else(String::new, |a| si(a.forward_flops_per_token as f64, "")),
+            at(8).map_or_else(String::new, |a| si(a.kv_bytes_per_token as f64, "B")),
+        );
+    }
+    if hidden > 0 {
+        println!("  ... {hidden} more (all of them in --json and in the plan file)");
+    }
+    if c.candidates.iter().any(|x| x.core_range.is_none()) {
+        println!(
+            "  * not contiguous: measured for comparison; a plan holds a contiguous core only"
+        );
+    }
+    println!(
+        "(params: stored by the recurrent checkpoint; forward FLOPs per token at context {context} and\nKV-cache bytes per token at recurrence r)"
+    );
+}
+
+/// 16384 -> "16k"; below 1000 as it is.
+fn short(n: usize) -> String {
+    if n >= 1000 && n % 1024 == 0 {
+        format!("{}k", n / 1024)
+    } else {
+        n.to_string()
+    }
 }

@@ -13,9 +13,10 @@
 //!   reproduces at every r (DESIGN.md decision 3). The prelude is the first P layers in every
 //!   placement, so a candidate is its core and coda run from the cached state after the prelude.
 //!
-//! Removal and the first ranking pass read only the first `subset` tokens (they cost about 17
-//! and, per shape, about 8 full forwards of SmolLM2 on all tokens); the best `rescore` placements
-//! of each shape are then measured again on all of them. Every number says on how many tokens.
+//! Removal and the first ranking pass read only the first `subset` tokens (on all tokens they
+//! would cost about 17 and, per shape, about 8 full forwards of SmolLM2); the best `rescore`
+//! placements of each shape and the paper's rule placement are then measured again on all of
+//! them. Every number says on how many tokens.
 
 use std::path::Path;
 use std::time::Instant;
@@ -75,7 +76,8 @@ pub struct CalibrateOptions {
     pub subset: usize,
     /// Tokens per window; each window starts without context.
     pub seq_len: usize,
-    /// Placements of each shape measured again on all `tokens` after the first pass.
+    /// Placements of each shape measured again on all `tokens` after the first pass (besides
+    /// the rule placement, which always is).
     pub rescore: usize,
 }
 
@@ -203,7 +205,7 @@ pub struct Calibration {
     /// Tokens scored by single-layer removal and the first ranking pass (the first ones).
     pub subset_tokens: usize,
     pub seq_len: usize,
-    /// Placements of each shape re-scored on all tokens.
+    /// Best placements of each shape re-scored on all tokens (the rule placement always is).
     pub rescored_per_shape: usize,
     /// The source model's perplexity on all tokens and on the subset.
     #[serde(with = "score")]
@@ -678,7 +680,8 @@ fn candidate_perplexity(
     perplexity_from(model, cache, views, start, &layers[start..], progress)
 }
 
-/// Indices of the `k` best candidates of each shape by subset perplexity (ties: listed first).
+/// Indices of the `k` best candidates of each shape by subset perplexity (ties: listed first),
+/// and of the paper's rule placement, so that the rule is always compared on all tokens.
 fn best_per_shape(candidates: &[Candidate], k: usize) -> Vec<usize> {
     let mut out = Vec::new();
     let mut shapes: Vec<&str> = candidates.iter().map(|c| c.shape.as_str()).collect();
@@ -692,9 +695,15 @@ fn best_per_shape(candidates: &[Candidate], k: usize) -> Vec<usize> {
                 .subset_perplexity
                 .total_cmp(&candidates[b].subset_perplexity)
         });
+        let rule = of
+            .iter()
+            .copied()
+            .find(|&i| candidates[i].placement == Placement::Rule);
         out.extend(of.into_iter().take(k));
+        out.extend(rule);
     }
     out.sort_unstable();
+    out.dedup();
     out
 }
 
@@ -764,8 +773,13 @@ mod tests {
         for (c, p) in cs.iter_mut().zip(ppl) {
             c.subset_perplexity = p;
         }
-        let chosen = best_per_shape(&cs, 2);
-        assert_eq!(chosen, vec![1, 2]);
+        // The two best, and the rule placement (the last block) besides.
+        assert_eq!(best_per_shape(&cs, 1), vec![1, 2]);
+        assert_eq!(best_per_shape(&cs, 2), vec![1, 2]);
+        cs[2].subset_perplexity = 4.0;
+        assert_eq!(best_per_shape(&cs, 1), vec![1, 2]);
+        assert_eq!(best_per_shape(&cs, 2), vec![0, 1, 2]);
+        cs[2].subset_perplexity = 2.0;
         cs[1].perplexity = Some(2.5);
         cs[2].perplexity = Some(2.4);
         rank(&mut cs);
