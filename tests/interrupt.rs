@@ -281,7 +281,7 @@ fn killed_heal_resumed_from_its_last_checkpoint_ends_with_identical_weights() {
          (a full run takes {full:?})"
     );
     assert!(
-        killed >= KILLS / 2 && resumed >= 3,
+        killed >= 3 && resumed >= 2,
         "{killed} killed, {resumed} resumed"
     );
 }
