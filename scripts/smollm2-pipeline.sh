@@ -29,6 +29,9 @@
 #   NICE=10           niceness of every run of the binary
 #   SKIP_BUILD=1      use the existing target/release/surgery
 #   DOC_ONLY=1        run nothing; rewrite the document from what WORKDIR holds
+#   PARTS="cut heal gguf static shape2 doc"   the parts to run (default all): the (4,8,4) cut and
+#                     its evaluations before healing, the heal, the GGUF, the static baseline, the
+#                     second shape, the document; e.g. PARTS=shape2 alongside a run of the others
 set -euo pipefail
 # Everything runs inside main, which bash parses whole before running it: editing this file while
 # a run is in progress cannot change what that run executes.
@@ -49,6 +52,7 @@ heal_eval_tokens=${HEAL_EVAL_TOKENS:-1024}
 shape2=${SHAPE2:-8,4,8}
 results=${RESULTS:-docs/RESULTS.md}
 niceness=${NICE:-10}
+parts=" ${PARTS:-cut heal gguf static shape2 doc} "
 marker='<!-- Sections below are not written by scripts/smollm2-pipeline.sh -->'
 
 if [[ -f $results ]] && ! grep -qxF "$marker" "$results"; then
@@ -73,6 +77,10 @@ mkdir -p "$work/cmd" "$work/eval" "$work/img"
     echo "started=$(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "load=$(cut -d' ' -f1-3 /proc/loadavg)"
 } >"$work/run-$(date -u +%s).txt"
+
+part() { # NAME: whether PARTS holds NAME
+    [[ $parts == *" $1 "* ]]
+}
 
 # stage NAME OUTPUT [--stdout] CMD...: runs CMD unless OUTPUT exists; records the command line and
 # its wall time under WORKDIR/cmd/. With --stdout, CMD's stdout is OUTPUT (written, then renamed);
@@ -156,24 +164,35 @@ train=(--data "$work/kjv-train.jsonl" --eval-data "$work/kjv-heldout.jsonl" --se
     --checkpoint-every 0 --json -q)
 rs=1,2,4,8,16
 
-apply_shape 4,8,4
-evaluate source "$model"
-before_healing 4,8,4
+if part cut; then
+    apply_shape 4,8,4
+    evaluate source "$model"
+    before_healing 4,8,4
+fi
 
-stage heal-4-8-4 "$work/heal-4-8-4.json" --stdout "$bin" heal "$work/4-8-4-identity" \
-    --out "$work/healed" --steps "$steps" --curriculum 1-sqrt --max-mean-recurrence 4 \
-    --force "${train[@]}"
-evaluate healed "$work/healed" --recurrence "$rs" --plot "$work/img/healed.png"
+if part heal; then
+    stage heal-4-8-4 "$work/heal-4-8-4.json" --stdout "$bin" heal "$work/4-8-4-identity" \
+        --out "$work/healed" --steps "$steps" --curriculum 1-sqrt --max-mean-recurrence 4 \
+        --force "${train[@]}"
+    evaluate healed "$work/healed" --recurrence "$rs" --plot "$work/img/healed.png"
+fi
 
-stage export-q8_0 "$work/healed-q8_0.gguf" "$bin" export gguf "$work/healed" --type q8_0 \
-    --out "$work/healed-q8_0.gguf" -q
-evaluate healed-q8_0 "$work/healed-q8_0.gguf" --recurrence "$rs" --plot "$work/img/healed-q8_0.png"
+if part gguf; then
+    stage export-q8_0 "$work/healed-q8_0.gguf" "$bin" export gguf "$work/healed" --type q8_0 \
+        --out "$work/healed-q8_0.gguf" -q
+    evaluate healed-q8_0 "$work/healed-q8_0.gguf" --recurrence "$rs" \
+        --plot "$work/img/healed-q8_0.png"
+    # The same file at f32 separates the format and its reader from the quantization.
+    stage export-f32 "$work/healed-f32.gguf" "$bin" export gguf "$work/healed" --type f32 \
+        --out "$work/healed-f32.gguf" -q
+    evaluate healed-f32 "$work/healed-f32.gguf" --recurrence 1,4
+fi
 
 # The static model gets the training FLOPs the recurrent run spent, in steps of the same size:
 # 6 N per token for every block run with gradient (prelude, coda, the core iterations with
 # gradient and their adapter), 2 N for the detached core iterations, 6 N for lm_head.
 local static_steps=0
-if [[ -f $work/healed/metrics.jsonl ]]; then
+if part static && [[ -f $work/healed/metrics.jsonl ]]; then
 static_steps=$(python3 - "$work/healed/metrics.jsonl" "$work/plan-4-8-4-identity.json" <<'PY'
 import json, sys
 plan = json.load(open(sys.argv[2]))
@@ -193,12 +212,17 @@ print(max(1, round(recurrent / static_per_step)))
 PY
 )
 fi
-stage heal-static "$work/heal-static.json" --stdout "$bin" heal "$work/4-8-4-identity" --static \
-    --out "$work/static" --steps "$static_steps" --force "${train[@]}"
-evaluate static "$work/static" --recurrence 1
+if part static; then
+    stage heal-static "$work/heal-static.json" --stdout "$bin" heal "$work/4-8-4-identity" \
+        --static --out "$work/static" --steps "$static_steps" --force "${train[@]}"
+    evaluate static "$work/static" --recurrence 1
+fi
 
-apply_shape "$shape2"
-before_healing "$shape2"
+if part shape2; then
+    apply_shape "$shape2"
+    before_healing "$shape2"
+fi
+part doc || return 0
 
 # The document: everything above the marker is regenerated from WORKDIR; the rest is kept.
 python3 - "$work" "$results" "$marker" "$shape2" "$repo" "$bin" <<'PY'
@@ -380,17 +404,24 @@ w("")
 
 # --- GGUF
 w("## The healed (4,8,4) model as a q8_0 GGUF against its safetensors checkpoint\n")
-w("`surgery export gguf --type q8_0` (our recurrent architecture, schemas/gguf-recurrent.md: block")
-w("matrices and the adapter Q8_0, norms F32), read back by our runtime (dequantized at load).\n")
-w("| r | checkpoint perplexity | q8_0 GGUF perplexity | relative difference |")
-w("|---|---|---|---|")
-gg = rows("healed-q8_0")
+w("`surgery export gguf --type q8_0` (our recurrent architecture, schemas/gguf-recurrent.md: every")
+w("matrix Q8_0, the embeddings, `output` and the adapter included; norms F32), read back by our")
+w("runtime (dequantized to f32 at load), on the same XSum tokens as the checkpoint.\n")
+w("| r | checkpoint perplexity | q8_0 GGUF perplexity | relative difference | f32 GGUF perplexity |")
+w("|---|---|---|---|---|")
+gg, gf = rows("healed-q8_0"), rows("healed-f32")
 diffs = {}
 for r, x in he.items():
     if r in gg:
         diffs[r] = gg[r]["perplexity"] / x["perplexity"] - 1
-        w(f"| {r} | {ppl(x['perplexity'])} | {ppl(gg[r]['perplexity'])} | {100 * diffs[r]:+.3f}% |")
+        f32 = ppl(gf[r]["perplexity"]) if r in gf else "-"
+        w(f"| {r} | {ppl(x['perplexity'])} | {ppl(gg[r]['perplexity'])} | {100 * diffs[r]:+.3f}% | {f32} |")
 w("")
+same = [r for r in gf if r in he and gf[r]["loss"] == he[r]["loss"]]
+if gf:
+    w(f"The f32 GGUF gives {'exactly' if len(same) == len(gf) else 'NOT exactly'} the checkpoint's loss at "
+      f"r = {', '.join(str(r) for r in gf)}: the file and its reader are exact, and the difference "
+      "in the q8_0 column is the quantization's.")
 if 1 in diffs and 4 in diffs:
     ok = all(abs(diffs[r]) < 0.01 for r in (1, 4))
     w(f"At r = 1 and 4 the q8_0 GGUF is {'within' if ok else 'NOT within'} 1% of the checkpoint "
