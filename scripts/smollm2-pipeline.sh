@@ -33,8 +33,8 @@
 #                     its evaluations before healing, the heal, the GGUF, the static baseline, the
 #                     second shape, the document; e.g. PARTS=shape2 alongside a run of the others
 set -euo pipefail
-# Everything runs inside main, which bash parses whole before running it: editing this file while
-# a run is in progress cannot change what that run executes.
+# Everything runs inside main, which bash parses whole before running it, and the line that calls
+# it also exits: editing this file while a run is in progress cannot change what that run executes.
 main() {
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -455,4 +455,4 @@ print(f"smollm2-pipeline: wrote {results} and {img}/smollm2-*.png", file=sys.std
 PY
 }
 
-main "$@"
+main "$@"; exit $?
