@@ -8,6 +8,7 @@
 # env: SURGERY_LLAMA_CACHE  build cache (default ~/.cache/surgery-llama.cpp), outside the repo
 #      CHECK_CTX            llama-perplexity context (default 512)
 #      CHECK_CHUNKS         chunks scored per run (default 8)
+#      CHECK_WORK           models, text, logs (default $SURGERY_LLAMA_CACHE/check)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -25,7 +26,7 @@ CACHE=${SURGERY_LLAMA_CACHE:-$HOME/.cache/surgery-llama.cpp}
 SRC=$CACHE/$TAG/src
 BUILD=$CACHE/$TAG/build
 BIN=$BUILD/bin
-WORK=$CACHE/check
+WORK=${CHECK_WORK:-$CACHE/check}
 
 note() { printf '== %s\n' "$*" >&2; }
 die() { printf 'build-and-check: %s\n' "$*" >&2; exit 1; }
@@ -130,7 +131,9 @@ S=$((CTX - 1))
 C=$((CTX - S / 2))
 for t in f32 q8_0; do
     kv=()
-    [ "$t" = f32 ] && kv=(-ctk f32 -ctv f32) # an f16 KV cache alone moves f32 logits by ~1e-3
+    # f32: f32 KV cache and no flash attention (llama.cpp's CPU flash attention and its default f16
+    # cache each move f32 logits by 1e-3 to 1e-1); q8_0 runs with llama.cpp's defaults
+    [ "$t" = f32 ] && kv=(-ctk f32 -ctv f32 -fa off)
     for r in $RS; do
         note "llama-perplexity $t r=$r"
         "$BIN/llama-perplexity" -m "$WORK/smollm2-484-$t.gguf" -f "$WORK/xsum.txt" -t 1 \
@@ -144,11 +147,32 @@ for t in f32 q8_0; do
         > "$WORK/ppl-surgery-$t.json"
 done
 
+# control: the same comparison through llama.cpp's own `llama` architecture (no patch involved),
+# q8_0, for the pruned static model (what the recurrent model computes at r = 1) and for SmolLM2
+for m in pruned smollm2; do
+    f=$WORK/$m-llama-q8_0.gguf
+    if [ ! -f "$f" ]; then
+        if [ "$m" = pruned ]; then
+            [ -f "$WORK/smollm2-484-identity/manifest.json" ] || "$SURGERY" apply \
+                "$ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf" --shape 4,8,4 --adapter-init identity \
+                --state-init zero --seed 0 --out "$WORK/smollm2-484-identity" -q
+            "$SURGERY" export gguf "$WORK/smollm2-484-identity" --arch llama --type q8_0 --out "$f" --force -q
+        else
+            "$SURGERY" export gguf "$ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf" --arch llama --type q8_0 --out "$f" --force -q
+        fi
+    fi
+    note "control: $m as stock llama, q8_0"
+    "$BIN/llama-perplexity" -m "$f" -f "$WORK/xsum.txt" -t 1 -c "$C" -b "$C" --ppl-stride "$S" \
+        --chunks "$CHUNKS" > "$WORK/ppl-llama-$m-llama-q8_0.log" 2>&1 || die "llama-perplexity failed on $f"
+    "$SURGERY" eval "$f" --data "$WORK/xsum.jsonl" --field text --seq-len "$S" \
+        --max-tokens $((CHUNKS * S)) --batch 1 --json -q > "$WORK/ppl-surgery-$m-llama-q8_0.json"
+done
+
 # --- last-token logits of a prompt (llama-results dumps every position's logits) --------------
 PROMPT="The Eiffel Tower, completed in 1889 for the World's Fair, is a wrought-iron lattice tower in"
 for t in f32 q8_0; do
     kv=()
-    [ "$t" = f32 ] && kv=(-ctk f32 -ctv f32)
+    [ "$t" = f32 ] && kv=(-ctk f32 -ctv f32 -fa off)
     for r in $RS; do
         rm -f "$WORK/logits-llama-$t-r$r.gguf"
         "$BIN/llama-results" -m "$WORK/smollm2-484-$t.gguf" -p "$PROMPT" -t 1 "${kv[@]}" \
@@ -166,7 +190,7 @@ if [ ! -f "$OLMO" ] || [ "$WORK/smollm2-484-f32.gguf" -nt "$OLMO" ]; then
 fi
 for r in $RS; do
     rm -f "$WORK/logits-llama-olmo2-r$r.gguf"
-    "$BIN/llama-results" -m "$OLMO" -p "$PROMPT" -t 1 -ctk f32 -ctv f32 \
+    "$BIN/llama-results" -m "$OLMO" -p "$PROMPT" -t 1 -ctk f32 -ctv f32 -fa off \
         --override-kv "huginn_raven.recurrence.default=int:$r" -o "$WORK/logits-llama-olmo2-r$r.gguf" \
         > "$WORK/logits-llama-olmo2-r$r.log" 2>&1 || die "llama-results failed: $WORK/logits-llama-olmo2-r$r.log"
 done

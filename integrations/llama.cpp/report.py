@@ -59,6 +59,14 @@ for t in ("f32", "q8_0"):
             failures.append(f"perplexity {t} r={r}: {a:.4f} vs {b:.4f}")
         print(f"| {t} | {r} | {a:.4f} | {b:.4f} | {100 * rel:.3f}% | {100 * BOUND_PPL[t]:g}% {'ok' if ok else 'FAIL'} |")
 
+print("\nControl: q8_0 through llama.cpp's own `llama` architecture (no patch), same windows")
+print("| model | llama.cpp | surgery | rel. diff |")
+print("|---|---|---|---|")
+for m, label in (("pruned", "pruned static (4+8+4 layers), = recurrent r=1"), ("smollm2", "SmolLM2-135M, all 30 layers")):
+    a = llama_ppl(f"{work}/ppl-llama-{m}-llama-q8_0.log")
+    b = json.load(open(f"{work}/ppl-surgery-{m}-llama-q8_0.json"))["rows"][0]["perplexity"]
+    print(f"| {label} | {a:.4f} | {b:.4f} | {100 * abs(a - b) / b:.3f}% |")
+
 print("\nLast-token logits of the prompt, llama-results vs our forward (same token ids; olmo2: the f32 model"
       " rewritten with OLMo-2 blocks by olmo2_fixture.py)")
 print("| type | r | tokens | max abs diff | argmax llama / ours | bound |")
