@@ -8,7 +8,9 @@
 # -Z flags cargo-fuzz passes. The run is single-process and niced, starts from the committed seeds
 # in fuzz/seeds/TARGET plus what earlier runs kept in fuzz/corpus/TARGET, and ends with libFuzzer's
 # final stats (stat::number_of_executed_units is the execution count). A crash leaves its input
-# in fuzz/artifacts/TARGET/ and makes this script fail.
+# in fuzz/artifacts/TARGET/ and makes this script fail. The first build compiles the whole crate
+# (candle included) with sanitizer and coverage instrumentation: 47 minutes on 2 busy cores here;
+# later runs reuse it unless the crate changed.
 set -euo pipefail
 usage="usage: scripts/fuzz.sh safetensors|gguf|config|plan MINUTES"
 target=${1:?$usage}
