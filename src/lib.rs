@@ -4,6 +4,7 @@
 
 pub mod arch;
 pub mod atomic;
+pub mod demo;
 pub mod dtype;
 pub mod eval;
 pub mod export;

@@ -1,6 +1,7 @@
 //! Command-line arguments, one file per subcommand: argument structs and printing, no domain logic.
 
 mod apply;
+mod demo;
 mod eval;
 mod export;
 mod generate;
@@ -56,6 +57,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Fine-tune a recurrent checkpoint under the recurrence curriculum (with checkpoints, --resume).
     Heal(heal::HealArgs),
+    /// The whole method on the small model in fixtures/, offline: plan, apply, eval, heal, export, generate.
+    Demo(demo::DemoArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -68,6 +71,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(args) => export::run(args, cli.global),
         Command::Generate(args) => generate::run(args, cli.global),
         Command::Heal(args) => heal::run_cli(args, cli.global),
+        Command::Demo(args) => demo::run(args, cli.global),
     }
 }
 
