@@ -603,26 +603,21 @@ fn open_recurrent_gguf(path: &Path, g: GgufFile) -> Result<SourceModel, SourceEr
             .filter(|s| s.is_finite() && *s >= 0.0)
             .ok_or_else(|| bad(format!("{} must be a float >= 0", spec::KEY_STATE_SIGMA)))?,
     };
-    let rope_scaling = match g.get_str(spec::KEY_ROPE_SCALING_TYPE) {
+    // Llama-3 scaling is there when its factor is (spec section 2.2).
+    let rope_scaling = match g.get(spec::KEY_ROPE_LLAMA3_FACTOR) {
         None => None,
-        Some("llama3") => {
+        Some(_) => {
             let float = |k: &str| {
                 g.get_f64(k)
                     .map(shortest_f32)
                     .ok_or_else(|| bad(format!("missing or non-float GGUF key {k}")))
             };
             Some(RopeScaling {
-                factor: float(spec::KEY_ROPE_SCALING_FACTOR)?,
-                low_freq_factor: float(spec::KEY_ROPE_SCALING_LOW)?,
-                high_freq_factor: float(spec::KEY_ROPE_SCALING_HIGH)?,
-                original_max_position_embeddings: get(spec::KEY_ROPE_SCALING_ORIG_CTX)?,
+                factor: float(spec::KEY_ROPE_LLAMA3_FACTOR)?,
+                low_freq_factor: float(spec::KEY_ROPE_LLAMA3_LOW)?,
+                high_freq_factor: float(spec::KEY_ROPE_LLAMA3_HIGH)?,
+                original_max_position_embeddings: get(spec::KEY_ROPE_LLAMA3_ORIG_CTX)?,
             })
-        }
-        Some(other) => {
-            return Err(bad(format!(
-                "{} {other:?} is not supported (supported: llama3)",
-                spec::KEY_ROPE_SCALING_TYPE
-            )))
         }
     };
     let hidden = need("embedding_length")?;

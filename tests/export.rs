@@ -978,6 +978,29 @@ fn llama3_rope_scaling_becomes_rope_freqs() {
         want.contains(&1.0) && want.contains(&8.0),
         "all three bands: {want:?}"
     );
+
+    // The recurrent GGUF keeps the parameters under rope.llama3.*, never rope.scaling.* (which
+    // llama.cpp's loader reads for every architecture and aborts on), and reads them back.
+    ok(d, &["apply", "m", "--shape", "1,1,0", "--out", "rec", "-q"]);
+    ok(
+        d,
+        &[
+            "export", "gguf", "rec", "--type", "f32", "--out", "rec.gguf", "-q",
+        ],
+    );
+    let g = GgufFile::open(d.join("rec.gguf")).unwrap();
+    assert!(g
+        .metadata
+        .iter()
+        .all(|(k, _)| !k.contains(".rope.scaling.")));
+    assert_eq!(
+        g.get("huginn_raven.rope.llama3.factor"),
+        Some(&Value::F32(8.0))
+    );
+    let back = SourceModel::open(&d.join("rec.gguf")).unwrap();
+    let original = SourceModel::open(&d.join("rec")).unwrap();
+    assert_eq!(back.config.rope_scaling, original.config.rope_scaling);
+    assert!(back.config.rope_scaling.is_some());
 }
 
 fn smollm2_parts() -> Option<(PathBuf, PathBuf)> {

@@ -616,21 +616,20 @@ fn metadata(
         ]);
         if let Some(s) = c.rope_scaling {
             m.extend([
-                (spec::KEY_ROPE_SCALING_TYPE.into(), string("llama3")),
                 (
-                    spec::KEY_ROPE_SCALING_FACTOR.into(),
+                    spec::KEY_ROPE_LLAMA3_FACTOR.into(),
                     Value::F32(s.factor as f32),
                 ),
                 (
-                    spec::KEY_ROPE_SCALING_LOW.into(),
+                    spec::KEY_ROPE_LLAMA3_LOW.into(),
                     Value::F32(s.low_freq_factor as f32),
                 ),
                 (
-                    spec::KEY_ROPE_SCALING_HIGH.into(),
+                    spec::KEY_ROPE_LLAMA3_HIGH.into(),
                     Value::F32(s.high_freq_factor as f32),
                 ),
                 (
-                    spec::KEY_ROPE_SCALING_ORIG_CTX.into(),
+                    spec::KEY_ROPE_LLAMA3_ORIG_CTX.into(),
                     u32v(s.original_max_position_embeddings),
                 ),
             ]);

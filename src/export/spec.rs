@@ -25,14 +25,14 @@ pub const KEY_RECURRENCE: &str = "huginn_raven.recurrence.default";
 pub const KEY_INJECTION: &str = "huginn_raven.injection";
 /// sigma of the initial state s_0 (f32; 0 means s_0 = 0).
 pub const KEY_STATE_SIGMA: &str = "huginn_raven.state.sigma";
-/// Llama-3 RoPE scaling parameters, as transformers' `rope_scaling` (type string, then f32s and
-/// a u32), so that a reader rebuilds the exact frequencies; `rope_freqs.weight` holds the same
-/// scaling as llama.cpp's per-frequency divisors.
-pub const KEY_ROPE_SCALING_TYPE: &str = "huginn_raven.rope.scaling.type";
-pub const KEY_ROPE_SCALING_FACTOR: &str = "huginn_raven.rope.scaling.factor";
-pub const KEY_ROPE_SCALING_LOW: &str = "huginn_raven.rope.scaling.low_freq_factor";
-pub const KEY_ROPE_SCALING_HIGH: &str = "huginn_raven.rope.scaling.high_freq_factor";
-pub const KEY_ROPE_SCALING_ORIG_CTX: &str = "huginn_raven.rope.scaling.original_context_length";
+/// Llama-3 RoPE scaling parameters, as transformers' `rope_scaling` (f32s and a u32; present
+/// means Llama-3 scaling), so that a reader rebuilds the exact frequencies; `rope_freqs.weight`
+/// holds the same scaling as llama.cpp's per-frequency divisors. Not under `rope.scaling.*`,
+/// which llama.cpp's loader reads for every architecture (spec section 2.2).
+pub const KEY_ROPE_LLAMA3_FACTOR: &str = "huginn_raven.rope.llama3.factor";
+pub const KEY_ROPE_LLAMA3_LOW: &str = "huginn_raven.rope.llama3.low_freq_factor";
+pub const KEY_ROPE_LLAMA3_HIGH: &str = "huginn_raven.rope.llama3.high_freq_factor";
+pub const KEY_ROPE_LLAMA3_ORIG_CTX: &str = "huginn_raven.rope.llama3.original_context_length";
 
 /// The adapter [h, 2h] (ggml ne = [2h, h]): columns 0..h read the state, h..2h read e.
 pub const ADAPTER: &str = "adapter.weight";
