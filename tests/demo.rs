@@ -59,7 +59,10 @@ fn demo_runs_every_stage_and_healing_lowers_perplexity() {
     // The cut: (2,2,2) of 10 layers drops 2..6.
     assert_eq!(v["shape"], "2,2,2");
     assert_eq!(v["layers"]["core"], "6..8");
-    assert_eq!(v["layers"]["dropped"], serde_json::json!(["2", "3", "4", "5"]));
+    assert_eq!(
+        v["layers"]["dropped"],
+        serde_json::json!(["2", "3", "4", "5"])
+    );
     assert_eq!(v["heal"]["steps"], 24);
 
     // The table: r = 1, 2, 4, 8, finite; before healing the identity adapter makes every r the
