@@ -12,14 +12,15 @@ const MAX_VOCAB: usize = 1 << 24;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// Not JSON, or a field of the wrong type, or a required field missing.
-    #[error("config.json: {0}")]
+    /// Not JSON, or a field of the wrong type, or a required field missing. (The messages name
+    /// no file: the caller puts the path in front.)
+    #[error("{0}")]
     Json(#[from] serde_json::Error),
     /// A `model_type` this tool has no blocks for.
-    #[error("config.json: unsupported model_type {0:?} (supported: llama, mistral, olmo2, huginn_raven)")]
+    #[error("unsupported model_type {0:?} (supported: llama, mistral, olmo2, huginn_raven)")]
     UnsupportedFamily(String),
     /// A value outside what any real model has, or inconsistent with another value.
-    #[error("config.json: {0}")]
+    #[error("{0}")]
     Invalid(String),
 }
 

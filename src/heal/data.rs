@@ -53,6 +53,15 @@ impl TrainData {
         })
     }
 
+    /// Keeps the first held-out windows that score at least `tokens` tokens (all of them if
+    /// fewer): the rest stay out of training, but are not scored at every evaluation.
+    pub fn limit_held_out(&mut self, tokens: usize) {
+        let seq_len = self.held_out.seq_len.max(1);
+        self.held_out
+            .windows
+            .truncate(tokens.div_ceil(seq_len).max(1));
+    }
+
     pub fn len(&self) -> usize {
         self.train.len()
     }
@@ -88,6 +97,19 @@ mod tests {
         let d = TrainData::new(&stream, 4, 0.2, 7).unwrap();
         // 10 windows of 5 tokens: 2 held out, 8 to train on.
         assert_eq!((d.len(), d.held_out.windows.len()), (8, 2));
+        let mut limited = TrainData::new(&stream, 4, 0.5, 0).unwrap();
+        let held = limited.held_out.windows.len();
+        limited.limit_held_out(5);
+        assert_eq!(
+            limited.held_out.windows.len(),
+            2,
+            "5 tokens need 2 windows of 4"
+        );
+        assert!(held > 2);
+        assert_eq!(
+            limited.len(),
+            TrainData::new(&stream, 4, 0.5, 0).unwrap().len()
+        );
         assert_eq!(d.held_out.windows[0].inputs, [40, 41, 42, 43]);
         assert_eq!(d.held_out.windows[0].targets, [41, 42, 43, 44]);
         let epoch: Vec<u32> = (0..8).map(|c| d.window(c)[0]).collect();

@@ -330,6 +330,7 @@ pub fn run(
             cfg.seq_len
         ))
     })?;
+    data.limit_held_out(cfg.eval_tokens);
     if !cfg.eval_data.is_empty() {
         let eval_docs = read_documents(&cfg.eval_data, Some(&cfg.field))?;
         let eval_stream = token_stream(&eval_docs, &tokenizer, Some(cfg.eval_tokens + 1))?;

@@ -31,7 +31,7 @@ pub fn plan(plan: &Plan) -> Result<ModelConfig, PlanError> {
     }
     let config_bytes = serde_json::to_vec(&plan.config).map_err(|e| invalid(e.to_string()))?;
     let config =
-        hf_config::parse(&config_bytes).map_err(|e| invalid(format!("plan config: {e}")))?;
+        hf_config::parse(&config_bytes).map_err(|e| invalid(format!("the plan's config: {e}")))?;
     let Some(shape) = config.recurrent else {
         return Err(invalid(
             "plan config: model_type must be huginn_raven".into(),
