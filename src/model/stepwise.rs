@@ -3,9 +3,9 @@
 //! removes one layer, or runs a candidate's core and coda, from a cached state (issue 10). The
 //! pieces are the ones [`Model::forward`] uses, so a full run through them gives its logits.
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
-use super::{block, cross_entropy_sum, positions_and_bias, Model, ModelError, Result};
+use super::{block, positions_and_bias, Model, ModelError, Result};
 
 /// Rows of the final norm and lm_head per step: the logits of one step are rows x vocabulary f32
 /// (512 x 49152 x 4 B = 100 MB for SmolLM2), which bounds the memory of a long window.
@@ -61,17 +61,19 @@ impl Model {
     }
 
     /// The summed next-token cross-entropy (nats) of the final hidden states `x` (B, T, h)
-    /// against `targets` (B, T) u32, and the number of tokens: final norm and lm_head, a few
-    /// hundred rows at a time.
+    /// against `targets` (B, T) u32, and the number of tokens: final norm and lm_head a few
+    /// hundred rows at a time, then each row's log-sum-exp on every core (candle's elementwise
+    /// ops run on one thread, and over a 49k vocabulary they would cost more than the matmul).
+    /// Rows are summed in order in f64, so the result does not depend on the thread count.
     pub fn head_nll(&self, x: &Tensor, targets: &Tensor) -> Result<(f64, usize)> {
         let h = x.dim(D::Minus1)?;
         let x = x.reshape(((), h))?;
-        let targets = targets.flatten_all()?;
+        let targets = targets.flatten_all()?.to_vec1::<u32>()?;
         let rows = x.dim(0)?;
-        if targets.dim(0)? != rows {
+        if targets.len() != rows {
             return Err(ModelError::Invalid(format!(
                 "{} targets for {rows} hidden states",
-                targets.dim(0)?
+                targets.len()
             )));
         }
         let (mut nll, mut start) = (0.0, 0);
@@ -82,14 +84,56 @@ impl Model {
                 &self.final_norm,
                 self.config.norm_eps,
             )?;
-            // (n, h) @ (h, V) -> (1, n, V)
-            let logits = block::linear(&chunk, &self.lm_head)?.unsqueeze(0)?;
-            let chunk_targets = targets.narrow(0, start, n)?.unsqueeze(0)?;
-            let weights = Tensor::ones((1, n), logits.dtype(), &self.device)?;
-            let (sum, _) = cross_entropy_sum(&logits, &chunk_targets, &weights)?;
-            nll += sum;
+            // (n, h) @ (h, V) -> (n, V)
+            let logits = block::linear(&chunk, &self.lm_head)?;
+            let vocab = logits.dim(1)?;
+            let logits = logits
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let rows_nll = row_nll(&logits, vocab, &targets[start..start + n])?;
+            nll += rows_nll.iter().sum::<f64>();
             start += n;
         }
         Ok((nll, rows))
     }
+}
+
+/// -log softmax(row)[target] of each row of `logits` (rows x vocab, row-major), the rows split
+/// over the available cores.
+fn row_nll(logits: &[f32], vocab: usize, targets: &[u32]) -> Result<Vec<f64>> {
+    let one = |(row, &target): (&[f32], &u32)| -> Result<f64> {
+        let picked = *row.get(target as usize).ok_or_else(|| {
+            ModelError::Invalid(format!(
+                "target {target} is outside the vocabulary of {vocab}"
+            ))
+        })?;
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = row.iter().map(|&v| f64::from((v - max).exp())).sum();
+        Ok(sum.ln() + f64::from(max) - f64::from(picked))
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = targets.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = logits
+            .chunks(per * vocab)
+            .zip(targets.chunks(per))
+            .map(|(l, t)| {
+                scope.spawn(move || {
+                    l.chunks(vocab)
+                        .zip(t)
+                        .map(one)
+                        .collect::<Result<Vec<f64>>>()
+                })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(targets.len());
+        for handle in handles {
+            let part = handle
+                .join()
+                .map_err(|_| ModelError::Invalid("a cross-entropy thread panicked".into()))?;
+            out.extend(part?);
+        }
+        Ok(out)
+    })
 }
