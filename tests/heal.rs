@@ -443,3 +443,34 @@ fn refusals() {
         assert_refused(d, args, want);
     }
 }
+
+/// The adapter of the checkpoint in `dir`, and its embedding, as f32.
+fn adapter_and_embedding(dir: &Path) -> (Vec<f32>, Vec<f32>) {
+    use surgery::arch::Role;
+    let m = SourceModel::open(dir).unwrap();
+    let read = |role: Role| m.read_f32(m.tensor(role).unwrap()).unwrap();
+    (read(Role::Adapter), read(Role::Embed))
+}
+
+#[test]
+fn a_random_init_redraws_the_adapter_except_for_the_static_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let (adapter, embedding) = adapter_and_embedding(&d.join("rec"));
+    for (out, extra) in [("static", Some("--static")), ("recurrent", None)] {
+        let mut args = vec!["--steps", "1", "--init", "random", "--eval-every", "0"];
+        args.extend(extra);
+        let o = heal(d, out, &args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let (a, e) = adapter_and_embedding(&d.join(out));
+        assert_ne!(e, embedding, "{out}: the embedding is redrawn");
+        // The static model runs r = 1 through its frozen adapter: redrawn at random, it would put
+        // a random matrix between the prelude and the core.
+        assert_eq!(
+            a == adapter,
+            extra.is_some(),
+            "{out}: adapter kept only when static"
+        );
+    }
+}

@@ -340,7 +340,7 @@ pub fn run(
 
     let mut model = Model::load(&source, device)?;
     if cfg.init_random {
-        model.reinitialize(cfg.seed)?;
+        model.reinitialize(cfg.seed, cfg.static_baseline)?;
     }
     let params = model.trainable(cfg.train, cfg.static_baseline)?;
     let mut optimizer = Optimizer::new(groups(&params, cfg))?;

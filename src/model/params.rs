@@ -157,12 +157,17 @@ impl Model {
 
     /// Replaces every parameter with a fresh draw: N(0, 0.02) for matrices and embeddings, ones
     /// for norms, from a ChaCha8 generator seeded with `seed` (the paper's random-init baseline).
-    pub fn reinitialize(&mut self, seed: u64) -> Result<()> {
+    /// `keep_adapter` leaves the adapter as loaded: the static model runs with it frozen, and an
+    /// identity adapter is what makes r = 1 the plain stack of its blocks.
+    pub fn reinitialize(&mut self, seed: u64, keep_adapter: bool) -> Result<()> {
         use rand::SeedableRng;
         use rand_distr::{Distribution, Normal};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let normal = Normal::new(0.0f32, 0.02).map_err(|e| ModelError::Invalid(e.to_string()))?;
-        for (_, kind, _, tensor) in self.walk()? {
+        for (_, kind, part, tensor) in self.walk()? {
+            if keep_adapter && part == Part::Adapter {
+                continue;
+            }
             let n = tensor.elem_count();
             let values: Vec<f32> = match kind {
                 ParamKind::Norm => vec![1.0; n],
