@@ -513,7 +513,7 @@ fn bar(value: f64, max: f64, width: usize) -> String {
     let eighths = (frac * (width * 8) as f64).round() as usize;
     let mut s = "█".repeat(eighths / 8);
     s.push_str(EIGHTHS[eighths % 8]);
-    let cells = eighths / 8 + usize::from(eighths % 8 > 0);
+    let cells = eighths / 8 + usize::from(!eighths.is_multiple_of(8));
     s.push_str(&" ".repeat(width.saturating_sub(cells)));
     s
 }
@@ -545,12 +545,8 @@ fn print_calibration(c: &Calibration, timings: &Timings, context: u64) {
         .filter(|v| v.is_finite())
         .fold(0.0, f64::max);
     println!(
-        "{:>5}  {:<27} {:>13}  {:<14} {}",
-        "layer",
-        "block influence",
-        "update/input",
-        "ppl without it",
-        "(log of its ratio to the source's)"
+        "{:>5}  {:<27} {:>13}  {:<14} (its log ratio to the source's)",
+        "layer", "block influence", "update/input", "ppl without it"
     );
     for l in &c.layers {
         println!(
@@ -634,7 +630,7 @@ fn print_calibration(c: &Calibration, timings: &Timings, context: u64) {
 
 /// 16384 -> "16k"; below 1000 as it is.
 fn short(n: usize) -> String {
-    if n >= 1000 && n % 1024 == 0 {
+    if n >= 1000 && n.is_multiple_of(1024) {
         format!("{}k", n / 1024)
     } else {
         n.to_string()
