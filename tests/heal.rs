@@ -474,3 +474,21 @@ fn a_random_init_redraws_the_adapter_except_for_the_static_baseline() {
         );
     }
 }
+
+#[test]
+fn a_fresh_run_over_an_earlier_one_keeps_only_its_own_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    for steps in ["3", "2"] {
+        let o = heal(
+            d,
+            "out",
+            &["--steps", steps, "--eval-every", "0", "--force"],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let lines = metrics(&d.join("out"));
+    let steps: Vec<u64> = lines.iter().map(|m| m["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [0, 1], "the second run's two steps only");
+}

@@ -123,7 +123,7 @@ pub fn read_metrics(root: &Path, step: u64) -> Result<Vec<StepMetrics>> {
     let path = root.join("metrics.jsonl");
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
         Err(e) => return Err(io(&path)(e)),
     };
     let kept: Vec<StepMetrics> = text

@@ -345,13 +345,14 @@ pub fn run(
     let params = model.trainable(cfg.train, cfg.static_baseline)?;
     let mut optimizer = Optimizer::new(groups(&params, cfg))?;
     let (mut step, mut cursor) = (0u64, 0u64);
-    let mut metrics = Vec::new();
     if let Some(dir) = resume {
         let restored = super::checkpoint::load(dir, &params, &mut optimizer, device)?;
         step = restored.step;
         cursor = restored.cursor;
-        metrics = super::checkpoint::read_metrics(&cfg.checkpoint_root(), step)?;
     }
+    // The metrics of the steps before this one; a fresh run (--force over an earlier one) cuts
+    // the earlier run's lines.
+    let mut metrics = super::checkpoint::read_metrics(&cfg.checkpoint_root(), step)?;
     let vars: Vec<&candle_core::Var> = params.iter().map(|p| &p.var).collect();
     let n_micro = (cfg.batch / cfg.micro_batch) as u64;
     let evaluate_at = |m_max: usize| -> Vec<usize> {
