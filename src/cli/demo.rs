@@ -52,7 +52,7 @@ pub struct DemoArgs {
     #[arg(long)]
     pub force: bool,
     /// Optimizer steps of the heal (4 sequences of 128 tokens each).
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 300)]
     pub heal_steps: u64,
     /// CPU threads (default: all cores).
     #[arg(long)]
@@ -236,7 +236,7 @@ fn stages(dir: &Path, shown: &Path, args: &DemoArgs, global: Global) -> anyhow::
         global,
         "5/8 heal",
         &format!(
-            "A short fine-tune teaches the model to use its loop: {} steps of 4 sequences of 128 \
+            "A short fine-tune heals the cut model under the recurrence curriculum: {} steps of 4 sequences of 128 \
              tokens from the training books, each step running the core a random number of times \
              whose mean rises from 1 to {HEALED_R} (the 1-sqrt curriculum), with gradients \
              through the last iterations only (truncated backpropagation), Muon on the matrices \
