@@ -364,9 +364,20 @@ fn read_token_types(g: &GgufFile, n_tokens: usize) -> Result<Vec<i64>, Tokenizer
         key: KEY_TOKEN_TYPE,
         expected: "an array",
     })?;
+    per_token(items, KEY_TOKEN_TYPE, n_tokens, "an integer", Value::as_i64)
+}
+
+/// One value per token from `items` (the array under `key`), converted by `convert`.
+fn per_token<T>(
+    items: &[Value],
+    key: &'static str,
+    n_tokens: usize,
+    expected: &'static str,
+    convert: impl Fn(&Value) -> Option<T>,
+) -> Result<Vec<T>, TokenizerError> {
     if items.len() != n_tokens {
         return Err(TokenizerError::LengthMismatch {
-            key: KEY_TOKEN_TYPE,
+            key,
             len: items.len(),
             n_tokens,
         });
@@ -375,10 +386,10 @@ fn read_token_types(g: &GgufFile, n_tokens: usize) -> Result<Vec<i64>, Tokenizer
         .iter()
         .enumerate()
         .map(|(index, v)| {
-            v.as_i64().ok_or(TokenizerError::WrongElement {
-                key: KEY_TOKEN_TYPE,
+            convert(v).ok_or(TokenizerError::WrongElement {
+                key,
                 index,
-                expected: "an integer",
+                expected,
             })
         })
         .collect()
@@ -619,26 +630,9 @@ fn bpe_tokenizer_json(
 /// `tokenizer.ggml.scores`: one number per token.
 fn read_scores(g: &GgufFile, n_tokens: usize) -> Result<Vec<f32>, TokenizerError> {
     let items = required_array(g, KEY_SCORES)?;
-    if items.len() != n_tokens {
-        return Err(TokenizerError::LengthMismatch {
-            key: KEY_SCORES,
-            len: items.len(),
-            n_tokens,
-        });
-    }
-    items
-        .iter()
-        .enumerate()
-        .map(|(index, v)| {
-            v.as_f64()
-                .map(|f| f as f32)
-                .ok_or(TokenizerError::WrongElement {
-                    key: KEY_SCORES,
-                    index,
-                    expected: "a number",
-                })
-        })
-        .collect()
+    per_token(items, KEY_SCORES, n_tokens, "a number", |v| {
+        v.as_f64().map(|f| f as f32)
+    })
 }
 
 /// A SentencePiece vocabulary (`llama`) as byte-fallback BPE with merges ranked by the scores
