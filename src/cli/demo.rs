@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressStyle;
 use serde_json::{json, Value};
 
 use surgery::demo::{write_fixture, FixturePaths};
@@ -15,9 +15,7 @@ use surgery::eval::data::{read_documents, token_stream, windows, Windows};
 use surgery::eval::perplexity::{perplexity, EvalRow};
 use surgery::export::{export_gguf, GgufOptions, QuantType};
 use surgery::formats::text_tokenizer::TextTokenizer;
-use surgery::heal::train::{
-    run as heal, CurriculumKind, HealConfig, Observer, OptimizerKind, StepMetrics,
-};
+use surgery::heal::train::{run as heal, CurriculumKind, HealConfig, OptimizerKind};
 use surgery::manifest::sha256_file;
 use surgery::model::params::Train;
 use surgery::model::{generate, Exit, GenerateOptions, Model};
@@ -246,7 +244,7 @@ fn stages(dir: &Path, shown: &Path, args: &DemoArgs, global: Global) -> anyhow::
     );
     let healed = dir.join("healed");
     let config = heal_config(&recurrent, &fixture, &healed, args.heal_steps);
-    let mut observer = HealBar::new(global, args.heal_steps);
+    let mut observer = super::heal::Bar::new(global, args.heal_steps);
     let mut trained = heal(&config, None, &device, &mut observer)?;
     observer.bar.finish_and_clear();
     surgery::heal::output::write(&mut trained, false)?;
@@ -433,47 +431,6 @@ fn heal_config(model: &Path, fixture: &FixturePaths, out: &Path, steps: u64) -> 
         eval_every: 0,
         eval_tokens: EVAL_TOKENS,
         checkpoint_every: 0,
-    }
-}
-
-/// The heal's progress bar: step, loss, m, tokens/s.
-struct HealBar {
-    bar: ProgressBar,
-    quiet: bool,
-}
-
-impl HealBar {
-    fn new(global: Global, steps: u64) -> HealBar {
-        let bar = byte_progress(global, steps, "healing");
-        bar.set_style(
-            ProgressStyle::with_template("healing [{bar:30}] step {pos}/{len} {msg} {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        HealBar {
-            bar,
-            quiet: global.quiet,
-        }
-    }
-}
-
-impl Observer for HealBar {
-    fn start(&mut self, steps: u64, first: u64) {
-        self.bar.set_length(steps);
-        self.bar.set_position(first);
-    }
-
-    fn step(&mut self, m: &StepMetrics) {
-        self.bar.set_position(m.step + 1);
-        self.bar.set_message(format!(
-            "loss {:.3} m {} {:.0} tok/s",
-            m.loss, m.mean_recurrence, m.tokens_per_second
-        ));
-    }
-
-    fn note(&mut self, text: &str) {
-        if !self.quiet {
-            self.bar.println(format!("note: {text}"));
-        }
     }
 }
 

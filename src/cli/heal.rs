@@ -156,10 +156,24 @@ impl HealArgs {
     }
 }
 
-/// The progress bar: step, loss, LR, m, tokens/s, ETA.
-struct Bar {
-    bar: ProgressBar,
+/// The progress bar: step, loss, LR, m, tokens/s, ETA (also `demo`'s).
+pub(super) struct Bar {
+    pub(super) bar: ProgressBar,
     quiet: bool,
+}
+
+impl Bar {
+    pub(super) fn new(global: Global, steps: u64) -> Bar {
+        let bar = super::byte_progress(global, steps, "healing");
+        bar.set_style(
+            ProgressStyle::with_template("healing [{bar:30}] step {pos}/{len} {msg} {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Bar {
+            bar,
+            quiet: global.quiet,
+        }
+    }
 }
 
 impl Observer for Bar {
@@ -216,15 +230,7 @@ pub fn run_cli(args: HealArgs, global: Global) -> anyhow::Result<()> {
             config.out.display()
         );
     }
-    let bar = super::byte_progress(global, config.steps, "healing");
-    bar.set_style(
-        ProgressStyle::with_template("healing [{bar:30}] step {pos}/{len} {msg} {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let mut observer = Bar {
-        bar,
-        quiet: global.quiet,
-    };
+    let mut observer = Bar::new(global, config.steps);
     let mut trained = run(&config, resume, &device, &mut observer)?;
     observer.bar.finish_and_clear();
     let files = output::write(&mut trained, args.force || resume.is_some())?;
