@@ -16,7 +16,7 @@ use candle_core::{IndexOp, Tensor, D};
 use rand::{Rng, RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{block, positions_and_bias, InitialState, KvCache, Model, ModelError, Result};
+use super::{block, InitialState, KvCache, Model, ModelError, Result};
 
 /// `--exit`: when a token's core iterations stop.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -116,22 +116,11 @@ impl Model {
         let past = cache.len;
         // Everything follows the weights' dtype, as in `forward`.
         let dtype = self.embed.dtype();
-        let (positions, bias) = positions_and_bias(None, b, t, past, &self.device)?;
-        let bias = bias.to_dtype(dtype)?;
-        let (cos, sin) = self.rope.cos_sin(&positions)?;
-        let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
-        let ctx = block::Context {
-            bias: &bias,
-            cos: &cos,
-            sin: &sin,
-            config: &self.config,
-        };
+        let frame = self.frame(None, b, t, past, dtype)?;
+        let ctx = frame.context(&self.config);
         let mut cache = Some(cache);
         // (B, T) -> (B, T, h)
-        let mut x =
-            self.embed
-                .index_select(&ids.flatten_all()?, 0)?
-                .reshape((b, t, self.config.hidden))?;
+        let mut x = self.embed(ids)?;
         for (i, blk) in self.prelude.iter().enumerate() {
             x = blk.forward(&x, &ctx, super::slot_at(&mut cache, i))?;
         }

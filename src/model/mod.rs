@@ -253,22 +253,11 @@ impl Model {
         }
         // Everything follows the weights' dtype (f32; f64 for gradient checks).
         let dtype = self.embed.dtype();
-        let (positions, bias) = positions_and_bias(mask, b, t, past, &self.device)?;
-        let bias = bias.to_dtype(dtype)?;
-        let (cos, sin) = self.rope.cos_sin(&positions)?;
-        let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
-        let ctx = block::Context {
-            bias: &bias,
-            cos: &cos,
-            sin: &sin,
-            config: &self.config,
-        };
+        let frame = self.frame(mask, b, t, past, dtype)?;
+        let ctx = frame.context(&self.config);
 
         // (B, T) -> (B, T, h)
-        let mut x =
-            self.embed
-                .index_select(&ids.flatten_all()?, 0)?
-                .reshape((b, t, self.config.hidden))?;
+        let mut x = self.embed(ids)?;
         for (i, block) in self.prelude.iter().enumerate() {
             x = block.forward(&x, &ctx, slot_at(&mut cache, i))?;
         }
@@ -354,6 +343,54 @@ fn slot_at<'a>(
         slots.resize(i + 1, None);
     }
     slots.get_mut(i)
+}
+
+/// What every block of one pass shares, owned: the attention bias and the RoPE tables of the
+/// pass's positions, in the weights' dtype.
+struct Frame {
+    bias: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Frame {
+    fn context<'a>(&'a self, config: &'a ModelConfig) -> block::Context<'a> {
+        block::Context {
+            bias: &self.bias,
+            cos: &self.cos,
+            sin: &self.sin,
+            config,
+        }
+    }
+}
+
+impl Model {
+    /// Token embeddings: ids (B, T) u32 -> (B, T, h).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        Ok(self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden))?)
+    }
+
+    /// The frame of a pass over (B, T) tokens after `past` cached ones, padding keys masked.
+    fn frame(
+        &self,
+        mask: Option<&Tensor>,
+        b: usize,
+        t: usize,
+        past: usize,
+        dtype: CDType,
+    ) -> Result<Frame> {
+        let (positions, bias) = positions_and_bias(mask, b, t, past, &self.device)?;
+        let (cos, sin) = self.rope.cos_sin(&positions)?;
+        Ok(Frame {
+            bias: bias.to_dtype(dtype)?,
+            cos: cos.to_dtype(dtype)?,
+            sin: sin.to_dtype(dtype)?,
+        })
+    }
 }
 
 /// Positions [B, T] (u32) and the additive attention bias [B, 1, T, past + T]: causal, and padding

@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-use super::{block, positions_and_bias, Model, ModelError, Result};
+use super::{block, Model, ModelError, Result};
 
 /// Rows of the final norm and lm_head per step: the logits of one step are rows x vocabulary f32
 /// (512 x 49152 x 4 B = 100 MB for SmolLM2), which bounds the memory of a long window.
@@ -15,15 +15,6 @@ impl Model {
     /// Number of blocks of a static model (its layers, in the order it was loaded).
     pub fn n_blocks(&self) -> usize {
         self.prelude.len()
-    }
-
-    /// Token embeddings: ids (B, T) u32 -> (B, T, h).
-    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        Ok(self
-            .embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.config.hidden))?)
     }
 
     /// Runs the blocks `blocks` (indices into a static model's layers, in the given order) on the
@@ -37,16 +28,8 @@ impl Model {
         }
         let (b, t, _) = x.dims3()?;
         let dtype = x.dtype();
-        let (positions, bias) = positions_and_bias(None, b, t, 0, &self.device)?;
-        let bias = bias.to_dtype(dtype)?;
-        let (cos, sin) = self.rope.cos_sin(&positions)?;
-        let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
-        let ctx = block::Context {
-            bias: &bias,
-            cos: &cos,
-            sin: &sin,
-            config: &self.config,
-        };
+        let frame = self.frame(None, b, t, 0, dtype)?;
+        let ctx = frame.context(&self.config);
         let mut x = x.clone();
         for &i in blocks {
             let block = self.prelude.get(i).ok_or_else(|| {
