@@ -132,21 +132,43 @@ pub fn si(n: f64, unit: &str) -> String {
     }
 }
 
-/// The library's progress reports drawn as one bar per step.
+/// The library's progress reports drawn as one bar per step, in bytes or in plain counts.
 pub struct BarProgress {
     global: Global,
     bar: Option<ProgressBar>,
+    counts: bool,
 }
 
 impl BarProgress {
+    /// Progress in bytes.
     pub fn new(global: Global) -> Self {
-        BarProgress { global, bar: None }
+        BarProgress {
+            global,
+            bar: None,
+            counts: false,
+        }
+    }
+
+    /// Progress in plain counts (windows, candidates).
+    pub fn counting(global: Global) -> Self {
+        BarProgress {
+            counts: true,
+            ..BarProgress::new(global)
+        }
     }
 }
 
 impl surgery::surgery::Progress for BarProgress {
     fn start(&mut self, what: &str, total: u64) {
-        self.bar = Some(byte_progress(self.global, total, what));
+        let bar = byte_progress(self.global, total, what);
+        if self.counts {
+            bar.set_style(
+                ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+        }
+        self.bar = Some(bar);
     }
 
     fn advance(&mut self, done: u64) {

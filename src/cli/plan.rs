@@ -15,7 +15,6 @@ use surgery::plan::{
     PlanRequest, Shape, StateInit,
 };
 use surgery::source::SourceModel;
-use surgery::surgery::Progress;
 
 use super::{byte_progress, si, thousands, Global};
 
@@ -407,7 +406,7 @@ fn run_calibrated(args: &PlanArgs, data: &Path, global: Global) -> anyhow::Resul
         });
     }
     let model = Model::load(&source, &candle_core::Device::Cpu)?;
-    let mut progress = CountProgress::new(global);
+    let mut progress = super::BarProgress::counting(global);
     let (calibration, timings) =
         calibrate::calibrate(&model, &text, candidates, shape_costs, &opts, &mut progress)?;
     drop(model);
@@ -464,42 +463,6 @@ fn run_calibrated(args: &PlanArgs, data: &Path, global: Global) -> anyhow::Resul
         println!("\nplan written to {}", out.display());
     }
     Ok(())
-}
-
-/// A count of windows on stderr, hidden with --quiet or when stderr is not a terminal.
-struct CountProgress {
-    global: Global,
-    bar: Option<indicatif::ProgressBar>,
-}
-
-impl CountProgress {
-    fn new(global: Global) -> Self {
-        CountProgress { global, bar: None }
-    }
-}
-
-impl Progress for CountProgress {
-    fn start(&mut self, what: &str, total: u64) {
-        let bar = byte_progress(self.global, total, what);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        self.bar = Some(bar);
-    }
-
-    fn advance(&mut self, done: u64) {
-        if let Some(bar) = &self.bar {
-            bar.set_position(done);
-        }
-    }
-
-    fn finish(&mut self) {
-        if let Some(bar) = self.bar.take() {
-            bar.finish_and_clear();
-        }
-    }
 }
 
 /// `value / max` of `width` cells in Unicode eighth blocks.
