@@ -100,6 +100,24 @@ impl TensorRef {
     pub fn n_elements(&self) -> usize {
         self.shape.iter().product()
     }
+
+    /// The GGUF tensor `info`, stored under `name` (the only file, index 0).
+    fn gguf(
+        name: String,
+        info: &crate::formats::gguf::TensorInfo,
+        unpermute_heads: Option<usize>,
+    ) -> TensorRef {
+        TensorRef {
+            name,
+            file: 0,
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            start: info.offset,
+            end: info.offset + info.n_bytes,
+            unpermute_heads,
+            parts: Vec::new(),
+        }
+    }
 }
 
 /// The tokenizer that came with the checkpoint.
@@ -523,19 +541,7 @@ fn open_gguf(path: &Path) -> Result<SourceModel, SourceError> {
             _ => None,
         };
         seen.insert(name.clone());
-        tensors.insert(
-            role,
-            TensorRef {
-                name,
-                file: 0,
-                dtype: info.dtype,
-                shape: info.shape.clone(),
-                start: info.offset,
-                end: info.offset + info.n_bytes,
-                unpermute_heads,
-                parts: Vec::new(),
-            },
-        );
+        tensors.insert(role, TensorRef::gguf(name, info, unpermute_heads));
     }
     if let Some(extra) = g.tensors.iter().find(|t| !seen.contains(&t.name)) {
         return Err(SourceError::UnexpectedTensor {
@@ -683,16 +689,7 @@ fn open_recurrent_gguf(path: &Path, g: GgufFile) -> Result<SourceModel, SourceEr
                 });
             };
             seen.insert(name.clone());
-            Ok(TensorRef {
-                name,
-                file: 0,
-                dtype: info.dtype,
-                shape: info.shape.clone(),
-                start: info.offset,
-                end: info.offset + info.n_bytes,
-                unpermute_heads,
-                parts: Vec::new(),
-            })
+            Ok(TensorRef::gguf(name, info, unpermute_heads))
         };
     let mut tensors = BTreeMap::new();
     for role in arch::required_roles(&config) {
