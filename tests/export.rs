@@ -1330,42 +1330,19 @@ fn exporting_a_gguf_again_gives_the_same_bytes() {
     );
     // Recurrent: f32 GGUF -> q8_0 equals safetensors -> q8_0; a Q8_0 file re-exported as Q8_0
     // is copied, not requantized (llama too).
-    ok(
-        d,
-        &[
-            "export", "gguf", "rec", "--type", "f32", "--out", "f32.gguf", "-q",
-        ],
-    );
-    ok(
-        d,
-        &[
-            "export", "gguf", "f32.gguf", "--type", "q8_0", "--out", "a.gguf", "-q",
-        ],
-    );
-    ok(
-        d,
-        &[
-            "export", "gguf", "rec", "--type", "q8_0", "--out", "b.gguf", "-q",
-        ],
-    );
-    ok(
-        d,
-        &[
-            "export", "gguf", "b.gguf", "--type", "q8_0", "--out", "c.gguf", "-q",
-        ],
-    );
-    ok(
-        d,
-        &[
-            "export", "gguf", "m", "--type", "q4_0", "--out", "l.gguf", "-q",
-        ],
-    );
-    ok(
-        d,
-        &[
-            "export", "gguf", "l.gguf", "--type", "q4_0", "--out", "l2.gguf", "-q",
-        ],
-    );
+    for (from, t, out) in [
+        ("rec", "f32", "f32.gguf"),
+        ("f32.gguf", "q8_0", "a.gguf"),
+        ("rec", "q8_0", "b.gguf"),
+        ("b.gguf", "q8_0", "c.gguf"),
+        ("m", "q4_0", "l.gguf"),
+        ("l.gguf", "q4_0", "l2.gguf"),
+    ] {
+        ok(
+            d,
+            &["export", "gguf", from, "--type", t, "--out", out, "-q"],
+        );
+    }
     let bytes = |f: &str| std::fs::read(d.join(f)).unwrap();
     assert!(bytes("a.gguf") == bytes("b.gguf"));
     assert!(bytes("b.gguf") == bytes("c.gguf"));
