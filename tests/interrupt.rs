@@ -16,22 +16,9 @@ use surgery::synth::{self, SplitMix64, SynthSpec};
 
 const KILLS: usize = 10;
 
-/// A model big enough that `apply` and `export` take a measurable time on a debug build: 8
-/// layers at hidden 256 in BF16 (about 12 MB).
+/// A model big enough that `apply` and `export` take a measurable time on a debug build.
 fn big_source(d: &Path) {
-    let spec = SynthSpec {
-        n_layers: 8,
-        hidden: 256,
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 64,
-        ffn: 640,
-        vocab: 1024,
-        dtype: surgery::dtype::DType::BF16,
-        ..SynthSpec::llama(8)
-    };
-    synth::write_hf(&d.join("src"), &spec, 7).unwrap();
-    synth::write_byte_tokenizer(&d.join("src")).unwrap();
+    common::medium_source(d, 7);
 }
 
 /// Runs `args` in `d` to the end; returns how long it took.

@@ -13,22 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{listing, stderr, surgery};
-use surgery::synth::{self, SynthSpec};
 
 /// A source of about 12 MB (8 layers at hidden 256, BF16) and its (2,4,2) recurrent cut.
 fn setup(d: &Path) {
-    let spec = SynthSpec {
-        hidden: 256,
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 64,
-        ffn: 640,
-        vocab: 1024,
-        dtype: surgery::dtype::DType::BF16,
-        ..SynthSpec::llama(8)
-    };
-    synth::write_hf(&d.join("src"), &spec, 5).unwrap();
-    synth::write_byte_tokenizer(&d.join("src")).unwrap();
+    common::medium_source(d, 5);
     let o = surgery(
         d,
         &["apply", "src", "--shape", "2,4,2", "--out", "rec", "-q"],

@@ -133,3 +133,20 @@ pub fn assert_refused(dir: &Path, args: &[&str], want: &str) {
     );
     assert_eq!(listing(dir), before, "{args:?} wrote something");
 }
+
+/// A synthetic source of about 12 MB in `d/src` (8 layers at hidden 256 in BF16, vocabulary
+/// 1024, a byte-level tokenizer): big enough that `apply` and `export` take measurable time.
+pub fn medium_source(d: &Path, seed: u64) {
+    let spec = surgery::synth::SynthSpec {
+        hidden: 256,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 64,
+        ffn: 640,
+        vocab: 1024,
+        dtype: surgery::dtype::DType::BF16,
+        ..surgery::synth::SynthSpec::llama(8)
+    };
+    surgery::synth::write_hf(&d.join("src"), &spec, seed).unwrap();
+    surgery::synth::write_byte_tokenizer(&d.join("src")).unwrap();
+}
