@@ -7,12 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use indicatif::ProgressStyle;
 use serde_json::{json, Value};
 
 use surgery::demo::{write_fixture, FixturePaths};
 use surgery::eval::data::{read_documents, token_stream, windows, Windows};
-use surgery::eval::perplexity::{perplexity, EvalRow};
+use surgery::eval::perplexity::EvalRow;
 use surgery::export::{export_gguf, GgufOptions, QuantType};
 use surgery::formats::text_tokenizer::TextTokenizer;
 use surgery::heal::train::{run as heal, CurriculumKind, HealConfig, OptimizerKind};
@@ -23,7 +22,7 @@ use surgery::plan::{self, LayerRequest, PlanOptions, PlanRequest, Shape};
 use surgery::source::SourceModel;
 use surgery::surgery::{apply, ApplyOptions};
 
-use super::{byte_progress, si, BarProgress, Global};
+use super::{si, BarProgress, Global};
 
 /// The shape the demo cuts the 10-layer fixture into: layers 2..6 are dropped (dropping only
 /// two costs this model almost nothing, leaving healing nothing to show).
@@ -379,24 +378,7 @@ fn eval_rows(
     } else {
         vec![1]
     };
-    let n = held.n_targets();
-    let bar = byte_progress(global, (n * rs.len()) as u64, what);
-    bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tokens {per_sec} {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let mut rows = Vec::new();
-    for (k, &r) in rs.iter().enumerate() {
-        bar.set_message(format!("{what}, r={r}"));
-        let base = (k * n) as u64;
-        let row = perplexity(model, held, 4, r, 0, &mut |d| {
-            bar.set_position(base + d as u64)
-        })
-        .with_context(|| format!("evaluating at r = {r}"))?;
-        rows.push(row);
-    }
-    bar.finish_and_clear();
-    Ok(rows)
+    super::eval::rows_with_progress(model, held, &rs, 4, 0, global, what)
 }
 
 /// The heal of the demo: short, on the training books, the paper's curriculum to m = 4.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
-use surgery::eval::data::{read_documents, token_stream, windows};
+use surgery::eval::data::{read_documents, token_stream, windows, Windows};
 use surgery::eval::perplexity::{perplexity, EvalRow};
 use surgery::eval::plot::plot_perplexity;
 use surgery::formats::text_tokenizer::TextTokenizer;
@@ -99,25 +99,7 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
             docs.skipped_invalid_utf8
         );
     }
-    let total = (windows.n_targets() * rs.len()) as u64;
-    let bar = byte_progress(global, total, "evaluating");
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {pos}/{len} tokens {per_sec} {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    let mut rows: Vec<EvalRow> = Vec::new();
-    for (k, &r) in rs.iter().enumerate() {
-        let base = (k * windows.n_targets()) as u64;
-        bar.set_message(format!("r={r}"));
-        let row = perplexity(&model, &windows, args.batch, r, args.seed, &mut |n| {
-            bar.set_position(base + n as u64)
-        })
-        .with_context(|| format!("evaluating at r = {r}"))?;
-        rows.push(row);
-    }
-    bar.finish_and_clear();
+    let rows = rows_with_progress(&model, &windows, &rs, args.batch, args.seed, global, "")?;
     if let Some(path) = &args.plot {
         let points = rows
             .iter()
@@ -168,4 +150,41 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Perplexity at each r in `rs`, with one progress bar over every scored token (its message
+/// `what`, then r).
+pub(super) fn rows_with_progress(
+    model: &Model,
+    windows: &Windows,
+    rs: &[usize],
+    batch: usize,
+    seed: u64,
+    global: Global,
+    what: &str,
+) -> anyhow::Result<Vec<EvalRow>> {
+    let n = windows.n_targets();
+    let bar = byte_progress(global, (n * rs.len()) as u64, "evaluating");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} tokens {per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut rows = Vec::with_capacity(rs.len());
+    for (k, &r) in rs.iter().enumerate() {
+        let base = (k * n) as u64;
+        bar.set_message(if what.is_empty() {
+            format!("r={r}")
+        } else {
+            format!("{what}, r={r}")
+        });
+        let row = perplexity(model, windows, batch, r, seed, &mut |done| {
+            bar.set_position(base + done as u64)
+        })
+        .with_context(|| format!("evaluating at r = {r}"))?;
+        rows.push(row);
+    }
+    bar.finish_and_clear();
+    Ok(rows)
 }
