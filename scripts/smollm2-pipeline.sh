@@ -187,8 +187,10 @@ fi
 if part gguf; then
     stage export-q8_0 "$work/healed-q8_0.gguf" "$bin" export gguf "$work/healed" --type q8_0 \
         --out "$work/healed-q8_0.gguf" -q
+    # --dequantize: the file's fidelity in exact arithmetic (eval's default multiplies with the
+    # Q8_0 blocks as llama.cpp does, rounding activations too).
     evaluate healed-q8_0 "$work/healed-q8_0.gguf" --recurrence "${GGUF_RECURRENCE:-$rs}" \
-        --plot "$work/img/healed-q8_0.png"
+        --dequantize --plot "$work/img/healed-q8_0.png"
 fi
 if part f32; then
     # The same file at f32 separates the format and its reader from the quantization.
@@ -423,7 +425,7 @@ w("")
 w("## The healed (4,8,4) model as a q8_0 GGUF against its safetensors checkpoint\n")
 w("`surgery export gguf --type q8_0` (our recurrent architecture, schemas/gguf-recurrent.md: every")
 w("matrix Q8_0, the embeddings, `output` and the adapter included; norms F32), read back by our")
-w("runtime (dequantized to f32 at load), on the same XSum tokens as the checkpoint.\n")
+w("runtime dequantized to f32 (`eval --dequantize`), on the same XSum tokens as the checkpoint.\n")
 w("| r | checkpoint perplexity | q8_0 GGUF perplexity | relative difference | f32 GGUF perplexity |")
 w("|---|---|---|---|---|")
 gg, gf = rows("healed-q8_0"), rows("healed-f32")

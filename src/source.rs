@@ -130,6 +130,9 @@ pub struct TokenizerInfo {
     pub files: Vec<String>,
 }
 
+/// A stored tensor and its bytes, rows in the Hugging Face order.
+pub type StoredRows<'a> = (&'a TensorRef, std::borrow::Cow<'a, [u8]>);
+
 enum Storage {
     /// `first_file`: the index in [`SourceModel::files`] of the checkpoint's first weight file.
     Safetensors {
@@ -213,6 +216,27 @@ impl SourceModel {
         decode_rows(t.dtype, self.bytes(t), rows, t.unpermute_heads)
     }
 
+    /// A tensor's stored bytes with its rows in the Hugging Face order (llama.cpp's Q/K row
+    /// permutation undone: rows are whole blocks), with its reference; a fused role gives one
+    /// per part, in order.
+    pub fn stored_rows<'a>(
+        &'a self,
+        t: &'a TensorRef,
+    ) -> Result<Vec<StoredRows<'a>>, gguf::GgufError> {
+        if !t.parts.is_empty() {
+            let mut parts = Vec::with_capacity(t.parts.len());
+            for part in &t.parts {
+                parts.extend(self.stored_rows(part)?);
+            }
+            return Ok(parts);
+        }
+        let rows = t.shape.first().copied().unwrap_or(1);
+        Ok(vec![(
+            t,
+            unpermuted(self.bytes(t), rows, t.unpermute_heads)?,
+        )])
+    }
+
     /// The GGUF file, when the source is one (for its tokenizer metadata).
     pub fn gguf(&self) -> Option<&GgufFile> {
         match &self.storage {
@@ -259,15 +283,25 @@ pub fn decode_rows(
     n_rows: usize,
     unpermute_heads: Option<usize>,
 ) -> Result<Vec<f32>, gguf::GgufError> {
-    let bytes = match unpermute_heads {
+    let bytes = unpermuted(bytes, n_rows, unpermute_heads)?;
+    let per_block = dtype.type_size();
+    let n_elements = bytes.len() / per_block * dtype.block_size();
+    gguf::dequantize(dtype, &bytes, n_elements)
+}
+
+/// `bytes` in the Hugging Face row order: llama.cpp's per-head Q/K row permutation undone when
+/// `unpermute_heads` is set.
+fn unpermuted(
+    bytes: &[u8],
+    n_rows: usize,
+    unpermute_heads: Option<usize>,
+) -> Result<std::borrow::Cow<'_, [u8]>, gguf::GgufError> {
+    Ok(match unpermute_heads {
         Some(heads) => {
             std::borrow::Cow::Owned(gguf::unpermute_rows_gguf_to_hf(bytes, n_rows, heads)?)
         }
         None => std::borrow::Cow::Borrowed(bytes),
-    };
-    let per_block = dtype.type_size();
-    let n_elements = bytes.len() / per_block * dtype.block_size();
-    gguf::dequantize(dtype, &bytes, n_elements)
+    })
 }
 
 fn file_entry(root: &Path, path: &Path) -> Result<SourceFile, SourceError> {

@@ -1196,6 +1196,8 @@ fn smollm2_full_model_q8_0_perplexity_is_within_a_tenth_of_a_percent() {
                 "1024",
                 "--seq-len",
                 "512",
+                // The export's fidelity, in exact arithmetic: no rounding of activations.
+                "--dequantize",
                 "-q",
             ],
         );

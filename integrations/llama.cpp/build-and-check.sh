@@ -83,7 +83,11 @@ nice -n 10 ninja -C "$BUILD" -j2 llama-perplexity llama-completion llama-results
 
 [ "${1:-}" = "--build-only" ] && exit 0
 
-# --- the model: SmolLM2 (4,8,4), identity adapter plus noise so the state matters -------------
+# --- the model: SmolLM2 (4,8,4), identity adapter plus noise, healed briefly ------------------
+# The fresh cut is badly conditioned: any rounding is amplified with every recurrence (llama.cpp's
+# f16 KV cache alone moves its perplexity at r = 4 by 2.7%), so two runtimes' q8_0 arithmetic can
+# only agree on a model that has been healed, however briefly. CHECK_MODEL=DIR checks another
+# recurrent checkpoint (CHECK_MODEL=unhealed: the fresh cut itself).
 CTX=${CHECK_CTX:-512}
 CHUNKS=${CHECK_CHUNKS:-8}
 [ $((CTX % 256)) -eq 0 ] || die "CHECK_CTX must be a multiple of 256 (llama.cpp pads its context to 256)"
@@ -93,17 +97,34 @@ if [ ! -x "$SURGERY" ] || [ ! -x "$ROOT/target/release/examples/llama-cpp-logits
     note "building surgery (release) and the llama-cpp-logits example"
     (cd "$ROOT" && cargo build --release --bin surgery --example llama-cpp-logits)
 fi
-MODEL=$WORK/smollm2-484
-if [ ! -f "$MODEL/manifest.json" ]; then
+CUT=$WORK/smollm2-484
+if [ ! -f "$CUT/manifest.json" ]; then
     note "surgery apply: SmolLM2 (4,8,4), identity adapter + noise 0.003, zero initial state"
-    rm -rf "$MODEL"
+    rm -rf "$CUT"
     "$SURGERY" apply "$ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf" --shape 4,8,4 --adapter-init identity \
-        --adapter-noise 0.003 --state-init zero --seed 0 --out "$MODEL" -q
+        --adapter-noise 0.003 --state-init zero --seed 0 --out "$CUT" -q
 fi
-for t in f32 q8_0; do
-    if [ ! -f "$WORK/smollm2-484-$t.gguf" ] || [ "$MODEL/manifest.json" -nt "$WORK/smollm2-484-$t.gguf" ]; then
-        "$SURGERY" export gguf "$MODEL" --type "$t" --out "$WORK/smollm2-484-$t.gguf" --force -q
+case "${CHECK_MODEL:-}" in
+"")
+    MODEL=$WORK/smollm2-484-healed
+    if [ ! -f "$MODEL/manifest.json" ] || [ "$CUT/manifest.json" -nt "$MODEL/manifest.json" ]; then
+        note "surgery heal: 6 steps of 2 x 256 King James tokens, 1-sqrt curriculum to r = 4 (minutes)"
+        "$SURGERY" heal "$CUT" --data "$ASSETS/kjv.jsonl" --out "$MODEL" --force --steps 6 \
+            --seq-len 256 --batch 2 --micro-batch 1 --curriculum 1-sqrt --max-mean-recurrence 4 \
+            --eval-tokens 256 --checkpoint-every 0 -q
     fi
+    ;;
+unhealed) MODEL=$CUT ;;
+*) MODEL=$(cd "$CHECK_MODEL" && pwd) ;;
+esac
+note "model: $MODEL"
+NAME=$(basename "$MODEL")
+for t in f32 q8_0; do
+    f=$WORK/$NAME-$t.gguf
+    if [ ! -f "$f" ] || [ "$MODEL/manifest.json" -nt "$f" ]; then
+        "$SURGERY" export gguf "$MODEL" --type "$t" --out "$f" --force -q
+    fi
+    ln -sf "$NAME-$t.gguf" "$WORK/check-$t.gguf"
 done
 
 # --- held-out text: XSum documents as ONE document (.txt for llama.cpp, .jsonl for us) ---------
@@ -129,20 +150,24 @@ PY
 # `surgery eval --seq-len S` (non-overlapping windows of S inputs, every target scored).
 S=$((CTX - 1))
 C=$((CTX - S / 2))
-for t in f32 q8_0; do
-    kv=()
-    # f32: f32 KV cache and no flash attention (llama.cpp's CPU flash attention and its default f16
-    # cache each move f32 logits by 1e-3 to 1e-1); q8_0 runs with llama.cpp's defaults
-    [ "$t" = f32 ] && kv=(-ctk f32 -ctv f32 -fa off)
+# Both runtimes compute attention in f32: llama.cpp with an f32 KV cache and no flash attention (its
+# CPU flash attention and default f16 cache each move f32 logits by 1e-3 to 1e-1). q8_0 also runs
+# with llama.cpp's defaults ("q8_0-default"), reported next to the bound.
+MATCHED=(-ctk f32 -ctv f32 -fa off)
+for t in f32 q8_0 q8_0-default; do
+    kv=("${MATCHED[@]}")
+    [ "$t" = q8_0-default ] && kv=()
     for r in $RS; do
         note "llama-perplexity $t r=$r"
-        "$BIN/llama-perplexity" -m "$WORK/smollm2-484-$t.gguf" -f "$WORK/xsum.txt" -t 1 \
+        "$BIN/llama-perplexity" -m "$WORK/check-${t%-default}.gguf" -f "$WORK/xsum.txt" -t 1 \
             -c "$C" -b "$C" --ppl-stride "$S" --chunks "$CHUNKS" "${kv[@]}" \
             --override-kv "huginn_raven.recurrence.default=int:$r" > "$WORK/ppl-llama-$t-r$r.log" 2>&1 ||
             die "llama-perplexity failed: $WORK/ppl-llama-$t-r$r.log"
     done
+done
+for t in f32 q8_0; do
     note "surgery eval $t r=${RS// /,}"
-    "$SURGERY" eval "$WORK/smollm2-484-$t.gguf" --data "$WORK/xsum.jsonl" --field text \
+    "$SURGERY" eval "$WORK/check-$t.gguf" --data "$WORK/xsum.jsonl" --field text \
         --recurrence "${RS// /,}" --seq-len "$S" --max-tokens $((CHUNKS * S)) --batch 1 --json -q \
         > "$WORK/ppl-surgery-$t.json"
 done
@@ -163,7 +188,7 @@ for m in pruned smollm2; do
     fi
     note "control: $m as stock llama, q8_0"
     "$BIN/llama-perplexity" -m "$f" -f "$WORK/xsum.txt" -t 1 -c "$C" -b "$C" --ppl-stride "$S" \
-        --chunks "$CHUNKS" > "$WORK/ppl-llama-$m-llama-q8_0.log" 2>&1 || die "llama-perplexity failed on $f"
+        --chunks "$CHUNKS" "${MATCHED[@]}" > "$WORK/ppl-llama-$m-llama-q8_0.log" 2>&1 || die "llama-perplexity failed on $f"
     "$SURGERY" eval "$f" --data "$WORK/xsum.jsonl" --field text --seq-len "$S" \
         --max-tokens $((CHUNKS * S)) --batch 1 --json -q > "$WORK/ppl-surgery-$m-llama-q8_0.json"
 done
@@ -171,22 +196,20 @@ done
 # --- last-token logits of a prompt (llama-results dumps every position's logits) --------------
 PROMPT="The Eiffel Tower, completed in 1889 for the World's Fair, is a wrought-iron lattice tower in"
 for t in f32 q8_0; do
-    kv=()
-    [ "$t" = f32 ] && kv=(-ctk f32 -ctv f32 -fa off)
     for r in $RS; do
         rm -f "$WORK/logits-llama-$t-r$r.gguf"
-        "$BIN/llama-results" -m "$WORK/smollm2-484-$t.gguf" -p "$PROMPT" -t 1 "${kv[@]}" \
+        "$BIN/llama-results" -m "$WORK/check-$t.gguf" -p "$PROMPT" -t 1 "${MATCHED[@]}" \
             --override-kv "huginn_raven.recurrence.default=int:$r" -o "$WORK/logits-llama-$t-r$r.gguf" \
             > "$WORK/logits-llama-$t-r$r.log" 2>&1 || die "llama-results failed: $WORK/logits-llama-$t-r$r.log"
     done
-    "$ROOT/target/release/examples/llama-cpp-logits" "$WORK/smollm2-484-$t.gguf" "$PROMPT" "${RS// /,}" \
+    "$ROOT/target/release/examples/llama-cpp-logits" "$WORK/check-$t.gguf" "$PROMPT" "${RS// /,}" \
         > "$WORK/logits-surgery-$t.json"
 done
 
 # --- the olmo2 block path: the same model rewritten with OLMo-2 blocks (olmo2_fixture.py) -----
-OLMO=$WORK/olmo2-484-f32.gguf
-if [ ! -f "$OLMO" ] || [ "$WORK/smollm2-484-f32.gguf" -nt "$OLMO" ]; then
-    "$VENV/bin/python" "$HERE/olmo2_fixture.py" "$WORK/smollm2-484-f32.gguf" "$OLMO"
+OLMO=$WORK/olmo2-$NAME-f32.gguf
+if [ ! -f "$OLMO" ] || [ "$WORK/$NAME-f32.gguf" -nt "$OLMO" ]; then
+    "$VENV/bin/python" "$HERE/olmo2_fixture.py" "$WORK/$NAME-f32.gguf" "$OLMO"
 fi
 for r in $RS; do
     rm -f "$WORK/logits-llama-olmo2-r$r.gguf"
@@ -201,12 +224,12 @@ GEN_PROMPT="The capital of France is"
 NGEN=64
 for r in 1 4; do
     note "llama-completion q8_0 r=$r"
-    "$BIN/llama-completion" -m "$WORK/smollm2-484-q8_0.gguf" -p "$GEN_PROMPT" -n "$NGEN" -t 1 --temp 0 \
+    "$BIN/llama-completion" -m "$WORK/check-q8_0.gguf" -p "$GEN_PROMPT" -n "$NGEN" -t 1 --temp 0 \
         -no-cnv --ignore-eos --override-kv "huginn_raven.recurrence.default=int:$r" \
         > "$WORK/gen-llama-r$r.txt" 2> "$WORK/gen-llama-r$r.log" || die "llama-completion failed: $WORK/gen-llama-r$r.log"
     note "surgery generate q8_0 r=$r"
-    "$SURGERY" generate "$WORK/smollm2-484-q8_0.gguf" --prompt "$GEN_PROMPT" --max-tokens "$NGEN" \
+    "$SURGERY" generate "$WORK/check-q8_0.gguf" --prompt "$GEN_PROMPT" --max-tokens "$NGEN" \
         --recurrence "$r" --threads 1 --ignore-eos --json -q > "$WORK/gen-surgery-r$r.json"
 done
 
-"$VENV/bin/python" "$HERE/report.py" "$WORK" "$RS" "$CTX" "$CHUNKS"
+"$VENV/bin/python" "$HERE/report.py" "$WORK" "$RS" "$CTX" "$CHUNKS" "$MODEL"

@@ -1,6 +1,6 @@
 """Table of build-and-check.sh's results: llama.cpp against `surgery` on the same GGUF files.
 
-usage: report.py WORK "1 4 8" CTX CHUNKS   (exit 1 when a bound of issue 9 is not met)
+usage: report.py WORK "1 4 8" CTX CHUNKS MODEL   (exit 1 when a bound of issue 9 is not met)
 """
 
 import json
@@ -10,7 +10,8 @@ import sys
 import numpy as np
 from gguf import GGUFReader
 
-work, rs, ctx, chunks = sys.argv[1], [int(r) for r in sys.argv[2].split()], int(sys.argv[3]), int(sys.argv[4])
+work, rs, ctx, chunks, model = (sys.argv[1], [int(r) for r in sys.argv[2].split()], int(sys.argv[3]),
+                                int(sys.argv[4]), sys.argv[5])
 BOUND_PPL = {"f32": 0.005, "q8_0": 0.01}  # relative perplexity difference
 BOUND_LOGITS = {"f32": 1e-3, "olmo2": 1e-3}  # max |logit difference|, last token
 failures = []
@@ -43,10 +44,12 @@ def tokens_per_second(log):
     return float(m.group(2)), int(m.group(1))
 
 
+print(f"\nModel: {model}")
 print(f"\nPerplexity, XSum ({chunks} windows of {ctx - 1} scored tokens, {chunks * (ctx - 1)} tokens), "
-      "llama.cpp -t 1 vs surgery eval, same GGUF")
-print("| type | r | llama.cpp | surgery | rel. diff | bound |")
-print("|---|---|---|---|---|---|")
+      "llama.cpp -t 1 (f32 KV cache, no flash attention) vs surgery eval, same GGUF; last columns: "
+      "llama.cpp at its default settings (f16 KV cache, flash attention)")
+print("| type | r | llama.cpp | surgery | rel. diff | bound | llama.cpp defaults | rel. diff |")
+print("|---|---|---|---|---|---|---|---|")
 for t in ("f32", "q8_0"):
     ours = {row["r"]: row for row in json.load(open(f"{work}/ppl-surgery-{t}.json"))["rows"]}
     for r in rs:
@@ -57,9 +60,13 @@ for t in ("f32", "q8_0"):
         ok = rel <= BOUND_PPL[t]
         if not ok:
             failures.append(f"perplexity {t} r={r}: {a:.4f} vs {b:.4f}")
-        print(f"| {t} | {r} | {a:.4f} | {b:.4f} | {100 * rel:.3f}% | {100 * BOUND_PPL[t]:g}% {'ok' if ok else 'FAIL'} |")
+        default = "| - | - |"
+        if t == "q8_0":
+            d = llama_ppl(f"{work}/ppl-llama-q8_0-default-r{r}.log")
+            default = f"| {d:.4f} | {100 * abs(d - b) / b:.3f}% |"
+        print(f"| {t} | {r} | {a:.4f} | {b:.4f} | {100 * rel:.3f}% | {100 * BOUND_PPL[t]:g}% {'ok' if ok else 'FAIL'} {default}")
 
-print("\nControl: q8_0 through llama.cpp's own `llama` architecture (no patch), same windows")
+print("\nControl: q8_0 through llama.cpp's own `llama` architecture (no patch), same windows and settings")
 print("| model | llama.cpp | surgery | rel. diff |")
 print("|---|---|---|---|")
 for m, label in (("pruned", "pruned static (4+8+4 layers), = recurrent r=1"), ("smollm2", "SmolLM2-135M, all 30 layers")):

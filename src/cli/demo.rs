@@ -17,7 +17,7 @@ use surgery::formats::text_tokenizer::TextTokenizer;
 use surgery::heal::train::{run as heal, CurriculumKind, HealConfig, OptimizerKind};
 use surgery::manifest::sha256_file;
 use surgery::model::params::Train;
-use surgery::model::{generate, Exit, GenerateOptions, Model};
+use surgery::model::{generate, Exit, GenerateOptions, Model, Weights};
 use surgery::plan::{self, LayerRequest, PlanOptions, PlanRequest, Shape};
 use surgery::source::SourceModel;
 use surgery::surgery::{apply, ApplyOptions};
@@ -289,7 +289,7 @@ fn stages(dir: &Path, shown: &Path, args: &DemoArgs, global: Global) -> anyhow::
         &mut BarProgress::new(global),
     )?;
     let gguf_source = SourceModel::open(&gguf)?;
-    let gguf_model = Model::load(&gguf_source, &device)?;
+    let gguf_model = Model::load_as(&gguf_source, None, &device, Weights::Stored)?;
     let gguf_row = eval_rows(&gguf_model, &held, &[HEALED_R], global, "GGUF")?.remove(0);
 
     // 8. generate

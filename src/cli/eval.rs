@@ -49,6 +49,10 @@ pub struct EvalArgs {
     /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Dequantize a quantized GGUF's weights to f32 (its exact values) instead of multiplying
+    /// with its blocks as llama.cpp does (more memory, no rounding of activations).
+    #[arg(long)]
+    pub dequantize: bool,
     /// Write a PNG of perplexity against r.
     #[arg(long, value_name = "FILE.png")]
     pub plot: Option<PathBuf>,
@@ -72,19 +76,22 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
     let stream = token_stream(&docs, &tokenizer, args.max_tokens.map(|m| m + 1))?;
     let windows = windows(&stream, args.seq_len, args.max_tokens);
     let device = super::parse_device(&args.device)?;
-    let model = match &args.layers {
-        None => Model::load(&source, &device)?,
-        Some(_) if source.config.recurrent.is_some() => {
-            bail!(
-                "--layers selects layers of a static model; {} is recurrent",
-                args.model.display()
-            )
-        }
-        Some(ranges) => {
-            let layers: Vec<usize> = ranges.iter().flat_map(|r| r.iter()).collect();
-            Model::load_static(&source, &layers, &device)?
-        }
-    };
+    if args.layers.is_some() && source.config.recurrent.is_some() {
+        bail!(
+            "--layers selects layers of a static model; {} is recurrent",
+            args.model.display()
+        )
+    }
+    let layers: Option<Vec<usize>> = args
+        .layers
+        .as_ref()
+        .map(|ranges| ranges.iter().flat_map(|r| r.iter()).collect());
+    let model = Model::load_as(
+        &source,
+        layers.as_deref(),
+        &device,
+        super::weights(args.dequantize),
+    )?;
     let rs: Vec<usize> = if model.is_recurrent() {
         args.recurrence.clone()
     } else {

@@ -48,6 +48,10 @@ pub struct GenerateArgs {
     /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Dequantize a quantized GGUF's weights to f32 (its exact values) instead of multiplying
+    /// with its blocks as llama.cpp does (more memory, no rounding of activations).
+    #[arg(long)]
+    pub dequantize: bool,
 }
 
 fn parse_exit(s: &str) -> Result<Exit, String> {
@@ -99,7 +103,7 @@ pub fn run(args: GenerateArgs, global: Global) -> anyhow::Result<()> {
     if prompt.is_empty() {
         bail!("the prompt tokenizes to nothing: give some text");
     }
-    let model = Model::load(&source, &device)?;
+    let model = Model::load_as(&source, None, &device, super::weights(args.dequantize))?;
     let r = match source.config.recurrent {
         Some(shape) => args.recurrence.unwrap_or(shape.mean_recurrence),
         None => {

@@ -193,6 +193,15 @@ pub fn print_notes(plan: &surgery::plan::Plan, global: Global) {
     }
 }
 
+/// How eval and generate hold a quantized GGUF's weights: as stored unless `--dequantize`.
+pub fn weights(dequantize: bool) -> surgery::model::Weights {
+    if dequantize {
+        surgery::model::Weights::F32
+    } else {
+        surgery::model::Weights::Stored
+    }
+}
+
 /// `cpu`, `cuda` or `cuda:N`. A build without the `cuda` feature says so when CUDA is asked for.
 pub fn parse_device(name: &str) -> anyhow::Result<candle_core::Device> {
     let cuda = |n: usize| {

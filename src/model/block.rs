@@ -6,7 +6,7 @@ use candle_core::{Tensor, D};
 
 use crate::formats::hf_config::ModelConfig;
 
-use super::{rope, Result};
+use super::{rope, Result, Weight};
 
 /// Where a block's norms sit.
 pub enum Norms {
@@ -24,13 +24,13 @@ pub enum Norms {
 pub struct Block {
     pub norms: Norms,
     /// [q + 2 kv, h]: rows of q, then k, then v.
-    pub wqkv: Tensor,
+    pub wqkv: Weight,
     /// [h, q]
-    pub wo: Tensor,
+    pub wo: Weight,
     /// [2 f, h]: rows of gate, then up.
-    pub w_gate_up: Tensor,
+    pub w_gate_up: Weight,
     /// [h, f]
-    pub w_down: Tensor,
+    pub w_down: Weight,
 }
 
 /// What every block of one forward pass shares.
@@ -104,7 +104,7 @@ impl Block {
         let (b, t, _) = x.dims3()?;
         let (hd, nh, nkv) = (c.head_dim, c.n_heads, c.n_kv_heads);
         // (B, T, h) @ (h, q + 2kv) -> (B, T, q + 2kv)
-        let qkv = linear(x, &self.wqkv)?;
+        let qkv = self.wqkv.forward(x)?;
         let mut q = qkv.narrow(D::Minus1, 0, nh * hd)?;
         let mut k = qkv.narrow(D::Minus1, nh * hd, nkv * hd)?;
         let v = qkv.narrow(D::Minus1, (nh + nkv) * hd, nkv * hd)?;
@@ -144,15 +144,15 @@ impl Block {
         let out = softmax(&scores)?.matmul(&v.contiguous()?)?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         // (B, T, q) @ (q, h) -> (B, T, h)
-        Ok(linear(&out, &self.wo)?)
+        Ok(self.wo.forward(&out)?)
     }
 
     /// down(silu(gate(x)) * up(x)): (B, T, h) -> (B, T, h)
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
         let f = self.w_down.dim(1)?;
-        let gu = linear(x, &self.w_gate_up)?;
+        let gu = self.w_gate_up.forward(x)?;
         let gate = gu.narrow(D::Minus1, 0, f)?;
         let up = gu.narrow(D::Minus1, f, f)?;
-        Ok(linear(&(silu(&gate)? * up)?, &self.w_down)?)
+        Ok(self.w_down.forward(&(silu(&gate)? * up)?)?)
     }
 }

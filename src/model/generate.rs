@@ -137,7 +137,7 @@ impl Model {
                 let previous = s.clone();
                 if let Some(adapter) = &self.adapter {
                     // concat on the hidden axis, state first: (B, T, 2h) @ (2h, h) -> (B, T, h)
-                    s = block::linear(&Tensor::cat(&[&s, &e], D::Minus1)?, adapter)?;
+                    s = adapter.forward(&Tensor::cat(&[&s, &e], D::Minus1)?)?;
                 }
                 for (j, blk) in self.core.iter().enumerate() {
                     s = blk.forward(&s, &ctx, super::slot_at(&mut cache, p + k * c + j))?;
@@ -166,7 +166,7 @@ impl Model {
         // Only the last position is needed: (B, 1, h) -> (B, 1, V)
         let last = x.narrow(1, t - 1, 1)?;
         let last = block::rms_norm(&last, &self.final_norm, self.config.norm_eps)?;
-        let logits = block::linear(&last, &self.lm_head)?;
+        let logits = self.lm_head.forward(&last)?;
         let logits = logits.i((0, 0))?.to_dtype(candle_core::DType::F32)?;
         Ok((logits.to_vec1::<f32>()?, iterations))
     }

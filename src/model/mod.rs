@@ -10,6 +10,7 @@ mod generate;
 pub mod params;
 mod rope;
 mod stepwise;
+mod weight;
 
 use candle_core::{DType as CDType, Device, IndexOp, Tensor, D};
 use rand::SeedableRng;
@@ -23,6 +24,7 @@ use crate::source::SourceModel;
 pub use block::Block;
 pub use generate::{generate, sample, Exit, GenerateOptions, GenerateReport};
 pub use rope::Rope;
+pub use weight::{kept_as_stored, Part, Weight};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -77,72 +79,152 @@ pub struct Model {
     core: Vec<Block>,
     coda: Vec<Block>,
     /// [h, 2h]: columns 0..h read the state, h..2h the prelude output e.
-    adapter: Option<Tensor>,
+    adapter: Option<Weight>,
     final_norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Weight,
     rope: Rope,
     /// sigma of the initial state (0: zero state).
     state_std: f64,
     device: Device,
 }
 
-fn load(source: &SourceModel, role: Role, device: &Device) -> Result<Tensor> {
-    let t = source.tensor(role).ok_or_else(|| ModelError::Load {
-        name: format!("{role}"),
-        reason: "missing".into(),
-    })?;
-    let values = source.read_f32(t).map_err(|e| ModelError::Load {
-        name: t.name.clone(),
-        reason: e.to_string(),
-    })?;
-    Ok(Tensor::from_vec(values, t.shape.as_slice(), device)?)
+/// How a model holds block-quantized GGUF matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weights {
+    /// Dequantized to f32: exact values, trainable.
+    F32,
+    /// As stored (Q4_0, Q8_0 and the k-quants, see [`weight::kept_as_stored`]): they take their
+    /// stored size in memory and multiply as llama.cpp does, activations rounded to the blocks'
+    /// dot type (see [`Weight`]). Embeddings, norms, float tensors and the other block types are
+    /// f32. Training dequantizes what it trains.
+    Stored,
+}
+
+/// Reads a checkpoint's tensors onto a device.
+struct Loader<'a> {
+    source: &'a SourceModel,
+    device: &'a Device,
+    /// Keep block-quantized GGUF matrices as stored (see [`Weight::Quantized`]).
+    keep_quantized: bool,
+}
+
+impl Loader<'_> {
+    fn tensor(&self, role: Role) -> Result<Tensor> {
+        let t = self.source.tensor(role).ok_or_else(|| ModelError::Load {
+            name: format!("{role}"),
+            reason: "missing".into(),
+        })?;
+        let values = self.source.read_f32(t).map_err(|e| ModelError::Load {
+            name: t.name.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Tensor::from_vec(values, t.shape.as_slice(), self.device)?)
+    }
+
+    /// The matrix whose rows are those of `roles`' tensors, in order.
+    fn weight(&self, roles: &[Role]) -> Result<Weight> {
+        let refs = roles
+            .iter()
+            .map(|&role| {
+                self.source.tensor(role).ok_or_else(|| ModelError::Load {
+                    name: format!("{role}"),
+                    reason: "missing".into(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let kept = |t: &crate::source::TensorRef| {
+            if t.parts.is_empty() {
+                weight::kept_as_stored(t.dtype)
+            } else {
+                t.parts.iter().all(|p| weight::kept_as_stored(p.dtype))
+            }
+        };
+        if self.keep_quantized && refs.iter().all(|t| kept(t)) {
+            let mut parts = Vec::new();
+            for t in refs {
+                let load_error = |e: crate::formats::gguf::GgufError| ModelError::Load {
+                    name: t.name.clone(),
+                    reason: e.to_string(),
+                };
+                for (part, bytes) in self.source.stored_rows(t).map_err(load_error)? {
+                    let &[rows, cols] = part.shape.as_slice() else {
+                        return Err(ModelError::Load {
+                            name: part.name.clone(),
+                            reason: format!("a matrix, not of shape {:?}", part.shape),
+                        });
+                    };
+                    parts.push(
+                        weight::Part::new(part.dtype, &bytes, (rows, cols), self.device)
+                            .map_err(load_error)?,
+                    );
+                }
+            }
+            return Ok(Weight::Quantized(parts));
+        }
+        let values = roles
+            .iter()
+            .map(|&role| self.tensor(role))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Weight::Dense(Tensor::cat(&values, 0)?))
+    }
 }
 
 impl Model {
     /// Loads any checkpoint: a recurrent one as prelude, core and coda; a static one with all its
-    /// layers (see [`Model::load_static`] for a subset).
+    /// layers. Every weight becomes f32 (GGUF blocks are dequantized exactly), as training and
+    /// reference checks need.
     pub fn load(source: &SourceModel, device: &Device) -> Result<Model> {
-        match source.config.recurrent {
-            None => Model::load_static(
-                source,
-                &(0..source.config.n_layers).collect::<Vec<_>>(),
-                device,
-            ),
-            Some(shape) => {
-                let block = |i: usize| Block::load_recurrent(source, i, device);
-                let p = shape.prelude;
-                let c = shape.core;
-                let prelude = (0..p).map(block).collect::<Result<Vec<_>>>()?;
-                let core = (p..p + c).map(block).collect::<Result<Vec<_>>>()?;
-                let coda = (p + c..p + c + shape.coda)
-                    .map(block)
-                    .collect::<Result<Vec<_>>>()?;
-                let adapter = if shape.adapter {
-                    Some(load(source, Role::Adapter, device)?)
-                } else {
-                    None
-                };
-                Model::assemble(
-                    source,
-                    prelude,
-                    core,
-                    coda,
-                    adapter,
-                    shape.state_std,
-                    device,
-                )
-            }
-        }
+        Model::load_as(source, None, device, Weights::F32)
     }
 
     /// A static model over the given source layers, in that order: all of them for the source
     /// model, or the source with some removed (the pruned model the identity adapter reproduces).
     pub fn load_static(source: &SourceModel, layers: &[usize], device: &Device) -> Result<Model> {
-        if source.config.recurrent.is_some() {
-            return Err(ModelError::Invalid(
-                "load_static needs a static checkpoint".into(),
-            ));
-        }
+        Model::load_as(source, Some(layers), device, Weights::F32)
+    }
+
+    /// [`Model::load`] (or [`Model::load_static`] with `layers`), holding the weights as `weights`
+    /// says.
+    pub fn load_as(
+        source: &SourceModel,
+        layers: Option<&[usize]>,
+        device: &Device,
+        weights: Weights,
+    ) -> Result<Model> {
+        let loader = Loader {
+            source,
+            device,
+            keep_quantized: weights == Weights::Stored,
+        };
+        let shape = match (source.config.recurrent, layers) {
+            (None, layers) => {
+                let all = (0..source.config.n_layers).collect::<Vec<_>>();
+                return Model::static_from(&loader, layers.unwrap_or(&all));
+            }
+            (Some(_), Some(_)) => {
+                return Err(ModelError::Invalid(
+                    "a layer subset needs a static checkpoint".into(),
+                ))
+            }
+            (Some(shape), None) => shape,
+        };
+        let block = |i: usize| Block::load_recurrent(&loader, i);
+        let (p, c) = (shape.prelude, shape.core);
+        let prelude = (0..p).map(block).collect::<Result<Vec<_>>>()?;
+        let core = (p..p + c).map(block).collect::<Result<Vec<_>>>()?;
+        let coda = (p + c..p + c + shape.coda)
+            .map(block)
+            .collect::<Result<Vec<_>>>()?;
+        let adapter = if shape.adapter {
+            Some(loader.weight(&[Role::Adapter])?)
+        } else {
+            None
+        };
+        Model::assemble(&loader, prelude, core, coda, adapter, shape.state_std)
+    }
+
+    fn static_from(loader: &Loader, layers: &[usize]) -> Result<Model> {
+        let source = loader.source;
         let blocks = layers
             .iter()
             .map(|&i| {
@@ -152,30 +234,31 @@ impl Model {
                         source.config.n_layers
                     )));
                 }
-                Block::load_source(source, i, device)
+                Block::load_source(loader, i)
             })
             .collect::<Result<Vec<_>>>()?;
         let mut config = source.config.clone();
         config.n_layers = layers.len();
-        let mut model = Model::assemble(source, blocks, vec![], vec![], None, 0.0, device)?;
+        let mut model = Model::assemble(loader, blocks, vec![], vec![], None, 0.0)?;
         model.config = config;
         Ok(model)
     }
 
     fn assemble(
-        source: &SourceModel,
+        loader: &Loader,
         prelude: Vec<Block>,
         core: Vec<Block>,
         coda: Vec<Block>,
-        adapter: Option<Tensor>,
+        adapter: Option<Weight>,
         state_std: f64,
-        device: &Device,
     ) -> Result<Model> {
-        let embed = load(source, Role::Embed, device)?;
+        let source = loader.source;
+        let embed = loader.tensor(Role::Embed)?;
         // A tied source has no lm_head tensor: the embeddings serve as both.
         let lm_head = match source.tensor(Role::LmHead) {
-            Some(_) => load(source, Role::LmHead, device)?,
-            None => embed.clone(),
+            Some(_) => loader.weight(&[Role::LmHead])?,
+            None if loader.keep_quantized => loader.weight(&[Role::Embed])?,
+            None => Weight::Dense(embed.clone()),
         };
         Ok(Model {
             config: source.config.clone(),
@@ -185,10 +268,10 @@ impl Model {
             core,
             coda,
             adapter,
-            final_norm: load(source, Role::FinalNorm, device)?,
+            final_norm: loader.tensor(Role::FinalNorm)?,
             lm_head,
             state_std,
-            device: device.clone(),
+            device: loader.device.clone(),
         })
     }
 
@@ -273,7 +356,7 @@ impl Model {
             for k in 0..r {
                 if let Some(adapter) = &self.adapter {
                     // concat on the hidden axis, state first: (B, T, 2h) @ (2h, h) -> (B, T, h)
-                    s = block::linear(&Tensor::cat(&[&s, &e], D::Minus1)?, adapter)?;
+                    s = adapter.forward(&Tensor::cat(&[&s, &e], D::Minus1)?)?;
                 }
                 for (j, block) in self.core.iter().enumerate() {
                     s = block.forward(&s, &ctx, slot_at(&mut cache, p + k * c + j))?;
@@ -295,7 +378,7 @@ impl Model {
         }
         let x = block::rms_norm(&x, &self.final_norm, self.config.norm_eps)?;
         // (B, T, h) @ (h, V) -> (B, T, V)
-        Ok(block::linear(&x, &self.lm_head)?)
+        Ok(self.lm_head.forward(&x)?)
     }
 
     /// s_0: a normal of the model's sigma truncated at +-3 sigma (resampled beyond), or zeros.
@@ -462,46 +545,38 @@ pub fn last_logits(logits: &Tensor) -> Result<Vec<f32>> {
 }
 
 impl Block {
-    fn load_source(source: &SourceModel, i: usize, device: &Device) -> Result<Block> {
+    fn load_source(loader: &Loader, i: usize) -> Result<Block> {
         use LayerRole::*;
-        let get = |r: LayerRole| load(source, Role::Layer(i, r), device);
-        let cat = |parts: &[LayerRole]| -> Result<Tensor> {
-            let ts = parts.iter().map(|&p| get(p)).collect::<Result<Vec<_>>>()?;
-            Ok(Tensor::cat(&ts, 0)?)
+        let rows = |parts: &[LayerRole]| {
+            loader.weight(&parts.iter().map(|&p| Role::Layer(i, p)).collect::<Vec<_>>())
         };
         Block::new(
-            source.config.family,
-            cat(&[Q, K, V])?,
-            get(O)?,
-            cat(&[Gate, Up])?,
-            get(Down)?,
-            &get,
+            loader,
+            i,
+            rows(&[Q, K, V])?,
+            rows(&[O])?,
+            rows(&[Gate, Up])?,
+            rows(&[Down])?,
         )
     }
 
-    fn load_recurrent(source: &SourceModel, i: usize, device: &Device) -> Result<Block> {
+    fn load_recurrent(loader: &Loader, i: usize) -> Result<Block> {
         use LayerRole::*;
-        let get = |r: LayerRole| load(source, Role::Layer(i, r), device);
-        Block::new(
-            source.config.family,
-            get(Qkv)?,
-            get(O)?,
-            get(GateUp)?,
-            get(Down)?,
-            &get,
-        )
+        let get = |r: LayerRole| loader.weight(&[Role::Layer(i, r)]);
+        Block::new(loader, i, get(Qkv)?, get(O)?, get(GateUp)?, get(Down)?)
     }
 
     fn new(
-        family: Family,
-        wqkv: Tensor,
-        wo: Tensor,
-        w_gate_up: Tensor,
-        w_down: Tensor,
-        get: &dyn Fn(LayerRole) -> Result<Tensor>,
+        loader: &Loader,
+        i: usize,
+        wqkv: Weight,
+        wo: Weight,
+        w_gate_up: Weight,
+        w_down: Weight,
     ) -> Result<Block> {
         use LayerRole::*;
-        let norms = match family {
+        let get = |r: LayerRole| loader.tensor(Role::Layer(i, r));
+        let norms = match loader.source.config.family {
             Family::Llama => block::Norms::Pre {
                 attn: get(AttnNorm)?,
                 mlp: get(MlpNorm)?,

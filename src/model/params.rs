@@ -72,7 +72,7 @@ impl Model {
                 name(Role::LmHead),
                 ParamKind::Embedding,
                 Part::Outside,
-                &mut self.lm_head,
+                self.lm_head.dense()?,
             ),
         ];
         if let Some(adapter) = &mut self.adapter {
@@ -80,7 +80,7 @@ impl Model {
                 name(Role::Adapter),
                 ParamKind::Matrix,
                 Part::Adapter,
-                adapter,
+                adapter.dense()?,
             ));
         }
         let blocks = self
@@ -95,20 +95,25 @@ impl Model {
                 layer(LayerRole::Qkv),
                 ParamKind::Matrix,
                 part,
-                &mut block.wqkv,
+                block.wqkv.dense()?,
             ));
-            out.push((layer(LayerRole::O), ParamKind::Matrix, part, &mut block.wo));
+            out.push((
+                layer(LayerRole::O),
+                ParamKind::Matrix,
+                part,
+                block.wo.dense()?,
+            ));
             out.push((
                 layer(LayerRole::GateUp),
                 ParamKind::Matrix,
                 part,
-                &mut block.w_gate_up,
+                block.w_gate_up.dense()?,
             ));
             out.push((
                 layer(LayerRole::Down),
                 ParamKind::Matrix,
                 part,
-                &mut block.w_down,
+                block.w_down.dense()?,
             ));
             match &mut block.norms {
                 Norms::Pre { attn, mlp } => {

@@ -68,7 +68,7 @@ impl Model {
                 self.config.norm_eps,
             )?;
             // (n, h) @ (h, V) -> (n, V)
-            let logits = block::linear(&chunk, &self.lm_head)?;
+            let logits = self.lm_head.forward(&chunk)?;
             let vocab = logits.dim(1)?;
             let logits = logits
                 .to_dtype(DType::F32)?

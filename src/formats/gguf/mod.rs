@@ -16,7 +16,9 @@ use std::path::PathBuf;
 
 use crate::dtype::DType;
 
-pub use quant::{dequantize, permute_rows_hf_to_gguf, quantize, unpermute_rows_gguf_to_hf};
+pub use quant::{
+    cpu_blocks, dequantize, permute_rows_hf_to_gguf, qtensor, quantize, unpermute_rows_gguf_to_hf,
+};
 pub use reader::{GgufFile, TensorInfo, Value};
 pub use writer::{write_gguf, GgufWriter, TensorData, TensorHeader};
 

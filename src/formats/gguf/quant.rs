@@ -14,7 +14,7 @@ use std::borrow::Cow;
 use candle_core::quantized::k_quants::{
     BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0,
 };
-use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor, QuantizedType};
 use candle_core::{Device, Tensor};
 use half::{bf16, f16};
 
@@ -218,11 +218,36 @@ fn aligned<'a>(bytes: &'a [u8], align: usize, scratch: &'a mut Vec<u8>) -> &'a [
     copy
 }
 
-fn dequantize_blocks(dtype: DType, bytes: &[u8], n_elements: usize) -> Result<Vec<f32>, GgufError> {
+/// The blocks of a block-quantized tensor of row-major `shape`, as candle's quantized tensor on
+/// `device`.
+pub fn qtensor(
+    dtype: DType,
+    bytes: &[u8],
+    shape: &[usize],
+    device: &Device,
+) -> Result<QTensor, GgufError> {
+    check_byte_len(dtype, bytes.len(), shape.iter().product())?;
     let mut scratch = Vec::new();
     let data = aligned(bytes, block_align(dtype), &mut scratch);
-    let storage = QStorage::from_data(Cow::Borrowed(data), &Device::Cpu, ggml_dtype(dtype))?;
-    let tensor = QTensor::new(storage, (n_elements,))?;
+    let storage = QStorage::from_data(Cow::Borrowed(data), device, ggml_dtype(dtype))?;
+    Ok(QTensor::new(storage, shape)?)
+}
+
+/// The blocks of `n_elements` values of a block-quantized type, as candle's CPU block storage
+/// (whose `matmul_t` is ggml's `vec_dot` rule).
+pub fn cpu_blocks(
+    dtype: DType,
+    bytes: &[u8],
+    n_elements: usize,
+) -> Result<Box<dyn QuantizedType>, GgufError> {
+    check_byte_len(dtype, bytes.len(), n_elements)?;
+    let mut scratch = Vec::new();
+    let data = aligned(bytes, block_align(dtype), &mut scratch);
+    Ok(ggml_dtype(dtype).from_data(Cow::Borrowed(data)))
+}
+
+fn dequantize_blocks(dtype: DType, bytes: &[u8], n_elements: usize) -> Result<Vec<f32>, GgufError> {
+    let tensor = qtensor(dtype, bytes, &[n_elements], &Device::Cpu)?;
     Ok(tensor.dequantize(&Device::Cpu)?.to_vec1::<f32>()?)
 }
 
