@@ -6,13 +6,14 @@
 //! ```
 //!
 //! The initial state is drawn as `surgery eval` draws it (seed 0); with a model of
-//! `state.sigma = 0` it is zero, as in the llama.cpp patch.
+//! `state.sigma = 0` it is zero, as in the llama.cpp patch. Quantized weights are kept as stored,
+//! as `surgery eval` keeps them.
 
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use surgery::formats::text_tokenizer::TextTokenizer;
-use surgery::model::{last_logits, InitialState, Model};
+use surgery::model::{last_logits, InitialState, Model, Weights};
 use surgery::source::SourceModel;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -35,7 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("the prompt tokenizes to nothing".into());
     }
     let device = Device::Cpu;
-    let model = Model::load(&source, &device)?;
+    let model = Model::load_as(&source, None, &device, Weights::Stored)?;
     let ids = Tensor::from_vec(tokens.clone(), (1, tokens.len()), &device)?;
 
     let mut logits = serde_json::Map::new();
