@@ -219,3 +219,53 @@ fn stored_k_quants_keep_their_row_layout() {
         assert!(!kept_as_stored(dtype), "{dtype:?} is dequantized at load");
     }
 }
+
+#[test]
+fn eval_and_generate_take_dequantize() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    recurrent_q8_0(d);
+    std::fs::write(
+        d.join("held.txt"),
+        "Some held-out text to score with the model, long enough for a few windows of tokens.\n",
+    )
+    .unwrap();
+    let ppl = |extra: &[&str]| -> Vec<f64> {
+        let mut args = vec![
+            "eval",
+            "rec.gguf",
+            "--data",
+            "held.txt",
+            "--recurrence",
+            "1,3",
+        ];
+        args.extend_from_slice(&["--seq-len", "16", "--json", "-q"]);
+        args.extend_from_slice(extra);
+        let o = common::surgery(d, &args);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&common::stdout(&o)).unwrap();
+        let rows = v["rows"].as_array().unwrap();
+        rows.iter()
+            .map(|r| r["perplexity"].as_f64().unwrap())
+            .collect()
+    };
+    let (stored, exact) = (ppl(&[]), ppl(&["--dequantize"]));
+    for (a, b) in stored.iter().zip(&exact) {
+        assert_ne!(a, b, "the default rounds activations");
+        assert!((a - b).abs() / b < 0.01, "{a} vs {b}");
+    }
+    let o = common::surgery(
+        d,
+        &[
+            "generate",
+            "rec.gguf",
+            "--prompt",
+            "Some",
+            "--max-tokens",
+            "4",
+            "--dequantize",
+            "-q",
+        ],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+}

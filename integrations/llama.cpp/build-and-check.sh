@@ -83,11 +83,13 @@ nice -n 10 ninja -C "$BUILD" -j2 llama-perplexity llama-completion llama-results
 
 [ "${1:-}" = "--build-only" ] && exit 0
 
-# --- the model: SmolLM2 (4,8,4), identity adapter plus noise, healed briefly ------------------
-# The fresh cut is badly conditioned: any rounding is amplified with every recurrence (llama.cpp's
-# f16 KV cache alone moves its perplexity at r = 4 by 2.7%), so two runtimes' q8_0 arithmetic can
-# only agree on a model that has been healed, however briefly. CHECK_MODEL=DIR checks another
-# recurrent checkpoint (CHECK_MODEL=unhealed: the fresh cut itself).
+# --- the model: SmolLM2 (4,8,4), healed briefly -----------------------------------------------
+# The cut starts as the pruned model (identity adapter, zero initial state) and is healed for a
+# few steps, which moves the adapter off [0 | I] so that r matters. A fresh cut with a noisy
+# adapter (CHECK_MODEL=unhealed) is badly conditioned: any rounding is amplified with every
+# recurrence (llama.cpp's f16 KV cache alone moves its perplexity at r = 4 by 2.7%), so two
+# runtimes' q8_0 arithmetic cannot be held to 1% on it. CHECK_MODEL=DIR checks another recurrent
+# checkpoint.
 CTX=${CHECK_CTX:-512}
 CHUNKS=${CHECK_CHUNKS:-8}
 [ $((CTX % 256)) -eq 0 ] || die "CHECK_CTX must be a multiple of 256 (llama.cpp pads its context to 256)"
@@ -97,24 +99,30 @@ if [ ! -x "$SURGERY" ] || [ ! -x "$ROOT/target/release/examples/llama-cpp-logits
     note "building surgery (release) and the llama-cpp-logits example"
     (cd "$ROOT" && cargo build --release --bin surgery --example llama-cpp-logits)
 fi
-CUT=$WORK/smollm2-484
-if [ ! -f "$CUT/manifest.json" ]; then
-    note "surgery apply: SmolLM2 (4,8,4), identity adapter + noise 0.003, zero initial state"
-    rm -rf "$CUT"
+apply() { # OUT [APPLY OPTIONS...]: SmolLM2 (4,8,4), identity adapter, zero initial state
+    local out=$1
+    shift
+    [ -f "$out/manifest.json" ] && return
+    note "surgery apply: SmolLM2 (4,8,4) -> $out $*"
     "$SURGERY" apply "$ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf" --shape 4,8,4 --adapter-init identity \
-        --adapter-noise 0.003 --state-init zero --seed 0 --out "$CUT" -q
-fi
+        --state-init zero --seed 0 --out "$out" --force -q "$@"
+}
+IDENTITY=$WORK/smollm2-484-identity
+apply "$IDENTITY"
 case "${CHECK_MODEL:-}" in
 "")
     MODEL=$WORK/smollm2-484-healed
-    if [ ! -f "$MODEL/manifest.json" ] || [ "$CUT/manifest.json" -nt "$MODEL/manifest.json" ]; then
+    if [ ! -f "$MODEL/manifest.json" ] || [ "$IDENTITY/manifest.json" -nt "$MODEL/manifest.json" ]; then
         note "surgery heal: 6 steps of 2 x 256 King James tokens, 1-sqrt curriculum to r = 4 (minutes)"
-        "$SURGERY" heal "$CUT" --data "$ASSETS/kjv.jsonl" --out "$MODEL" --force --steps 6 \
+        "$SURGERY" heal "$IDENTITY" --data "$ASSETS/kjv.jsonl" --out "$MODEL" --force --steps 6 \
             --seq-len 256 --batch 2 --micro-batch 1 --curriculum 1-sqrt --max-mean-recurrence 4 \
             --eval-tokens 256 --checkpoint-every 0 -q
     fi
     ;;
-unhealed) MODEL=$CUT ;;
+unhealed)
+    MODEL=$WORK/smollm2-484
+    apply "$MODEL" --adapter-noise 0.003
+    ;;
 *) MODEL=$(cd "$CHECK_MODEL" && pwd) ;;
 esac
 note "model: $MODEL"
@@ -178,10 +186,7 @@ for m in pruned smollm2; do
     f=$WORK/$m-llama-q8_0.gguf
     if [ ! -f "$f" ]; then
         if [ "$m" = pruned ]; then
-            [ -f "$WORK/smollm2-484-identity/manifest.json" ] || "$SURGERY" apply \
-                "$ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf" --shape 4,8,4 --adapter-init identity \
-                --state-init zero --seed 0 --out "$WORK/smollm2-484-identity" -q
-            "$SURGERY" export gguf "$WORK/smollm2-484-identity" --arch llama --type q8_0 --out "$f" --force -q
+            "$SURGERY" export gguf "$IDENTITY" --arch llama --type q8_0 --out "$f" --force -q
         else
             "$SURGERY" export gguf "$ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf" --arch llama --type q8_0 --out "$f" --force -q
         fi

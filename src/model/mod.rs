@@ -108,12 +108,16 @@ struct Loader<'a> {
     keep_quantized: bool,
 }
 
-impl Loader<'_> {
-    fn tensor(&self, role: Role) -> Result<Tensor> {
-        let t = self.source.tensor(role).ok_or_else(|| ModelError::Load {
+impl<'a> Loader<'a> {
+    fn tensor_ref(&self, role: Role) -> Result<&'a crate::source::TensorRef> {
+        self.source.tensor(role).ok_or_else(|| ModelError::Load {
             name: format!("{role}"),
             reason: "missing".into(),
-        })?;
+        })
+    }
+
+    fn tensor(&self, role: Role) -> Result<Tensor> {
+        let t = self.tensor_ref(role)?;
         let values = self.source.read_f32(t).map_err(|e| ModelError::Load {
             name: t.name.clone(),
             reason: e.to_string(),
@@ -125,12 +129,7 @@ impl Loader<'_> {
     fn weight(&self, roles: &[Role]) -> Result<Weight> {
         let refs = roles
             .iter()
-            .map(|&role| {
-                self.source.tensor(role).ok_or_else(|| ModelError::Load {
-                    name: format!("{role}"),
-                    reason: "missing".into(),
-                })
-            })
+            .map(|&role| self.tensor_ref(role))
             .collect::<Result<Vec<_>>>()?;
         let kept = |t: &crate::source::TensorRef| {
             if t.parts.is_empty() {
