@@ -12,7 +12,7 @@
 //! holds one entry per token, and with a state that has converged (s_i = s_{i-1}) the stored
 //! entries are exactly those a full run would have computed.
 
-use candle_core::{IndexOp, Tensor, D};
+use candle_core::{IndexOp, Tensor};
 use rand::{Rng, RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -107,62 +107,13 @@ impl Model {
         state: InitialState,
         cache: &mut KvCache,
     ) -> Result<(Vec<f32>, usize)> {
-        let (b, t) = ids.dims2()?;
-        if let Some(held) = cache.r.filter(|&held| held != r) {
-            return Err(ModelError::Invalid(format!(
-                "this KV cache holds recurrence {held} and cannot serve r = {r}"
-            )));
-        }
-        let past = cache.len;
-        // Everything follows the weights' dtype, as in `forward`.
-        let dtype = self.embed.dtype();
-        let frame = self.frame(None, b, t, past, dtype)?;
-        let ctx = frame.context(&self.config);
-        let mut cache = Some(cache);
-        // (B, T) -> (B, T, h)
-        let mut x = self.embed(ids)?;
-        for (i, blk) in self.prelude.iter().enumerate() {
-            x = blk.forward(&x, &ctx, super::slot_at(&mut cache, i))?;
-        }
-        let mut iterations = 0;
-        if self.is_recurrent() {
-            let e = x;
-            let (p, c) = (self.prelude.len(), self.core.len());
-            let mut s = match (&self.adapter, state) {
-                (None, _) => e.clone(),
-                (Some(_), InitialState::Given(s0)) => s0.clone(),
-                (Some(_), InitialState::Seeded(seed)) => self.initial_state(e.dims(), seed)?,
-            };
-            for k in 0..r {
-                let previous = s.clone();
-                if let Some(adapter) = &self.adapter {
-                    // concat on the hidden axis, state first: (B, T, 2h) @ (2h, h) -> (B, T, h)
-                    s = adapter.forward(&Tensor::cat(&[&s, &e], D::Minus1)?)?;
-                }
-                for (j, blk) in self.core.iter().enumerate() {
-                    s = blk.forward(&s, &ctx, super::slot_at(&mut cache, p + k * c + j))?;
-                }
-                iterations = k + 1;
-                // s_0 is noise, not a computed state: the first comparison is s_2 with s_1.
-                if let Exit::LatentDiff(eps) = exit {
-                    if iterations >= 2 && iterations < r && relative_change(&s, &previous)? < eps {
-                        break;
-                    }
-                }
-            }
-            if let Some(cache) = cache.as_deref_mut() {
-                fill_skipped(cache, p, c, iterations, r, past, t)?;
-            }
-            x = s;
-        }
-        let coda_start = self.block_runs(r) - self.coda.len();
-        for (i, blk) in self.coda.iter().enumerate() {
-            x = blk.forward(&x, &ctx, super::slot_at(&mut cache, coda_start + i))?;
-        }
-        if let Some(c) = cache {
-            c.r = Some(r);
-            c.len += t;
-        }
+        let run = super::Run {
+            r,
+            without_grad: 0,
+            exit,
+        };
+        let (x, iterations) = self.hidden(ids, None, run, state, Some(cache))?;
+        let t = x.dim(1)?;
         // Only the last position is needed: (B, 1, h) -> (B, 1, V)
         let last = x.narrow(1, t - 1, 1)?;
         let last = block::rms_norm(&last, &self.final_norm, self.config.norm_eps)?;
@@ -173,7 +124,7 @@ impl Model {
 }
 
 /// ||s - previous|| / ||s|| over all elements.
-fn relative_change(s: &Tensor, previous: &Tensor) -> Result<f64> {
+pub(super) fn relative_change(s: &Tensor, previous: &Tensor) -> Result<f64> {
     let diff = (s - previous)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
     let norm = s.sqr()?.sum_all()?.to_scalar::<f32>()?;
     Ok((f64::from(diff) / f64::from(norm).max(f64::MIN_POSITIVE)).sqrt())
@@ -181,7 +132,7 @@ fn relative_change(s: &Tensor, previous: &Tensor) -> Result<f64> {
 
 /// After a token ran `done` < `r` core iterations, appends its keys and values of the last
 /// computed iteration to the slots of the iterations it skipped.
-fn fill_skipped(
+pub(super) fn fill_skipped(
     cache: &mut KvCache,
     p: usize,
     c: usize,

@@ -50,6 +50,16 @@ pub enum InitialState<'a> {
     Given(&'a Tensor),
 }
 
+/// How a pass runs the core.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    /// Core iterations (the most, with an exit).
+    r: usize,
+    /// The state is detached after each of the first this many iterations.
+    without_grad: usize,
+    exit: Exit,
+}
+
 /// One slot of keys and values per (block run): prelude i -> i, core (recurrence k, layer j) ->
 /// P + k C + j, coda i -> P + r C + i (REFERENCE.md: reusing a slot across recurrences is wrong).
 #[derive(Debug, Default)]
@@ -317,9 +327,32 @@ impl Model {
         r: usize,
         without_grad: usize,
         state: InitialState,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        let run = Run {
+            r,
+            without_grad,
+            exit: Exit::Never,
+        };
+        let (x, _) = self.hidden(ids, mask, run, state, cache)?;
+        let x = block::rms_norm(&x, &self.final_norm, self.config.norm_eps)?;
+        // (B, T, h) @ (h, V) -> (B, T, V)
+        Ok(self.lm_head.forward(&x)?)
+    }
+
+    /// Embeddings, prelude, the core looped as `run` says, coda: the hidden states (B, T, h)
+    /// before the final norm, and the core iterations run. Skipped iterations' cache slots get
+    /// the last computed iteration's keys and values (see [`Model::forward_step`]).
+    fn hidden(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        run: Run,
+        state: InitialState,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor, usize)> {
         let (b, t) = ids.dims2()?;
+        let r = run.r;
         let past = cache.as_ref().map_or(0, |c| c.len);
         if let Some(c) = cache.as_deref_mut() {
             if mask.is_some() {
@@ -343,6 +376,7 @@ impl Model {
         for (i, block) in self.prelude.iter().enumerate() {
             x = block.forward(&x, &ctx, slot_at(&mut cache, i))?;
         }
+        let mut iterations = 0;
         if self.is_recurrent() {
             let e = x;
             let (p, c) = (self.prelude.len(), self.core.len());
@@ -353,6 +387,7 @@ impl Model {
                 (Some(_), InitialState::Seeded(seed)) => self.initial_state(e.dims(), seed)?,
             };
             for k in 0..r {
+                let previous = s.clone();
                 if let Some(adapter) = &self.adapter {
                     // concat on the hidden axis, state first: (B, T, 2h) @ (2h, h) -> (B, T, h)
                     s = adapter.forward(&Tensor::cat(&[&s, &e], D::Minus1)?)?;
@@ -360,9 +395,22 @@ impl Model {
                 for (j, block) in self.core.iter().enumerate() {
                     s = block.forward(&s, &ctx, slot_at(&mut cache, p + k * c + j))?;
                 }
-                if k < without_grad {
+                if k < run.without_grad {
                     s = s.detach();
                 }
+                iterations = k + 1;
+                // s_0 is noise, not a computed state: the first comparison is s_2 with s_1.
+                if let Exit::LatentDiff(eps) = run.exit {
+                    if iterations >= 2
+                        && iterations < r
+                        && generate::relative_change(&s, &previous)? < eps
+                    {
+                        break;
+                    }
+                }
+            }
+            if let Some(cache) = cache.as_deref_mut() {
+                generate::fill_skipped(cache, p, c, iterations, r, past, t)?;
             }
             x = s;
         }
@@ -375,9 +423,7 @@ impl Model {
             c.r = Some(r);
             c.len += t;
         }
-        let x = block::rms_norm(&x, &self.final_norm, self.config.norm_eps)?;
-        // (B, T, h) @ (h, V) -> (B, T, V)
-        Ok(self.lm_head.forward(&x)?)
+        Ok((x, iterations))
     }
 
     /// s_0: a normal of the model's sigma truncated at +-3 sigma (resampled beyond), or zeros.
