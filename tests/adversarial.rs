@@ -772,7 +772,21 @@ fn gguf_offsets_out_of_order() {
             .tensor("a", &[32], F32, 128)
             .tensor("b", &[32], F32, 0)
             .data(256),
-        r#"tensor "b" has its data at byte"#,
+        r#"tensor "a" has data offset 128, expected 0"#,
+    );
+}
+
+#[test]
+fn gguf_gap_between_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    hand_made(
+        dir.path(),
+        Gguf::new()
+            .arch()
+            .tensor("a", &[32], F32, 0)
+            .tensor("b", &[32], F32, 256)
+            .data(512),
+        r#"tensor "b" has data offset 256, expected 128"#,
     );
 }
 

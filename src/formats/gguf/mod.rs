@@ -138,18 +138,16 @@ pub enum GgufError {
     /// Two tensors whose data share bytes.
     #[error("tensors {first:?} and {second:?} overlap in the data section")]
     TensorOverlap { first: String, second: String },
-    /// Tensor data not in the order of the tensor infos, which gguf.cpp requires (it expects each
-    /// tensor at the running, aligned end of the previous one).
+    /// Tensor data that does not start where the previous tensor's (padded to the alignment)
+    /// ends: gguf.cpp refuses such a file.
     #[error(
-        "tensor {tensor:?} has its data at byte {offset}, before the end of {previous:?} \
-         (byte {previous_end}), which is listed before it: GGUF stores tensor data in the order \
-         of the tensor infos"
+        "tensor {tensor:?} has data offset {offset}, expected {expected}: GGUF tensor data \
+         follows the previous tensor's, padded to the alignment, with no gap"
     )]
-    TensorOutOfOrder {
+    TensorGap {
         tensor: String,
         offset: u64,
-        previous: String,
-        previous_end: u64,
+        expected: u64,
     },
     /// A tensor handed to the writer whose byte length does not match its shape and type.
     #[error(

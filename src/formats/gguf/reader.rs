@@ -309,7 +309,7 @@ pub fn parse(buf: &[u8]) -> Result<Header, GgufError> {
         tensors.push(t);
     }
     check_no_overlap(&tensors)?;
-    check_in_order(&tensors)?;
+    check_packed(&tensors, data_start, alignment)?;
     Ok(Header {
         version,
         metadata,
@@ -420,22 +420,22 @@ fn check_no_overlap(tensors: &[TensorInfo]) -> Result<(), GgufError> {
     Ok(())
 }
 
-/// Tensor data in the order of the tensor infos, as gguf.cpp requires (it is stricter still: no
-/// gap beyond the alignment padding). Checked after [`check_no_overlap`], so an overlap is
-/// reported as such.
-fn check_in_order(tensors: &[TensorInfo]) -> Result<(), GgufError> {
-    for pair in tensors.windows(2) {
-        if let [a, b] = pair {
-            let previous_end = a.offset.saturating_add(a.n_bytes);
-            if b.offset < previous_end {
-                return Err(GgufError::TensorOutOfOrder {
-                    tensor: b.name.clone(),
-                    offset: b.offset,
-                    previous: a.name.clone(),
-                    previous_end,
-                });
-            }
+/// Tensor data in the order of the tensor infos, each tensor starting where the previous one
+/// ends padded to the alignment (the first at the data section's start), as gguf.cpp requires:
+/// no gap, and so no other order. Checked after [`check_no_overlap`], so an overlap is reported
+/// as such.
+fn check_packed(tensors: &[TensorInfo], data_start: u64, alignment: u64) -> Result<(), GgufError> {
+    let mut expected = data_start;
+    for t in tensors {
+        if t.offset != expected {
+            return Err(GgufError::TensorGap {
+                tensor: t.name.clone(),
+                offset: t.offset - data_start,
+                expected: expected - data_start,
+            });
         }
+        // Cannot overflow: the tensor's end was checked against the file length.
+        expected = align_up(t.offset + t.n_bytes, alignment).unwrap_or(u64::MAX);
     }
     Ok(())
 }
@@ -970,15 +970,18 @@ mod tests {
     }
 
     #[test]
-    fn tensor_data_out_of_order() {
+    fn tensor_data_out_of_order_or_with_gaps() {
         let raw = Raw::header(3, 2, 0)
             .tensor("b", &[16], 0, 64)
             .tensor("a", &[16], 0, 0)
             .data(32, 128);
-        assert_err(
-            raw,
-            "tensor \"a\" has its data at byte 96, before the end of \"b\" (byte 224)",
-        );
+        assert_err(raw, "tensor \"b\" has data offset 64, expected 0");
+        // In order, but with a gap between the two.
+        let raw = Raw::header(3, 2, 0)
+            .tensor("a", &[16], 0, 0)
+            .tensor("b", &[16], 0, 96)
+            .data(32, 160);
+        assert_err(raw, "tensor \"b\" has data offset 96, expected 64");
     }
 
     #[test]
