@@ -492,3 +492,64 @@ fn a_fresh_run_over_an_earlier_one_keeps_only_its_own_metrics() {
     let steps: Vec<u64> = lines.iter().map(|m| m["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, [0, 1], "the second run's two steps only");
 }
+
+#[test]
+fn a_fresh_run_over_an_earlier_runs_checkpoints_needs_force_and_removes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let steps = |extra: &[&str]| {
+        let mut args = vec![
+            "--steps",
+            "4",
+            "--checkpoint-every",
+            "2",
+            "--eval-every",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        heal(d, "out", &args)
+    };
+    // An earlier, longer run whose output is gone (as after a crash): its checkpoints remain.
+    let o = heal(
+        d,
+        "out",
+        &[
+            "--steps",
+            "8",
+            "--checkpoint-every",
+            "2",
+            "--eval-every",
+            "0",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::remove_dir_all(d.join("out")).unwrap();
+    let before = listing(&d.join("out.checkpoints"));
+    assert!(before.contains(&"step-000006".to_string()), "{before:?}");
+
+    let o = steps(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("out.checkpoints holds checkpoints of an earlier run; pass --resume")
+            && err.contains("step-000006"),
+        "{err}"
+    );
+    assert_eq!(
+        listing(&d.join("out.checkpoints")),
+        before,
+        "nothing removed"
+    );
+    assert!(!d.join("out").exists());
+
+    // --force starts over: only this run's checkpoint remains (the earlier run's steps 4 and 6
+    // would otherwise outlive it: the pruning keeps the two highest step numbers).
+    let o = steps(&["--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let after: Vec<String> = listing(&d.join("out.checkpoints"))
+        .into_iter()
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    assert_eq!(after, ["step-000002"]);
+}

@@ -224,11 +224,26 @@ pub fn run_cli(args: HealArgs, global: Global) -> anyhow::Result<()> {
         Some(dir) => (read_state(dir)?.config, Some(dir.as_path())),
         None => (args.config()?, None),
     };
-    if resume.is_none() && config.out.exists() && !args.force {
-        bail!(
-            "{} already exists; pass --force to replace it",
-            config.out.display()
-        );
+    if resume.is_none() {
+        if config.out.exists() && !args.force {
+            bail!(
+                "{} already exists; pass --force to replace it",
+                config.out.display()
+            );
+        }
+        // An earlier run's checkpoints: resume them, or --force removes them.
+        let root = config.checkpoint_root();
+        if let Some(latest) = surgery::heal::checkpoint::existing(&root)?.last() {
+            if !args.force {
+                bail!(
+                    "{} holds checkpoints of an earlier run; pass --resume {} to continue it, or \
+                     --force to start over (they are removed)",
+                    root.display(),
+                    latest.display()
+                );
+            }
+            surgery::heal::checkpoint::clear(&root)?;
+        }
     }
     let mut observer = Bar::new(global, config.steps);
     let mut trained = run(&config, resume, &device, &mut observer)?;

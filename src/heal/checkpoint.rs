@@ -49,8 +49,22 @@ pub fn save(
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
     }
     std::fs::rename(&partial, &dir).map_err(io(&dir))?;
-    let mut old: Vec<PathBuf> = std::fs::read_dir(root)
-        .map_err(io(root))?
+    let old = existing(root)?;
+    for stale in old.iter().take(old.len().saturating_sub(KEEP)) {
+        std::fs::remove_dir_all(stale).map_err(io(stale))?;
+    }
+    Ok(dir)
+}
+
+/// The checkpoints under `root` (`step-NNNNNN`, finished ones), oldest first; none when `root`
+/// does not exist.
+pub fn existing(root: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(io(root)(e)),
+    };
+    let mut steps: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.is_dir()
@@ -60,11 +74,27 @@ pub fn save(
                 })
         })
         .collect();
-    old.sort();
-    for stale in old.iter().take(old.len().saturating_sub(KEEP)) {
-        std::fs::remove_dir_all(stale).map_err(io(stale))?;
+    steps.sort();
+    Ok(steps)
+}
+
+/// Removes every checkpoint under `root`, finished or partial (a fresh run replacing an earlier
+/// one: otherwise the earlier run's later steps would outlive this run's, which [`save`] prunes
+/// as the oldest).
+pub fn clear(root: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(());
+    };
+    for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+        if path.is_dir()
+            && path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+        {
+            std::fs::remove_dir_all(&path).map_err(io(&path))?;
+        }
     }
-    Ok(dir)
+    Ok(())
 }
 
 /// Reads a checkpoint's state (the run's configuration and position) without loading tensors.
