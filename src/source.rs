@@ -203,6 +203,44 @@ impl SourceModel {
         }
     }
 
+    /// Lets the kernel drop the pages of rows `rows` of `t` (of its parts, for a fused role)
+    /// once they have been read: a model streamed through does not stay resident.
+    pub fn release_rows(&self, t: &TensorRef, rows: std::ops::Range<usize>) {
+        if !t.parts.is_empty() {
+            let mut base = 0;
+            for p in &t.parts {
+                let n = p.shape.first().copied().unwrap_or(1);
+                let (lo, hi) = (rows.start.max(base), rows.end.min(base + n));
+                if lo < hi {
+                    self.release_rows(p, lo - base..hi - base);
+                }
+                base += n;
+            }
+            return;
+        }
+        let n_rows = t.shape.first().copied().unwrap_or(1).max(1) as u64;
+        let row_bytes = (t.end - t.start) / n_rows;
+        let (start, end) = (
+            t.start + rows.start as u64 * row_bytes,
+            t.start + rows.end as u64 * row_bytes,
+        );
+        match &self.storage {
+            Storage::Safetensors {
+                checkpoint,
+                first_file,
+            } => {
+                if let Some(f) = t
+                    .file
+                    .checked_sub(*first_file)
+                    .and_then(|i| checkpoint.files.get(i))
+                {
+                    f.release(start, end);
+                }
+            }
+            Storage::Gguf(g) => g.release(start, end),
+        }
+    }
+
     /// A tensor's values as f32 in the Hugging Face convention (dequantized, rows un-permuted).
     pub fn read_f32(&self, t: &TensorRef) -> Result<Vec<f32>, gguf::GgufError> {
         if !t.parts.is_empty() {

@@ -130,6 +130,7 @@ pub fn stream_rows<E: From<GgufError>>(
         };
         for (range, bytes) in group.iter().zip(results) {
             sink(&bytes?, source_bytes(t, range))?;
+            source.release_rows(t, range.clone());
         }
     }
     Ok(())

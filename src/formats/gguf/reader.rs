@@ -185,6 +185,12 @@ impl GgufFile {
         &self.path
     }
 
+    /// Tells the kernel bytes `start..end` of the map are not needed now (see
+    /// [`crate::formats::safetensors::SafetensorsFile::release`]).
+    pub fn release(&self, start: u64, end: u64) {
+        crate::formats::safetensors::release(&self.mmap, start, end);
+    }
+
     /// The file's length in bytes.
     pub fn len(&self) -> u64 {
         self.mmap.len() as u64
