@@ -412,6 +412,21 @@ pub fn write_file(
     })
 }
 
+/// `MADV_DONTNEED` on bytes `start..end` of a read-only file map (rounded out to whole pages by
+/// memmap2); a range outside the map is ignored.
+pub(crate) fn release(map: &Mmap, start: u64, end: u64) {
+    let (Ok(start), Ok(end)) = (usize::try_from(start), usize::try_from(end)) else {
+        return;
+    };
+    if start < end && end <= map.len() {
+        // SAFETY: a read-only private mapping of a file: dropped pages are read from the file
+        // again if touched, so no data can be lost.
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+        };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -559,20 +574,5 @@ mod tests {
         .unwrap();
         let err = Checkpoint::open_dir(dir.path()).unwrap_err().to_string();
         assert!(err.contains(r#"tensor "x" appears in both"#), "{err}");
-    }
-}
-
-/// `MADV_DONTNEED` on bytes `start..end` of a read-only file map (rounded out to whole pages by
-/// memmap2); a range outside the map is ignored.
-pub(crate) fn release(map: &Mmap, start: u64, end: u64) {
-    let (Ok(start), Ok(end)) = (usize::try_from(start), usize::try_from(end)) else {
-        return;
-    };
-    if start < end && end <= map.len() {
-        // SAFETY: a read-only private mapping of a file: dropped pages are read from the file
-        // again if touched, so no data can be lost.
-        let _ = unsafe {
-            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
-        };
     }
 }
