@@ -203,27 +203,9 @@ impl SourceModel {
         }
     }
 
-    /// Lets the kernel drop the pages of rows `rows` of `t` (of its parts, for a fused role)
-    /// once they have been read: a model streamed through does not stay resident.
-    pub fn release_rows(&self, t: &TensorRef, rows: std::ops::Range<usize>) {
-        if !t.parts.is_empty() {
-            let mut base = 0;
-            for p in &t.parts {
-                let n = p.shape.first().copied().unwrap_or(1);
-                let (lo, hi) = (rows.start.max(base), rows.end.min(base + n));
-                if lo < hi {
-                    self.release_rows(p, lo - base..hi - base);
-                }
-                base += n;
-            }
-            return;
-        }
-        let n_rows = t.shape.first().copied().unwrap_or(1).max(1) as u64;
-        let row_bytes = (t.end - t.start) / n_rows;
-        let (start, end) = (
-            t.start + rows.start as u64 * row_bytes,
-            t.start + rows.end as u64 * row_bytes,
-        );
+    /// Lets the kernel drop the pages of bytes `start..end` (file offsets) of stored tensor `t`'s
+    /// file once they have been read: a model streamed through does not stay resident.
+    pub fn release(&self, t: &TensorRef, start: u64, end: u64) {
         match &self.storage {
             Storage::Safetensors {
                 checkpoint,

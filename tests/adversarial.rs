@@ -748,46 +748,37 @@ fn gguf_offset_past_the_end() {
     );
 }
 
+/// Tensor data must follow the infos' order, each tensor at the previous one's padded end.
 #[test]
-fn gguf_offsets_out_of_order_and_overlapping() {
-    let dir = tempfile::tempdir().unwrap();
-    hand_made(
-        dir.path(),
-        Gguf::new()
-            .arch()
-            .tensor("a", &[32], F32, 96)
-            .tensor("b", &[64], F32, 0)
-            .data(256),
-        "overlap",
-    );
-}
-
-#[test]
-fn gguf_offsets_out_of_order() {
-    let dir = tempfile::tempdir().unwrap();
-    hand_made(
-        dir.path(),
-        Gguf::new()
-            .arch()
-            .tensor("a", &[32], F32, 128)
-            .tensor("b", &[32], F32, 0)
-            .data(256),
-        r#"tensor "a" has data offset 128, expected 0"#,
-    );
-}
-
-#[test]
-fn gguf_gap_between_tensors() {
-    let dir = tempfile::tempdir().unwrap();
-    hand_made(
-        dir.path(),
-        Gguf::new()
-            .arch()
-            .tensor("a", &[32], F32, 0)
-            .tensor("b", &[32], F32, 256)
-            .data(512),
-        r#"tensor "b" has data offset 256, expected 128"#,
-    );
+fn gguf_tensor_data_out_of_place() {
+    // (first offset, second offset and element count, data bytes, message)
+    let cases: [(u64, (u64, u64), usize, &str); 3] = [
+        (96, (0, 64), 256, "overlap"),
+        (
+            128,
+            (0, 32),
+            256,
+            r#"tensor "a" has data offset 128, expected 0"#,
+        ),
+        (
+            0,
+            (256, 32),
+            512,
+            r#"tensor "b" has data offset 256, expected 128"#,
+        ),
+    ];
+    for (a, (b, b_len), data, want) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        hand_made(
+            dir.path(),
+            Gguf::new()
+                .arch()
+                .tensor("a", &[32], F32, a)
+                .tensor("b", &[b_len], F32, b)
+                .data(data),
+            want,
+        );
+    }
 }
 
 #[test]

@@ -632,21 +632,7 @@ fn safetensors_to_gguf_to_safetensors_is_bit_exact() {
 fn the_recurrent_gguf_loads_in_our_runtime_with_the_same_logits() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    hf(d, "m", &SynthSpec::llama(6));
-    ok(
-        d,
-        &[
-            "apply",
-            "m",
-            "--shape",
-            "2,2,2",
-            "--adapter-noise",
-            "0.3",
-            "--out",
-            "rec",
-            "-q",
-        ],
-    );
+    common::noisy_recurrent_cut(d, 7);
     ok(
         d,
         &[

@@ -13,7 +13,7 @@ use surgery::dtype::DType;
 use surgery::formats::gguf::{dequantize, quantize};
 use surgery::model::{kept_as_stored, last_logits, InitialState, Model, Part, Weight, Weights};
 use surgery::source::SourceModel;
-use surgery::synth::{self, SplitMix64, SynthSpec};
+use surgery::synth::SplitMix64;
 
 const CPU: Device = Device::Cpu;
 
@@ -127,27 +127,12 @@ fn stored_blocks_multiply_as_ggml_with_activations_rounded_to_q8_0() {
 /// q, k, v (Q and K rows permuted by llama.cpp's convention) are separate stored tensors that the
 /// model fuses.
 fn recurrent_q8_0(dir: &Path) -> SourceModel {
-    synth::write_hf(&dir.join("m"), &SynthSpec::llama(6), 3).unwrap();
-    synth::write_byte_tokenizer(&dir.join("m")).unwrap();
-    for args in [
-        &[
-            "apply",
-            "m",
-            "--shape",
-            "2,2,2",
-            "--adapter-noise",
-            "0.3",
-            "--out",
-            "rec",
-            "-q",
-        ][..],
-        &[
-            "export", "gguf", "rec", "--type", "q8_0", "--out", "rec.gguf", "-q",
-        ],
-    ] {
-        let o = common::surgery(dir, args);
-        assert!(o.status.success(), "{args:?}: {}", common::stderr(&o));
-    }
+    common::noisy_recurrent_cut(dir, 3);
+    let args = [
+        "export", "gguf", "rec", "--type", "q8_0", "--out", "rec.gguf", "-q",
+    ];
+    let o = common::surgery(dir, &args);
+    assert!(o.status.success(), "{args:?}: {}", common::stderr(&o));
     SourceModel::open(&dir.join("rec.gguf")).unwrap()
 }
 

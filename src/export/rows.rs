@@ -61,24 +61,43 @@ pub fn chunks(n_rows: usize, cols: usize, unit: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
+/// Rows `rows` of `t` as (stored tensor, its rows): the parts of a fused tensor that the rows
+/// fall in, or `t` itself.
+fn stored_parts(t: &TensorRef, rows: Range<usize>) -> Vec<(&TensorRef, Range<usize>)> {
+    if t.parts.is_empty() {
+        return vec![(t, rows)];
+    }
+    let mut out = Vec::new();
+    let mut base = 0;
+    for p in &t.parts {
+        let n = rows_cols(&p.shape).0;
+        let (lo, hi) = (rows.start.max(base), rows.end.min(base + n));
+        if lo < hi {
+            out.push((p, lo - base..hi - base));
+        }
+        base += n;
+    }
+    out
+}
+
+/// The file offsets of rows `rows` of a stored (not fused) tensor.
+fn byte_range(t: &TensorRef, rows: &Range<usize>) -> (u64, u64) {
+    let row_bytes = (t.end - t.start) / rows_cols(&t.shape).0.max(1) as u64;
+    (
+        t.start + rows.start as u64 * row_bytes,
+        t.start + rows.end as u64 * row_bytes,
+    )
+}
+
 /// The bytes of source tensor `t` read for rows `rows` (what the progress counts).
 pub fn source_bytes(t: &TensorRef, rows: &Range<usize>) -> u64 {
-    if !t.parts.is_empty() {
-        let mut base = 0;
-        let mut total = 0;
-        for p in &t.parts {
-            let n = rows_cols(&p.shape).0;
-            let lo = rows.start.max(base);
-            let hi = rows.end.min(base + n);
-            if lo < hi {
-                total += source_bytes(p, &(lo - base..hi - base));
-            }
-            base += n;
-        }
-        return total;
-    }
-    let n_rows = rows_cols(&t.shape).0.max(1) as u64;
-    (t.end - t.start) / n_rows * rows.len() as u64
+    stored_parts(t, rows.clone())
+        .iter()
+        .map(|(p, r)| {
+            let (start, end) = byte_range(p, r);
+            end - start
+        })
+        .sum()
 }
 
 /// Where [`stream_rows`] hands each chunk: its bytes and the source bytes it was read from.
@@ -130,7 +149,10 @@ pub fn stream_rows<E: From<GgufError>>(
         };
         for (range, bytes) in group.iter().zip(results) {
             sink(&bytes?, source_bytes(t, range))?;
-            source.release_rows(t, range.clone());
+            for (p, r) in stored_parts(t, range.clone()) {
+                let (start, end) = byte_range(p, &r);
+                source.release(p, start, end);
+            }
         }
     }
     Ok(())
@@ -147,15 +169,8 @@ pub fn read_rows<'a>(
 ) -> Result<Cow<'a, [u8]>, GgufError> {
     if !t.parts.is_empty() {
         let mut out = Vec::new();
-        let mut base = 0;
-        for p in &t.parts {
-            let n = rows_cols(&p.shape).0;
-            let lo = rows.start.max(base);
-            let hi = rows.end.min(base + n);
-            if lo < hi {
-                out.extend_from_slice(&read_rows(source, p, lo - base..hi - base, want, order)?);
-            }
-            base += n;
+        for (p, r) in stored_parts(t, rows) {
+            out.extend_from_slice(&read_rows(source, p, r, want, order)?);
         }
         return Ok(Cow::Owned(out));
     }

@@ -104,10 +104,9 @@ impl SafetensorsFile {
             .unwrap_or(&[])
     }
 
-    /// Tells the kernel bytes `start..end` of the map are not needed now, so streaming a model
-    /// through the map does not keep the whole file resident.
+    /// Tells the kernel bytes `start..end` of the file are not needed now.
     pub fn release(&self, start: u64, end: u64) {
-        release(&self.mmap, start, end);
+        super::release_range(&self.mmap, start, end);
     }
 
     pub fn len(&self) -> u64 {
@@ -410,21 +409,6 @@ pub fn write_file(
         let _ = std::fs::remove_file(&partial);
         io_err(path)(e)
     })
-}
-
-/// `MADV_DONTNEED` on bytes `start..end` of a read-only file map (rounded out to whole pages by
-/// memmap2); a range outside the map is ignored.
-pub(crate) fn release(map: &Mmap, start: u64, end: u64) {
-    let (Ok(start), Ok(end)) = (usize::try_from(start), usize::try_from(end)) else {
-        return;
-    };
-    if start < end && end <= map.len() {
-        // SAFETY: a read-only private mapping of a file: dropped pages are read from the file
-        // again if touched, so no data can be lost.
-        let _ = unsafe {
-            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
-        };
-    }
 }
 
 #[cfg(test)]

@@ -59,40 +59,37 @@ pub fn save(
 /// The checkpoints under `root` (`step-NNNNNN`, finished ones), oldest first; none when `root`
 /// does not exist.
 pub fn existing(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut steps: Vec<PathBuf> = step_dirs(root)?
+        .into_iter()
+        .filter(|p| !p.to_string_lossy().ends_with(".partial"))
+        .collect();
+    steps.sort();
+    Ok(steps)
+}
+
+/// Every `step-*` directory under `root`, finished or partial; none when `root` does not exist.
+fn step_dirs(root: &Path) -> Result<Vec<PathBuf>> {
     let entries = match std::fs::read_dir(root) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
         Err(e) => return Err(io(root)(e)),
     };
-    let mut steps: Vec<PathBuf> = entries
+    Ok(entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.is_dir()
-                && p.file_name().is_some_and(|n| {
-                    n.to_string_lossy().starts_with("step-")
-                        && !n.to_string_lossy().ends_with(".partial")
-                })
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
         })
-        .collect();
-    steps.sort();
-    Ok(steps)
+        .collect())
 }
 
 /// Removes every checkpoint under `root`, finished or partial (a fresh run replacing an earlier
 /// one: otherwise the earlier run's later steps would outlive this run's, which [`save`] prunes
 /// as the oldest).
 pub fn clear(root: &Path) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return Ok(());
-    };
-    for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
-        if path.is_dir()
-            && path
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
-        {
-            std::fs::remove_dir_all(&path).map_err(io(&path))?;
-        }
+    for path in step_dirs(root)? {
+        std::fs::remove_dir_all(&path).map_err(io(&path))?;
     }
     Ok(())
 }

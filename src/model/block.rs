@@ -59,13 +59,22 @@ pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
 /// x @ w^T for x (..., in) and w (out, in): (..., in) -> (..., out). Flattened to one 2-D matmul,
 /// because broadcasting w over the batch makes its gradient a batch of full-size copies.
 pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    on_rows(x, w.dim(0)?, |rows| rows.matmul(&w.t()?))
+}
+
+/// `f` applied to `x` (..., in) flattened to rows (n, in), giving (n, out): (..., out).
+pub fn on_rows(
+    x: &Tensor,
+    out: usize,
+    f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
     let dims = x.dims();
     let (lead, inner) = dims.split_at(dims.len() - 1);
     let rows: usize = lead.iter().product();
-    let y = x.reshape((rows, inner[0]))?.matmul(&w.t()?)?;
-    let mut out = lead.to_vec();
-    out.push(w.dim(0)?);
-    y.reshape(out)
+    let y = f(&x.reshape((rows, inner[0]))?)?;
+    let mut shape = lead.to_vec();
+    shape.push(out);
+    y.reshape(shape)
 }
 
 /// x * sigmoid(x), from exp.

@@ -91,30 +91,15 @@ impl Model {
             .chain(self.coda.iter_mut().map(|b| (Part::Coda, b)));
         for (i, (part, block)) in blocks.enumerate() {
             let layer = |r: LayerRole| name(Role::Layer(i, r));
-            out.push((
-                layer(LayerRole::Qkv),
-                ParamKind::Matrix,
-                part,
-                block.wqkv.dense()?,
-            ));
-            out.push((
-                layer(LayerRole::O),
-                ParamKind::Matrix,
-                part,
-                block.wo.dense()?,
-            ));
-            out.push((
-                layer(LayerRole::GateUp),
-                ParamKind::Matrix,
-                part,
-                block.w_gate_up.dense()?,
-            ));
-            out.push((
-                layer(LayerRole::Down),
-                ParamKind::Matrix,
-                part,
-                block.w_down.dense()?,
-            ));
+            let matrices = [
+                (LayerRole::Qkv, &mut block.wqkv),
+                (LayerRole::O, &mut block.wo),
+                (LayerRole::GateUp, &mut block.w_gate_up),
+                (LayerRole::Down, &mut block.w_down),
+            ];
+            for (role, weight) in matrices {
+                out.push((layer(role), ParamKind::Matrix, part, weight.dense()?));
+            }
             match &mut block.norms {
                 Norms::Pre { attn, mlp } => {
                     out.push((layer(LayerRole::AttnNorm), ParamKind::Norm, part, attn));

@@ -149,19 +149,14 @@ impl Weight {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Weight::Dense(w) => block::linear(x, w),
-            Weight::Quantized(parts) => {
-                let dims = x.dims();
-                let (lead, inner) = dims.split_at(dims.len() - 1);
-                let rows: usize = lead.iter().product();
-                let x = x.reshape((rows, inner[0]))?.contiguous()?;
+            Weight::Quantized(parts) => block::on_rows(x, self.dim(0)?, |rows| {
+                let rows = rows.contiguous()?;
                 let outs = parts
                     .iter()
-                    .map(|p| p.forward(&x))
+                    .map(|p| p.forward(&rows))
                     .collect::<candle_core::Result<Vec<_>>>()?;
-                let mut out = lead.to_vec();
-                out.push(self.dim(0)?);
-                Tensor::cat(&outs, D::Minus1)?.reshape(out)
-            }
+                Tensor::cat(&outs, D::Minus1)
+            }),
         }
     }
 

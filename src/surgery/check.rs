@@ -218,10 +218,7 @@ impl SourceFiles {
     /// the map does not grow resident memory with the model's size.
     pub fn release(&self, s: &SourceRef, start: usize, len: usize) {
         if let Some(m) = self.maps.get(&s.file) {
-            // SAFETY: read-only private mapping of a file: dropped pages are re-read from the file
-            // if touched again, so no data can be lost.
-            let _ =
-                unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
+            crate::formats::release_pages(m, start, len);
         }
     }
 

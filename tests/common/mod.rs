@@ -150,3 +150,25 @@ pub fn medium_source(d: &Path, seed: u64) {
     surgery::synth::write_hf(&d.join("src"), &spec, seed).unwrap();
     surgery::synth::write_byte_tokenizer(&d.join("src")).unwrap();
 }
+
+/// A synthetic 6-layer Llama with a byte-level tokenizer at `d/m` (weights from `seed`), and its
+/// (2,2,2) cut at `d/rec` with a noisy adapter (`--adapter-noise 0.3`), so the state and r matter.
+pub fn noisy_recurrent_cut(d: &Path, seed: u64) {
+    let m = d.join("m");
+    surgery::synth::write_hf(&m, &surgery::synth::SynthSpec::llama(6), seed)
+        .expect("synthetic model");
+    surgery::synth::write_byte_tokenizer(&m).expect("synthetic tokenizer");
+    let args = [
+        "apply",
+        "m",
+        "--shape",
+        "2,2,2",
+        "--adapter-noise",
+        "0.3",
+        "--out",
+        "rec",
+        "-q",
+    ];
+    let o = surgery(d, &args);
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+}

@@ -226,9 +226,8 @@ pub fn qtensor(
     shape: &[usize],
     device: &Device,
 ) -> Result<QTensor, GgufError> {
-    check_byte_len(dtype, bytes.len(), shape.iter().product())?;
     let mut scratch = Vec::new();
-    let data = aligned(bytes, block_align(dtype), &mut scratch);
+    let data = checked_blocks(dtype, bytes, shape.iter().product(), &mut scratch)?;
     let storage = QStorage::from_data(Cow::Borrowed(data), device, ggml_dtype(dtype))?;
     Ok(QTensor::new(storage, shape)?)
 }
@@ -240,10 +239,21 @@ pub fn cpu_blocks(
     bytes: &[u8],
     n_elements: usize,
 ) -> Result<Box<dyn QuantizedType>, GgufError> {
-    check_byte_len(dtype, bytes.len(), n_elements)?;
     let mut scratch = Vec::new();
-    let data = aligned(bytes, block_align(dtype), &mut scratch);
+    let data = checked_blocks(dtype, bytes, n_elements, &mut scratch)?;
     Ok(ggml_dtype(dtype).from_data(Cow::Borrowed(data)))
+}
+
+/// `bytes`, checked to hold exactly `n_elements` values of `dtype`, aligned for candle's block
+/// structs (copied into `scratch` when they are not).
+fn checked_blocks<'a>(
+    dtype: DType,
+    bytes: &'a [u8],
+    n_elements: usize,
+    scratch: &'a mut Vec<u8>,
+) -> Result<&'a [u8], GgufError> {
+    check_byte_len(dtype, bytes.len(), n_elements)?;
+    Ok(aligned(bytes, block_align(dtype), scratch))
 }
 
 fn dequantize_blocks(dtype: DType, bytes: &[u8], n_elements: usize) -> Result<Vec<f32>, GgufError> {

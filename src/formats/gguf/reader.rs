@@ -185,10 +185,9 @@ impl GgufFile {
         &self.path
     }
 
-    /// Tells the kernel bytes `start..end` of the map are not needed now (see
-    /// [`crate::formats::safetensors::SafetensorsFile::release`]).
+    /// Tells the kernel bytes `start..end` of the file are not needed now.
     pub fn release(&self, start: u64, end: u64) {
-        crate::formats::safetensors::release(&self.mmap, start, end);
+        crate::formats::release_range(&self.mmap, start, end);
     }
 
     /// The file's length in bytes.
