@@ -41,6 +41,7 @@ pub struct Context<'a> {
     pub cos: &'a Tensor,
     pub sin: &'a Tensor,
     pub config: &'a ModelConfig,
+    pub kernels: super::Kernels,
 }
 
 /// x / sqrt(mean(x^2) + eps) * w over the last axis.

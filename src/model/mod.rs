@@ -6,6 +6,7 @@
 //! no gradient in candle), so the trainer can use this forward as it is.
 
 mod block;
+pub mod fused;
 mod generate;
 pub mod params;
 mod rope;
@@ -22,6 +23,7 @@ use crate::formats::hf_config::{Family, ModelConfig};
 use crate::source::SourceModel;
 
 pub use block::Block;
+pub use fused::Kernels;
 pub use generate::{generate, sample, Exit, GenerateOptions, GenerateReport};
 pub use rope::Rope;
 pub use weight::{kept_as_stored, Part, Weight};
@@ -96,6 +98,8 @@ pub struct Model {
     /// sigma of the initial state (0: zero state).
     state_std: f64,
     device: Device,
+    /// Fused or composed hot ops (see [`Kernels`]).
+    kernels: Kernels,
 }
 
 /// How a model holds block-quantized GGUF matrices.
@@ -281,6 +285,7 @@ impl Model {
             lm_head,
             state_std,
             device: loader.device.clone(),
+            kernels: Kernels::default(),
         })
     }
 
@@ -291,6 +296,15 @@ impl Model {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Runs the hot ops fused (the default) or composed (the reference path).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
+    }
+
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     /// Block runs per token at recurrence r: P + r C + K (the KV slots a token needs).
@@ -369,7 +383,7 @@ impl Model {
         // Everything follows the weights' dtype (f32; f64 for gradient checks).
         let dtype = self.embed.dtype();
         let frame = self.frame(mask, b, t, past, dtype)?;
-        let ctx = frame.context(&self.config);
+        let ctx = frame.context(&self.config, self.kernels);
 
         // (B, T) -> (B, T, h)
         let mut x = self.embed(ids)?;
@@ -482,12 +496,13 @@ struct Frame {
 }
 
 impl Frame {
-    fn context<'a>(&'a self, config: &'a ModelConfig) -> block::Context<'a> {
+    fn context<'a>(&'a self, config: &'a ModelConfig, kernels: Kernels) -> block::Context<'a> {
         block::Context {
             bias: &self.bias,
             cos: &self.cos,
             sin: &self.sin,
             config,
+            kernels,
         }
     }
 }

@@ -29,7 +29,7 @@ impl Model {
         let (b, t, _) = x.dims3()?;
         let dtype = x.dtype();
         let frame = self.frame(None, b, t, 0, dtype)?;
-        let ctx = frame.context(&self.config);
+        let ctx = frame.context(&self.config, self.kernels);
         let mut x = x.clone();
         for &i in blocks {
             let block = self.prelude.get(i).ok_or_else(|| {
