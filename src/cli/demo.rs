@@ -14,7 +14,7 @@ use surgery::eval::data::{read_documents, token_stream, windows, Windows};
 use surgery::eval::perplexity::EvalRow;
 use surgery::export::{export_gguf, GgufOptions, QuantType};
 use surgery::formats::text_tokenizer::TextTokenizer;
-use surgery::heal::train::{run as heal, CurriculumKind, HealConfig, OptimizerKind};
+use surgery::heal::train::{run as heal, CurriculumKind, HealConfig, OptimizerKind, SamplerKind};
 use surgery::manifest::sha256_file;
 use surgery::model::params::Train;
 use surgery::model::{generate, Exit, GenerateOptions, Model, Weights};
@@ -399,6 +399,7 @@ fn heal_config(model: &Path, fixture: &FixturePaths, out: &Path, steps: u64) -> 
         max_mean_recurrence: HEALED_R,
         curriculum_start: 1,
         backprop_depth: 4,
+        sampler: SamplerKind::PoissonLognormal,
         optimizer: OptimizerKind::Muon,
         lr: 2e-3,
         adam_lr: 5e-4,

@@ -8,7 +8,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use surgery::heal::checkpoint::read_state;
 use surgery::heal::output;
-use surgery::heal::train::{run, CurriculumKind, HealConfig, Observer, OptimizerKind, StepMetrics};
+use surgery::heal::train::{
+    run, CurriculumKind, HealConfig, Observer, OptimizerKind, SamplerKind, StepMetrics,
+};
 use surgery::model::params::Train;
 
 use super::Global;
@@ -63,6 +65,10 @@ pub struct HealArgs {
     /// Iterations that carry gradient (truncated backpropagation), k = min(this, m).
     #[arg(long, default_value_t = 8)]
     pub backprop_depth: usize,
+    /// How each micro-step's core iterations are drawn: the paper's Poisson-lognormal, or fixed
+    /// (exactly m, the first m - k without gradient; for measurements).
+    #[arg(long, value_enum, default_value = "poisson-lognormal")]
+    pub sampler: SamplerKind,
     /// muon: Muon on matrices and the adapter, AdamW on embeddings and norms; adamw: AdamW on all.
     #[arg(long, value_enum, default_value = "muon")]
     pub optimizer: OptimizerKind,
@@ -138,6 +144,7 @@ impl HealArgs {
             max_mean_recurrence: self.max_mean_recurrence,
             curriculum_start: self.curriculum_start,
             backprop_depth: self.backprop_depth,
+            sampler: self.sampler,
             optimizer: self.optimizer,
             lr,
             adam_lr: self.adam_lr,

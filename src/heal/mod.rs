@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod data;
+mod inplace;
 pub mod optim;
 pub mod output;
 pub mod sampler;

@@ -12,6 +12,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
+use super::inplace;
+
 /// Muon's learning rate (REFERENCE.md).
 pub const MUON_LR: f64 = 1e-3;
 /// Muon's decoupled weight decay.
@@ -205,9 +207,13 @@ impl Optimizer {
                 let Some(grad) = grads.get(var.as_tensor()) else {
                     continue;
                 };
+                let moments = self.state.get(name);
+                if let Some(moments) = step_in_place(group, var, grad, moments, lr)? {
+                    self.state.insert(name.clone(), moments);
+                    continue;
+                }
                 let w = var.as_detached_tensor().to_dtype(DType::F32)?;
                 let g = grad.detach().to_dtype(DType::F32)?;
-                let moments = self.state.get(name);
                 let (new_w, moments) = match group.kind {
                     Kind::AdamW => adamw_update(&w, &g, moments, lr, group.weight_decay)?,
                     Kind::Muon => muon_update(&w, &g, moments, lr, group.weight_decay)?,
@@ -220,7 +226,8 @@ impl Optimizer {
         Ok(())
     }
 
-    /// The whole state as named tensors, for a checkpoint: `step` (the step counter, I64 scalar on
+    /// The whole state as named tensors, for a checkpoint (a snapshot that shares storage with
+    /// the live state, which the next [`Optimizer::step`] updates in place: write it first): `step` (the step counter, I64 scalar on
     /// the CPU), and per variable that has state `{var}.exp_avg`, `{var}.exp_avg_sq`,
     /// `{var}.steps` (AdamW) or `{var}.momentum_buffer` (Muon), the moments in f32 on the
     /// variable's device. [`Optimizer::load_state`] of these continues bit-identically.
@@ -322,7 +329,11 @@ fn take_moment(
             found: t.dims().to_vec(),
         });
     }
-    Ok(Some(t.to_device(var.device())?.to_dtype(DType::F32)?))
+    // A copy: the moments are updated in place (see `inplace`), and must not write through to
+    // the caller's tensors.
+    Ok(Some(
+        t.to_device(var.device())?.to_dtype(DType::F32)?.copy()?,
+    ))
 }
 
 /// An AdamW variable's state: all three tensors or none.
@@ -345,6 +356,99 @@ fn take_adamw(
         (None, _, _) => Err(OptimError::MissingState(key(name, EXP_AVG))),
         (_, None, _) => Err(OptimError::MissingState(key(name, EXP_AVG_SQ))),
         (_, _, None) => Err(OptimError::MissingState(steps_key)),
+    }
+}
+
+/// [`Optimizer::step`] for one variable in place on every core, when the variable, its gradient
+/// and its moments are contiguous f32 CPU tensors (`None`: use the composed ops). The same f32
+/// arithmetic as [`adamw_update`] and [`muon_update`], so the same bits.
+fn step_in_place(
+    group: &ParamGroup,
+    var: &Var,
+    grad: &Tensor,
+    moments: Option<&Moments>,
+    lr: f64,
+) -> Result<Option<Moments>> {
+    let w = var.as_tensor();
+    let fresh = || -> Result<Tensor> { Ok(grad.zeros_like()?) };
+    if !inplace::applies(w) || !inplace::applies(grad) {
+        return Ok(None);
+    }
+    let step = inplace::DecayedStep {
+        lr: lr as f32,
+        lr_wd: (lr * group.weight_decay) as f32,
+    };
+    match (group.kind, moments) {
+        (Kind::AdamW, None | Some(Moments::AdamW { .. })) => {
+            let (m, v, steps) = match moments {
+                Some(Moments::AdamW {
+                    exp_avg,
+                    exp_avg_sq,
+                    steps,
+                }) if inplace::applies(exp_avg) && inplace::applies(exp_avg_sq) => {
+                    (exp_avg.clone(), exp_avg_sq.clone(), *steps)
+                }
+                Some(_) => return Ok(None),
+                None => (fresh()?, fresh()?, 0),
+            };
+            let (b1, b2) = ADAMW_BETAS;
+            let steps = steps.saturating_add(1);
+            let t = steps as f64;
+            m.inplace_op2(
+                grad,
+                &inplace::Blend {
+                    keep: b1 as f32,
+                    take: (1.0 - b1) as f32,
+                    square: false,
+                },
+            )?;
+            v.inplace_op2(
+                grad,
+                &inplace::Blend {
+                    keep: b2 as f32,
+                    take: (1.0 - b2) as f32,
+                    square: true,
+                },
+            )?;
+            w.inplace_op3(
+                &m,
+                &v,
+                &inplace::AdamWStep {
+                    inv_bias1: (1.0 / (1.0 - b1.powf(t))) as f32,
+                    inv_bias2_sqrt: (1.0 / (1.0 - b2.powf(t)).sqrt()) as f32,
+                    eps: ADAMW_EPS as f32,
+                    step,
+                },
+            )?;
+            Ok(Some(Moments::AdamW {
+                exp_avg: m,
+                exp_avg_sq: v,
+                steps,
+            }))
+        }
+        (Kind::Muon, None | Some(Moments::Muon { .. })) => {
+            let buf = match moments {
+                Some(Moments::Muon { momentum }) if inplace::applies(momentum) => momentum.clone(),
+                Some(_) => return Ok(None),
+                None => fresh()?,
+            };
+            let beta = MUON_MOMENTUM;
+            buf.inplace_op2(
+                grad,
+                &inplace::Blend {
+                    keep: beta as f32,
+                    take: (1.0 - beta) as f32,
+                    square: false,
+                },
+            )?;
+            let nesterov = (grad.affine(1.0 - beta, 0.0)? + buf.affine(beta, 0.0)?)?;
+            let (rows, cols) = grad.dims2()?;
+            let scale = (rows as f64 / cols as f64).max(1.0).sqrt();
+            let update = newton_schulz(&nesterov, NS_STEPS)?.affine(scale, 0.0)?;
+            w.inplace_op2(&update, &step)?;
+            Ok(Some(Moments::Muon { momentum: buf }))
+        }
+        _ => Ok(None),
     }
 }
 
@@ -457,8 +561,9 @@ pub fn newton_schulz(g: &Tensor, steps: usize) -> Result<Tensor> {
 /// torch's `clip_grad_norm_` does (coefficient max_norm / (norm + 1e-6), applied only when the
 /// norm exceeds max_norm), and returns the norm before clipping.
 ///
-/// Each tensor's sum of squares is reduced in f32 on its device (one value per tensor comes
-/// back), and those sums are accumulated in f64. A non-finite norm is returned as it is and the
+/// Each tensor's sum of squares is reduced in f64 on every core for a contiguous f32 CPU tensor
+/// (in f32 on its device otherwise: one value per tensor comes back), and those sums are
+/// accumulated in f64. A non-finite norm is returned as it is and the
 /// gradients are left alone: the caller stops the run. Variables without a gradient, and a
 /// variable listed twice, count once or not at all.
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[&Var], max_norm: f64) -> Result<f64> {
@@ -471,12 +576,15 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[&Var], max_norm: f64) -> Re
     let mut sum_sq = 0f64;
     for var in &with_grad {
         if let Some(g) = grads.get(var.as_tensor()) {
-            let s = g
-                .to_dtype(DType::F32)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f32>()?;
-            sum_sq += f64::from(s);
+            sum_sq += match inplace::sum_of_squares(g) {
+                Some(s) => s,
+                None => f64::from(
+                    g.to_dtype(DType::F32)?
+                        .sqr()?
+                        .sum_all()?
+                        .to_scalar::<f32>()?,
+                ),
+            };
         }
     }
     let norm = sum_sq.sqrt();
@@ -701,5 +809,71 @@ mod tests {
             .sum_all()
             .unwrap();
         assert!(after.to_scalar::<f32>().unwrap() < 30.0);
+    }
+
+    /// Pseudo-random values in [-1, 1) from a fixed LCG (no rand dependency in the test).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v.into_iter().map(f32::to_bits).collect()
+    }
+
+    /// The in-place kernels give the composed ops' bits, for both rules, over several steps
+    /// (moments carried), with weight decay, on a matrix larger than one parallel chunk.
+    #[test]
+    fn in_place_steps_equal_the_composed_updates_bit_for_bit() {
+        let (rows, cols) = (129, 301);
+        for kind in [Kind::AdamW, Kind::Muon] {
+            let w0 = Tensor::from_vec(values(rows * cols, 1), (rows, cols), &Device::Cpu).unwrap();
+            let var = Var::from_tensor(&w0).unwrap();
+            let group = ParamGroup {
+                name: "g".into(),
+                vars: vec![("w".into(), var.clone())],
+                kind,
+                lr: 1e-2,
+                weight_decay: 0.1,
+            };
+            let mut opt = Optimizer::new(vec![group]).unwrap();
+            let (mut w, mut moments) = (w0.copy().unwrap(), None);
+            for step in 0..3 {
+                let g =
+                    Tensor::from_vec(values(rows * cols, 10 + step), (rows, cols), &Device::Cpu)
+                        .unwrap();
+                let mut grads = var.as_tensor().sum_all().unwrap().backward().unwrap();
+                grads.insert(var.as_tensor(), g.clone());
+                opt.step(&grads, 0.5).unwrap();
+                let (new_w, new_moments) = match kind {
+                    Kind::AdamW => adamw_update(&w, &g, moments.as_ref(), 5e-3, 0.1).unwrap(),
+                    Kind::Muon => muon_update(&w, &g, moments.as_ref(), 5e-3, 0.1).unwrap(),
+                };
+                (w, moments) = (new_w, Some(new_moments));
+                assert_eq!(bits(var.as_tensor()), bits(&w), "{kind:?} step {step}");
+            }
+            let state: HashMap<_, _> = opt.state_tensors().unwrap().into_iter().collect();
+            match moments.unwrap() {
+                Moments::AdamW {
+                    exp_avg,
+                    exp_avg_sq,
+                    ..
+                } => {
+                    assert_eq!(bits(&state["w.exp_avg"]), bits(&exp_avg));
+                    assert_eq!(bits(&state["w.exp_avg_sq"]), bits(&exp_avg_sq));
+                }
+                Moments::Muon { momentum } => {
+                    assert_eq!(bits(&state["w.momentum_buffer"]), bits(&momentum));
+                }
+            }
+        }
     }
 }

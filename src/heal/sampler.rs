@@ -16,6 +16,9 @@
 //!
 //! The draw is a pure function of (seed, step, micro): a run resumed at step s draws exactly what
 //! the uninterrupted run drew there, and nothing is carried between calls.
+//!
+//! [`fixed`] is the other sampler, for measurements and ablations: exactly p = m iterations every
+//! micro-step, the first m - k without gradient.
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -70,6 +73,17 @@ pub fn draw(m: usize, backprop_depth: usize, seed: u64, step: u64, micro: u64) -
     }
 }
 
+/// The fixed sampler: p = m (at least 1) every time, the first p - k without gradient, k =
+/// min(backprop_depth, m). With m = 5 and k = 4: 1 iteration without gradient, then 4 with.
+pub fn fixed(m: usize, backprop_depth: usize) -> Draw {
+    let m = m.max(1);
+    let k = backprop_depth.min(m);
+    Draw {
+        without_grad: m - k,
+        with_grad: k,
+    }
+}
+
 /// p = min(Poisson(lambda) + 1, max_total(m)), lambda ~ LogNormal(ln(t + k) - sigma^2 / 2, sigma).
 fn sample_total(m: usize, k: usize, seed: u64, step: u64, micro: u64) -> usize {
     let mut rng = ChaCha8Rng::from_seed(seed_bytes(seed, step, micro));
@@ -114,6 +128,27 @@ mod tests {
             assert!(d.with_grad <= 1);
             assert!(d.total() >= 1 && d.total() <= max_total(1));
         }
+    }
+
+    #[test]
+    fn fixed_runs_m_with_the_last_k_backpropagated() {
+        let d = fixed(5, 4);
+        assert_eq!((d.without_grad, d.with_grad), (1, 4));
+        assert_eq!(
+            fixed(3, 8),
+            Draw {
+                without_grad: 0,
+                with_grad: 3
+            }
+        );
+        assert_eq!(fixed(0, 8), fixed(1, 8));
+        assert_eq!(
+            fixed(4, 0),
+            Draw {
+                without_grad: 4,
+                with_grad: 0
+            }
+        );
     }
 
     #[test]

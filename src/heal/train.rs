@@ -74,6 +74,17 @@ impl From<CurriculumKind> for Curriculum {
     }
 }
 
+/// How the core iterations of a micro-step are drawn.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SamplerKind {
+    /// The paper's: p = Poisson(LogNormal rate of mean m) + 1, the last min(k, p) with gradient.
+    #[default]
+    PoissonLognormal,
+    /// Exactly m iterations every micro-step, the first m - k without gradient (measurements).
+    Fixed,
+}
+
 /// Which optimizer trains the matrices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -103,6 +114,9 @@ pub struct HealConfig {
     pub max_mean_recurrence: usize,
     pub curriculum_start: usize,
     pub backprop_depth: usize,
+    /// Absent in checkpoints written before it existed: the paper's sampler.
+    #[serde(default)]
+    pub sampler: SamplerKind,
     pub optimizer: OptimizerKind,
     pub lr: f64,
     pub adam_lr: f64,
@@ -190,9 +204,32 @@ pub struct StepMetrics {
     pub tokens: usize,
     pub tokens_per_second: f64,
     pub grad_norm: f64,
+    /// Where the step's time went.
+    #[serde(default)]
+    pub seconds: StepSeconds,
+    /// The process's peak resident memory so far (Linux; absent elsewhere), MB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_rss_mb: Option<f64>,
     /// Held-out loss by r, on evaluation steps.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub eval: Vec<EvalLoss>,
+}
+
+/// Wall seconds of one step's phases: the forward passes with their loss, the backward passes
+/// with the gradient accumulation, and clipping with the optimizer update.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct StepSeconds {
+    pub forward: f64,
+    pub backward: f64,
+    pub optimizer: f64,
+}
+
+/// The peak resident set size of this process (VmHWM), MB, where /proc tells it.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -384,6 +421,7 @@ pub fn run(
         let mut accumulated: Option<candle_core::backprop::GradStore> = None;
         let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
         let (mut without, mut with) = (Vec::new(), Vec::new());
+        let mut seconds = StepSeconds::default();
         for micro in 0..n_micro {
             let draw = if cfg.static_baseline {
                 sampler::Draw {
@@ -391,7 +429,12 @@ pub fn run(
                     with_grad: 1,
                 }
             } else {
-                sampler::draw(m, cfg.backprop_depth, cfg.seed, step, micro)
+                match cfg.sampler {
+                    SamplerKind::PoissonLognormal => {
+                        sampler::draw(m, cfg.backprop_depth, cfg.seed, step, micro)
+                    }
+                    SamplerKind::Fixed => sampler::fixed(m, cfg.backprop_depth),
+                }
             };
             without.push(draw.without_grad);
             with.push(draw.with_grad);
@@ -405,6 +448,7 @@ pub fn run(
             let shape = (cfg.micro_batch, cfg.seq_len);
             let ids = Tensor::from_vec(ids, shape, device)?;
             let targets = Tensor::from_vec(targets, shape, device)?;
+            let phase = Instant::now();
             let logits = model.forward_detached(
                 &ids,
                 None,
@@ -420,6 +464,8 @@ pub fn run(
             }
             loss_sum += value;
             tokens += cfg.micro_batch * cfg.seq_len;
+            seconds.forward += phase.elapsed().as_secs_f64();
+            let phase = Instant::now();
             let grads = loss.backward()?;
             accumulated = Some(match accumulated {
                 None => grads,
@@ -436,7 +482,9 @@ pub fn run(
                     acc
                 }
             });
+            seconds.backward += phase.elapsed().as_secs_f64();
         }
+        let phase = Instant::now();
         let mut grads =
             accumulated.ok_or_else(|| HealError::Invalid("no micro-step ran".into()))?;
         let grad_norm = clip_grad_norm(&mut grads, &vars, cfg.clip)?;
@@ -444,7 +492,8 @@ pub fn run(
             return Err(non_finite("gradient", step, &last_checkpoint, resume));
         }
         optimizer.step(&grads, lr_scale)?;
-        let seconds = started.elapsed().as_secs_f64();
+        seconds.optimizer = phase.elapsed().as_secs_f64();
+        let elapsed = started.elapsed().as_secs_f64();
         let mut line = StepMetrics {
             step,
             loss: loss_sum / n_micro as f64,
@@ -453,8 +502,10 @@ pub fn run(
             iterations_without_grad: without,
             iterations_with_grad: with,
             tokens,
-            tokens_per_second: tokens as f64 / seconds.max(1e-9),
+            tokens_per_second: tokens as f64 / elapsed.max(1e-9),
             grad_norm,
+            seconds,
+            peak_rss_mb: peak_rss_mb(),
             eval: vec![],
         };
         step += 1;
