@@ -41,15 +41,16 @@ KINDS = [
     ("reductions (sum, max)", ["Reduce", "reduce"]),
     ("copies (contiguous, transpose, cat, narrow)", ["copy_strided", "copy2d", "Copy", "memcpy", "memmove", "cat", "transpose"]),
     ("index_select / gather / embedding", ["index_select", "IndexSelect", "Gather", "gather", "index_add", "IndexAdd", "scatter"]),
-    ("allocation and page faults (kernel)", ["clear_page", "malloc", "free", "page_fault", "mmap", "munmap", "alloc", "memset", "rep_stos", "__memset", "zero"]),
+    ("allocation, zeroing and page faults", ["[k] ", "malloc", "free", "mmap", "munmap", "alloc", "memset", "zero"]),
+    ("thread barriers (candle's spin-wait)", ["BarrierGuard", "rayon", "crossbeam", "sched_yield"]),
 ]
 def group(report):
     totals = {}
     for line in open(report):
-        m = re.match(r"\s*([\d.]+)%\s+\S+\s+\[[.k]\]\s+(.*)", line)
+        m = re.match(r"\s*([\d.]+)%\s+\[([.k])\]\s+(.*?)[\s-]*$", line)
         if not m:
             continue
-        pct, sym = float(m.group(1)), m.group(2)
+        pct, sym = float(m.group(1)), ("[k] " if m.group(2) == "k" else "") + m.group(3)
         kind = next((k for k, subs in KINDS if any(s in sym for s in subs)), "other")
         totals[kind] = totals.get(kind, 0.0) + pct
     return totals
