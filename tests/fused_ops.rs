@@ -181,7 +181,12 @@ fn rms_norm_equals_the_composed_op_and_finite_differences() {
 /// cos and sin (B, 1, T, D) of random angles per batch row and position, halves repeated as
 /// `Rope::cos_sin` makes them.
 fn tables(b: usize, t: usize, d: usize, seed: u64, dtype: DType) -> (Tensor, Tensor) {
-    let angles = (random(&[b, 1, t, d / 2], seed, DType::F64).as_tensor() * 3.0).unwrap();
+    // Detached: the tables are constants of the positions, as in the model.
+    let angles = (random(&[b, 1, t, d / 2], seed, DType::F64)
+        .as_tensor()
+        .detach()
+        * 3.0)
+        .unwrap();
     let emb = Tensor::cat(&[&angles, &angles], D::Minus1).unwrap();
     (
         emb.cos().unwrap().to_dtype(dtype).unwrap(),

@@ -292,7 +292,11 @@ mod tests {
             .and_then(|t| t.t())
             .unwrap();
         let err = row_starts(t.layout(), "rms_norm").unwrap_err();
-        assert_eq!(err.to_string(), "rms_norm takes rows with unit stride");
+        assert!(
+            err.to_string()
+                .starts_with("rms_norm takes rows with unit stride"),
+            "{err}"
+        );
     }
 
     #[test]

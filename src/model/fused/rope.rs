@@ -72,6 +72,13 @@ impl CustomOp3 for RopeHeads {
         _y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if cos.track_op() || sin.track_op() {
+            // candle would stop on a tracked input left without a gradient; say why instead.
+            bail!(
+                "{}: cos and sin are constants, with no gradient",
+                self.name()
+            );
+        }
         let dx = grad
             .contiguous()?
             .apply_op3_no_bwd(cos, sin, &RopeHeadsBackward)?;
