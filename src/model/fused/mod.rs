@@ -46,22 +46,27 @@ impl Kernels {
     }
 }
 
-/// The float types the fused ops run in: f32, and f64 for finite-difference checks. Sums are
-/// accumulated in f64 whatever the type, so a row's result does not depend on its length's
-/// rounding and stays deterministic.
+/// The float types the fused ops run in: f32, and f64 for finite-difference checks.
 pub trait Float: WithDType + Copy + Send + Sync + std::ops::Neg<Output = Self> {
     fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
 }
 
 impl Float for f32 {
     fn exp(self) -> f32 {
         f32::exp(self)
     }
+    fn sqrt(self) -> f32 {
+        f32::sqrt(self)
+    }
 }
 
 impl Float for f64 {
     fn exp(self) -> f64 {
         f64::exp(self)
+    }
+    fn sqrt(self) -> f64 {
+        f64::sqrt(self)
     }
 }
 

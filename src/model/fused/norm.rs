@@ -17,7 +17,7 @@ struct RmsNorm {
     eps: f64,
 }
 
-/// 1 / sqrt(mean(row^2) + eps), summed in f64.
+/// 1 / sqrt(mean(row^2) + eps), summed in f64 (the backward's).
 fn inverse_rms<T: Float>(row: &[T], eps: f64) -> f64 {
     let squares: f64 = row.iter().map(|&v| v.to_f64() * v.to_f64()).sum();
     1.0 / (squares / row.len() as f64 + eps).sqrt()
@@ -121,11 +121,16 @@ fn forward<T: Float>(x: &[T], starts: &[usize], w: &[T], eps: f64) -> Vec<T> {
     if n == 0 {
         return y;
     }
+    let (inv_n, eps) = (T::from_f64(1.0 / n as f64), T::from_f64(eps));
     y.par_chunks_mut(n).zip(starts).for_each(|(out, &start)| {
         let x = &x[start..start + n];
-        let r = inverse_rms(x, eps);
+        // In the input's type, in the composed op's order (sum, times 1/n, plus eps, sqrt,
+        // divide, scale): thirty layers of the same rounding keep a deep model's logits where
+        // the composed op and candle-transformers' put them (tests/model.rs bounds the gap).
+        let squares = x.iter().fold(T::zero(), |s, &v| s + v * v);
+        let rms = (squares * inv_n + eps).sqrt();
         for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
-            *o = T::from_f64(v.to_f64() * r) * g;
+            *o = v / rms * g;
         }
     });
     y
