@@ -2,36 +2,27 @@
 //! logits (for SmolLM2, 8 x 1024 tokens x 49152 entries would be 1.6 GB of f32, and the composed
 //! loss keeps several such tensors for its backward).
 //!
-//! Forward: blocks of rows of hidden states go through the vocabulary in chunks; each chunk's
-//! logits (rows, chunk) = h @ W_chunk^T update a per-row online log-sum-exp (the running max and
-//! the sum of exp below it, as in the flash-attention softmax) and pick the target's logit. The
-//! per-row log-sum-exp is kept for the backward (rows values, not rows x vocabulary).
-//!
-//! Backward: each chunk's logits are recomputed, turned into dlogits = c (softmax - onehot) with
-//! the saved log-sum-exp, and accumulated into dh += dlogits @ W_chunk and dW_chunk += dlogits^T
-//! @ h. Every product is a wide matmul (the `gemm` crate, as candle's own), so the op costs the
-//! three matmuls of lm_head's forward and backward plus one more for the recomputation.
+//! Rows of hidden states go through lm_head a block at a time, the block sized so that its logits
+//! (rows, V) = h_rows @ W^T stay within [`LOGITS_BUDGET`] values. Each row's log-sum-exp and target
+//! logit give its loss; when a gradient is wanted, the block's logits then become dlogits =
+//! c (softmax - onehot) in place, and dh_rows = dlogits @ W, dW += dlogits^T @ h_rows. The
+//! gradients are formed in the forward, as Liger-Kernel's fused linear cross-entropy does: the
+//! loss is a scalar, so its backward only scales them by the incoming gradient. The op then costs
+//! the three matmuls of lm_head's forward and backward (the `gemm` crate, as candle's own) and one
+//! exp per logit; recomputing the logits in the backward instead would add a fourth matmul, the
+//! largest cost of the whole head (measured: slower than the composed loss).
 
 use std::sync::OnceLock;
 
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{matmul, storage, with_float, Float, Mat};
 
-/// Logits formed at once: rows x vocabulary entries (16 MB of f32).
-const CHUNK: usize = 1 << 22;
-/// Rows of hidden states per block: a vocabulary chunk's weights are packed once per block.
-const ROW_BLOCK: usize = 1024;
-/// The fewest vocabulary entries per chunk, so that a block's matmuls stay wide.
-const MIN_VOCAB_CHUNK: usize = 256;
-
-/// Rows per block and vocabulary entries per chunk for `n` rows and a vocabulary of `v`.
-fn chunking(n: usize, v: usize) -> (usize, usize) {
-    let rows = n.clamp(1, ROW_BLOCK);
-    let vocab = (CHUNK / rows).max(MIN_VOCAB_CHUNK).min(v.max(1));
-    (rows, vocab)
-}
+/// Logits formed at once: a block of rows x the vocabulary (32 MB of f32; 170 rows of SmolLM2).
+const LOGITS_BUDGET: usize = 1 << 23;
+/// The fewest rows per block, so that a block's matmuls stay wide for any vocabulary.
+const MIN_BLOCK_ROWS: usize = 16;
 
 /// `scale` x the summed cross-entropy of the logits h @ w^T against `targets`: h (N, d) hidden
 /// states after the final norm, w (V, d) lm_head -> a scalar. With `scale` 1 / N it is the mean
@@ -47,7 +38,9 @@ pub fn linear_cross_entropy(
         LinearCrossEntropy {
             targets: targets.to_vec(),
             scale,
-            lse: OnceLock::new(),
+            want_dh: h.track_op(),
+            want_dw: w.track_op(),
+            grads: OnceLock::new(),
         },
     )
 }
@@ -89,135 +82,101 @@ fn operands<'a, T>(
     Ok((h, w))
 }
 
-/// A row's running log-sum-exp: max, the sum of exp(logit - max) so far, the target's logit.
+/// What a pass computes besides each row's loss.
 #[derive(Clone, Copy)]
-struct Online {
-    max: f64,
-    sum: f64,
-    picked: f64,
+struct Wanted {
+    /// d loss / d nll of every row (the incoming gradient taken as 1).
+    coef: f64,
+    dh: bool,
+    dw: bool,
 }
 
-impl Online {
-    const START: Online = Online {
-        max: f64::NEG_INFINITY,
-        sum: 0.0,
-        picked: f64::NAN,
+/// Each row's -log softmax(h @ w^T)[target], and [dh (N or 0 rows); dW (V or 0 rows)] of
+/// `wanted` (empty without), h (N, d), w (V, d).
+fn pass<T: Float>(
+    h: Mat<T>,
+    w: Mat<T>,
+    targets: &[u32],
+    wanted: Option<Wanted>,
+) -> candle_core::Result<(Vec<f64>, Vec<T>)> {
+    let (n, v, d) = (h.rows, w.rows, h.cols);
+    let block = block_rows(n, v);
+    let mut nll = vec![0f64; n];
+    let dh_len = if wanted.is_some_and(|g| g.dh) {
+        n * d
+    } else {
+        0
     };
-
-    /// Folds in the logits of vocabulary entries `first..first + row.len()`.
-    fn update<T: Float>(&mut self, row: &[T], first: usize, target: u32) {
-        let Some(&head) = row.first() else { return };
-        let top = row.iter().fold(head, |m, &x| if x > m { x } else { m });
-        let sum: f64 = row.iter().map(|&x| (x - top).exp().to_f64()).sum();
-        let top = top.to_f64();
-        if top > self.max {
-            self.sum = self.sum * (self.max - top).exp() + sum;
-            self.max = top;
-        } else {
-            // Also the NaN case: a NaN logit makes the sum NaN, so the loss says so.
-            self.sum += sum * (top - self.max).exp();
-        }
-        if let Some(&x) = (target as usize)
-            .checked_sub(first)
-            .and_then(|i| row.get(i))
-        {
-            self.picked = x.to_f64();
-        }
-    }
-
-    fn lse(&self) -> f64 {
-        self.max + self.sum.ln()
-    }
-}
-
-/// The log-sum-exp of each row of h @ w^T and its target's logit.
-fn forward<T: Float>(h: Mat<T>, w: Mat<T>, targets: &[u32]) -> candle_core::Result<Vec<Online>> {
-    let (n, v) = (h.rows, w.rows);
-    let (block_rows, chunk) = chunking(n, v);
-    let mut rows = vec![Online::START; n];
-    let mut buf = vec![T::zero(); block_rows * chunk];
-    for r0 in (0..n).step_by(block_rows) {
-        let nr = block_rows.min(n - r0);
+    let dw_len = if wanted.is_some_and(|g| g.dw) {
+        v * d
+    } else {
+        0
+    };
+    let mut grads = vec![T::zero(); dh_len + dw_len];
+    let (dh, dw) = grads.split_at_mut(dh_len);
+    let mut buf = vec![T::zero(); block.min(n) * v];
+    for r0 in (0..n).step_by(block) {
+        let nr = block.min(n - r0);
         let hb = h.narrow_rows(r0, nr);
-        for v0 in (0..v).step_by(chunk) {
-            let nv = chunk.min(v - v0);
-            let logits = &mut buf[..nr * nv];
-            // (nr, d) @ (d, nv) -> (nr, nv)
-            matmul(logits, hb, w.narrow_rows(v0, nv).t(), false)?;
-            logits
-                .par_chunks(nv)
-                .zip(rows[r0..r0 + nr].par_iter_mut())
-                .zip(targets[r0..r0 + nr].par_iter())
-                .for_each(|((row, online), &t)| online.update(row, v0, t));
+        let logits = &mut buf[..nr * v];
+        // (nr, d) @ (d, V) -> (nr, V)
+        matmul(logits, hb, w.t(), false)?;
+        let coef = wanted.map(|g| T::from_f64(g.coef));
+        logits
+            .par_chunks_mut(v)
+            .zip(nll[r0..r0 + nr].par_iter_mut())
+            .zip(targets[r0..r0 + nr].par_iter())
+            .for_each(|((row, nll), &t)| *nll = row_loss(row, t as usize, coef));
+        let Some(wanted) = wanted else { continue };
+        let dl = Mat::row_major(&*logits, nr, v);
+        if wanted.dh {
+            // (nr, V) @ (V, d) -> (nr, d): the block's rows of dh
+            matmul(&mut dh[r0 * d..(r0 + nr) * d], dl, w, false)?;
+        }
+        if wanted.dw {
+            // (V, nr) @ (nr, d) -> (V, d), added to dW
+            matmul(dw, dl.t(), hb, true)?;
         }
     }
-    Ok(rows)
+    Ok((nll, grads))
 }
 
-/// dh (N, d) and dW (V, d) (each left out when not wanted) for dlogits = coef_i (softmax - onehot).
-struct Backward<'a> {
-    targets: &'a [u32],
-    lse: &'a [f64],
-    /// Per row: d loss / d nll_i.
-    coef: &'a [f64],
-    want_dh: bool,
-    want_dw: bool,
+/// Rows of logits per block for `n` rows and a vocabulary of `v`.
+fn block_rows(n: usize, v: usize) -> usize {
+    (LOGITS_BUDGET / v.max(1)).max(MIN_BLOCK_ROWS).min(n.max(1))
 }
 
-impl Backward<'_> {
-    /// [dh; dW] as one (N or 0 + V or 0, d) buffer, so the two need no copy into one tensor.
-    fn run<T: Float>(&self, h: Mat<T>, w: Mat<T>) -> candle_core::Result<Vec<T>> {
-        let (n, v, d) = (h.rows, w.rows, h.cols);
-        let dh_len = if self.want_dh { n * d } else { 0 };
-        let dw_len = if self.want_dw { v * d } else { 0 };
-        let mut out = vec![T::zero(); dh_len + dw_len];
-        let (dh, dw) = out.split_at_mut(dh_len);
-        let (block_rows, chunk) = chunking(n, v);
-        let mut buf = vec![T::zero(); block_rows * chunk];
-        for r0 in (0..n).step_by(block_rows) {
-            let nr = block_rows.min(n - r0);
-            let hb = h.narrow_rows(r0, nr);
-            for v0 in (0..v).step_by(chunk) {
-                let nv = chunk.min(v - v0);
-                let wc = w.narrow_rows(v0, nv);
-                let logits = &mut buf[..nr * nv];
-                // (nr, d) @ (d, nv) -> (nr, nv)
-                matmul(logits, hb, wc.t(), false)?;
-                let rows = r0..r0 + nr;
-                logits
-                    .par_chunks_mut(nv)
-                    .zip(self.lse[rows.clone()].par_iter())
-                    .zip(self.coef[rows.clone()].par_iter())
-                    .zip(self.targets[rows].par_iter())
-                    .for_each(|(((row, &lse), &c), &t)| {
-                        let (lse, c) = (T::from_f64(lse), T::from_f64(c));
-                        for x in row.iter_mut() {
-                            *x = (*x - lse).exp() * c;
-                        }
-                        if let Some(x) = (t as usize).checked_sub(v0).and_then(|i| row.get_mut(i)) {
-                            *x -= c;
-                        }
-                    });
-                let dl = Mat::row_major(&*logits, nr, nv);
-                if self.want_dh {
-                    // (nr, nv) @ (nv, d) -> (nr, d), added to the block's rows of dh
-                    matmul(&mut dh[r0 * d..(r0 + nr) * d], dl, wc, true)?;
-                }
-                if self.want_dw {
-                    // (nv, nr) @ (nr, d) -> (nv, d), added to the chunk's rows of dW
-                    matmul(&mut dw[v0 * d..(v0 + nv) * d], dl.t(), hb, true)?;
-                }
-            }
-        }
-        Ok(out)
+/// One row's -log softmax(row)[target]; with `coef`, the row becomes coef (softmax - onehot).
+/// The max is taken and exp summed in f64 over exp(x - max), one exp per logit.
+fn row_loss<T: Float>(row: &mut [T], target: usize, coef: Option<T>) -> f64 {
+    let Some(&head) = row.first() else {
+        return f64::NAN;
+    };
+    let picked = row[target].to_f64();
+    // A NaN logit is never the max, but it makes the sum NaN, so the loss says so.
+    let top = row.iter().fold(head, |m, &x| if x > m { x } else { m });
+    let mut sum = 0f64;
+    for x in row.iter_mut() {
+        *x = (*x - top).exp();
+        sum += x.to_f64();
     }
+    if let Some(c) = coef {
+        let scale = c / T::from_f64(sum);
+        for x in row.iter_mut() {
+            *x *= scale;
+        }
+        row[target] -= c;
+    }
+    top.to_f64() + sum.ln() - picked
 }
 
 struct LinearCrossEntropy {
     targets: Vec<u32>,
     scale: f64,
-    /// Each row's log-sum-exp, from the forward, for the backward.
-    lse: OnceLock<Vec<f64>>,
+    want_dh: bool,
+    want_dw: bool,
+    /// [dh; dW] from the forward, for the backward to scale.
+    grads: OnceLock<Tensor>,
 }
 
 impl CustomOp2 for LinearCrossEntropy {
@@ -232,13 +191,22 @@ impl CustomOp2 for LinearCrossEntropy {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let wanted = (self.want_dh || self.want_dw).then_some(Wanted {
+            coef: self.scale,
+            dh: self.want_dh,
+            dw: self.want_dw,
+        });
         let value = with_float!(self.name(), s1, [s1, s2], |T| {
             let (h, w) = operands(self.name(), s1, l1, s2, l2, &self.targets)?;
-            let rows = forward::<T>(h, w, &self.targets)?;
+            let (nll, grads) = pass::<T>(h, w, &self.targets, wanted)?;
+            if wanted.is_some() {
+                let rows = grads.len() / h.cols.max(1);
+                let grads = Tensor::from_vec(grads, (rows, h.cols), &Device::Cpu)?;
+                // candle runs an op's forward once; a second run would find the same values.
+                let _ = self.grads.set(grads);
+            }
             // Summed in row order in f64: the same bits whatever the thread count.
-            let total: f64 = rows.iter().map(|r| r.lse() - r.picked).sum();
-            // A second forward of the same op (none in candle) would find the same values.
-            let _ = self.lse.set(rows.iter().map(Online::lse).collect());
+            let total: f64 = nll.iter().sum();
             storage(vec![<T as candle_core::WithDType>::from_f64(
                 total * self.scale,
             )])
@@ -253,53 +221,19 @@ impl CustomOp2 for LinearCrossEntropy {
         _loss: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let Some(lse) = self.lse.get() else {
+        let Some(both) = self.grads.get() else {
             bail!("{}: backward before forward", self.name());
         };
         let g = grad.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let coef = vec![g * self.scale; self.targets.len()];
-        let (want_dh, want_dw) = (h.track_op(), w.track_op());
-        let op = BackwardOp(Backward {
-            targets: &self.targets,
-            lse,
-            coef: &coef,
-            want_dh,
-            want_dw,
-        });
         // (N or 0 rows of dh, then V or 0 rows of dW, d)
-        let both = h.apply_op2_no_bwd(w, &op)?;
-        let n = if want_dh { h.dim(0)? } else { 0 };
-        let dh = want_dh.then(|| both.narrow(0, 0, n)).transpose()?;
-        let dw = want_dw.then(|| both.narrow(0, n, w.dim(0)?)).transpose()?;
+        let both = if g == 1.0 { both.clone() } else { (both * g)? };
+        let n = if self.want_dh { h.dim(0)? } else { 0 };
+        let dh = self.want_dh.then(|| both.narrow(0, 0, n)).transpose()?;
+        let dw = self
+            .want_dw
+            .then(|| both.narrow(0, n, w.dim(0)?))
+            .transpose()?;
         Ok((dh, dw))
-    }
-}
-
-/// The backward as an op without a gradient of its own: (h, w) -> [dh; dW].
-struct BackwardOp<'a>(Backward<'a>);
-
-impl CustomOp2 for BackwardOp<'_> {
-    fn name(&self) -> &'static str {
-        "linear_cross_entropy_backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let b = &self.0;
-        with_float!(self.name(), s1, [s1, s2], |T| {
-            let (h, w) = operands(self.name(), s1, l1, s2, l2, b.targets)?;
-            if b.lse.len() != h.rows || b.coef.len() != h.rows {
-                bail!("{}: saved rows do not match the inputs", self.name());
-            }
-            let both = b.run::<T>(h, w)?;
-            let rows = both.len() / h.cols.max(1);
-            Ok((storage(both), Shape::from((rows, h.cols))))
-        })
     }
 }
 
@@ -322,10 +256,7 @@ impl CustomOp2 for NllRows<'_> {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let nll = with_float!(self.name(), s1, [s1, s2], |T| {
             let (h, w) = operands(self.name(), s1, l1, s2, l2, self.targets)?;
-            forward::<T>(h, w, self.targets)?
-                .iter()
-                .map(|r| r.lse() - r.picked)
-                .collect::<Vec<f64>>()
+            pass::<T>(h, w, self.targets, None)?.0
         });
         let n = nll.len();
         Ok((CpuStorage::F64(nll), Shape::from(n)))
