@@ -9,7 +9,7 @@ use surgery::eval::data::{read_documents, token_stream, windows, Windows};
 use surgery::eval::perplexity::{perplexity, EvalRow};
 use surgery::eval::plot::plot_perplexity;
 use surgery::formats::text_tokenizer::TextTokenizer;
-use surgery::model::Model;
+use surgery::model::{Kernels, Model};
 use surgery::plan::LayerRange;
 use surgery::source::SourceModel;
 
@@ -53,6 +53,10 @@ pub struct EvalArgs {
     /// with its blocks as llama.cpp does (more memory, no rounding of activations).
     #[arg(long)]
     pub dequantize: bool,
+    /// fused: our fused ops (CPU, f32); composed: the plain candle ops they are proved against,
+    /// the reference path (slower, more memory).
+    #[arg(long, value_enum, default_value = "fused")]
+    pub kernels: Kernels,
     /// Write a PNG of perplexity against r.
     #[arg(long, value_name = "FILE.png")]
     pub plot: Option<PathBuf>,
@@ -86,12 +90,13 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
         .layers
         .as_ref()
         .map(|ranges| ranges.iter().flat_map(|r| r.iter()).collect());
-    let model = Model::load_as(
+    let mut model = Model::load_as(
         &source,
         layers.as_deref(),
         &device,
         super::weights(args.dequantize),
     )?;
+    model.set_kernels(args.kernels);
     let rs: Vec<usize> = if model.is_recurrent() {
         args.recurrence.clone()
     } else {

@@ -12,6 +12,7 @@ use surgery::heal::train::{
     run, CurriculumKind, HealConfig, Observer, OptimizerKind, SamplerKind, StepMetrics,
 };
 use surgery::model::params::Train;
+use surgery::model::Kernels;
 
 use super::Global;
 
@@ -120,6 +121,10 @@ pub struct HealArgs {
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// fused: our fused ops with their own backward (CPU, f32); composed: the plain candle ops
+    /// they are proved against, the reference path (slower, more memory).
+    #[arg(long, value_enum, default_value = "fused")]
+    pub kernels: Kernels,
 }
 
 impl HealArgs {
@@ -159,6 +164,7 @@ impl HealArgs {
             eval_every: self.eval_every,
             eval_tokens: self.eval_tokens,
             checkpoint_every: self.checkpoint_every,
+            kernels: self.kernels,
         })
     }
 }

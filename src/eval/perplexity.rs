@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use crate::model::{cross_entropy_sum, InitialState, Model, Result};
+use crate::model::{InitialState, Model, Result};
 
 use super::data::Windows;
 
@@ -57,16 +57,16 @@ pub fn perplexity(
         let ids = Tensor::from_vec(ids, (b, t), device)?;
         let mask_t = Tensor::from_vec(mask, (b, t), device)?;
         let padded = group.iter().any(|w| w.inputs.len() < t);
-        let logits = model.forward(
-            &ids,
-            padded.then_some(&mask_t),
-            r,
-            InitialState::Seeded(seed.wrapping_add(i as u64)),
-            None,
-        )?;
         let targets = Tensor::from_vec(targets, (b, t), device)?;
         let weights = Tensor::from_vec(weights, (b, t), device)?;
-        let (sum, n) = cross_entropy_sum(&logits, &targets, &weights)?;
+        let (sum, n) = model.nll_sum(
+            &ids,
+            padded.then_some(&mask_t),
+            &targets,
+            &weights,
+            r,
+            InitialState::Seeded(seed.wrapping_add(i as u64)),
+        )?;
         nll += sum;
         count += n;
         done += n as usize;

@@ -4,14 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::data::{read_documents, token_stream};
 use crate::eval::perplexity::perplexity;
 use crate::formats::text_tokenizer::TextTokenizer;
 use crate::model::params::{Param, ParamKind, Train};
-use crate::model::{InitialState, Model};
+use crate::model::{InitialState, Kernels, Model};
 use crate::source::SourceModel;
 
 use super::data::TrainData;
@@ -131,6 +131,10 @@ pub struct HealConfig {
     pub eval_every: u64,
     pub eval_tokens: usize,
     pub checkpoint_every: u64,
+    /// Fused ops (the default) or the composed reference ops; checkpoints written before the
+    /// switch existed load as fused.
+    #[serde(default)]
+    pub kernels: Kernels,
 }
 
 impl HealConfig {
@@ -268,15 +272,8 @@ fn state_seed(seed: u64, step: u64, micro: u64) -> u64 {
     seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ micro.wrapping_mul(0xD1B5_4A32_D192_ED03)
 }
 
-/// Mean next-token cross-entropy of `logits` [B, T, V] against `targets` [B, T], differentiable
-/// (the max is detached: logsumexp's gradient does not depend on the shift).
-pub fn mean_cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let logsumexp = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let picked = shifted.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?;
-    (logsumexp - picked)?.mean_all()
-}
+/// The composed training loss on full logits (moved to the model, beside its fused version).
+pub use crate::model::mean_cross_entropy;
 
 fn groups(params: &[Param], cfg: &HealConfig) -> Vec<ParamGroup> {
     let (mut matrices, mut others) = (Vec::new(), Vec::new());
@@ -376,6 +373,7 @@ pub fn run(
     }
 
     let mut model = Model::load(&source, device)?;
+    model.set_kernels(cfg.kernels);
     if cfg.init_random {
         model.reinitialize(cfg.seed, cfg.static_baseline)?;
     }
@@ -449,15 +447,14 @@ pub fn run(
             let ids = Tensor::from_vec(ids, shape, device)?;
             let targets = Tensor::from_vec(targets, shape, device)?;
             let phase = Instant::now();
-            let logits = model.forward_detached(
+            let loss = model.loss(
                 &ids,
-                None,
+                &targets,
                 draw.without_grad + draw.with_grad,
                 draw.without_grad,
                 InitialState::Seeded(state_seed(cfg.seed, step, micro)),
-                None,
             )?;
-            let loss = (mean_cross_entropy(&logits, &targets)? / n_micro as f64)?;
+            let loss = (loss / n_micro as f64)?;
             let value = loss.to_scalar::<f32>()? as f64 * n_micro as f64;
             if !value.is_finite() {
                 return Err(non_finite("loss", step, &last_checkpoint, resume));

@@ -1,12 +1,14 @@
 //! One transformer block of the source family, written as plain differentiable ops:
 //! Llama `x += attn(norm1(x)); x += mlp(norm2(x))`; OLMo-2 `x += norm1(attn(x)); x += norm2(mlp(x))`
 //! with RMSNorm over the full projected q and k before RoPE. Grouped-query attention, SwiGLU MLP.
+//! RMSNorm, RoPE and SwiGLU run as the fused ops of `fused/` where `ctx.kernels` allows (CPU,
+//! f32/f64); the composed ops here are their reference and the path everywhere else.
 
 use candle_core::{Tensor, D};
 
 use crate::formats::hf_config::ModelConfig;
 
-use super::{rope, Result, Weight};
+use super::{fused, rope, Result, Weight};
 
 /// Where a block's norms sit.
 pub enum Norms {
@@ -44,6 +46,20 @@ pub struct Context<'a> {
     pub kernels: super::Kernels,
 }
 
+/// RMSNorm through the kernels `kernels` chooses for `x`: the fused op, or [`rms_norm`].
+pub fn norm(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    kernels: super::Kernels,
+) -> candle_core::Result<Tensor> {
+    if kernels.fused_for(x) {
+        fused::norm::rms_norm(x, w, eps)
+    } else {
+        rms_norm(x, w, eps)
+    }
+}
+
 /// x / sqrt(mean(x^2) + eps) * w over the last axis.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -78,6 +94,14 @@ pub fn on_rows(
     y.reshape(shape)
 }
 
+/// silu(gate) * up of a fused (..., 2f) [gate | up] projection: (..., 2f) -> (..., f).
+pub fn swiglu(gu: &Tensor) -> candle_core::Result<Tensor> {
+    let f = gu.dim(D::Minus1)? / 2;
+    let gate = gu.narrow(D::Minus1, 0, f)?;
+    let up = gu.narrow(D::Minus1, f, f)?;
+    silu(&gate)? * up
+}
+
 /// x * sigmoid(x), from exp.
 fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
     x / (x.neg()?.exp()? + 1.0)?
@@ -91,15 +115,15 @@ impl Block {
         ctx: &Context,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
-        let eps = ctx.config.norm_eps;
+        let norm = |x: &Tensor, w: &Tensor| norm(x, w, ctx.config.norm_eps, ctx.kernels);
         Ok(match &self.norms {
             Norms::Pre { attn, mlp } => {
-                let x = (x + self.attention(&rms_norm(x, attn, eps)?, ctx, cache)?)?;
-                (&x + self.mlp(&rms_norm(&x, mlp, eps)?)?)?
+                let x = (x + self.attention(&norm(x, attn)?, ctx, cache)?)?;
+                (&x + self.mlp(&norm(&x, mlp)?, ctx)?)?
             }
             Norms::Post { attn, mlp, .. } => {
-                let x = (x + rms_norm(&self.attention(x, ctx, cache)?, attn, eps)?)?;
-                (&x + rms_norm(&self.mlp(&x)?, mlp, eps)?)?
+                let x = (x + norm(&self.attention(x, ctx, cache)?, attn)?)?;
+                (&x + norm(&self.mlp(&x, ctx)?, mlp)?)?
             }
         })
     }
@@ -119,15 +143,23 @@ impl Block {
         let mut k = qkv.narrow(D::Minus1, nh * hd, nkv * hd)?;
         let v = qkv.narrow(D::Minus1, (nh + nkv) * hd, nkv * hd)?;
         if let Norms::Post { q: qn, k: kn, .. } = &self.norms {
-            q = rms_norm(&q, qn, c.norm_eps)?;
-            k = rms_norm(&k, kn, c.norm_eps)?;
+            q = norm(&q, qn, c.norm_eps, ctx.kernels)?;
+            k = norm(&k, kn, c.norm_eps, ctx.kernels)?;
         }
         // (B, T, heads * D) -> (B, heads, T, D)
         let heads = |x: Tensor, n: usize| -> candle_core::Result<Tensor> {
             x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
         };
-        let q = rope::apply(&heads(q, nh)?, ctx.cos, ctx.sin)?;
-        let mut k = rope::apply(&heads(k, nkv)?, ctx.cos, ctx.sin)?;
+        // (B, T, heads * D) -> (B, heads, T, D), rotated: fused, the split into heads included.
+        let rotated = |x: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            if ctx.kernels.fused_for(&x) {
+                fused::rope::rope_heads(&x, n, ctx.cos, ctx.sin)
+            } else {
+                rope::apply(&heads(x, n)?, ctx.cos, ctx.sin)
+            }
+        };
+        let q = rotated(q, nh)?;
+        let mut k = rotated(k, nkv)?;
         let mut v = heads(v, nkv)?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
@@ -158,11 +190,15 @@ impl Block {
     }
 
     /// down(silu(gate(x)) * up(x)): (B, T, h) -> (B, T, h)
-    fn mlp(&self, x: &Tensor) -> Result<Tensor> {
-        let f = self.w_down.dim(1)?;
+    fn mlp(&self, x: &Tensor, ctx: &Context) -> Result<Tensor> {
+        // (B, T, h) @ (h, 2f) -> (B, T, 2f)
         let gu = self.w_gate_up.forward(x)?;
-        let gate = gu.narrow(D::Minus1, 0, f)?;
-        let up = gu.narrow(D::Minus1, f, f)?;
-        Ok(self.w_down.forward(&(silu(&gate)? * up)?)?)
+        // (B, T, 2f) -> (B, T, f)
+        let hidden = if ctx.kernels.fused_for(&gu) {
+            fused::swiglu::swiglu(&gu)?
+        } else {
+            swiglu(&gu)?
+        };
+        Ok(self.w_down.forward(&hidden)?)
     }
 }

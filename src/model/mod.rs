@@ -2,8 +2,9 @@
 //! lm_head (REFERENCE.md, "Forward pass"). The same code runs a static source model (all its
 //! layers, or any subset: the pruned model), so every variant is measured by one runtime.
 //!
-//! Every op here is differentiable (no fused `softmax_last_dim`, `rms_norm` or `rope`, which record
-//! no gradient in candle), so the trainer can use this forward as it is.
+//! Every op here is differentiable (no fused `softmax_last_dim`, `rms_norm` or `rope` of candle's,
+//! which record no gradient), so the trainer can use this forward as it is. The hot ops run as
+//! our own fused ops with their backward (`fused/`) unless [`Kernels::Composed`] is chosen.
 
 mod block;
 pub mod fused;
@@ -23,6 +24,13 @@ use crate::formats::hf_config::{Family, ModelConfig};
 use crate::source::SourceModel;
 
 pub use block::Block;
+
+/// The composed differentiable ops the fused ones are proved against (tests, benchmarks).
+pub mod composed {
+    pub use super::block::{rms_norm, swiglu};
+    pub use super::mean_cross_entropy;
+    pub use super::rope::apply as rope;
+}
 pub use fused::Kernels;
 pub use generate::{generate, sample, Exit, GenerateOptions, GenerateReport};
 pub use rope::Rope;
@@ -349,9 +357,105 @@ impl Model {
             exit: Exit::Never,
         };
         let (x, _) = self.hidden(ids, mask, run, state, cache)?;
-        let x = block::rms_norm(&x, &self.final_norm, self.config.norm_eps)?;
+        let x = self.normed(&x)?;
         // (B, T, h) @ (h, V) -> (B, T, V)
         Ok(self.lm_head.forward(&x)?)
+    }
+
+    /// The training loss: the mean next-token cross-entropy of `ids` [B, T] against `targets`
+    /// [B, T] (u32) at recurrence `r`, the state detached after the first `without_grad`
+    /// iterations (see [`Model::forward_detached`]); a differentiable scalar. With fused kernels
+    /// lm_head and the loss are one op that never holds the [B T, V] logits; composed, it is
+    /// [`mean_cross_entropy`] of [`Model::forward_detached`].
+    pub fn loss(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        r: usize,
+        without_grad: usize,
+        state: InitialState,
+    ) -> Result<Tensor> {
+        let run = Run {
+            r,
+            without_grad,
+            exit: Exit::Never,
+        };
+        let (x, _) = self.hidden(ids, None, run, state, None)?;
+        let x = self.normed(&x)?;
+        let Some(w) = self.fused_head(&x) else {
+            // (B, T, h) @ (h, V) -> (B, T, V)
+            return Ok(mean_cross_entropy(&self.lm_head.forward(&x)?, targets)?);
+        };
+        let h = x.dim(D::Minus1)?;
+        let targets = targets.flatten_all()?.to_vec1::<u32>()?;
+        // (B, T, h) -> (B T, h); lm_head and the loss: -> ()
+        let rows = x.reshape(((), h))?;
+        let scale = 1.0 / targets.len().max(1) as f64;
+        Ok(fused::xent::linear_cross_entropy(
+            &rows, w, &targets, scale,
+        )?)
+    }
+
+    /// The summed next-token cross-entropy (nats) of `ids` [B, T] against `targets` [B, T] (u32),
+    /// each token weighted by `weights` [B, T] (f32; 0 leaves a padding token out), and the sum
+    /// of the weights: what [`crate::eval::perplexity`] adds up. `mask` as in
+    /// [`Model::forward`]. Fused kernels never hold the [B T, V] logits.
+    pub fn nll_sum(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        targets: &Tensor,
+        weights: &Tensor,
+        r: usize,
+        state: InitialState,
+    ) -> Result<(f64, f64)> {
+        let run = Run {
+            r,
+            without_grad: 0,
+            exit: Exit::Never,
+        };
+        let (x, _) = self.hidden(ids, mask, run, state, None)?;
+        let x = self.normed(&x)?;
+        let Some(w) = self.fused_head(&x) else {
+            // (B, T, h) @ (h, V) -> (B, T, V)
+            return cross_entropy_sum(&self.lm_head.forward(&x)?, targets, weights);
+        };
+        let h = x.dim(D::Minus1)?;
+        let targets = targets.flatten_all()?.to_vec1::<u32>()?;
+        let weights = weights
+            .flatten_all()?
+            .to_dtype(CDType::F64)?
+            .to_vec1::<f64>()?;
+        // (B, T, h) -> (B T, h) -> B T values
+        let nll = fused::xent::nll_rows(&x.reshape(((), h))?, w, &targets)?;
+        let (mut total, mut count) = (0.0, 0.0);
+        for (nll, weight) in nll.iter().zip(&weights) {
+            // Skipped, not multiplied by 0: a padding row's value never reaches the sum.
+            if *weight != 0.0 {
+                total += weight * nll;
+                count += weight;
+            }
+        }
+        Ok((total, count))
+    }
+
+    /// The final RMSNorm, fused or composed as the kernels say: (.., h) -> (.., h).
+    fn normed(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(block::norm(
+            x,
+            &self.final_norm,
+            self.config.norm_eps,
+            self.kernels,
+        )?)
+    }
+
+    /// lm_head's values when the fused head serves the normed hidden states `x`: fused kernels,
+    /// CPU, f32/f64, and a dense (not block-quantized) lm_head.
+    fn fused_head(&self, x: &Tensor) -> Option<&Tensor> {
+        match &self.lm_head {
+            Weight::Dense(w) if self.kernels.fused_for(x) => Some(w),
+            _ => None,
+        }
     }
 
     /// Embeddings, prelude, the core looped as `run` says, coda: the hidden states (B, T, h)
@@ -588,6 +692,17 @@ pub fn cross_entropy_sum(
     let total = (nll * weights)?.sum_all()?.to_scalar::<f32>()? as f64;
     let count = weights.sum_all()?.to_scalar::<f32>()? as f64;
     Ok((total, count))
+}
+
+/// Mean next-token cross-entropy of `logits` [B, T, V] against `targets` [B, T], differentiable
+/// (the max is detached: logsumexp's gradient does not depend on the shift). The composed
+/// reference of the fused loss in [`Model::loss`].
+pub fn mean_cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let logsumexp = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let picked = shifted.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?;
+    (logsumexp - picked)?.mean_all()
 }
 
 /// Rows of `logits` [B, T, V] as log-probabilities (for tests and generation).

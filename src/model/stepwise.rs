@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-use super::{block, Model, ModelError, Result};
+use super::{fused, Model, ModelError, Result};
 
 /// Rows of the final norm and lm_head per step: the logits of one step are rows x vocabulary f32
 /// (512 x 49152 x 4 B = 100 MB for SmolLM2), which bounds the memory of a long window.
@@ -44,10 +44,11 @@ impl Model {
     }
 
     /// The summed next-token cross-entropy (nats) of the final hidden states `x` (B, T, h)
-    /// against `targets` (B, T) u32, and the number of tokens: final norm and lm_head a few
-    /// hundred rows at a time, then each row's log-sum-exp on every core (candle's elementwise
-    /// ops run on one thread, and over a 49k vocabulary they would cost more than the matmul).
-    /// Rows are summed in order in f64, so the result does not depend on the thread count.
+    /// against `targets` (B, T) u32, and the number of tokens: the final norm, then lm_head and
+    /// the loss in the fused op (`fused::xent`), or else lm_head a few hundred rows at a time and
+    /// each row's log-sum-exp on every core (candle's elementwise ops run on one thread, and over
+    /// a 49k vocabulary they would cost more than the matmul). Rows are summed in order in f64,
+    /// so the result does not depend on the thread count.
     pub fn head_nll(&self, x: &Tensor, targets: &Tensor) -> Result<(f64, usize)> {
         let h = x.dim(D::Minus1)?;
         let x = x.reshape(((), h))?;
@@ -59,14 +60,16 @@ impl Model {
                 targets.len()
             )));
         }
+        let normed = self.normed(&x)?;
+        if let Some(w) = self.fused_head(&normed) {
+            // The fused head never holds more than a chunk of logits; rows summed in order.
+            let nll = fused::xent::nll_rows(&normed, w, &targets)?;
+            return Ok((nll.iter().sum(), rows));
+        }
         let (mut nll, mut start) = (0.0, 0);
         while start < rows {
             let n = HEAD_ROWS.min(rows - start);
-            let chunk = block::rms_norm(
-                &x.narrow(0, start, n)?,
-                &self.final_norm,
-                self.config.norm_eps,
-            )?;
+            let chunk = normed.narrow(0, start, n)?;
             // (n, h) @ (h, V) -> (n, V)
             let logits = self.lm_head.forward(&chunk)?;
             let vocab = logits.dim(1)?;
