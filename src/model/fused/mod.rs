@@ -4,6 +4,8 @@
 //! accumulation. The composed differentiable ops in `block.rs` and `rope.rs` stay as the
 //! reference: every fused op is proved equal to them, and they remain the path on other devices.
 
+pub mod attention;
+
 /// Which implementation of the hot ops a pass uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Kernels {
