@@ -8,7 +8,8 @@ use candle_core::{Tensor, D};
 
 use crate::formats::hf_config::ModelConfig;
 
-use super::{fused, rope, Result, Weight};
+use super::fused::{self, attention, Kernels};
+use super::{rope, Result, Weight};
 
 /// Where a block's norms sit.
 pub enum Norms {
@@ -39,11 +40,13 @@ pub struct Block {
 pub struct Context<'a> {
     /// [B, 1, T, past + T], 0 or -1e9.
     pub bias: &'a Tensor,
+    /// The same mask in the fused attention's compact form.
+    pub mask: &'a attention::Mask,
     /// [B, 1, T, head_dim]
     pub cos: &'a Tensor,
     pub sin: &'a Tensor,
     pub config: &'a ModelConfig,
-    pub kernels: super::Kernels,
+    pub kernels: Kernels,
 }
 
 /// RMSNorm through the kernels `kernels` chooses for `x`: the fused op, or [`rms_norm`].
@@ -51,7 +54,7 @@ pub fn norm(
     x: &Tensor,
     w: &Tensor,
     eps: f64,
-    kernels: super::Kernels,
+    kernels: Kernels,
 ) -> candle_core::Result<Tensor> {
     if kernels.fused_for(x) {
         fused::norm::rms_norm(x, w, eps)
@@ -168,22 +171,13 @@ impl Block {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        // Grouped-query attention: query head i reads key-value head i / (nh / nkv).
-        let keys = k.dim(2)?;
-        let repeat = |x: Tensor| -> candle_core::Result<Tensor> {
-            if nh == nkv {
-                return Ok(x);
-            }
-            x.unsqueeze(2)?
-                .broadcast_as((b, nkv, nh / nkv, keys, hd))?
-                .reshape((b, nh, keys, hd))
+        // (B, H, T, D) with k, v (B, KV, past + T, D) -> (B, H, T, D)
+        let out = if ctx.kernels == Kernels::Fused && attention::applies(&q) {
+            attention::fused(&q, &k, &v, ctx.mask)?
+        } else {
+            attention::composed(&q, &k, &v, ctx.bias)?
         };
-        let (k, v) = (repeat(k)?, repeat(v)?);
-        // (B, H, T, D) @ (B, H, D, Tk) -> (B, H, T, Tk)
-        let scores =
-            (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?.broadcast_add(ctx.bias)?;
-        // (B, H, T, Tk) @ (B, H, Tk, D) -> (B, H, T, D) -> (B, T, H * D)
-        let out = softmax(&scores)?.matmul(&v.contiguous()?)?;
+        // (B, H, T, D) -> (B, T, H * D)
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         // (B, T, q) @ (q, h) -> (B, T, h)
         Ok(self.wo.forward(&out)?)

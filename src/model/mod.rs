@@ -595,6 +595,8 @@ fn slot_at<'a>(
 /// pass's positions, in the weights' dtype.
 struct Frame {
     bias: Tensor,
+    /// The bias's facts for the fused attention.
+    mask: fused::attention::Mask,
     cos: Tensor,
     sin: Tensor,
 }
@@ -603,6 +605,7 @@ impl Frame {
     fn context<'a>(&'a self, config: &'a ModelConfig, kernels: Kernels) -> block::Context<'a> {
         block::Context {
             bias: &self.bias,
+            mask: &self.mask,
             cos: &self.cos,
             sin: &self.sin,
             config,
@@ -630,10 +633,11 @@ impl Model {
         past: usize,
         dtype: CDType,
     ) -> Result<Frame> {
-        let (positions, bias) = positions_and_bias(mask, b, t, past, &self.device)?;
+        let (positions, bias, mask) = positions_and_bias(mask, b, t, past, &self.device)?;
         let (cos, sin) = self.rope.cos_sin(&positions)?;
         Ok(Frame {
             bias: bias.to_dtype(dtype)?,
+            mask,
             cos: cos.to_dtype(dtype)?,
             sin: sin.to_dtype(dtype)?,
         })
@@ -641,14 +645,15 @@ impl Model {
 }
 
 /// Positions [B, T] (u32) and the additive attention bias [B, 1, T, past + T]: causal, and padding
-/// keys masked. Positions count real tokens only, so padding never shifts RoPE.
+/// keys masked; and the same mask in the fused attention's form. Positions count real tokens only,
+/// so padding never shifts RoPE.
 fn positions_and_bias(
     mask: Option<&Tensor>,
     b: usize,
     t: usize,
     past: usize,
     device: &Device,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor, fused::attention::Mask)> {
     let keys = past + t;
     let valid: Vec<Vec<u32>> = match mask {
         Some(m) => m.to_dtype(CDType::U32)?.to_vec2::<u32>()?,
@@ -656,7 +661,11 @@ fn positions_and_bias(
     };
     let mut positions = Vec::with_capacity(b * t);
     let mut bias = Vec::with_capacity(b * t * keys);
+    // [B, past + T]: cached keys are real (a padding mask cannot be combined with the cache).
+    let mut real_keys = Vec::with_capacity(b * keys);
     for row in &valid {
+        real_keys.extend(std::iter::repeat_n(true, past));
+        real_keys.extend(row.iter().map(|&v| v != 0));
         // A token's position is the number of real tokens before it (padding does not count).
         let mut real = past as u32;
         for &v in row {
@@ -673,7 +682,11 @@ fn positions_and_bias(
     }
     let positions = Tensor::from_vec(positions, (b, t), device)?;
     let bias = Tensor::from_vec(bias, (b, 1, t, keys), device)?;
-    Ok((positions, bias))
+    let mask = fused::attention::Mask::Causal {
+        past,
+        valid: real_keys.into(),
+    };
+    Ok((positions, bias, mask))
 }
 
 /// Mean next-token cross-entropy (natural log) of `logits` [B, T, V] against `targets` [B, T]

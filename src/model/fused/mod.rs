@@ -15,6 +15,8 @@ pub mod xent;
 
 use candle_core::{bail, CpuStorage, DType, Layout, Tensor, WithDType};
 
+pub mod attention;
+
 /// Which implementation of the hot ops a pass uses.
 #[derive(
     Debug,

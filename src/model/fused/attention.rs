@@ -1,0 +1,633 @@
+//! Causal grouped-query attention, fused (issue 16, DESIGN decision 12): one candle `CustomOp3`
+//! over q [B, H, T, D], k and v [B, KV, Tk, D] (query head i reads key-value head i / (H / KV),
+//! scores scaled by 1/sqrt(D)), with its own backward. Flash-style (Dao, "FlashAttention-2",
+//! algorithms 1 and 2): tiles of queries against tiles of keys with an online softmax, keeping only
+//! each row's softmax statistics for the backward, which recomputes the scores tile by tile. The
+//! statistics are the max and the inverse sum of exp(score - max) rather than their log-sum-exp:
+//! a row with every key masked has scores near -1e9, where max + ln(sum) would round the ln away
+//! in f32 (the composed op gives such a row uniform weights, and so must the backward). Nothing of
+//! size [B, H, T, Tk] is ever held: the composed op keeps several such tensors per block for its
+//! backward, the main part of the trainer's memory.
+//!
+//! [`composed`] is the same attention from differentiable candle ops: the reference the fused op is
+//! proved against (tests/fused_attention.rs), and the path on other devices and dtypes.
+//!
+//! Threads: the forward runs one rayon task per (batch, head, query tile); the backward one per
+//! (batch, head, share of the query tiles), each with its own dK and dV rows, summed afterwards
+//! over the query heads that share a key-value head. Inner loops are contiguous D-long dot
+//! products and axpys with several accumulators, so they vectorize without reassociation.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::super::block::softmax;
+
+/// Query rows per tile: with [`KEY_TILE`] keys the working set of a tile (queries, outputs, keys,
+/// values at D = 64) is about 64 KiB in f32, within L2.
+const QUERY_TILE: usize = 32;
+/// Key rows per tile: a tile of keys and one of values, 16 KiB each at D = 64 in f32, stay in L1
+/// while every query row of the tile reads them.
+const KEY_TILE: usize = 64;
+/// The additive bias of a masked key in the model's bias tensor (`positions_and_bias`).
+const MASKED: f64 = -1e9;
+
+/// Which keys each query reads.
+#[derive(Clone)]
+pub enum Mask {
+    /// An additive bias [B, 1, T, Tk], added to the scaled scores as the composed op does.
+    Bias(Tensor),
+    /// Causal after `past` earlier keys (query i sees keys 0..=past + i, Tk = past + T), and of
+    /// those only the real ones: `valid` [B * Tk], true for a real token. Equal to the bias
+    /// 0 / -1e9 built from the same facts, a row with no real key included: the bias form then
+    /// adds -1e9 to every key, and so does this one.
+    Causal { past: usize, valid: Arc<[bool]> },
+}
+
+/// Whether the fused op serves tensors like `q`: on the CPU, in f32 or f64.
+pub fn applies(q: &Tensor) -> bool {
+    q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64)
+}
+
+/// softmax(q k^T / sqrt(D) + bias) v from differentiable candle ops, the key-value heads repeated
+/// for grouped-query attention: q [B, H, T, D], k and v [B, KV, Tk, D], bias [B, 1, T, Tk] ->
+/// [B, H, T, D]. Keeps [B, H, T, Tk] tensors for the backward.
+pub fn composed(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, nh, _, hd) = q.dims4()?;
+    let (_, nkv, keys, _) = k.dims4()?;
+    // Grouped-query attention: query head i reads key-value head i / (nh / nkv).
+    let repeat = |x: &Tensor| -> candle_core::Result<Tensor> {
+        if nh == nkv {
+            return Ok(x.clone());
+        }
+        x.unsqueeze(2)?
+            .broadcast_as((b, nkv, nh / nkv, keys, hd))?
+            .reshape((b, nh, keys, hd))
+    };
+    let (k, v) = (repeat(k)?, repeat(v)?);
+    // (B, H, T, D) @ (B, H, D, Tk) -> (B, H, T, Tk)
+    let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?.broadcast_add(bias)?;
+    // (B, H, T, Tk) @ (B, H, Tk, D) -> (B, H, T, D)
+    softmax(&scores)?.matmul(&v.contiguous()?)
+}
+
+/// The fused attention: q [B, H, T, D], k and v [B, KV, Tk, D] on the CPU in f32 or f64 ->
+/// [B, H, T, D], differentiable in q, k and v.
+pub fn fused(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask) -> candle_core::Result<Tensor> {
+    let dims = Dims::of(q.dims(), k.dims(), v.dims())?;
+    if !applies(q) || k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        return Err(candle_core::Error::Msg(format!(
+            "fused attention runs on the CPU in f32 or f64, not {:?} {:?}",
+            q.device().location(),
+            q.dtype()
+        )));
+    }
+    dims.check_mask(mask)?;
+    let op = FlashAttention {
+        mask: mask.clone(),
+        stats: Mutex::new(None),
+    };
+    q.contiguous()?
+        .apply_op3_arc(&k.contiguous()?, &v.contiguous()?, Arc::new(Box::new(op)))
+}
+
+/// Sizes of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Dims {
+    b: usize,
+    /// Query heads.
+    h: usize,
+    /// Key-value heads.
+    kv: usize,
+    /// Queries per batch row.
+    t: usize,
+    /// Keys per batch row.
+    tk: usize,
+    /// Head dimension.
+    d: usize,
+}
+
+impl Dims {
+    fn of(q: &[usize], k: &[usize], v: &[usize]) -> candle_core::Result<Dims> {
+        let bad = || {
+            candle_core::Error::Msg(format!(
+                "fused attention wants q [B, H, T, D], k and v [B, KV, Tk, D] with H a multiple \
+                 of KV, got q {q:?}, k {k:?}, v {v:?}"
+            ))
+        };
+        let (&[b, h, t, d], &[kb, kv, tk, kd]) = (q, k) else {
+            return Err(bad());
+        };
+        if k != v || kb != b || kd != d || d == 0 || kv == 0 || h % kv != 0 || tk == 0 {
+            return Err(bad());
+        }
+        Ok(Dims { b, h, kv, t, tk, d })
+    }
+
+    fn check_mask(&self, mask: &Mask) -> candle_core::Result<()> {
+        let ok = match mask {
+            Mask::Bias(bias) => bias.dims() == [self.b, 1, self.t, self.tk],
+            Mask::Causal { past, valid } => {
+                past + self.t == self.tk && valid.len() == self.b * self.tk
+            }
+        };
+        if ok {
+            return Ok(());
+        }
+        let got = match mask {
+            Mask::Bias(bias) => format!("a bias of shape {:?}", bias.dims()),
+            Mask::Causal { past, valid } => {
+                format!(
+                    "a causal mask of {past} past keys and {} flags",
+                    valid.len()
+                )
+            }
+        };
+        Err(candle_core::Error::Msg(format!(
+            "fused attention over {} queries and {} keys in {} rows got {got}",
+            self.t, self.tk, self.b
+        )))
+    }
+
+    /// Query heads per key-value head.
+    fn group(&self) -> usize {
+        self.h / self.kv
+    }
+}
+
+/// The op, built once per call: it carries the mask, and from its forward to its backward the
+/// softmax statistics of every query row [B, H, T] (f64 holds f32 ones exactly).
+struct FlashAttention {
+    mask: Mask,
+    stats: Mutex<Option<Vec<[f64; 2]>>>,
+}
+
+/// The element types the kernels run in: accumulation is in the type itself (f32 or wider).
+trait Float: WithDType {
+    const NEG_INFINITY: Self;
+    fn exp(self) -> Self;
+}
+
+impl Float for f32 {
+    const NEG_INFINITY: Self = f32::NEG_INFINITY;
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+}
+
+impl Float for f64 {
+    const NEG_INFINITY: Self = f64::NEG_INFINITY;
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+}
+
+/// Lanes of the accumulators of a dot product: independent sums the compiler keeps in vector
+/// registers (it may not reorder one float sum by itself).
+const LANES: usize = 8;
+
+/// a . b over equal lengths.
+#[inline(always)]
+fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); LANES];
+    let (a_blocks, a_rest) = a.as_chunks::<LANES>();
+    let (b_blocks, b_rest) = b.as_chunks::<LANES>();
+    for (x, y) in a_blocks.iter().zip(b_blocks) {
+        for ((acc, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *acc += x * y;
+        }
+    }
+    let mut tail = T::zero();
+    for (&x, &y) in a_rest.iter().zip(b_rest) {
+        tail += x * y;
+    }
+    let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
+    ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7)) + tail
+}
+
+/// y += alpha x over equal lengths.
+#[inline(always)]
+fn axpy<T: Float>(alpha: T, x: &[T], y: &mut [T]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += alpha * x;
+    }
+}
+
+/// The mask resolved for the kernels: per query row, the keys to visit and the bias of each.
+enum Keys<T> {
+    /// [B, T, Tk], added as it is.
+    Bias(Vec<T>),
+    Causal {
+        past: usize,
+        /// [B, Tk]
+        valid: Arc<[bool]>,
+        /// [B, T]: rows with no real key among those they may see.
+        dead: Vec<bool>,
+    },
+}
+
+impl<T: Float> Keys<T> {
+    fn new(mask: &Mask, dims: &Dims) -> candle_core::Result<Keys<T>> {
+        Ok(match mask {
+            Mask::Bias(bias) => Keys::Bias(bias.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1()?),
+            Mask::Causal { past, valid } => {
+                let mut dead = Vec::with_capacity(dims.b * dims.t);
+                for row in valid.chunks(dims.tk) {
+                    // Query i sees keys 0..=past + i: dead while none of those is real.
+                    let first = row.iter().position(|&v| v).unwrap_or(dims.tk);
+                    dead.extend((0..dims.t).map(|i| first > past + i));
+                }
+                Keys::Causal {
+                    past: *past,
+                    valid: valid.clone(),
+                    dead,
+                }
+            }
+        })
+    }
+
+    /// The keys the queries `rows` of batch row `b` visit: 0..end (later ones are all masked,
+    /// unless a row is dead, which reads every key as the bias form does).
+    fn end(&self, dims: &Dims, b: usize, rows: &Range<usize>) -> usize {
+        match self {
+            Keys::Bias(_) => dims.tk,
+            Keys::Causal { past, dead, .. } => {
+                if dead[b * dims.t + rows.start..b * dims.t + rows.end].contains(&true) {
+                    dims.tk
+                } else {
+                    (past + rows.end).min(dims.tk)
+                }
+            }
+        }
+    }
+
+    /// The bias of query `i` of batch row `b` against keys j0.. into `out`: -inf for a key it
+    /// must not read (its weight is then exactly the 0 that exp(-1e9 - max) gives).
+    fn fill(&self, dims: &Dims, b: usize, i: usize, j0: usize, out: &mut [T]) {
+        match self {
+            Keys::Bias(bias) => {
+                let at = (b * dims.t + i) * dims.tk + j0;
+                out.copy_from_slice(&bias[at..at + out.len()]);
+            }
+            Keys::Causal { past, valid, dead } => {
+                if dead[b * dims.t + i] {
+                    out.fill(T::from_f64(MASKED));
+                    return;
+                }
+                let valid = &valid[b * dims.tk + j0..b * dims.tk + j0 + out.len()];
+                for (c, (o, &real)) in out.iter_mut().zip(valid).enumerate() {
+                    let seen = j0 + c <= past + i;
+                    *o = if seen && real {
+                        T::zero()
+                    } else {
+                        T::NEG_INFINITY
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// The inputs of one call, contiguous.
+struct Inputs<'a, T> {
+    dims: Dims,
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    keys: &'a Keys<T>,
+    scale: T,
+}
+
+impl<'a, T: Float> Inputs<'a, T> {
+    /// Query rows `rows` of (b, h): [rows, D].
+    fn q_rows(&self, b: usize, h: usize, rows: &Range<usize>) -> &'a [T] {
+        let Dims { h: nh, t, d, .. } = self.dims;
+        let at = (b * nh + h) * t;
+        &self.q[(at + rows.start) * d..(at + rows.end) * d]
+    }
+
+    /// Keys and values of the key-value head query head h of batch row b reads: each [Tk, D].
+    fn kv_head(&self, b: usize, h: usize) -> (&'a [T], &'a [T]) {
+        let Dims { kv, tk, d, .. } = self.dims;
+        let at = (b * kv + h / self.dims.group()) * tk * d;
+        (&self.k[at..at + tk * d], &self.v[at..at + tk * d])
+    }
+
+    /// scale q_i . k_j + bias for query row `q` (query i) and the keys j0..j0 + out.len().
+    fn scores(&self, b: usize, i: usize, q: &[T], keys: &[T], j0: usize, out: &mut [T]) {
+        let d = self.dims.d;
+        self.keys.fill(&self.dims, b, i, j0, out);
+        for (c, s) in out.iter_mut().enumerate() {
+            let at = (j0 + c) * d;
+            *s += self.scale * dot(q, &keys[at..at + d]);
+        }
+    }
+
+    /// Output rows `rows` of (b, h) into `o` [rows, D], and into `stats` each row's max score and
+    /// the inverse of its sum of exp(score - max): P_ij = exp(S_ij - max_i) inv_sum_i.
+    fn forward_tile(
+        &self,
+        b: usize,
+        h: usize,
+        rows: Range<usize>,
+        o: &mut [T],
+        stats: &mut [[T; 2]],
+    ) {
+        let d = self.dims.d;
+        let q = self.q_rows(b, h, &rows);
+        let (k, v) = self.kv_head(b, h);
+        let end = self.keys.end(&self.dims, b, &rows);
+        // Per row: the running max of the scores and the sum of exp(score - max).
+        let mut max = vec![T::NEG_INFINITY; rows.len()];
+        let mut sum = vec![T::zero(); rows.len()];
+        let mut s = [T::zero(); KEY_TILE];
+        o.fill(T::zero());
+        for j0 in (0..end).step_by(KEY_TILE) {
+            let s = &mut s[..KEY_TILE.min(end - j0)];
+            for (r, i) in rows.clone().enumerate() {
+                let q = &q[r * d..(r + 1) * d];
+                self.scores(b, i, q, k, j0, s);
+                let m = s.iter().fold(max[r], |m, &x| if x > m { x } else { m });
+                if m == T::NEG_INFINITY {
+                    continue; // every key so far masked
+                }
+                let o = &mut o[r * d..(r + 1) * d];
+                let rescale = (max[r] - m).exp();
+                if rescale != T::one() {
+                    o.iter_mut().for_each(|x| *x *= rescale);
+                    sum[r] *= rescale;
+                }
+                max[r] = m;
+                for (c, &x) in s.iter().enumerate() {
+                    let p = (x - m).exp();
+                    if p == T::zero() {
+                        continue;
+                    }
+                    sum[r] += p;
+                    let at = (j0 + c) * d;
+                    axpy(p, &v[at..at + d], o);
+                }
+            }
+        }
+        for (r, stats) in stats.iter_mut().enumerate() {
+            let inv = T::one() / sum[r];
+            o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= inv);
+            *stats = [max[r], inv];
+        }
+    }
+
+    /// The forward of every row: (O [B, H, T, D], softmax statistics [B, H, T]).
+    fn forward(&self) -> (Vec<T>, Vec<[T; 2]>) {
+        let Dims { b, h, t, d, .. } = self.dims;
+        let mut o = vec![T::zero(); b * h * t * d];
+        let mut stats = vec![[T::zero(); 2]; b * h * t];
+        if t == 0 {
+            return (o, stats);
+        }
+        o.par_chunks_mut(t * d)
+            .zip(stats.par_chunks_mut(t))
+            .enumerate()
+            .for_each(|(bh, (o, stats))| {
+                o.par_chunks_mut(QUERY_TILE * d)
+                    .zip(stats.par_chunks_mut(QUERY_TILE))
+                    .enumerate()
+                    .for_each(|(tile, (o, stats))| {
+                        let start = tile * QUERY_TILE;
+                        let rows = start..start + stats.len();
+                        self.forward_tile(bh / h, bh % h, rows, o, stats);
+                    });
+            });
+        (o, stats)
+    }
+
+    /// One backward task: query tiles `tiles` of (b, h), adding into dq [T, D] of (b, h) and into
+    /// dk, dv [Tk, D] of this task. `o`, `dout` [T, D] and `stats` [T] are (b, h)'s.
+    fn backward_task(
+        &self,
+        (b, h): (usize, usize),
+        tiles: impl Iterator<Item = Range<usize>>,
+        (o, dout, stats): (&[T], &[T], &[[T; 2]]),
+        (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
+    ) {
+        let d = self.dims.d;
+        let (k, v) = self.kv_head(b, h);
+        let mut p = [T::zero(); KEY_TILE];
+        for rows in tiles {
+            let q = self.q_rows(b, h, &rows);
+            let end = self.keys.end(&self.dims, b, &rows);
+            // D_i = dO_i . O_i (FlashAttention-2's rowsum(dO * O)).
+            let delta: Vec<T> = rows
+                .clone()
+                .map(|i| dot(&dout[i * d..(i + 1) * d], &o[i * d..(i + 1) * d]))
+                .collect();
+            for j0 in (0..end).step_by(KEY_TILE) {
+                let p = &mut p[..KEY_TILE.min(end - j0)];
+                for (r, i) in rows.clone().enumerate() {
+                    let q_i = &q[r * d..(r + 1) * d];
+                    let do_i = &dout[i * d..(i + 1) * d];
+                    let dq_i = &mut dq[i * d..(i + 1) * d];
+                    let [max, inv_sum] = stats[i];
+                    self.scores(b, i, q_i, k, j0, p);
+                    for (c, &s) in p.iter().enumerate() {
+                        // The forward's softmax, recomputed.
+                        let p_ij = (s - max).exp() * inv_sum;
+                        if p_ij == T::zero() {
+                            continue;
+                        }
+                        let at = (j0 + c) * d;
+                        let (k_j, v_j) = (&k[at..at + d], &v[at..at + d]);
+                        // dS_ij = P_ij (dO_i . v_j - D_i), through the scale into dQ and dK.
+                        let ds = p_ij * (dot(do_i, v_j) - delta[r]) * self.scale;
+                        axpy(p_ij, do_i, &mut dv[at..at + d]);
+                        axpy(ds, q_i, &mut dk[at..at + d]);
+                        axpy(ds, k_j, dq_i);
+                    }
+                }
+            }
+        }
+    }
+
+    /// dQ [B, H, T, D], dK and dV [B, KV, Tk, D] from O and dO [B, H, T, D] and the forward's
+    /// softmax statistics [B, H, T].
+    fn backward(&self, o: &[T], dout: &[T], stats: &[[T; 2]]) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let Dims { b, h, kv, t, tk, d } = self.dims;
+        if t == 0 {
+            return (
+                Vec::new(),
+                vec![T::zero(); b * kv * tk * d],
+                vec![T::zero(); b * kv * tk * d],
+            );
+        }
+        let n_tiles = t.div_ceil(QUERY_TILE);
+        // Enough tasks for every thread even at batch 1: each (b, h) split into `shares`, query
+        // tiles dealt out in turn so that early (short, causal) and late tiles mix.
+        let shares = (2 * rayon::current_num_threads())
+            .div_ceil(b * h)
+            .clamp(1, n_tiles);
+        let tasks: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..b * h * shares)
+            .into_par_iter()
+            .map(|task| {
+                let (bh, share) = (task / shares, task % shares);
+                let (bi, hi) = (bh / h, bh % h);
+                let mut dq = vec![T::zero(); t * d];
+                let mut dk = vec![T::zero(); tk * d];
+                let mut dv = vec![T::zero(); tk * d];
+                let tiles = (share..n_tiles)
+                    .step_by(shares)
+                    .map(|tile| tile * QUERY_TILE..((tile + 1) * QUERY_TILE).min(t));
+                let rows = bh * t * d..(bh + 1) * t * d;
+                let head = (&o[rows.clone()], &dout[rows], &stats[bh * t..(bh + 1) * t]);
+                self.backward_task((bi, hi), tiles, head, (&mut dq, &mut dk, &mut dv));
+                (dq, dk, dv)
+            })
+            .collect();
+        // dQ of (b, h): the sum of its shares.
+        let mut dq = vec![T::zero(); b * h * t * d];
+        dq.par_chunks_mut(t * d).enumerate().for_each(|(bh, dq)| {
+            for (part, _, _) in &tasks[bh * shares..(bh + 1) * shares] {
+                axpy(T::one(), part, dq);
+            }
+        });
+        // dK, dV of (b, g): the sum over the query heads of group g and their shares.
+        let group = h / kv;
+        let mut dk = vec![T::zero(); b * kv * tk * d];
+        let mut dv = vec![T::zero(); b * kv * tk * d];
+        dk.par_chunks_mut(tk * d)
+            .zip(dv.par_chunks_mut(tk * d))
+            .enumerate()
+            .for_each(|(bg, (dk, dv))| {
+                let (bi, g) = (bg / kv, bg % kv);
+                let first = (bi * h + g * group) * shares;
+                for (_, pk, pv) in &tasks[first..first + group * shares] {
+                    axpy(T::one(), pk, dk);
+                    axpy(T::one(), pv, dv);
+                }
+            });
+        (dq, dk, dv)
+    }
+}
+
+/// A contiguous input's elements.
+fn contiguous<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused attention wants contiguous inputs".into()))?;
+    Ok(&T::cpu_storage_as_slice(s)?[start..end])
+}
+
+/// A tensor's elements in order, as T.
+fn elements<T: Float>(x: &Tensor) -> candle_core::Result<Vec<T>> {
+    x.detach().flatten_all()?.to_vec1()
+}
+
+impl FlashAttention {
+    fn forward<T: Float>(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        (s3, l3): (&CpuStorage, &Layout),
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = Dims::of(l1.dims(), l2.dims(), l3.dims())?;
+        let keys = Keys::new(&self.mask, &dims)?;
+        let inputs = Inputs {
+            dims,
+            q: contiguous(s1, l1)?,
+            k: contiguous(s2, l2)?,
+            v: contiguous(s3, l3)?,
+            keys: &keys,
+            scale: T::from_f64(1.0 / (dims.d as f64).sqrt()),
+        };
+        let (o, stats) = inputs.forward();
+        *self.stats.lock().map_err(|_| poisoned())? =
+            Some(stats.iter().map(|s| s.map(|x| x.to_f64())).collect());
+        Ok((T::to_cpu_storage_owned(o), l1.shape().clone()))
+    }
+
+    fn backward<T: Float>(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        o: &Tensor,
+        dout: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let dims = Dims::of(q.dims(), k.dims(), v.dims())?;
+        let keys = Keys::new(&self.mask, &dims)?;
+        let stats: Vec<[T; 2]> = match self.stats.lock().map_err(|_| poisoned())?.as_ref() {
+            Some(stats) => stats.iter().map(|s| s.map(T::from_f64)).collect(),
+            None => {
+                return Err(candle_core::Error::Msg(
+                    "fused attention: backward before its forward".into(),
+                ))
+            }
+        };
+        let (qs, ks, vs) = (elements(q)?, elements(k)?, elements(v)?);
+        let inputs = Inputs {
+            dims,
+            q: &qs,
+            k: &ks,
+            v: &vs,
+            keys: &keys,
+            scale: T::from_f64(1.0 / (dims.d as f64).sqrt()),
+        };
+        let (dq, dk, dv) = inputs.backward(&elements(o)?, &elements(dout)?, &stats);
+        let device = q.device();
+        Ok((
+            Tensor::from_vec(dq, q.shape(), device)?,
+            Tensor::from_vec(dk, k.shape(), device)?,
+            Tensor::from_vec(dv, v.shape(), device)?,
+        ))
+    }
+}
+
+fn poisoned() -> candle_core::Error {
+    candle_core::Error::Msg("fused attention: a thread panicked holding its state".into())
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let args = ((s1, l1), (s2, l2), (s3, l3));
+        match s1.dtype() {
+            DType::F32 => self.forward::<f32>(args.0, args.1, args.2),
+            DType::F64 => self.forward::<f64>(args.0, args.1, args.2),
+            other => Err(candle_core::Error::UnsupportedDTypeForOp(
+                other,
+                "fused-attention",
+            )),
+        }
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        dout: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => self.backward::<f32>((q, k, v), o, dout)?,
+            DType::F64 => self.backward::<f64>((q, k, v), o, dout)?,
+            other => {
+                return Err(candle_core::Error::UnsupportedDTypeForOp(
+                    other,
+                    "fused-attention",
+                ))
+            }
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
