@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod optim;
 pub mod output;
+pub mod place;
 pub mod sampler;
 pub mod schedule;
 pub mod train;
