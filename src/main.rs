@@ -3,6 +3,7 @@
 
 mod cli;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -29,15 +30,16 @@ fn main() -> ExitCode {
     let json = cli.global.json;
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // `surgery inspect M | head -1`: the reader has what it wanted.
+        Err(err) if err.downcast_ref::<cli::StdoutClosed>().is_some() => ExitCode::SUCCESS,
         Err(err) => {
             let code = cli::exit_code(&err);
             let message = one_line(&err);
             eprintln!("error: {message}");
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"error": message, "exit_code": code})
-                );
+                // Best effort: stdout may be the closed pipe the error is about.
+                let line = serde_json::json!({"error": message, "exit_code": code});
+                let _ = writeln!(std::io::stdout(), "{line}");
             }
             ExitCode::from(code)
         }

@@ -29,7 +29,7 @@ pub struct ManifestEntry {
 
 /// The lowercase hex sha256 of a file, calling `progress` with the bytes hashed so far.
 pub fn sha256_file(path: &Path, mut progress: impl FnMut(u64)) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
+    let mut file = crate::paths::open_file(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut done = 0u64;
@@ -193,7 +193,7 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(u64, u64)) -> Result<VerifyRe
     if !path.is_file() {
         return Err(VerifyError::NoManifest(dir.to_path_buf()));
     }
-    let bytes = std::fs::read(&path).map_err(|source| VerifyError::Io {
+    let bytes = crate::paths::read(&path).map_err(|source| VerifyError::Io {
         path: path.clone(),
         source,
     })?;

@@ -157,7 +157,8 @@ pub struct SourceModel {
     storage: Storage,
 }
 
-const TOKENIZER_FILES: [&str; 5] = [
+/// The tokenizer files a Hugging Face checkpoint may have (copied into outputs).
+pub const TOKENIZER_FILES: [&str; 5] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -178,14 +179,30 @@ impl SourceModel {
         } else if is("gguf") {
             open_gguf(path)
         } else if is("safetensors") {
-            let root = path.parent().unwrap_or(Path::new("."));
-            open_hf(path, root, Some(path))
+            open_hf(path, &folder_of(path), Some(path))
         } else {
             Err(SourceError::NotAModel {
                 path: path.to_path_buf(),
                 reason: "not a directory, .safetensors or .gguf file".into(),
             })
         }
+    }
+
+    /// Everything this model reads: the model as named (a directory, or a file) and, for a file,
+    /// the files read beside it (config, tokenizer). No output may be, contain or lie inside one
+    /// of them (crate::paths::check_output).
+    pub fn inputs(&self) -> Vec<PathBuf> {
+        let mut inputs = vec![self.path.clone()];
+        if !self.path.is_dir() {
+            let beside = self.files.iter().map(|f| f.path.as_str());
+            let tokenizer = self.tokenizer.iter().flat_map(|t| t.files.iter());
+            inputs.extend(
+                beside
+                    .chain(tokenizer.map(String::as_str))
+                    .map(|f| self.root.join(f)),
+            );
+        }
+        inputs
     }
 
     /// The raw bytes of a tensor, as stored.
@@ -324,6 +341,14 @@ fn unpermuted(
     })
 }
 
+/// The folder of a model file: its parent, `.` for a bare file name (whose parent is empty).
+fn folder_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 fn file_entry(root: &Path, path: &Path) -> Result<SourceFile, SourceError> {
     let bytes = std::fs::metadata(path)
         .map_err(|source| SourceError::Io {
@@ -340,13 +365,14 @@ fn file_entry(root: &Path, path: &Path) -> Result<SourceFile, SourceError> {
 
 fn open_hf(path: &Path, root: &Path, single: Option<&Path>) -> Result<SourceModel, SourceError> {
     let config_path = root.join("config.json");
-    if !config_path.is_file() {
+    // Not `is_file`: a config.json that is a FIFO or a directory is named as such when read.
+    if !config_path.exists() {
         return Err(SourceError::NotAModel {
             path: path.to_path_buf(),
             reason: format!("no config.json in {}", root.display()),
         });
     }
-    let config_bytes = std::fs::read(&config_path).map_err(|source| SourceError::Io {
+    let config_bytes = crate::paths::read(&config_path).map_err(|source| SourceError::Io {
         path: config_path.clone(),
         source,
     })?;
@@ -462,7 +488,7 @@ fn hf_tokenizer(root: &Path) -> Option<TokenizerInfo> {
         .filter(|f| root.join(f).is_file())
         .map(|f| f.to_string())
         .collect();
-    let json = std::fs::read(root.join("tokenizer.json"))
+    let json = crate::paths::read(&root.join("tokenizer.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
     if files.is_empty() {
@@ -828,7 +854,7 @@ fn gguf_source(
     tokens: Option<usize>,
 ) -> Result<SourceModel, SourceError> {
     check_shapes(path, &config, &tensors)?;
-    let root = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let root = folder_of(path);
     let files = vec![file_entry(&root, path)?];
     let tokenizer = g
         .get_str("tokenizer.ggml.model")

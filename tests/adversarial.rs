@@ -1140,3 +1140,796 @@ fn refusals_are_json_with_json() {
     );
     assert!(!d.join("plan.json").exists());
 }
+
+// ---------------------------------------------------------------- paths (issue 18)
+//
+// Where a plan may read, where a resume may write, outputs apart from inputs, only regular files
+// read as files, exit codes and the names of partial outputs, and a closed stdout.
+
+/// Makes a FIFO at `path` (a named pipe: opening or reading it blocks until a writer comes).
+fn mkfifo(path: &Path) {
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo {}", path.display());
+}
+
+/// Edits the plan so that the output's `tokenizer.json` is copied from source file `file`
+/// (added to `source.files` with a made-up size and hash: the path is refused before either
+/// is compared).
+fn plan_reading(d: &Path, file: &str) {
+    let path = d.join("plan.json");
+    let mut p: Map<String, Value> = if path.exists() {
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+    } else {
+        plan(d)
+    };
+    let files = p["source"]["files"].as_array_mut().unwrap();
+    // An entry added by an earlier call goes: one bad path at a time.
+    files.retain(|f| f["sha256"] != json!("0".repeat(64)));
+    files.push(json!({"path": file, "bytes": 6, "sha256": "0".repeat(64)}));
+    for f in p["files"].as_array_mut().unwrap() {
+        if f["name"] == "tokenizer.json" {
+            f["source"] = json!(file);
+        }
+    }
+    std::fs::write(path, serde_json::to_vec(&p).unwrap()).unwrap();
+}
+
+#[test]
+fn plan_source_file_outside_the_folder_through_dotdot() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("secret.txt"), b"secret").unwrap();
+    plan_reading(d, "../secret.txt");
+    apply_plan(
+        d,
+        r#"source file "../secret.txt" is not a relative path inside the source folder"#,
+    );
+    plan_reading(d, "sub/../../secret.txt");
+    apply_plan(d, "is not a relative path inside the source folder");
+}
+
+#[test]
+fn plan_source_file_as_an_absolute_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("secret.txt"), b"secret").unwrap();
+    let abs = d.join("secret.txt").to_string_lossy().into_owned();
+    plan_reading(d, &abs);
+    apply_plan(d, "is not a relative path inside the source folder");
+    plan_reading(d, "/dev/zero");
+    apply_plan(
+        d,
+        r#"source file "/dev/zero" is not a relative path inside the source folder"#,
+    );
+}
+
+#[test]
+fn plan_source_file_inside_the_folder_that_no_model_has() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    source(d);
+    std::fs::write(d.join("src/notes.txt"), b"private").unwrap();
+    plan_reading(d, "notes.txt");
+    apply_plan(
+        d,
+        r#"source file "notes.txt" is not a file a model is made of"#,
+    );
+}
+
+#[test]
+fn plan_source_file_through_a_symlink_out_of_the_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    plan(d);
+    std::fs::write(d.join("secret.txt"), b"secret").unwrap();
+    std::fs::remove_file(d.join("src/tokenizer.json")).unwrap();
+    std::os::unix::fs::symlink("../secret.txt", d.join("src/tokenizer.json")).unwrap();
+    apply_plan(
+        d,
+        r#"source file "tokenizer.json" lies outside the source folder"#,
+    );
+    // /dev/zero never ends: refused by where it is, before a byte is read.
+    std::fs::remove_file(d.join("src/tokenizer.json")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", d.join("src/tokenizer.json")).unwrap();
+    apply_plan(
+        d,
+        r#"source file "tokenizer.json" lies outside the source folder"#,
+    );
+}
+
+#[test]
+fn plan_source_root_moved_away_from_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    edit_plan(d, |p| p["source"]["root"] = json!("/"));
+    apply_plan(d, "source.root / is neither the model");
+}
+
+#[test]
+fn plan_source_file_that_is_a_fifo_or_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    plan(d);
+    std::fs::remove_file(d.join("src/tokenizer.json")).unwrap();
+    mkfifo(&d.join("src/tokenizer.json"));
+    apply_plan(d, "is a FIFO (named pipe), not a regular file");
+    std::fs::remove_file(d.join("src/tokenizer.json")).unwrap();
+    std::fs::create_dir(d.join("src/tokenizer.json")).unwrap();
+    apply_plan(d, "tokenizer.json: is a directory, not a regular file");
+}
+
+#[test]
+fn plan_version_that_is_not_a_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (version, want) in [
+        (
+            json!(-1),
+            "plan_version -1 is not supported (this tool reads version 1)",
+        ),
+        (json!(1.5), "plan_version 1.5 is not supported"),
+        (json!("1"), r#"plan_version "1" is not a version number"#),
+        (json!(null), "plan_version null is not a version number"),
+    ] {
+        edit_plan(d, |p| p["plan_version"] = version);
+        apply_plan(d, want);
+        std::fs::remove_dir_all(d.join("src")).unwrap();
+        std::fs::remove_file(d.join("plan.json")).unwrap();
+    }
+}
+
+// Outputs that are, contain or lie inside an input.
+
+/// Asserts the refusal of `args` and that `input` (a file or a directory's manifest-free
+/// listing) is exactly as before.
+fn refused_keeping(d: &Path, args: &[&str], want: &str, input: &str) {
+    let snapshot = |p: &Path| -> Vec<(String, Vec<u8>)> {
+        if p.is_dir() {
+            let mut all = vec![];
+            for name in common::listing(p) {
+                let f = p.join(&name);
+                all.push((
+                    name,
+                    if f.is_file() {
+                        std::fs::read(f).unwrap()
+                    } else {
+                        vec![]
+                    },
+                ));
+            }
+            all
+        } else {
+            vec![(String::new(), std::fs::read(p).unwrap())]
+        }
+    };
+    let before = snapshot(&d.join(input));
+    refused(d, args, want);
+    assert_eq!(snapshot(&d.join(input)), before, "{args:?} changed {input}");
+}
+
+#[test]
+fn output_is_its_own_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    source(d);
+    let cut = ["apply", "src", "--shape", "1,2,1", "--force", "--out"];
+    refused_keeping(
+        d,
+        &[&cut[..], &["src"]].concat(),
+        "the output src is the input src",
+        "src",
+    );
+    refused_keeping(
+        d,
+        &[&cut[..], &["src/"]].concat(),
+        "is the input src",
+        "src",
+    );
+    refused_keeping(
+        d,
+        &[&cut[..], &["src/rec"]].concat(),
+        "the output src/rec lies inside the input src",
+        "src",
+    );
+    refused_keeping(
+        d,
+        &[&cut[..], &["."]].concat(),
+        "the output . contains the input src",
+        "src",
+    );
+    // After symlinks: an output named through a link to the source.
+    std::os::unix::fs::symlink("src", d.join("link")).unwrap();
+    refused_keeping(
+        d,
+        &[&cut[..], &["link"]].concat(),
+        "the output link is the input src",
+        "src",
+    );
+    std::fs::remove_file(d.join("link")).unwrap();
+    // Without --force the refusal is the same: "pass --force" would be the wrong advice.
+    refused_keeping(
+        d,
+        &["apply", "src", "--shape", "1,2,1", "--out", "src"],
+        "the output src is the input src",
+        "src",
+    );
+}
+
+#[test]
+fn output_overwrites_a_plan_or_a_model_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    plan(d);
+    refused_keeping(
+        d,
+        &["apply", "plan.json", "--out", "plan.json", "--force"],
+        "the output plan.json is the input plan.json",
+        "plan.json",
+    );
+    // The plan's source, named by the plan: an output inside the source folder.
+    refused_keeping(
+        d,
+        &["apply", "plan.json", "--out", "src/out", "--force"],
+        "lies inside the input",
+        "src",
+    );
+    // A model file and the config beside it.
+    refused_keeping(
+        d,
+        &[
+            "plan",
+            "src/model.safetensors",
+            "--shape",
+            "1,2,1",
+            "--out",
+            "src/config.json",
+            "--force",
+        ],
+        "the output src/config.json is the input src/config.json",
+        "src",
+    );
+    gguf_model(d);
+    refused_keeping(
+        d,
+        &[
+            "plan", "m.gguf", "--shape", "1,1,0", "--out", "m.gguf", "--force",
+        ],
+        "the output m.gguf is the input m.gguf",
+        "m.gguf",
+    );
+    std::fs::write(d.join("cal.txt"), "In the beginning.\n").unwrap();
+    refused_keeping(
+        d,
+        &[
+            "plan",
+            "src",
+            "--shape",
+            "1,2,1",
+            "--calibrate",
+            "cal.txt",
+            "--out",
+            "cal.txt",
+            "--force",
+        ],
+        "the output cal.txt is the input cal.txt",
+        "cal.txt",
+    );
+}
+
+#[test]
+fn export_over_its_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    recurrent(d);
+    refused_keeping(
+        d,
+        &["export", "gguf", "rec", "--out", "rec", "--force"],
+        "the output rec is the input rec",
+        "rec",
+    );
+    refused_keeping(
+        d,
+        &["export", "safetensors", "rec", "--out", "rec/hf", "--force"],
+        "the output rec/hf lies inside the input rec",
+        "rec",
+    );
+    refused_keeping(
+        d,
+        &[
+            "export",
+            "gguf",
+            "rec",
+            "--out",
+            "rec/model.safetensors",
+            "--force",
+        ],
+        "lies inside the input rec",
+        "rec",
+    );
+}
+
+#[test]
+fn heal_output_over_its_model_or_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    recurrent(d);
+    std::fs::write(d.join("train.txt"), "In the beginning.\n").unwrap();
+    let heal = |out: &str| -> Vec<String> {
+        [
+            "heal",
+            "rec",
+            "--data",
+            "train.txt",
+            "--steps",
+            "1",
+            "--seq-len",
+            "8",
+            "--force",
+            "--out",
+            out,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    for (out, want, input) in [
+        (
+            "train.txt",
+            "the output train.txt is the input train.txt",
+            "train.txt",
+        ),
+        ("rec", "the output rec is the input rec", "rec"),
+        (
+            "rec/healed",
+            "the output rec/healed lies inside the input rec",
+            "rec",
+        ),
+        (".", "the output . contains the input rec", "rec"),
+    ] {
+        let args = heal(out);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused_keeping(d, &args, want, input);
+    }
+    // The checkpoints go to OUT.checkpoints, which --force clears: not over the model either.
+    std::fs::rename(d.join("rec"), d.join("x.checkpoints")).unwrap();
+    refused_keeping(
+        d,
+        &[
+            "heal",
+            "x.checkpoints",
+            "--data",
+            "train.txt",
+            "--force",
+            "--out",
+            "x",
+        ],
+        "the output x.checkpoints is the input x.checkpoints",
+        "x.checkpoints",
+    );
+}
+
+// Resume writes only where its run was started for.
+
+/// A finished 3-step heal run `d/run` from `d/rec`, with checkpoints at steps 1 and 2 in
+/// `d/run.checkpoints`.
+fn healed_run(d: &Path) {
+    recurrent(d);
+    let text: Vec<String> = (0..20)
+        .map(|i| format!("{i}. In the beginning God created the heaven and the earth."))
+        .collect();
+    std::fs::write(d.join("train.txt"), text.join("\n\n")).unwrap();
+    let o = surgery(
+        d,
+        &[
+            "heal",
+            "rec",
+            "--data",
+            "train.txt",
+            "--out",
+            "run",
+            "--steps",
+            "3",
+            "--checkpoint-every",
+            "1",
+            "--seq-len",
+            "16",
+            "--batch",
+            "2",
+            "--holdout",
+            "0",
+            "-q",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+const STEP2: &str = "run.checkpoints/step-000002";
+
+fn edit_state(d: &Path, edit: impl FnOnce(&mut Value)) {
+    let path = d.join(STEP2).join("state.json");
+    let mut state: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut state);
+    std::fs::write(&path, serde_json::to_vec_pretty(&state).unwrap()).unwrap();
+}
+
+#[test]
+fn resume_refuses_a_state_naming_another_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    healed_run(d);
+    std::fs::remove_dir_all(d.join("run")).unwrap();
+    // A directory the edited checkpoint would have replaced.
+    std::fs::create_dir(d.join("victim")).unwrap();
+    std::fs::write(d.join("victim/keep.txt"), b"mine").unwrap();
+    for said in [
+        json!("victim"),
+        json!(d.join("victim")),
+        json!("../run"),
+        json!("/"),
+    ] {
+        edit_state(d, |s| s["config"]["out"] = said.clone());
+        refused_keeping(
+            d,
+            &["heal", "--resume", STEP2, "--force"],
+            &format!(
+                "run.checkpoints/step-000002/state.json says the run writes {}, but the checkpoint \
+                 lies in the run of run; refusing to write elsewhere than run",
+                said.as_str().unwrap()
+            ),
+            "victim",
+        );
+    }
+}
+
+#[test]
+fn resume_refuses_to_replace_a_finished_run_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    healed_run(d);
+    refused_keeping(
+        d,
+        &["heal", "--resume", STEP2],
+        "run already exists (the finished output of this run); pass --force to replace it",
+        "run",
+    );
+    // Something else where the output would go.
+    std::fs::remove_dir_all(d.join("run")).unwrap();
+    std::fs::write(d.join("run"), b"not a run").unwrap();
+    refused_keeping(
+        d,
+        &["heal", "--resume", STEP2],
+        "run already exists; pass --force to replace it",
+        "run",
+    );
+}
+
+#[test]
+fn resume_refuses_what_is_not_a_checkpoint_of_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    healed_run(d);
+    std::fs::remove_dir_all(d.join("run")).unwrap();
+    // A copy of the checkpoint outside its run: no run to derive.
+    let o = std::process::Command::new("cp")
+        .args(["-r", STEP2, "ckpt"])
+        .current_dir(d)
+        .status()
+        .unwrap();
+    assert!(o.success());
+    refused(
+        d,
+        &["heal", "--resume", "ckpt"],
+        "ckpt is not a checkpoint of a heal run (expected OUT.checkpoints/step-N, a directory)",
+    );
+    std::fs::remove_dir_all(d.join("ckpt")).unwrap();
+    // The weights as a FIFO: refused before anything is loaded.
+    let weights = d.join(STEP2).join("weights.safetensors");
+    std::fs::remove_file(&weights).unwrap();
+    mkfifo(&weights);
+    refused(
+        d,
+        &["heal", "--resume", STEP2],
+        "weights.safetensors: is a FIFO (named pipe), not a regular file",
+    );
+}
+
+#[test]
+fn resume_refuses_inputs_inside_its_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    healed_run(d);
+    std::fs::remove_dir_all(d.join("run")).unwrap();
+    // The state names data inside the run's checkpoints, which a resumed run rewrites.
+    std::fs::copy(d.join("train.txt"), d.join("run.checkpoints/train.txt")).unwrap();
+    edit_state(d, |s| {
+        s["config"]["data"] = json!(["run.checkpoints/train.txt"])
+    });
+    refused(
+        d,
+        &["heal", "--resume", STEP2],
+        "the output run.checkpoints contains the input run.checkpoints/train.txt",
+    );
+}
+
+#[test]
+fn resume_from_another_directory_writes_beside_its_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    healed_run(d);
+    let reference = std::fs::read(d.join("run/model.safetensors")).unwrap();
+    std::fs::remove_dir_all(d.join("run")).unwrap();
+    // The run moved into a sub-directory; its state still says `run`.
+    std::fs::create_dir(d.join("moved")).unwrap();
+    for name in ["rec", "train.txt"] {
+        std::fs::rename(d.join(name), d.join("moved").join(name)).unwrap();
+    }
+    std::fs::rename(d.join("run.checkpoints"), d.join("moved/run.checkpoints")).unwrap();
+    let o = surgery(
+        &d.join("moved"),
+        &["heal", "--resume", "run.checkpoints/step-000001", "-q"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(d.join("moved/run/model.safetensors")).unwrap(),
+        reference
+    );
+    assert!(!d.join("run").exists());
+}
+
+// Only regular files are read as files.
+
+#[test]
+fn weights_that_are_a_fifo_or_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let st = st_model(d);
+    std::fs::remove_file(&st).unwrap();
+    mkfifo(&st);
+    apply_src(
+        d,
+        "src/model.safetensors: is a FIFO (named pipe), not a regular file",
+    );
+    refused(
+        d,
+        &["inspect", "src"],
+        "is a FIFO (named pipe), not a regular file",
+    );
+    std::fs::remove_file(&st).unwrap();
+    // Was "No such device (os error 19)" from mapping a directory.
+    std::fs::create_dir(&st).unwrap();
+    apply_src(
+        d,
+        "src/model.safetensors: is a directory, not a regular file",
+    );
+    std::fs::remove_dir(&st).unwrap();
+    std::fs::remove_file(d.join("src/config.json")).unwrap();
+    mkfifo(&d.join("src/config.json"));
+    apply_src(
+        d,
+        "src/config.json: is a FIFO (named pipe), not a regular file",
+    );
+    mkfifo(&d.join("m.gguf"));
+    refused(
+        d,
+        &["inspect", "m.gguf"],
+        "m.gguf: is a FIFO (named pipe), not a regular file",
+    );
+}
+
+#[test]
+fn data_that_is_a_fifo_or_a_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    recurrent(d);
+    mkfifo(&d.join("fifo.txt"));
+    std::os::unix::fs::symlink("/dev/zero", d.join("zero.jsonl")).unwrap();
+    std::fs::create_dir(d.join("dir.txt")).unwrap();
+    for (file, what) in [
+        ("fifo.txt", "a FIFO (named pipe)"),
+        ("zero.jsonl", "a character device"),
+        ("dir.txt", "a directory"),
+    ] {
+        let want = format!("{file}: is {what}, not a regular file");
+        let heal = [
+            "heal", "rec", "--data", file, "--out", "healed", "--steps", "1",
+        ];
+        refused(d, &heal, &want);
+        refused(d, &["eval", "rec", "--data", file], &want);
+        refused(
+            d,
+            &["plan", "src", "--shape", "1,2,1", "--calibrate", file],
+            &want,
+        );
+    }
+    // A plan that is a FIFO.
+    mkfifo(&d.join("p.json"));
+    refused(
+        d,
+        &["apply", "p.json", "--out", "o"],
+        "p.json: is a FIFO (named pipe), not a regular file",
+    );
+}
+
+// Exit codes and names.
+
+#[test]
+fn an_unreadable_file_exits_with_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let st = st_model(d);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&st, std::fs::Permissions::from_mode(0o000)).unwrap();
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(d.join("src"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Root reads anything: run as nobody when we are root.
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0
+    });
+    let mut cmd = if root {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_surgery"));
+        c
+    } else {
+        std::process::Command::new(env!("CARGO_BIN_EXE_surgery"))
+    };
+    let o = cmd
+        .args(["apply", "src", "--shape", "1,2,1", "--out", "out"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    if root && err.contains("setpriv") {
+        eprintln!("NOTICE: skipping: setpriv cannot drop to nobody here: {err}");
+        return;
+    }
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("src/model.safetensors: Permission denied (os error 13)"),
+        "{err}"
+    );
+    assert_eq!(common::listing(d), ["src"]);
+}
+
+#[test]
+fn a_long_output_name_is_written_through_a_short_partial_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    recurrent(d);
+    // 245 bytes: a legal name, too long for `NAME.partial-<pid>`.
+    let long = "r".repeat(245);
+    let o = surgery(
+        d,
+        &["apply", "src", "--shape", "1,2,1", "--out", &long, "-q"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(surgery(d, &["verify", &long]).status.success());
+    let gguf = format!("{}.gguf", "g".repeat(250));
+    let o = surgery(d, &["export", "gguf", "rec", "--out", &gguf, "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plan = format!("{}.json", "p".repeat(250));
+    let o = surgery(
+        d,
+        &["plan", "src", "--shape", "1,2,1", "--out", &plan, "-q"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut want = vec![long, gguf, plan, "rec".into(), "src".into()];
+    want.sort();
+    assert_eq!(common::listing(d), want);
+}
+
+#[test]
+fn outputs_get_their_parents_and_a_refusal_removes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    recurrent(d);
+    let o = surgery(d, &["export", "gguf", "rec", "--out", "a/b/m.gguf", "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(d.join("a/b/m.gguf").is_file());
+    // A refusal after the output was staged (the source changed since the plan was made).
+    let o = surgery(
+        d,
+        &[
+            "plan",
+            "src",
+            "--shape",
+            "1,2,1",
+            "--out",
+            "plan.json",
+            "-q",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let path = d.join("src/model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    refused(
+        d,
+        &["apply", "plan.json", "--out", "new/dir/out"],
+        "changed since the plan was made: sha256",
+    );
+    refused(
+        d,
+        &["apply", "plan.json", "--out", "a/b/c/out"],
+        "changed since the plan was made: sha256",
+    );
+    assert_eq!(common::listing(&d.join("a/b")), ["m.gguf"]);
+}
+
+#[test]
+fn stale_partial_outputs_of_dead_processes_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    source(d);
+    // A pid that no process holds now.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    assert!(!Path::new(&format!("/proc/{dead}")).exists());
+    let live = std::process::id();
+    std::fs::create_dir(d.join(format!("out.partial-{dead}"))).unwrap();
+    std::fs::write(
+        d.join(format!("out.partial-{dead}/model.safetensors")),
+        b"x",
+    )
+    .unwrap();
+    std::fs::write(d.join(format!("old.gguf.partial-{dead}")), b"x").unwrap();
+    std::fs::create_dir(d.join(format!("busy.partial-{live}"))).unwrap();
+    std::fs::create_dir(d.join("notes.partial-x")).unwrap();
+    let o = surgery(
+        d,
+        &["apply", "src", "--shape", "1,2,1", "--out", "out", "-q"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        common::listing(d),
+        [
+            format!("busy.partial-{live}"),
+            "notes.partial-x".into(),
+            "out".into(),
+            "src".into()
+        ]
+    );
+}
+
+// A closed stdout.
+
+/// Runs `args` in `d` with stdout a pipe whose reader is already gone.
+fn with_closed_stdout(d: &Path, args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_surgery"))
+        .args(args)
+        .current_dir(d)
+        .env_remove("RUST_BACKTRACE")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_closed_stdout_ends_the_output_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    recurrent(d);
+    for args in [
+        &["inspect", "src"][..],
+        &["inspect", "rec", "--json"],
+        &["plan", "src", "--shape", "1,2,1"],
+        &["plan", "src", "--shape", "1,2,1", "--json"],
+        &["verify", "rec"],
+        &["verify", "rec", "--json"],
+    ] {
+        let o = with_closed_stdout(d, args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
+        assert_eq!(err, "", "{args:?}");
+    }
+}

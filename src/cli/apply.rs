@@ -61,13 +61,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 pub fn run(args: ApplyArgs, global: Global) -> anyhow::Result<()> {
+    // Before the existence check, whose advice (--force) would replace the input; the plan's
+    // source files are checked once the plan is read.
+    surgery::paths::check_output(&args.out, std::slice::from_ref(&args.input))?;
     if args.out.exists() && !args.force {
         bail!(
             "{} already exists; pass --force to replace it",
             args.out.display()
         );
     }
-    let is_plan = args.input.is_file() && args.input.extension().is_some_and(|e| e == "json");
+    // By its name: a plan that is not a regular file (a FIFO) is then refused as such when read.
+    let is_plan = !args.input.is_dir() && args.input.extension().is_some_and(|e| e == "json");
     let (plan, plan_bytes) = if is_plan {
         if !args.layout.is_empty() {
             bail!(
@@ -75,7 +79,7 @@ pub fn run(args: ApplyArgs, global: Global) -> anyhow::Result<()> {
                 args.input.display()
             );
         }
-        let bytes = std::fs::read(&args.input)
+        let bytes = surgery::paths::read(&args.input)
             .with_context(|| format!("reading {}", args.input.display()))?;
         let plan = Plan::from_json(&bytes).with_context(|| format!("{}", args.input.display()))?;
         (plan, bytes)
@@ -110,23 +114,23 @@ pub fn run(args: ApplyArgs, global: Global) -> anyhow::Result<()> {
     if global.json {
         let mut value = serde_json::to_value(&report)?;
         value["seconds"] = serde_json::json!(seconds);
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
     } else {
-        println!(
+        outln!(
             "wrote {}: {} tensors in {} shard(s), {} of tensor data in {seconds:.1} s ({}/s)",
             report.out.display(),
             report.tensors,
             report.shards,
             si(report.tensor_bytes as f64, "B"),
             si(report.tensor_bytes as f64 / seconds.max(1e-9), "B"),
-        );
+        )?;
         for f in &report.files {
-            println!(
+            outln!(
                 "  {:<40} {:>12}  sha256 {}",
                 f.path,
                 si(f.bytes as f64, "B"),
                 &f.sha256[..16]
-            );
+            )?;
         }
     }
     Ok(())

@@ -79,19 +79,16 @@ pub fn run(args: DemoArgs, global: Global) -> anyhow::Result<()> {
             out.display()
         );
     }
-    let partial = surgery::atomic::partial_dir(out);
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial)
-            .with_context(|| format!("removing {}", partial.display()))?;
-    }
-    std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
-    let summary = stages(&partial, out, &args, global).and_then(|s| {
-        surgery::atomic::publish(&partial, out, args.force)
-            .map_err(|(path, e)| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let staging = surgery::atomic::Staging::dir(out)
+        .map_err(|(path, e)| anyhow::Error::new(e).context(path.display().to_string()))?;
+    let summary = stages(staging.path(), out, &args, global).and_then(|s| {
+        staging
+            .publish(out, args.force)
+            .map_err(|(path, e)| anyhow::Error::new(e).context(path.display().to_string()))?;
         Ok(s)
     });
     if summary.is_err() {
-        let _ = std::fs::remove_dir_all(&partial);
+        staging.abandon();
     }
     report(&summary?, global)
 }
@@ -444,11 +441,11 @@ fn generate_line(source: &SourceModel, model: &Model) -> anyhow::Result<String> 
 /// The before/after table, the GGUF, the generated line and where everything is (or the JSON).
 fn report(summary: &Value, global: Global) -> anyhow::Result<()> {
     if global.json {
-        println!("{}", serde_json::to_string_pretty(summary)?);
+        outln!("{}", serde_json::to_string_pretty(summary)?)?;
         return Ok(());
     }
     let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
-    println!(
+    outln!(
         "\nperplexity on {} held-out tokens (full {}-layer model: {:.2}); shape ({}), layers {} dropped",
         summary["eval_tokens"],
         summary["model"]["layers"],
@@ -458,31 +455,31 @@ fn report(summary: &Value, global: Global) -> anyhow::Result<()> {
             .as_array()
             .map(|d| d.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
             .unwrap_or_default(),
-    );
-    println!("{:>4} {:>12} {:>12}", "r", "before heal", "after heal");
+    )?;
+    outln!("{:>4} {:>12} {:>12}", "r", "before heal", "after heal")?;
     for row in summary["table"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "{:>4} {:>12.2} {:>12.2}",
             row["r"].as_u64().unwrap_or(0),
             f(&row["before"]),
             f(&row["after"])
-        );
+        )?;
     }
-    println!(
+    outln!(
         "GGUF {} at r = {}: perplexity {:.2}",
         summary["gguf"]["type"].as_str().unwrap_or(""),
         summary["gguf"]["r"],
         f(&summary["gguf"]["perplexity"])
-    );
-    println!(
+    )?;
+    outln!(
         "generated (GGUF, r = {}): {} {}",
         summary["generated"]["r"],
         PROMPT,
         summary["generated"]["text"].as_str().unwrap_or("")
-    );
+    )?;
     let a = &summary["artifacts"];
     let dir = a["dir"].as_str().unwrap_or("");
-    println!("artifacts in {dir}:");
+    outln!("artifacts in {dir}:")?;
     for (key, what) in [
         ("model", "the fixture model (Hugging Face Llama)"),
         ("plan", "the plan apply executed"),
@@ -491,8 +488,8 @@ fn report(summary: &Value, global: Global) -> anyhow::Result<()> {
         ("gguf", "the healed model as GGUF q8_0"),
         ("summary", "this summary as JSON"),
     ] {
-        println!("  {:<18} {what}", a[key].as_str().unwrap_or(""));
+        outln!("  {:<18} {what}", a[key].as_str().unwrap_or(""))?;
     }
-    println!("done in {:.0} s", f(&summary["seconds"]));
+    outln!("done in {:.0} s", f(&summary["seconds"]))?;
     Ok(())
 }

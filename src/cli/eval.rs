@@ -111,6 +111,11 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
             docs.skipped_invalid_utf8
         );
     }
+    if let Some(path) = &args.plot {
+        let mut inputs = source.inputs();
+        inputs.extend(args.data.iter().cloned());
+        surgery::paths::check_output(path, &inputs)?;
+    }
     let rows = rows_with_progress(&model, &windows, &rs, args.batch, args.seed, global, "")?;
     if let Some(path) = &args.plot {
         let points = rows
@@ -137,28 +142,33 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
             "rows": rows,
             "plot": args.plot.as_ref().map(|p| p.display().to_string()),
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
     } else {
-        println!(
+        outln!(
             "{}: {} documents, {} tokens scored in windows of {}",
             args.model.display(),
             docs.texts.len(),
             windows.n_targets(),
             args.seq_len
-        );
-        println!(
+        )?;
+        outln!(
             "{:>4} {:>8} {:>12} {:>10}",
-            "r", "loss", "perplexity", "tokens/s"
-        );
+            "r",
+            "loss",
+            "perplexity",
+            "tokens/s"
+        )?;
         for row in &rows {
             let r = row.r.map_or_else(|| "-".into(), |r| r.to_string());
-            println!(
+            outln!(
                 "{r:>4} {:>8.4} {:>12.3} {:>10.1}",
-                row.loss, row.perplexity, row.tokens_per_second
-            );
+                row.loss,
+                row.perplexity,
+                row.tokens_per_second
+            )?;
         }
         if let Some(path) = &args.plot {
-            println!("plot written to {}", path.display());
+            outln!("plot written to {}", path.display())?;
         }
     }
     Ok(())

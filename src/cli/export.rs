@@ -102,6 +102,8 @@ fn notes(notes: &[String], global: Global) {
 }
 
 fn gguf(args: GgufArgs, global: Global) -> anyhow::Result<()> {
+    // Before the existence check, whose advice (--force) would replace the model.
+    surgery::paths::check_output(&args.out, std::slice::from_ref(&args.model))?;
     if args.out.exists() && !args.force {
         bail!(
             "{} already exists; pass --force to replace it",
@@ -122,7 +124,7 @@ fn gguf(args: GgufArgs, global: Global) -> anyhow::Result<()> {
     if global.json {
         let mut value = serde_json::to_value(&report)?;
         value["seconds"] = serde_json::json!(seconds);
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(());
     }
     let types: Vec<String> = report
@@ -130,7 +132,7 @@ fn gguf(args: GgufArgs, global: Global) -> anyhow::Result<()> {
         .iter()
         .map(|(t, n)| format!("{n} {t}"))
         .collect();
-    println!(
+    outln!(
         "wrote {} ({} GGUF, --type {}): {} blocks, {} tensors ({}), {} from {} of source in \
          {seconds:.1} s ({}/s of source)",
         report.out.display(),
@@ -142,11 +144,13 @@ fn gguf(args: GgufArgs, global: Global) -> anyhow::Result<()> {
         si(report.file_bytes as f64, "B"),
         si(report.source_bytes as f64, "B"),
         si(report.source_bytes as f64 / seconds.max(1e-9), "B"),
-    );
+    )?;
     Ok(())
 }
 
 fn safetensors(args: SafetensorsArgs, global: Global) -> anyhow::Result<()> {
+    // Before the existence check, whose advice (--force) would replace the model.
+    surgery::paths::check_output(&args.out, std::slice::from_ref(&args.model))?;
     if args.out.exists() && !args.force {
         bail!(
             "{} already exists; pass --force to replace it",
@@ -166,10 +170,10 @@ fn safetensors(args: SafetensorsArgs, global: Global) -> anyhow::Result<()> {
     if global.json {
         let mut value = serde_json::to_value(&report)?;
         value["seconds"] = serde_json::json!(seconds);
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(());
     }
-    println!(
+    outln!(
         "wrote {} ({}, {}): {} tensors in {} shard(s), {} of tensor data in {seconds:.1} s",
         report.out.display(),
         report.model_type,
@@ -177,6 +181,6 @@ fn safetensors(args: SafetensorsArgs, global: Global) -> anyhow::Result<()> {
         report.tensors,
         report.shards,
         si(report.tensor_bytes as f64, "B"),
-    );
+    )?;
     Ok(())
 }

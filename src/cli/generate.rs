@@ -74,8 +74,9 @@ impl Streamer<'_> {
         let ready = text.trim_end_matches('\u{FFFD}');
         if self.echo && ready.len() > self.printed && ready.is_char_boundary(self.printed) {
             let mut out = std::io::stdout().lock();
-            out.write_all(&ready.as_bytes()[self.printed..])?;
-            out.flush()?;
+            out.write_all(&ready.as_bytes()[self.printed..])
+                .and_then(|()| out.flush())
+                .map_err(super::closed)?;
             self.printed = ready.len();
         }
         Ok(())
@@ -156,12 +157,12 @@ pub fn run(args: GenerateArgs, global: Global) -> anyhow::Result<()> {
             }),
             "report": report,
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(());
     }
     // Whatever the stream held back (a final incomplete character) and the newline.
     let rest = text.get(streamer.printed..).unwrap_or("");
-    println!("{rest}");
+    outln!("{rest}")?;
     if !global.quiet {
         let mean = report
             .mean_recurrence

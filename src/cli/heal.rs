@@ -6,11 +6,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use surgery::heal::checkpoint::read_state;
-use surgery::heal::output;
 use surgery::heal::train::{
     run, CurriculumKind, HealConfig, Observer, OptimizerKind, SamplerKind, StepMetrics,
 };
+use surgery::heal::{output, place};
 use surgery::model::params::Train;
 use surgery::model::Kernels;
 
@@ -234,10 +233,12 @@ pub fn run_cli(args: HealArgs, global: Global) -> anyhow::Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
     }
     let (config, resume) = match &args.resume {
-        Some(dir) => (read_state(dir)?.config, Some(dir.as_path())),
+        Some(dir) => (place::resume_config(dir, args.force)?, Some(dir.as_path())),
         None => (args.config()?, None),
     };
     if resume.is_none() {
+        // Before the existence check, whose advice (--force) would replace an input.
+        place::check_inputs(&config)?;
         if config.out.exists() && !args.force {
             bail!(
                 "{} already exists; pass --force to replace it",
@@ -261,10 +262,10 @@ pub fn run_cli(args: HealArgs, global: Global) -> anyhow::Result<()> {
     let mut observer = Bar::new(global, config.steps);
     let mut trained = run(&config, resume, &device, &mut observer)?;
     observer.bar.finish_and_clear();
-    let files = output::write(&mut trained, args.force || resume.is_some())?;
+    let files = output::write(&mut trained, args.force)?;
     let last = trained.metrics.last();
     if global.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "out": config.out.display().to_string(),
@@ -272,23 +273,23 @@ pub fn run_cli(args: HealArgs, global: Global) -> anyhow::Result<()> {
                 "final": last,
                 "files": files,
             }))?
-        );
+        )?;
     } else {
-        println!(
+        outln!(
             "healed {} -> {} in {} steps; final training loss {:.4}",
             config.model.display(),
             config.out.display(),
             trained.metrics.len(),
             last.map_or(f64::NAN, |m| m.loss)
-        );
+        )?;
         if let Some(m) = last {
             for e in &m.eval {
-                println!(
+                outln!(
                     "  held-out loss at r = {}: {:.4} (perplexity {:.2})",
                     e.r,
                     e.loss,
                     e.loss.exp()
-                );
+                )?;
             }
         }
     }

@@ -21,9 +21,9 @@ pub fn run(args: InspectArgs, global: Global) -> anyhow::Result<()> {
     let model = SourceModel::open(&args.model)?;
     let report = report(&model)?;
     if global.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        print_table(&report);
+        print_table(&report)?;
     }
     Ok(())
 }
@@ -113,7 +113,7 @@ fn report(model: &SourceModel) -> anyhow::Result<Value> {
     }))
 }
 
-fn print_table(r: &Value) {
+fn print_table(r: &Value) -> anyhow::Result<()> {
     let s = |k: &str| match &r[k] {
         Value::String(s) => s.clone(),
         v => v.to_string(),
@@ -199,11 +199,11 @@ fn print_table(r: &Value) {
         ),
     ];
     for (k, v) in rows {
-        println!("{k:<11} {v}");
+        outln!("{k:<11} {v}")?;
     }
     let rec = &r["recurrent"];
     if !rec.is_null() {
-        println!(
+        outln!(
             "{:<11} ({},{},{}) prelude, core, coda; mean recurrence {}, backprop depth {}",
             "recurrent",
             rec["prelude"],
@@ -211,12 +211,13 @@ fn print_table(r: &Value) {
             rec["coda"],
             rec["mean_recurrence"],
             rec["mean_backprop_depth"]
-        );
+        )?;
         let adapter = match rec["adapter_max_abs_from_identity"].as_f64() {
             None => "none (injection: none)".to_string(),
             Some(0.0) => "linear 2h -> h, exactly [0 | I] (computes the pruned model)".into(),
             Some(d) => format!("linear 2h -> h, max |W - [0 | I]| = {d:.3e}"),
         };
-        println!("{:<11} {adapter}", "adapter");
+        outln!("{:<11} {adapter}", "adapter")?;
     }
+    Ok(())
 }

@@ -1,5 +1,17 @@
 //! Command-line arguments, one file per subcommand: argument structs and printing, no domain logic.
 
+/// `println!` that returns the write's error instead of panicking: output piped into a reader
+/// that stops early (`surgery inspect M | head -1`) ends the command quietly (issue 18) through
+/// [`StdoutClosed`], which `main` turns into exit code 0.
+macro_rules! outln {
+    () => {
+        $crate::cli::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod apply;
 mod demo;
 mod eval;
@@ -75,14 +87,41 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// 2 when the root cause is an I/O failure other than a missing or forbidden input, else 1.
+/// The reader of stdout has gone: the output ends here, which is not a failure.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed by its reader")]
+pub struct StdoutClosed;
+
+/// Writes `args` to stdout (what [`outln!`] does).
+pub fn write_stdout(args: std::fmt::Arguments) -> anyhow::Result<()> {
+    use std::io::Write;
+    std::io::stdout().lock().write_fmt(args).map_err(closed)
+}
+
+/// A failed write to stdout: [`StdoutClosed`] for a closed pipe, else the I/O error.
+pub fn closed(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(StdoutClosed)
+    } else {
+        anyhow::Error::new(e).context("writing to stdout")
+    }
+}
+
+/// 1 for invalid input (no I/O error in the chain, a path that does not exist, one that is not a
+/// regular file or not a directory where one is expected, bytes that are not what they should
+/// be), 2 for any other I/O failure: an unreadable file (permission denied), a full disk.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     use std::io::ErrorKind;
     let io = err.chain().find_map(|c| c.downcast_ref::<std::io::Error>());
     match io.map(std::io::Error::kind) {
-        Some(ErrorKind::NotFound | ErrorKind::PermissionDenied | ErrorKind::InvalidData) | None => {
-            1
-        }
+        Some(
+            ErrorKind::NotFound
+            | ErrorKind::InvalidInput
+            | ErrorKind::InvalidData
+            | ErrorKind::NotADirectory
+            | ErrorKind::IsADirectory,
+        )
+        | None => 1,
         Some(_) => 2,
     }
 }

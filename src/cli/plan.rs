@@ -217,6 +217,8 @@ pub fn make_plan(
 
 pub fn run(args: PlanArgs, global: Global) -> anyhow::Result<()> {
     if let Some(out) = &args.out {
+        // Before the existence check, whose advice (--force) would overwrite the model.
+        surgery::paths::check_output(out, &args.inputs(None))?;
         if out.exists() && !args.force {
             bail!(
                 "{} already exists; pass --force to overwrite it",
@@ -237,16 +239,16 @@ fn plan_only(args: &PlanArgs, global: Global) -> anyhow::Result<()> {
     let (model, plan) = make_plan(&args.model, &args.layout, global)?;
     super::print_notes(&plan, global);
     if let Some(out) = &args.out {
-        write_atomically(out, &plan)?;
+        write_atomically(out, &plan, &args.inputs(Some(&model)))?;
     }
     if global.json {
         let mut value = serde_json::to_value(&plan)?;
         value["written_to"] = serde_json::json!(args.out.as_ref().map(|p| p.display().to_string()));
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
     } else {
-        print_plan(&plan, &model);
+        print_plan(&plan, &model)?;
         if let Some(out) = &args.out {
-            println!("\nplan written to {}", out.display());
+            outln!("\nplan written to {}", out.display())?;
         }
     }
     Ok(())
@@ -267,31 +269,44 @@ fn hash_files(model: &SourceModel, global: Global) -> anyhow::Result<Vec<String>
     Ok(hashes)
 }
 
-fn write_atomically(out: &std::path::Path, plan: &Plan) -> anyhow::Result<()> {
-    let partial = PathBuf::from(format!("{}.partial", out.display()));
+impl PlanArgs {
+    /// What this command reads: MODEL (and, once opened, the files beside a model file) and the
+    /// calibration text. The plan may not be written over or into any of them.
+    fn inputs(&self, model: Option<&SourceModel>) -> Vec<PathBuf> {
+        let mut inputs = model.map_or_else(|| vec![self.model.clone()], SourceModel::inputs);
+        inputs.extend(self.calibrate.calibrate.clone());
+        inputs
+    }
+}
+
+/// Writes the plan through `OUT.partial-<pid>` (parents made as needed), renamed at the end.
+fn write_atomically(out: &Path, plan: &Plan, inputs: &[PathBuf]) -> anyhow::Result<()> {
+    surgery::paths::check_output(out, inputs)?;
     let text = serde_json::to_string_pretty(plan)? + "\n";
-    std::fs::write(&partial, text)
-        .and_then(|_| std::fs::rename(&partial, out))
-        .inspect_err(|_| {
-            let _ = std::fs::remove_file(&partial);
-        })
+    let staging = surgery::atomic::Staging::file(out)
+        .map_err(|(path, e)| anyhow::Error::new(e).context(path.display().to_string()))?;
+    std::fs::write(staging.path(), text)
+        .and_then(|_| std::fs::rename(staging.path(), out))
+        .inspect_err(|_| staging.abandon())
         .with_context(|| format!("writing {}", out.display()))
 }
 
-fn print_plan(plan: &Plan, model: &SourceModel) {
+fn print_plan(plan: &Plan, model: &SourceModel) -> anyhow::Result<()> {
     let layers = &plan.layers;
     let shape = layers.shape();
-    println!(
+    outln!(
         "source  {} ({}, {} layers)",
         model.path.display(),
         model.config.family.name(),
         model.config.n_layers
-    );
-    println!(
+    )?;
+    outln!(
         "shape   ({shape}): prelude {}, core {}, coda {}\n",
-        layers.prelude, layers.core, layers.coda
-    );
-    println!("{:<7} {:<8} slot", "layer", "role");
+        layers.prelude,
+        layers.core,
+        layers.coda
+    )?;
+    outln!("{:<7} {:<8} slot", "layer", "role")?;
     for l in 0..model.config.n_layers {
         let mut roles = Vec::new();
         for (name, range) in layers.named() {
@@ -301,45 +316,50 @@ fn print_plan(plan: &Plan, model: &SourceModel) {
             }
         }
         if roles.is_empty() {
-            println!("{l:<7} dropped");
+            outln!("{l:<7} dropped")?;
         }
         for (name, slot) in roles {
-            println!("{l:<7} {name:<8} {slot}");
+            outln!("{l:<7} {name:<8} {slot}")?;
         }
     }
     let c = &plan.costs;
-    println!("\nparameters");
-    println!("  source             {:>16}", thousands(c.source_params));
-    println!(
+    outln!("\nparameters")?;
+    outln!("  source             {:>16}", thousands(c.source_params))?;
+    outln!(
         "  recurrent (stored) {:>16}  (embeddings + untied lm_head + {} layers + adapter + final norm)",
         thousands(c.recurrent_params),
         shape.prelude + shape.core + shape.coda
-    );
-    println!("  per layer          {:>16}", thousands(c.params_per_layer));
-    println!(
+    )?;
+    outln!("  per layer          {:>16}", thousands(c.params_per_layer))?;
+    outln!(
         "\n{:>4} {:>16} {:>14} {:>14} {:>14}",
-        "r", "effective params", "fwd FLOPs/tok", "train FLOPs/tok", "KV bytes/tok"
-    );
+        "r",
+        "effective params",
+        "fwd FLOPs/tok",
+        "train FLOPs/tok",
+        "KV bytes/tok"
+    )?;
     for row in &c.at_r {
-        println!(
+        outln!(
             "{:>4} {:>16} {:>14} {:>14} {:>14}",
             row.r,
             thousands(row.effective_params),
             si(row.forward_flops_per_token as f64, ""),
             si(row.train_flops_per_token as f64, ""),
             si(row.kv_bytes_per_token as f64, "B")
-        );
+        )?;
     }
-    println!(
+    outln!(
         "(forward FLOPs at context {}; the source model: {}; training at mean recurrence m = r, backprop depth 8)",
         c.context,
         si(c.source_forward_flops_per_token as f64, "")
-    );
-    println!(
+    )?;
+    outln!(
         "\noutput  {} tensors, {} of tensor data",
         plan.tensors.len(),
         si(c.output_tensor_bytes as f64, "B")
-    );
+    )?;
+    Ok(())
 }
 
 /// `plan --calibrate FILE`: everything is checked (shapes, text, options) before the model is
@@ -435,7 +455,7 @@ fn run_calibrated(args: &PlanArgs, data: &Path, global: Global) -> anyhow::Resul
         super::print_notes(plan, global);
     }
     if let (Some(out), Some(plan)) = (&args.out, &plan) {
-        write_atomically(out, plan)?;
+        write_atomically(out, plan, &args.inputs(Some(&source)))?;
     }
     let picked_rank = picked.map(|(rank, _)| rank).filter(|&r| r > 0);
     if global.json {
@@ -446,21 +466,21 @@ fn run_calibrated(args: &PlanArgs, data: &Path, global: Global) -> anyhow::Resul
         value["calibration_seconds"] = serde_json::to_value(&timings)?;
         value["picked_rank"] = serde_json::json!(picked_rank);
         value["written_to"] = serde_json::json!(args.out.as_ref().map(|p| p.display().to_string()));
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(());
     }
-    print_calibration(&calibration, &timings, request.context);
+    print_calibration(&calibration, &timings, request.context)?;
     if let Some(plan) = &plan {
-        println!();
+        outln!()?;
         if let Some(rank) = picked_rank {
-            println!("picked: rank {rank}, the best placement a plan can hold\n");
+            outln!("picked: rank {rank}, the best placement a plan can hold\n")?;
         }
-        print_plan(plan, &source);
+        print_plan(plan, &source)?;
     } else {
-        println!("\n(several shapes: pass --pick best to plan the best placement)");
+        outln!("\n(several shapes: pass --pick best to plan the best placement)")?;
     }
     if let (Some(out), Some(_)) = (&args.out, &plan) {
-        println!("\nplan written to {}", out.display());
+        outln!("\nplan written to {}", out.display())?;
     }
     Ok(())
 }
@@ -481,20 +501,25 @@ fn bar(value: f64, max: f64, width: usize) -> String {
     s
 }
 
-fn print_calibration(c: &Calibration, timings: &Timings, context: u64) {
+fn print_calibration(c: &Calibration, timings: &Timings, context: u64) -> anyhow::Result<()> {
     let tokens = thousands(c.tokens as u64);
     let subset = thousands(c.subset_tokens as u64);
-    println!(
+    outln!(
         "calibration  {} (field {}, {} documents): {tokens} tokens in windows of {}, {:.0} s",
-        c.data, c.field, c.documents, c.seq_len, timings.total
-    );
-    println!(
+        c.data,
+        c.field,
+        c.documents,
+        c.seq_len,
+        timings.total
+    )?;
+    outln!(
         "source perplexity {:.3} on all {tokens} tokens, {:.3} on the first {subset}",
-        c.source_perplexity, c.source_subset_perplexity
-    );
-    println!(
+        c.source_perplexity,
+        c.source_subset_perplexity
+    )?;
+    outln!(
         "block influence and update/input on all {tokens} tokens; perplexity without a layer on the first {subset}\n"
-    );
+    )?;
     let max_bi = c
         .layers
         .iter()
@@ -507,12 +532,15 @@ fn print_calibration(c: &Calibration, timings: &Timings, context: u64) {
         .map(cost)
         .filter(|v| v.is_finite())
         .fold(0.0, f64::max);
-    println!(
+    outln!(
         "{:>5}  {:<27} {:>13}  {:<14} (its log ratio to the source's)",
-        "layer", "block influence", "update/input", "ppl without it"
-    );
+        "layer",
+        "block influence",
+        "update/input",
+        "ppl without it"
+    )?;
     for l in &c.layers {
-        println!(
+        outln!(
             "{:>5}  {:<8.4} {}  {:>13.4}  {:<14.3} {}",
             l.layer,
             l.block_influence,
@@ -520,13 +548,13 @@ fn print_calibration(c: &Calibration, timings: &Timings, context: u64) {
             l.relative_update,
             l.removal_perplexity,
             bar(cost(l), max_cost, 18)
-        );
+        )?;
     }
     let order: Vec<String> = c.drop_order.iter().map(ToString::to_string).collect();
-    println!(
+    outln!(
         "\ndrop order by block influence (ShortGPT, lowest first): {}",
         order.join(", ")
-    );
+    )?;
 
     let rescored = if c.subset_tokens == c.tokens {
         format!("every placement on all {tokens} tokens")
@@ -536,10 +564,10 @@ fn print_calibration(c: &Calibration, timings: &Timings, context: u64) {
             c.rescored_per_shape
         )
     };
-    println!(
+    outln!(
         "\ncore placements ranked by the perplexity of the pruned model (prelude + core once + coda,\nwhat the identity adapter starts from): {rescored}\n"
-    );
-    println!(
+    )?;
+    outln!(
         "{:>4}  {:<8} {:<14} {:<24} {:>11} {:>11} {:>13} {:>10} {:>10} {:>10}",
         "rank",
         "shape",
@@ -551,7 +579,7 @@ fn print_calibration(c: &Calibration, timings: &Timings, context: u64) {
         "FLOPs r=1",
         "FLOPs r=8",
         "KV/tok r=8"
-    );
+    )?;
     const SHOWN: usize = 20;
     let mut hidden = 0;
     for cand in &c.candidates {
@@ -563,7 +591,7 @@ fn print_calibration(c: &Calibration, timings: &Timings, context: u64) {
         let costs = c.shapes.iter().find(|s| s.shape == cand.shape);
         let at = |r: u64| costs.and_then(|s| s.at_r.iter().find(|a| a.r == r));
         let plannable = if cand.core_range.is_some() { "" } else { " *" };
-        println!(
+        outln!(
             "{:>4}  {:<8} {:<14} {:<24} {:>11} {:>11.3} {:>13} {:>10} {:>10} {:>10}",
             cand.rank,
             cand.shape,
@@ -576,19 +604,18 @@ fn print_calibration(c: &Calibration, timings: &Timings, context: u64) {
             at(1).map_or_else(String::new, |a| si(a.forward_flops_per_token as f64, "")),
             at(8).map_or_else(String::new, |a| si(a.forward_flops_per_token as f64, "")),
             at(8).map_or_else(String::new, |a| si(a.kv_bytes_per_token as f64, "B")),
-        );
+        )?;
     }
     if hidden > 0 {
-        println!("  ... {hidden} more (all of them in --json and in the plan file)");
+        outln!("  ... {hidden} more (all of them in --json and in the plan file)")?;
     }
     if c.candidates.iter().any(|x| x.core_range.is_none()) {
-        println!(
-            "  * not contiguous: measured for comparison; a plan holds a contiguous core only"
-        );
+        outln!("  * not contiguous: measured for comparison; a plan holds a contiguous core only")?;
     }
-    println!(
+    outln!(
         "(params: stored by the recurrent checkpoint; forward FLOPs per token at context {context} and\nKV-cache bytes per token at recurrence r)"
-    );
+    )?;
+    Ok(())
 }
 
 /// 16384 -> "16k"; below 1000 as it is.

@@ -23,15 +23,15 @@ pub fn run(args: VerifyArgs, global: Global) -> anyhow::Result<()> {
     if global.json {
         let mut value = serde_json::to_value(&report)?;
         value["ok"] = serde_json::json!(true);
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
     } else {
-        println!(
+        outln!(
             "{}: ok ({} files, {}, {} tensors match manifest.json, the index and config.json)",
             args.dir.display(),
             report.files,
             si(report.bytes as f64, "B"),
             report.tensors
-        );
+        )?;
     }
     Ok(())
 }

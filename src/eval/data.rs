@@ -124,7 +124,7 @@ fn read_file(path: &Path, field: &str, docs: &mut Documents) -> Result<(), DataE
             path: path.to_path_buf(),
         });
     }
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+    let bytes = crate::paths::read(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
         source,
     })?;

@@ -393,11 +393,9 @@ pub fn plot_curves(
     write_png(path, &rgb)
 }
 
-/// Encodes the RGB buffer and moves it into place, leaving nothing at `PATH.partial`.
+/// Encodes the RGB buffer and moves it into place, leaving nothing at `PATH.partial-<pid>`.
 fn write_png(path: &Path, rgb: &[u8]) -> Result<(), PlotError> {
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = PathBuf::from(partial);
+    let partial = crate::atomic::partial_file(path);
     let result = encode(&partial, rgb).and_then(|()| {
         std::fs::rename(&partial, path).map_err(|source| PlotError::Io {
             path: path.to_path_buf(),

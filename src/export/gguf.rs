@@ -121,6 +121,7 @@ pub fn export_gguf(
     opts: &GgufOptions,
     progress: &mut dyn Progress,
 ) -> Result<GgufReport, ExportError> {
+    crate::paths::check_output(out, &source.inputs())?;
     if out.exists() && !opts.force {
         return Err(ExportError::Exists(out.to_path_buf()));
     }
@@ -139,15 +140,24 @@ pub fn export_gguf(
 
     let total: u64 = jobs.iter().map(|j| job_source_bytes(source, j)).sum();
     progress.start("exporting", total);
-    let mut writer = GgufWriter::create(out, &metadata, &headers)?;
-    let mut done = 0u64;
-    for job in &jobs {
-        write_job(source, job, &mut writer, &mut |n| {
-            progress.advance(done + n)
-        })?;
-        done += job_source_bytes(source, job);
+    // Missing parents are made (as apply and heal make them) and removed again on failure.
+    let staging = crate::atomic::Staging::file(out)
+        .map_err(|(path, source)| ExportError::Io { path, source })?;
+    let written = (|| {
+        let mut writer = GgufWriter::create(out, &metadata, &headers)?;
+        let mut done = 0u64;
+        for job in &jobs {
+            write_job(source, job, &mut writer, &mut |n| {
+                progress.advance(done + n)
+            })?;
+            done += job_source_bytes(source, job);
+        }
+        Ok::<_, ExportError>(writer.finish()?)
+    })();
+    if written.is_err() {
+        staging.abandon();
     }
-    let file_bytes = writer.finish()?;
+    let file_bytes = written?;
     progress.finish();
 
     let mut types = BTreeMap::new();

@@ -25,6 +25,9 @@ pub enum ExportError {
     Refused(String),
     #[error(transparent)]
     Gguf(#[from] crate::formats::gguf::GgufError),
+    /// The output overlaps the model it is made from.
+    #[error(transparent)]
+    Path(#[from] crate::paths::PathError),
     #[error(transparent)]
     Vocab(#[from] vocab::VocabError),
     #[error(transparent)]

@@ -89,6 +89,7 @@ pub fn export_safetensors(
     opts: &SafetensorsOptions,
     progress: &mut dyn Progress,
 ) -> Result<SafetensorsReport, ExportError> {
+    crate::paths::check_output(out, &source.inputs())?;
     if out.exists() && !opts.force {
         return Err(ExportError::Exists(out.to_path_buf()));
     }
@@ -99,25 +100,20 @@ pub fn export_safetensors(
             .unwrap_or(DType::F32),
     };
     let tensors = out_tensors(source, dtype)?;
-    let partial = crate::atomic::partial_dir(out);
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ExportError::Io { path, source }
-    };
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
-    }
-    std::fs::create_dir_all(&partial).map_err(io(&partial))?;
-    let result = write_dir(source, &tensors, dtype, &partial, opts, progress).and_then(|report| {
-        crate::atomic::publish(&partial, out, opts.force)
-            .map_err(|(path, source)| ExportError::Io { path, source })?;
-        Ok(SafetensorsReport {
-            out: out.to_path_buf(),
-            ..report
-        })
-    });
+    let staging = crate::atomic::Staging::dir(out)
+        .map_err(|(path, source)| ExportError::Io { path, source })?;
+    let result =
+        write_dir(source, &tensors, dtype, staging.path(), opts, progress).and_then(|report| {
+            staging
+                .publish(out, opts.force)
+                .map_err(|(path, source)| ExportError::Io { path, source })?;
+            Ok(SafetensorsReport {
+                out: out.to_path_buf(),
+                ..report
+            })
+        });
     if result.is_err() {
-        let _ = std::fs::remove_dir_all(&partial);
+        staging.abandon();
     }
     result
 }
@@ -325,7 +321,7 @@ fn tokenizer_files(
                 .iter()
                 .map(|name| {
                     let path = source.root.join(name);
-                    std::fs::read(&path)
+                    crate::paths::read(&path)
                         .map(|b| (name.clone(), b))
                         .map_err(|source| ExportError::Io { path, source })
                 })

@@ -91,7 +91,7 @@ pub fn tokenizer_metadata(
             path: p.display().to_string(),
             reason,
         };
-        let bytes = std::fs::read(p).map_err(|e| invalid(e.to_string()))?;
+        let bytes = crate::paths::read(p).map_err(|e| invalid(e.to_string()))?;
         serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| invalid(format!("not valid JSON: {e}")))

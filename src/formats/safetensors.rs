@@ -77,7 +77,7 @@ pub struct SafetensorsFile {
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<SafetensorsFile, SafetensorsError> {
-        let file = File::open(path).map_err(io_err(path))?;
+        let file = crate::paths::open_file(path).map_err(io_err(path))?;
         // SAFETY: the map is read-only; a source file changed underneath us while we run is
         // caught by the sha256 recorded in the plan, not by this reader.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
@@ -297,7 +297,7 @@ impl Checkpoint {
             path: index.to_path_buf(),
             reason,
         };
-        let text = std::fs::read(index).map_err(io_err(index))?;
+        let text = crate::paths::read(index).map_err(io_err(index))?;
         let raw = parse_index(&text).map_err(bad)?;
         let dir = index.parent().unwrap_or(Path::new("."));
         let mut shards: Vec<&String> = raw.weight_map.values().collect();
@@ -373,7 +373,7 @@ impl Checkpoint {
 }
 
 /// Writes one safetensors file from in-memory tensors (name, dtype, shape, bytes), in the given
-/// order, with `__metadata__ {"format": "pt"}`; through `PATH.partial`, renamed at the end.
+/// order, with `__metadata__ {"format": "pt"}`; through `PATH.partial-<pid>`, renamed at the end.
 pub fn write_file(
     path: &Path,
     tensors: &[(String, DType, Vec<usize>, Vec<u8>)],
@@ -394,7 +394,7 @@ pub fn write_file(
     })?;
     // Pad the header with spaces so tensor data starts 8-byte aligned, as the reference writer does.
     header.resize(header.len().div_ceil(8) * 8, b' ');
-    let partial = PathBuf::from(format!("{}.partial", path.display()));
+    let partial = crate::atomic::partial_file(path);
     let write = || -> std::io::Result<()> {
         let mut f = std::io::BufWriter::new(File::create(&partial)?);
         f.write_all(&(header.len() as u64).to_le_bytes())?;

@@ -193,7 +193,7 @@ fn load_dir(
         let path = path.to_path_buf();
         move |source| TextTokenizerError::Io { path, source }
     };
-    let bytes = std::fs::read(&json_path).map_err(io(&json_path))?;
+    let bytes = crate::paths::read(&json_path).map_err(io(&json_path))?;
     let inner =
         tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| TextTokenizerError::Load {
             path: json_path.clone(),
@@ -201,7 +201,7 @@ fn load_dir(
         })?;
     let config_path = root.join("tokenizer_config.json");
     let config = if config_path.is_file() {
-        let bytes = std::fs::read(&config_path).map_err(io(&config_path))?;
+        let bytes = crate::paths::read(&config_path).map_err(io(&config_path))?;
         let json = serde_json::from_slice(&bytes).map_err(|source| TextTokenizerError::Config {
             path: config_path.clone(),
             source,

@@ -5,6 +5,7 @@ pub mod data;
 mod inplace;
 pub mod optim;
 pub mod output;
+pub mod place;
 pub mod sampler;
 pub mod schedule;
 pub mod train;

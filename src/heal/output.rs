@@ -30,18 +30,16 @@ pub fn write(trained: &mut Trained, force: bool) -> Result<Vec<ManifestEntry>> {
             out.display()
         )));
     }
-    let partial = crate::atomic::partial_dir(&out);
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
-    }
-    std::fs::create_dir_all(&partial).map_err(io(&partial))?;
-    let result = write_into(trained, &partial).and_then(|files| {
-        crate::atomic::publish(&partial, &out, force)
+    let staging = crate::atomic::Staging::dir(&out)
+        .map_err(|(path, source)| HealError::Io { path, source })?;
+    let result = write_into(trained, staging.path()).and_then(|files| {
+        staging
+            .publish(&out, force)
             .map_err(|(path, source)| HealError::Io { path, source })?;
         Ok(files)
     });
     if result.is_err() {
-        let _ = std::fs::remove_dir_all(&partial);
+        staging.abandon();
     }
     result
 }
@@ -70,7 +68,7 @@ fn write_into(trained: &mut Trained, dir: &Path) -> Result<Vec<ManifestEntry>> {
     drop(tensors);
 
     let config_path = cfg.model.join("config.json");
-    let text = std::fs::read(&config_path).map_err(io(&config_path))?;
+    let text = crate::paths::read(&config_path).map_err(io(&config_path))?;
     let mut config: serde_json::Value = serde_json::from_slice(&text)
         .map_err(|e| HealError::Invalid(format!("{}: {e}", config_path.display())))?;
     let last = trained.metrics.last();

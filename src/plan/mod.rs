@@ -296,12 +296,19 @@ impl Plan {
     pub fn from_json(bytes: &[u8]) -> Result<Plan, PlanError> {
         let value: Value = serde_json::from_slice(bytes)
             .map_err(|e| PlanError::Invalid(format!("plan is not JSON: {e}")))?;
-        match value.get("plan_version").and_then(Value::as_u64) {
-            Some(v) if v == u64::from(PLAN_VERSION) => {}
-            Some(v) => {
+        match value.get("plan_version") {
+            Some(v) if v.as_u64() == Some(u64::from(PLAN_VERSION)) => {}
+            // A number of another version, or something that is no version at all (-1, "1",
+            // 1.5): said as it is written, not as missing.
+            Some(v) if v.is_number() => {
                 return Err(PlanError::Invalid(format!(
                     "plan_version {v} is not supported (this tool reads version {PLAN_VERSION})"
                 )))
+            }
+            Some(v) => {
+                return Err(PlanError::Invalid(format!(
+                "plan_version {v} is not a version number (this tool reads version {PLAN_VERSION})"
+            )))
             }
             None => return Err(PlanError::Invalid("plan has no plan_version".into())),
         }

@@ -228,9 +228,59 @@ impl SourceFiles {
     }
 }
 
+/// What `apply` reads of the plan's source: the model as named (a directory, or a file), and
+/// every source file. No output may be, contain or lie inside one of them.
+pub fn inputs(plan: &Plan) -> Vec<PathBuf> {
+    let root = PathBuf::from(&plan.source.root);
+    let mut inputs = vec![PathBuf::from(&plan.source.path)];
+    inputs.extend(plan.source.files.iter().map(|f| root.join(&f.path)));
+    inputs
+}
+
+/// Checks that the plan reads only inside its model's folder: the root is the model itself (a
+/// directory) or the folder of the model file, and every source file is a regular file inside
+/// the root after symlinks (a shared plan naming `../secret.txt`, an absolute path or a device
+/// is refused before anything is opened).
+fn source_paths(plan: &Plan) -> Result<(), ApplyError> {
+    let root = Path::new(&plan.source.root);
+    let model = Path::new(&plan.source.path);
+    if model != root && model.parent() != Some(root) {
+        return Err(ApplyError::Plan(invalid(format!(
+            "source.root {} is neither the model {} nor its folder",
+            root.display(),
+            model.display()
+        ))));
+    }
+    for f in &plan.source.files {
+        crate::paths::file_inside(root, &f.path)?;
+        if !model_file_name(plan, &f.path) {
+            return Err(ApplyError::Plan(invalid(format!(
+                "source file {:?} is not a file a model is made of (config.json, the weights and \
+                 their index, the tokenizer files)",
+                f.path
+            ))));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `file` (a path in `source.files`) names a file `plan` (made by `plan::make` from a
+/// `SourceModel`) can read: the GGUF itself, or a Hugging Face checkpoint's config, weights,
+/// index and tokenizer files, each directly in the root.
+fn model_file_name(plan: &Plan, file: &str) -> bool {
+    if plan.source.format == "gguf" {
+        return Path::new(&plan.source.path).file_name() == Some(std::ffi::OsStr::new(file));
+    }
+    file == "config.json"
+        || file == crate::formats::safetensors::INDEX_NAME
+        || crate::source::TOKENIZER_FILES.contains(&file)
+        || (file.ends_with(".safetensors") && !file.contains(['/', '\\']))
+}
+
 /// Checks that every source file has the size the plan recorded and that each source tensor is
 /// where the plan says in its file's header, and maps the files.
 pub fn source(plan: &Plan) -> Result<SourceFiles, ApplyError> {
+    source_paths(plan)?;
     let root = PathBuf::from(&plan.source.root);
     for f in &plan.source.files {
         let path = root.join(&f.path);
@@ -270,7 +320,7 @@ pub fn source(plan: &Plan) -> Result<SourceFiles, ApplyError> {
                 ))));
             }
         }
-        let f = std::fs::File::open(&path).map_err(|source| ApplyError::Io {
+        let f = crate::paths::open_file(&path).map_err(|source| ApplyError::Io {
             path: path.clone(),
             source,
         })?;

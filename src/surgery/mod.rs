@@ -41,6 +41,9 @@ pub enum ApplyError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A path the plan or the user gave is not allowed (outside the source, overlapping it).
+    #[error(transparent)]
+    Path(#[from] crate::paths::PathError),
     /// A conversion failed (a corrupt quantized block, a tokenizer that cannot be built).
     #[error("{0}")]
     Convert(String),
@@ -102,25 +105,25 @@ pub fn apply(
     opts: &ApplyOptions,
     progress: &mut dyn Progress,
 ) -> Result<ApplyReport, ApplyError> {
+    check::plan(plan)?;
+    // Before the existence check, whose advice (--force) would replace the input.
+    crate::paths::check_output(out, &check::inputs(plan))?;
     if out.exists() && !opts.force {
         return Err(ApplyError::Exists(out.to_path_buf()));
     }
-    check::plan(plan)?;
     let sources = check::source(plan)?;
-    let partial = crate::atomic::partial_dir(out);
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ApplyError::Io { path, source }
     };
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
-    }
-    std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+    let staging = crate::atomic::Staging::dir(out)
+        .map_err(|(path, source)| ApplyError::Io { path, source })?;
+    let partial = staging.path();
     // The source's sha256 is checked on the second core while the output is written; nothing is
     // published unless it matches.
     let result = std::thread::scope(|scope| {
         let hashes = scope.spawn(|| check::source_hashes(plan));
-        let written = write_all(plan, plan_bytes, &sources, &partial, opts, progress);
+        let written = write_all(plan, plan_bytes, &sources, partial, opts, progress);
         let hashed = hashes.join().unwrap_or_else(|_| {
             Err(ApplyError::Convert(
                 "the source hashing thread panicked".into(),
@@ -129,10 +132,11 @@ pub fn apply(
         hashed.and(written)
     })
     .and_then(|report| {
-        File::open(&partial)
+        File::open(partial)
             .and_then(|d| d.sync_all())
-            .map_err(io(&partial))?;
-        crate::atomic::publish(&partial, out, opts.force)
+            .map_err(io(partial))?;
+        staging
+            .publish(out, opts.force)
             .map_err(|(path, source)| ApplyError::Io { path, source })?;
         Ok(ApplyReport {
             out: out.to_path_buf(),
@@ -140,7 +144,7 @@ pub fn apply(
         })
     });
     if result.is_err() {
-        let _ = std::fs::remove_dir_all(&partial);
+        staging.abandon();
     }
     result
 }
@@ -328,7 +332,7 @@ fn output_file(plan: &Plan, f: &OutputFile) -> Result<Vec<u8>, ApplyError> {
     match f {
         OutputFile::Copy { source, .. } => {
             let path = root.join(source);
-            std::fs::read(&path).map_err(|source| ApplyError::Io { path, source })
+            crate::paths::read(&path).map_err(|source| ApplyError::Io { path, source })
         }
         OutputFile::GgufTokenizer { .. } | OutputFile::GgufTokenizerConfig { .. } => {
             let path = root.join(plan.source.files.first().map_or("", |f| f.path.as_str()));

@@ -8,7 +8,6 @@
 //! the file before anything is allocated, and tensors must not overlap.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -163,7 +162,7 @@ impl GgufFile {
             path: path.clone(),
             source,
         };
-        let file = File::open(&path).map_err(io)?;
+        let file = crate::paths::open_file(&path).map_err(io)?;
         // SAFETY: the map is read-only; like candle and safetensors we accept that another
         // process truncating or rewriting the file while it is mapped is undefined behaviour.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;

@@ -1,6 +1,6 @@
 //! The GGUF v3 writer: the header (metadata and tensor infos) is validated and written first, then
 //! tensor data is streamed in, one tensor after the other and in pieces of any size, so that an
-//! exporter holds one chunk of one tensor at a time. Everything goes to `<path>.partial`, which is
+//! exporter holds one chunk of one tensor at a time. Everything goes to `<path>.partial-<pid>`, which is
 //! renamed to `<path>` by [`GgufWriter::finish`] and removed if the writer is dropped unfinished.
 //!
 //! The layout is the one gguf.cpp (`gguf_write_to_buf`) and gguf-py's `GGUFWriter` produce:
@@ -11,7 +11,6 @@
 //! [`write_gguf`] writes a file from tensors already in memory (tests and fixtures).
 
 use std::collections::HashSet;
-use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -88,7 +87,7 @@ pub struct GgufWriter {
 
 impl GgufWriter {
     /// Validates `metadata` and `tensors` (unique keys and names, flat one-type arrays, a valid
-    /// alignment, shapes ggml accepts for each type), then creates `<path>.partial` and writes
+    /// alignment, shapes ggml accepts for each type), then creates `<path>.partial-<pid>` and writes
     /// the header. Nothing is created when validation fails.
     pub fn create(
         path: impl AsRef<Path>,
@@ -226,11 +225,10 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> GgufError + '_ {
     }
 }
 
-/// `<path>.partial`, next to the final file so that the rename stays on one filesystem.
+/// `<path>.partial-<pid>` (shortened to fit a file name), next to the final file so that the
+/// rename stays on one filesystem.
 pub fn partial_path(path: &Path) -> PathBuf {
-    let mut name = OsString::from(path.as_os_str());
-    name.push(".partial");
-    PathBuf::from(name)
+    crate::atomic::partial_file(path)
 }
 
 /// Zeros taking `len` up to the next multiple of `alignment` (a power of two, at most 2^31).
