@@ -252,8 +252,14 @@ fn check_metadata(metadata: &[(String, Value)]) -> Result<(), GgufError> {
         if !seen.insert(key.as_str()) {
             return Err(GgufError::DuplicateKey { key: key.clone() });
         }
+        if matches!(value, Value::Unread { .. }) {
+            return Err(GgufError::UnreadArray { key: key.clone() });
+        }
         let Value::Array(items) = value else { continue };
-        if items.iter().any(|v| matches!(v, Value::Array(_))) {
+        if items
+            .iter()
+            .any(|v| matches!(v, Value::Array(_) | Value::Unread { .. }))
+        {
             return Err(GgufError::NestedArray { key: key.clone() });
         }
         if items.windows(2).any(|w| match w {
@@ -352,6 +358,8 @@ fn encode_value(out: &mut Vec<u8>, value: &Value) {
         Value::U64(v) => out.extend_from_slice(&v.to_le_bytes()),
         Value::I64(v) => out.extend_from_slice(&v.to_le_bytes()),
         Value::F64(v) => out.extend_from_slice(&v.to_le_bytes()),
+        // Refused by check_metadata.
+        Value::Unread { .. } => {}
     }
 }
 
