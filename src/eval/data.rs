@@ -714,6 +714,10 @@ impl<'a> Tokens<'a> {
 
 impl Sink for Tokens<'_> {
     fn text(&mut self, text: &str) -> Result<(), DataError> {
+        // Past the limit the rest of a document is not kept, let alone tokenized.
+        if self.full() {
+            return Ok(());
+        }
         self.pending.push_str(text);
         while self.pending.len() > PIECE_BYTES && !self.full() {
             self.piece()?;
@@ -723,6 +727,14 @@ impl Sink for Tokens<'_> {
 
     fn end(&mut self) -> Result<(), DataError> {
         let text = std::mem::take(&mut self.pending);
+        if self.full() {
+            // The limit was reached inside this document: what is left of it is not needed
+            // (tokenizing a 1 MB remainder whole would cost 200 MB).
+            self.documents += usize::from(self.pieces > 0);
+            self.pieces = 0;
+            self.doc_start = self.stream.len();
+            return Ok(());
+        }
         if self.pieces == 0 {
             // A document of one piece is encoded whole, exactly as `tokenizer(text)` does.
             let ids = self.tok.encode(&text).map_err(|e| self.encode_error(e))?;

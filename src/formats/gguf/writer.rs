@@ -386,19 +386,22 @@ mod tests {
             kv("f.i64", Value::I64(i64::MIN)),
             kv("u.f64", Value::F64(-0.1)),
             kv(
-                "g.strings",
+                "general.g.strings",
                 Value::Array(vec![
                     Value::String("a".into()),
                     Value::String(String::new()),
                 ]),
             ),
-            kv("t.i32s", Value::Array(vec![Value::I32(-1), Value::I32(2)])),
             kv(
-                "h.bools",
+                "general.t.i32s",
+                Value::Array(vec![Value::I32(-1), Value::I32(2)]),
+            ),
+            kv(
+                "general.h.bools",
                 Value::Array(vec![Value::Bool(false), Value::Bool(true)]),
             ),
-            kv("s.f64s", Value::Array(vec![Value::F64(1.5)])),
-            kv("i.empty", Value::Array(vec![])),
+            kv("general.s.f64s", Value::Array(vec![Value::F64(1.5)])),
+            kv("general.i.empty", Value::Array(vec![])),
         ]
     }
 
@@ -441,8 +444,8 @@ mod tests {
         }
         // Zero padding after the last tensor too.
         assert_eq!(f.len() % 32, 0);
-        assert_eq!(f.get("g.strings"), Some(&metadata[13].1));
-        assert_eq!(f.get_array("t.i32s").map(|a| a.len()), Some(2));
+        assert_eq!(f.get("general.g.strings"), Some(&metadata[13].1));
+        assert_eq!(f.get_array("general.t.i32s").map(|a| a.len()), Some(2));
         assert_eq!(f.get_f64("u.f64"), Some(-0.1));
     }
 
