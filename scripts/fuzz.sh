@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzes one reader of untrusted input for MINUTES minutes (docs/RELIABILITY.md):
 #
-#   scripts/fuzz.sh TARGET MINUTES        # TARGET: safetensors | gguf | config | plan
+#   scripts/fuzz.sh TARGET MINUTES        # TARGET: safetensors | gguf | config | plan | checkpoint
 #
 # Installs cargo-fuzz if missing and builds fuzz/ (its own workspace, target dir fuzz/target);
 # both steps are no-ops when already done. Stable Rust is enough: RUSTC_BOOTSTRAP=1 unlocks the
@@ -12,10 +12,10 @@
 # (candle included) with sanitizer and coverage instrumentation: 47 minutes on 2 busy cores here;
 # later runs reuse it unless the crate changed.
 set -euo pipefail
-usage="usage: scripts/fuzz.sh safetensors|gguf|config|plan MINUTES"
+usage="usage: scripts/fuzz.sh safetensors|gguf|config|plan|checkpoint MINUTES"
 target=${1:?$usage}
 minutes=${2:?$usage}
-case "$target" in safetensors | gguf | config | plan) ;; *) echo "$usage" >&2; exit 1 ;; esac
+case "$target" in safetensors | gguf | config | plan | checkpoint) ;; *) echo "$usage" >&2; exit 1 ;; esac
 [[ "$minutes" =~ ^[0-9]+$ ]] || { echo "$usage" >&2; exit 1; }
 cd "$(dirname "$0")/../fuzz"
 export RUSTC_BOOTSTRAP=1

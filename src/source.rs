@@ -51,6 +51,17 @@ pub enum SourceError {
         got: Vec<usize>,
         want: Vec<usize>,
     },
+    /// A tokenizer with ids past the embedding's rows: they would index outside it in the
+    /// forward pass, far from the file that caused it (issue 18).
+    #[error(
+        "{path}: the tokenizer has token ids up to {max_id}, but the embedding has {rows} rows \
+         (vocab_size); ids from {rows} on would index past it"
+    )]
+    TokenizerTooLarge {
+        path: PathBuf,
+        max_id: usize,
+        rows: usize,
+    },
     /// A tensor this family does not have: refusing is safer than dropping it silently.
     #[error("{path}: unexpected tensor {name:?}, which a {family} model does not have")]
     UnexpectedTensor {
@@ -443,6 +454,7 @@ fn open_hf(path: &Path, root: &Path, single: Option<&Path>) -> Result<SourceMode
     }
     check_shapes(path, &config, &tensors)?;
     let tokenizer = hf_tokenizer(root);
+    check_tokenizer(&root.join("tokenizer.json"), &config, tokenizer.as_ref())?;
     if let Some(t) = &tokenizer {
         for f in &t.files {
             files.push(file_entry(root, &root.join(f))?);
@@ -480,6 +492,24 @@ fn check_shapes(
         }
     }
     Ok(())
+}
+
+/// Refuses a tokenizer whose ids do not all have a row of the embedding (`config.vocab`, which
+/// [`check_shapes`] has matched to the embedding tensor). Fewer ids than rows is common (rows
+/// padded to a multiple of 64 or 128) and fine.
+fn check_tokenizer(
+    path: &Path,
+    config: &ModelConfig,
+    tokenizer: Option<&TokenizerInfo>,
+) -> Result<(), SourceError> {
+    match tokenizer.and_then(|t| t.vocab) {
+        Some(tokens) if tokens > config.vocab => Err(SourceError::TokenizerTooLarge {
+            path: path.to_path_buf(),
+            max_id: tokens - 1,
+            rows: config.vocab,
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn hf_tokenizer(root: &Path) -> Option<TokenizerInfo> {
@@ -863,6 +893,7 @@ fn gguf_source(
             vocab: tokens,
             files: vec![],
         });
+    check_tokenizer(path, &config, tokenizer.as_ref())?;
     Ok(SourceModel {
         path: path.to_path_buf(),
         root,

@@ -1933,3 +1933,583 @@ fn a_closed_stdout_ends_the_output_quietly() {
         assert_eq!(err, "", "{args:?}");
     }
 }
+
+// ---------------------------------------------------------------- issue 18: bounded memory
+
+/// Runs `eval src --data FILE` (the static synthetic source, byte tokenizer) with `extra`.
+fn eval_refused(d: &Path, file: &str, bytes: &[u8], extra: &[&str], want: &str) {
+    source(d);
+    std::fs::write(d.join(file), bytes).unwrap();
+    let mut args = vec!["eval", "src", "--data", file];
+    args.extend_from_slice(extra);
+    refused(d, &args, want);
+}
+
+/// A `.jsonl` line longer than the 1 MiB that is parsed whole: `before`, 1.2 MB of words, `after`.
+fn long_line(before: &str, after: &str) -> Vec<u8> {
+    let mut line = before.as_bytes().to_vec();
+    while line.len() < 1_200_000 {
+        line.extend_from_slice(b"In the beginning God created the heaven and the earth. ");
+    }
+    line.extend_from_slice(after.as_bytes());
+    line.push(b'\n');
+    line
+}
+
+#[test]
+fn long_jsonl_line_not_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let line = long_line(r#"{"text": ""#, r#"", "n": tru}"#);
+    let column = line.len() - 1;
+    eval_refused(
+        dir.path(),
+        "d.jsonl",
+        &line,
+        &[],
+        &format!("d.jsonl:1: not valid JSON (expected ident at column {column})"),
+    );
+}
+
+#[test]
+fn long_jsonl_line_unterminated() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut line = long_line(r#"{"text": ""#, "");
+    line.pop();
+    eval_refused(
+        dir.path(),
+        "d.jsonl",
+        &line,
+        &[],
+        "d.jsonl:1: not valid JSON (EOF while parsing a string at column",
+    );
+}
+
+#[test]
+fn long_jsonl_line_without_the_text_field() {
+    let dir = tempfile::tempdir().unwrap();
+    eval_refused(
+        dir.path(),
+        "d.jsonl",
+        &long_line(r#"{"body": ""#, r#""}"#),
+        &[],
+        "d.jsonl:1: no field `text` (choose the text field with --field)",
+    );
+}
+
+#[test]
+fn long_jsonl_line_field_not_a_string() {
+    let dir = tempfile::tempdir().unwrap();
+    eval_refused(
+        dir.path(),
+        "d.jsonl",
+        &long_line(r#"{"pad": ""#, r#"", "text": [1]}"#),
+        &[],
+        "d.jsonl:1: field `text` is an array, not a string",
+    );
+}
+
+#[test]
+fn long_jsonl_line_not_an_object() {
+    let dir = tempfile::tempdir().unwrap();
+    eval_refused(
+        dir.path(),
+        "d.jsonl",
+        &long_line(r#"[""#, r#""]"#),
+        &[],
+        "d.jsonl:1: expected a JSON object, found an array",
+    );
+}
+
+#[test]
+fn long_jsonl_line_with_a_raw_control_character() {
+    let dir = tempfile::tempdir().unwrap();
+    eval_refused(
+        dir.path(),
+        "d.jsonl",
+        &long_line(r#"{"text": "tab	"#, r#""}"#),
+        &[],
+        "d.jsonl:1: not valid JSON (control character (\\u0000-\\u001F) found while parsing a \
+         string at column 14)",
+    );
+}
+
+#[test]
+fn eval_window_too_large_for_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    // 120,000 bytes, one token each: a first window of 100,000 tokens, whose attention scores
+    // alone (4 heads, f32) take 2 x 4 x 10^10 x 4 bytes.
+    let text = "abcdefgh ".repeat(120_000 / 9);
+    eval_refused(
+        dir.path(),
+        "d.txt",
+        text.as_bytes(),
+        &["--seq-len", "100000"],
+        "a forward pass over 2 sequence(s) of 100000 tokens needs at least",
+    );
+}
+
+#[test]
+fn eval_max_tokens_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    eval_refused(
+        dir.path(),
+        "d.txt",
+        b"In the beginning.",
+        &["--max-tokens", "0"],
+        "--max-tokens 0 scores nothing; it must be at least 1",
+    );
+}
+
+#[test]
+fn heal_holdout_of_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    recurrent(d);
+    std::fs::write(d.join("d.txt"), "And God saw the light. ".repeat(40)).unwrap();
+    refused(
+        d,
+        &[
+            "heal",
+            "rec",
+            "--data",
+            "d.txt",
+            "--out",
+            "healed",
+            "--steps",
+            "1",
+            "--holdout",
+            "1",
+        ],
+        "--holdout 1 leaves no window to train on; it must be below 1",
+    );
+}
+
+/// Not a refusal: `eval --max-tokens 64` and `heal` on one 3 MB document (a `.jsonl` line the
+/// scanner streams, and the same text as one `.txt` paragraph) read only what they use.
+#[test]
+fn one_huge_document_is_read_in_bounded_pieces() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    recurrent(d);
+    let words = "In the beginning God created the heaven and the earth. ".repeat(55_000);
+    let line = serde_json::to_vec(&json!({ "id": 1, "text": words })).unwrap();
+    std::fs::write(d.join("big.jsonl"), &line).unwrap();
+    std::fs::write(d.join("big.txt"), &words).unwrap();
+    for file in ["big.jsonl", "big.txt"] {
+        let o = surgery(
+            d,
+            &[
+                "eval",
+                "rec",
+                "--data",
+                file,
+                "--max-tokens",
+                "64",
+                "--seq-len",
+                "32",
+                "--json",
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["documents"], 1, "{v}");
+        assert_eq!(v["rows"][0]["tokens"], 64, "{v}");
+    }
+    let o = surgery(
+        d,
+        &[
+            "heal",
+            "rec",
+            "--data",
+            "big.jsonl",
+            "--out",
+            "healed",
+            "--steps",
+            "1",
+            "--seq-len",
+            "16",
+            "--batch",
+            "2",
+            "--micro-batch",
+            "2",
+            "-q",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// `d/m.gguf` with one more key: a u8 array of at least `n` elements (padded so the header
+/// grows by a whole number of 32-byte alignments, keeping the tensor data aligned: 5,000,000
+/// becomes 5,000,021 under the key below).
+fn gguf_with_array(d: &Path, key: &str, n: usize) {
+    let path = gguf_model(d);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mut kv = (key.len() as u64).to_le_bytes().to_vec();
+    kv.extend_from_slice(key.as_bytes());
+    kv.extend_from_slice(&9u32.to_le_bytes()); // array
+    kv.extend_from_slice(&0u32.to_le_bytes()); // of u8
+    let n = n + (32 - (kv.len() + 8 + n) % 32) % 32;
+    kv.extend_from_slice(&(n as u64).to_le_bytes());
+    kv.resize(kv.len() + n, 7);
+    let n_kv = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
+    bytes[16..24].copy_from_slice(&(n_kv + 1).to_le_bytes());
+    bytes.splice(24..24, kv);
+    std::fs::write(&path, bytes).unwrap();
+}
+
+#[test]
+fn gguf_kept_array_too_long() {
+    let dir = tempfile::tempdir().unwrap();
+    gguf_with_array(dir.path(), "tokenizer.ggml.junk", 5_000_000);
+    plan_gguf(
+        dir.path(),
+        "m.gguf",
+        "key \"tokenizer.ggml.junk\" holds an array of 5000021 elements; at most 4194304 are read",
+    );
+}
+
+#[test]
+fn gguf_unread_array_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    gguf_with_array(d, "junk.big", 1000);
+    // The array claims 2^40 elements: bounded by the bytes left before anything is read.
+    let path = d.join("m.gguf");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = 24 + 8 + "junk.big".len() + 8;
+    bytes[at..at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    plan_gguf(
+        d,
+        "m.gguf",
+        "array length of key \"junk.big\" 1099511627776 cannot fit in the",
+    );
+}
+
+/// Not a refusal: an array of 40M elements under a key nothing reads is checked, not kept.
+#[test]
+fn gguf_huge_unread_array_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    gguf_with_array(d, "junk.big", 40_000_000);
+    let o = surgery(d, &["inspect", "m.gguf", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn safetensors_header_with_too_many_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = st_model(dir.path());
+    edit_header(&path, |h| {
+        for i in 0..70_000 {
+            h.insert(
+                format!("e{i}"),
+                json!({"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}),
+            );
+        }
+    });
+    apply_src(dir.path(), "the header lists more than 65536 entries");
+}
+
+// ---------------------------------------------------------------- issue 18: non-finite values
+
+#[test]
+fn adapter_noise_past_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    source(d);
+    refused(
+        d,
+        &[
+            "plan",
+            "src",
+            "--shape",
+            "1,2,1",
+            "--adapter-noise",
+            "1e39",
+            "--out",
+            "plan.json",
+        ],
+        "--adapter-noise 1e39 must be a finite number >= 0 and at most f32's 3.4028235e38",
+    );
+}
+
+/// Sets the adapter's init in the plan.
+fn adapter_init(d: &Path, init: Value) {
+    edit_plan(d, |p| {
+        let tensors = p["tensors"].as_array_mut().unwrap();
+        let adapter = tensors
+            .iter_mut()
+            .find(|t| t.get("init").is_some())
+            .unwrap();
+        adapter["init"] = init;
+    });
+}
+
+#[test]
+fn plan_uniform_scale_past_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    adapter_init(
+        dir.path(),
+        json!({"kind": "uniform", "scale": 1e39, "seed": 0}),
+    );
+    apply_plan(
+        dir.path(),
+        "init scale 1e39 must be finite, >= 0 and at most f32's",
+    );
+}
+
+#[test]
+fn plan_noise_that_overflows_when_drawn() {
+    let dir = tempfile::tempdir().unwrap();
+    // A finite f32 scale, but N(0, (3e38)^2) draws past f32's largest number about a quarter of
+    // the time.
+    adapter_init(
+        dir.path(),
+        json!({"kind": "identity", "scale": 3e38, "seed": 0}),
+    );
+    apply_plan(dir.path(), "init scale 3e38 gives");
+}
+
+#[test]
+fn apply_conversion_that_overflows_f16() {
+    let dir = tempfile::tempdir().unwrap();
+    poison(dir.path(), 1e6);
+    refused(
+        dir.path(),
+        &[
+            "apply", "src", "--shape", "1,2,1", "--dtype", "f16", "--out", "out",
+        ],
+        "1 finite values of model.layers.1.mlp.up_proj.weight become NaN or Inf as F16",
+    );
+}
+
+#[test]
+fn export_conversion_that_overflows_f16() {
+    let dir = tempfile::tempdir().unwrap();
+    poison(dir.path(), 1e6);
+    refused(
+        dir.path(),
+        &["export", "gguf", "src", "--type", "f16", "--out", "m.gguf"],
+        "tensor \"model.layers.1.mlp.up_proj.weight\": 1 finite values become NaN or Inf as F16",
+    );
+}
+
+#[test]
+fn config_rope_theta_too_small() {
+    let dir = tempfile::tempdir().unwrap();
+    edit_config(dir.path(), |c| {
+        c.insert("rope_theta".into(), json!(1e-300));
+    });
+    apply_src(dir.path(), "rope_theta 1e-300 must be greater than 1");
+}
+
+fn llama3_rope(d: &Path, factor: f64, low: f64, high: f64, original: u64) {
+    edit_config(d, |c| {
+        c.insert(
+            "rope_scaling".into(),
+            json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                   "high_freq_factor": high, "original_max_position_embeddings": original}),
+        );
+    });
+}
+
+#[test]
+fn config_llama3_rope_factor_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    llama3_rope(dir.path(), 0.0, 1.0, 4.0, 8192);
+    apply_src(
+        dir.path(),
+        "rope_scaling: factor 0 must be at least 1 and finite",
+    );
+}
+
+#[test]
+fn config_llama3_rope_equal_frequency_factors() {
+    let dir = tempfile::tempdir().unwrap();
+    llama3_rope(dir.path(), 8.0, 4.0, 4.0, 8192);
+    apply_src(
+        dir.path(),
+        "rope_scaling: high_freq_factor 4 must be greater than low_freq_factor 4",
+    );
+}
+
+#[test]
+fn config_llama3_rope_original_context_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    llama3_rope(dir.path(), 8.0, 1.0, 4.0, 0);
+    apply_src(
+        dir.path(),
+        "rope_scaling: original_max_position_embeddings must be at least 1",
+    );
+}
+
+/// Edits `d/rec/config.json` (a recurrent checkpoint) and its manifest entry, so that only the
+/// edit is wrong.
+fn edit_recurrent_config(d: &Path, edit: impl FnOnce(&mut Map<String, Value>)) {
+    recurrent(d);
+    let path = d.join("rec/config.json");
+    let mut config: Map<String, Value> =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut config);
+    let bytes = serde_json::to_vec(&config).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+    let manifest = d.join("rec/manifest.json");
+    let mut m: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    for f in m["files"].as_array_mut().unwrap() {
+        if f["path"] == "config.json" {
+            f["bytes"] = json!(bytes.len());
+            f["sha256"] = json!(surgery::manifest::sha256_bytes(&bytes));
+        }
+    }
+    std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+}
+
+#[test]
+fn recurrent_config_mean_recurrence_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    edit_recurrent_config(d, |c| {
+        c.insert("mean_recurrence".into(), json!(0));
+    });
+    let want = "mean_recurrence 0 is out of range 1..=65536";
+    refused(d, &["verify", "rec"], want);
+    refused(d, &["export", "gguf", "rec", "--out", "r.gguf"], want);
+}
+
+#[test]
+fn recurrent_config_state_std_past_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    edit_recurrent_config(dir.path(), |c| {
+        c.insert(
+            "init_values".into(),
+            json!({"std": 1e39, "embed_scale": 1.0}),
+        );
+    });
+    refused(
+        dir.path(),
+        &["verify", "rec"],
+        "init_values.std 1e39 must be finite, >= 0 and at most f32's",
+    );
+}
+
+// ---------------------------------------------------------------- issue 18: token ids
+
+fn edit_tokenizer(d: &Path, edit: impl FnOnce(&mut Value)) {
+    let path = source(d).join("tokenizer.json");
+    let mut t: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut t);
+    std::fs::write(&path, serde_json::to_vec(&t).unwrap()).unwrap();
+}
+
+#[test]
+fn tokenizer_added_token_past_the_embedding() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    edit_tokenizer(d, |t| {
+        t["added_tokens"] = json!([{"id": 300, "content": "<|x|>", "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": true}]);
+    });
+    let want = "tokenizer.json: the tokenizer has token ids up to 300, but the embedding has 256 \
+                rows (vocab_size); ids from 256 on would index past it";
+    refused(d, &["inspect", "src"], want);
+    apply_src(d, want);
+}
+
+#[test]
+fn tokenizer_vocabulary_past_the_embedding() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    edit_tokenizer(d, |t| {
+        t["model"]["vocab"]["zz"] = json!(4095);
+    });
+    refused(
+        d,
+        &["inspect", "src"],
+        "the tokenizer has token ids up to 4095, but the embedding has 256 rows",
+    );
+}
+
+// ---------------------------------------------------------------- issue 18: checkpoint state
+
+/// A heal run of 4 steps with a checkpoint at step 2, then `edit` on its state.json; `heal
+/// --resume` from it must refuse with `want`.
+fn resume_refused(edit: impl FnOnce(&mut Value), want: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    recurrent(d);
+    std::fs::write(
+        d.join("d.txt"),
+        "And God saw the light, that it was good. ".repeat(60),
+    )
+    .unwrap();
+    let o = surgery(
+        d,
+        &[
+            "heal",
+            "rec",
+            "--data",
+            "d.txt",
+            "--out",
+            "healed",
+            "--steps",
+            "4",
+            "--seq-len",
+            "16",
+            "--batch",
+            "2",
+            "--checkpoint-every",
+            "2",
+            "-q",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::remove_dir_all(d.join("healed")).unwrap();
+    let ckpt = d.join("healed.checkpoints/step-000002");
+    let path = ckpt.join("state.json");
+    let mut state: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut state);
+    std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+    refused(
+        d,
+        &["heal", "--resume", "healed.checkpoints/step-000002"],
+        &format!("healed.checkpoints/step-000002/state.json: {want}"),
+    );
+}
+
+#[test]
+fn checkpoint_cursor_does_not_match_the_step() {
+    resume_refused(
+        |s| s["cursor"] = json!(5),
+        "cursor 5 does not match step 2 of batches of 2",
+    );
+}
+
+#[test]
+fn checkpoint_step_past_the_run() {
+    resume_refused(
+        |s| s["step"] = json!(9),
+        "step 9 is outside the run of 4 steps",
+    );
+}
+
+#[test]
+fn checkpoint_negative_learning_rate() {
+    resume_refused(
+        |s| s["config"]["lr"] = json!(-1.0),
+        "--lr -1 must be a positive number",
+    );
+}
+
+#[test]
+fn checkpoint_zero_sequence_length() {
+    resume_refused(
+        |s| s["config"]["seq_len"] = json!(0),
+        "--seq-len, --batch and --micro-batch must be at least 1",
+    );
+}
+
+#[test]
+fn checkpoint_unknown_key() {
+    resume_refused(|s| s["config"]["lrr"] = json!(1), "unknown field `lrr`");
+}

@@ -127,7 +127,7 @@ fn type_names(v: &Value) -> Vec<&'static str> {
         Value::F32(_) => "FLOAT32",
         Value::Bool(_) => "BOOL",
         Value::String(_) => "STRING",
-        Value::Array(_) => "ARRAY",
+        Value::Array(_) | Value::Unread { .. } => "ARRAY",
         Value::U64(_) => "UINT64",
         Value::I64(_) => "INT64",
         Value::F64(_) => "FLOAT64",

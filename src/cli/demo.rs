@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use surgery::demo::{write_fixture, FixturePaths};
-use surgery::eval::data::{read_documents, token_stream, windows, Windows};
+use surgery::eval::data::{read_tokens, windows, Windows};
 use surgery::eval::perplexity::EvalRow;
 use surgery::export::{export_gguf, GgufOptions, QuantType};
 use surgery::formats::text_tokenizer::TextTokenizer;
@@ -357,9 +357,9 @@ fn stages(dir: &Path, shown: &Path, args: &DemoArgs, global: Global) -> anyhow::
 
 /// The first `EVAL_TOKENS` tokens of the held-out books, in windows of `EVAL_SEQ_LEN`.
 fn held_out(fixture: &FixturePaths, tokenizer: &TextTokenizer) -> anyhow::Result<Windows> {
-    let docs = read_documents(std::slice::from_ref(&fixture.heldout), None)?;
-    let stream = token_stream(&docs, tokenizer, Some(EVAL_TOKENS + 1))?;
-    Ok(windows(&stream, EVAL_SEQ_LEN, Some(EVAL_TOKENS)))
+    let held = std::slice::from_ref(&fixture.heldout);
+    let stream = read_tokens(held, None, tokenizer, Some(EVAL_TOKENS + 1))?;
+    Ok(windows(&stream.tokens, EVAL_SEQ_LEN, Some(EVAL_TOKENS)))
 }
 
 /// Perplexity at each r, with a progress bar over the scored tokens.

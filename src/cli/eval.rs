@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
-use surgery::eval::data::{read_documents, token_stream, windows, Windows};
+use surgery::eval::data::{read_tokens, windows, Windows};
 use surgery::eval::perplexity::{perplexity, EvalRow};
 use surgery::eval::plot::plot_perplexity;
 use surgery::formats::text_tokenizer::TextTokenizer;
@@ -69,17 +69,25 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
     if args.seq_len == 0 || args.batch == 0 {
         bail!("--seq-len and --batch must be at least 1");
     }
+    if args.max_tokens == Some(0) {
+        // Nothing scored would print a NaN perplexity (0 / 0).
+        bail!("--max-tokens 0 scores nothing; it must be at least 1");
+    }
     if let Some(n) = args.threads {
         // candle's CPU kernels size their pool from this, before any tensor work.
         std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
     }
     let source = SourceModel::open(&args.model)?;
     let tokenizer = TextTokenizer::for_model(&source)?;
-    let docs = read_documents(&args.data, Some(&args.field))?;
-    // One token more than scored: the last target needs its input.
-    let stream = token_stream(&docs, &tokenizer, args.max_tokens.map(|m| m + 1))?;
-    let windows = windows(&stream, args.seq_len, args.max_tokens);
+    // One token more than scored: the last target needs its input. Reading stops there.
+    let limit = args.max_tokens.map(|m| m.saturating_add(1));
+    let docs = read_tokens(&args.data, Some(&args.field), &tokenizer, limit)?;
+    let windows = windows(&docs.tokens, args.seq_len, args.max_tokens);
     let device = super::parse_device(&args.device)?;
+    // The longest pass is the first batch (every window but the last has seq-len tokens).
+    let longest = windows.windows.first().map_or(0, |w| w.inputs.len());
+    let per_pass = args.batch.min(windows.windows.len());
+    surgery::model::memory::check_pass(&source.config, per_pass, longest, &device)?;
     if args.layers.is_some() && source.config.recurrent.is_some() {
         bail!(
             "--layers selects layers of a static model; {} is recurrent",
@@ -136,7 +144,7 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
         let value = serde_json::json!({
             "model": args.model.display().to_string(),
             "recurrent": model.is_recurrent(),
-            "documents": docs.texts.len(),
+            "documents": docs.documents,
             "skipped_invalid_utf8": docs.skipped_invalid_utf8,
             "seq_len": args.seq_len,
             "rows": rows,
@@ -147,7 +155,7 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
         outln!(
             "{}: {} documents, {} tokens scored in windows of {}",
             args.model.display(),
-            docs.texts.len(),
+            docs.documents,
             windows.n_targets(),
             args.seq_len
         )?;

@@ -12,7 +12,16 @@
 //! corpora carry the odd bad byte, and one should not stop an evaluation; replacing it with U+FFFD
 //! instead would score tokens that were never in the data. A file where nothing is valid, or that
 //! holds a NUL byte (which no text file has; ripgrep uses the same test), is refused as not text.
-
+//!
+//! Bounded memory (issue 18): files are read in pieces of [`READ_BYTES`], never whole, and
+//! [`read_tokens`] stops reading once it holds the tokens asked for, so `eval --max-tokens 64` on a
+//! 50 MB document reads a few kilobytes. A document longer than [`PIECE_BYTES`] is tokenized in
+//! pieces of at most that size (the tokenizers crate takes about 200 bytes of memory per byte of
+//! text), cut before a whitespace character that starts a word so that the pieces tokenize as
+//! the whole would with pre-tokenizers that split on whitespace (byte-level BPE, Metaspace); the
+//! special tokens the post-processor adds (BOS) go around the whole document, not each piece. A
+//! `.jsonl` line up to [`LINE_BYTES`] is parsed whole by serde_json; a longer one is scanned as a
+//! stream ([`super::jsonl`]), its text field decoded piece by piece.
 use std::path::{Path, PathBuf};
 
 use serde_json::Value as Json;
@@ -80,6 +89,16 @@ pub enum DataError {
     TooShort { tokens: usize },
 }
 
+/// A file is read this many bytes at a time.
+pub const READ_BYTES: usize = 64 << 10;
+/// A document longer than this is tokenized in pieces of at most this many bytes.
+pub const PIECE_BYTES: usize = 64 << 10;
+/// A `.jsonl` line up to this long is parsed whole; a longer one is scanned as a stream.
+pub const LINE_BYTES: usize = 1 << 20;
+/// Whitespace held back (a `.txt` paragraph's possible trailing whitespace, a `.jsonl` text's
+/// possibly all-blank start) is passed on as text past this many bytes, to stay bounded.
+const HOLD_BYTES: usize = 64 << 10;
+
 /// Documents read from one or more files, in file order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Documents {
@@ -90,20 +109,132 @@ pub struct Documents {
     pub files: usize,
 }
 
+/// The token stream of one or more files, and what reading them found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenStream {
+    pub tokens: Vec<u32>,
+    /// Documents tokenized (the last one possibly in part, when the limit cut it).
+    pub documents: usize,
+    /// Documents left out because they were not valid UTF-8.
+    pub skipped_invalid_utf8: usize,
+}
+
+/// Where the reader sends a document's text.
+pub(crate) trait Sink {
+    /// More of the current document's text.
+    fn text(&mut self, text: &str) -> Result<(), DataError>;
+    /// The current document is complete.
+    fn end(&mut self) -> Result<(), DataError>;
+    /// The current document turned out not to be valid UTF-8: forget what it sent.
+    fn discard(&mut self);
+    /// Enough has been read; the reader stops.
+    fn full(&self) -> bool;
+}
+
 /// Reads documents from `.txt` and `.jsonl` files; `field` names the `.jsonl` text field
-/// (default `text`). Every file must yield at least one document.
+/// (default `text`). Every file must yield at least one document. Holds every text in memory:
+/// for inspecting data; evaluation and training read with [`read_tokens`].
 pub fn read_documents(paths: &[PathBuf], field: Option<&str>) -> Result<Documents, DataError> {
+    let mut sink = Collect::default();
+    let report = read_into(paths, field, &mut sink)?;
+    Ok(Documents {
+        texts: sink.texts,
+        skipped_invalid_utf8: report.skipped_invalid_utf8,
+        files: paths.len(),
+    })
+}
+
+/// Reads and tokenizes `.txt` and `.jsonl` files into one stream (see [`token_stream`] for its
+/// layout), in bounded memory: reading stops once the stream holds `limit` tokens. Every file
+/// read to its end must yield at least one document; fewer than 2 tokens in all is an error.
+pub fn read_tokens(
+    paths: &[PathBuf],
+    field: Option<&str>,
+    tok: &TextTokenizer,
+    limit: Option<usize>,
+) -> Result<TokenStream, DataError> {
+    let mut sink = Tokens::new(tok, limit);
+    let report = read_into(paths, field, &mut sink)?;
+    sink.finish(report.skipped_invalid_utf8)
+}
+
+/// All documents as one token stream: each encoded as the tokenizer does (BOS when its
+/// post-processor adds one), followed by EOS when the model has one, so that a document's first
+/// tokens are predicted after an end of text and never from the previous document's words alone.
+/// Fewer than 2 tokens in all is an error: nothing could be scored. With `limit`, encoding stops
+/// once the stream holds that many tokens (so `--max-tokens` does not pay for tokenizing a whole
+/// corpus).
+pub fn token_stream(
+    docs: &Documents,
+    tok: &TextTokenizer,
+    limit: Option<usize>,
+) -> Result<Vec<u32>, DataError> {
+    let mut sink = Tokens::new(tok, limit);
+    for text in &docs.texts {
+        if sink.full() {
+            break;
+        }
+        sink.text(text)?;
+        sink.end()?;
+    }
+    Ok(sink.finish(docs.skipped_invalid_utf8)?.tokens)
+}
+
+/// What reading found besides the documents.
+struct Report {
+    skipped_invalid_utf8: usize,
+}
+
+fn read_into(
+    paths: &[PathBuf],
+    field: Option<&str>,
+    sink: &mut dyn Sink,
+) -> Result<Report, DataError> {
     if paths.is_empty() {
         return Err(DataError::NoFiles);
     }
     let field = field.unwrap_or("text");
-    let mut docs = Documents::default();
+    // Every file is checked and opened first, so a wrong name is found even when the data
+    // before it is enough.
+    let mut files = Vec::with_capacity(paths.len());
     for path in paths {
-        let before = (docs.texts.len(), docs.skipped_invalid_utf8);
-        read_file(path, field, &mut docs)?;
-        docs.files += 1;
-        if docs.texts.len() == before.0 {
-            let skipped = docs.skipped_invalid_utf8 - before.1;
+        let ext = path.extension().and_then(|e| e.to_str());
+        let jsonl = match ext {
+            Some("txt") => false,
+            Some("jsonl") => true,
+            _ => {
+                return Err(DataError::UnknownExtension {
+                    path: path.to_path_buf(),
+                })
+            }
+        };
+        let file = crate::paths::open_file(path).map_err(|source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        files.push((path, file, jsonl));
+    }
+    let mut report = Report {
+        skipped_invalid_utf8: 0,
+    };
+    for (path, file, jsonl) in files {
+        let mut reader = Reader::new(path, file);
+        let mut counted = Counted {
+            sink: &mut *sink,
+            documents: 0,
+            skipped: 0,
+        };
+        if jsonl {
+            read_jsonl(&mut reader, field, &mut counted)?;
+        } else {
+            read_txt(&mut reader, &mut counted)?;
+        }
+        let (documents, skipped) = (counted.documents, counted.skipped);
+        report.skipped_invalid_utf8 += skipped;
+        if sink.full() {
+            break;
+        }
+        if documents == 0 {
             return Err(if skipped > 0 {
                 DataError::NotText {
                     path: path.clone(),
@@ -114,33 +245,69 @@ pub fn read_documents(paths: &[PathBuf], field: Option<&str>) -> Result<Document
             });
         }
     }
-    Ok(docs)
+    Ok(report)
 }
 
-fn read_file(path: &Path, field: &str, docs: &mut Documents) -> Result<(), DataError> {
-    let ext = path.extension().and_then(|e| e.to_str());
-    if !matches!(ext, Some("txt" | "jsonl")) {
-        return Err(DataError::UnknownExtension {
-            path: path.to_path_buf(),
-        });
+/// A sink that counts the documents of one file.
+pub(crate) struct Counted<'a> {
+    pub(crate) sink: &'a mut dyn Sink,
+    pub(crate) documents: usize,
+    pub(crate) skipped: usize,
+}
+
+/// A file read in pieces of [`READ_BYTES`]: the byte-order mark dropped, NUL bytes refused.
+struct Reader<'a> {
+    path: &'a Path,
+    inner: std::io::BufReader<std::fs::File>,
+    /// Bytes of the file consumed so far (for the offset of a NUL byte).
+    offset: u64,
+    started: bool,
+}
+
+impl<'a> Reader<'a> {
+    fn new(path: &'a Path, file: std::fs::File) -> Reader<'a> {
+        Reader {
+            path,
+            inner: std::io::BufReader::with_capacity(READ_BYTES, file),
+            offset: 0,
+            started: false,
+        }
     }
-    let bytes = crate::paths::read(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if let Some(offset) = bytes.iter().position(|&b| b == 0) {
-        return Err(DataError::NotText {
+
+    /// The next bytes of the file (empty at the end); pass how many were used to [`Self::consume`].
+    fn fill(&mut self) -> Result<&[u8], DataError> {
+        use std::io::BufRead;
+        let path = self.path;
+        if !self.started {
+            self.started = true;
+            let buf = self.inner.fill_buf().map_err(|source| DataError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            // Editors on Windows start UTF-8 files with a byte-order mark; it is not text.
+            if buf.starts_with(b"\xEF\xBB\xBF") {
+                self.inner.consume(3);
+                self.offset = 3;
+            }
+        }
+        let offset = self.offset;
+        let buf = self.inner.fill_buf().map_err(|source| DataError::Io {
             path: path.to_path_buf(),
-            reason: format!("NUL byte at offset {offset}"),
-        });
+            source,
+        })?;
+        if let Some(i) = buf.iter().position(|&b| b == 0) {
+            return Err(DataError::NotText {
+                path: path.to_path_buf(),
+                reason: format!("NUL byte at offset {}", offset + i as u64),
+            });
+        }
+        Ok(buf)
     }
-    // Editors on Windows start UTF-8 files with a byte-order mark; it is not text.
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
-    if ext == Some("txt") {
-        read_txt(bytes, docs);
-        Ok(())
-    } else {
-        read_jsonl(path, bytes, field, docs)
+
+    fn consume(&mut self, n: usize) {
+        use std::io::BufRead;
+        self.inner.consume(n);
+        self.offset += n as u64;
     }
 }
 
@@ -148,85 +315,476 @@ fn is_blank(line: &[u8]) -> bool {
     std::str::from_utf8(line).is_ok_and(|s| s.trim().is_empty())
 }
 
-/// Splits on blank lines. Each paragraph is a slice of the file, so its line breaks are kept as
-/// written; it is validated as UTF-8 on its own, so a bad byte costs one document, not the file.
-fn read_txt(bytes: &[u8], docs: &mut Documents) {
-    let mut push = |paragraph: &[u8]| match std::str::from_utf8(paragraph) {
-        Ok(text) if !text.trim().is_empty() => docs.texts.push(text.trim().to_string()),
-        Ok(_) => {}
-        Err(_) => docs.skipped_invalid_utf8 += 1,
-    };
-    // `start` is the byte offset of the paragraph being collected, if any.
-    let mut start: Option<usize> = None;
-    let mut offset = 0;
-    for line in bytes.split(|&b| b == b'\n') {
-        let end = offset + line.len();
-        match (is_blank(line), start) {
-            (true, Some(s)) => {
-                push(&bytes[s..offset]);
-                start = None;
-            }
-            (false, None) => start = Some(offset),
-            _ => {}
+/// Splits on blank lines. A paragraph's lines are passed on with their line breaks as written,
+/// and validated as UTF-8 as one document, so a bad byte costs one document, not the file. A line
+/// longer than [`READ_BYTES`] is passed on in parts as it is read (it is taken as not blank).
+fn read_txt(reader: &mut Reader, sink: &mut Counted) -> Result<(), DataError> {
+    let mut doc: Option<Doc> = None;
+    // The current line's bytes not yet passed on, and whether earlier parts of it were.
+    let mut line: Vec<u8> = Vec::new();
+    let mut long = false;
+    loop {
+        let buf = reader.fill()?;
+        if buf.is_empty() {
+            break;
         }
-        // The line and its `\n`; past the end only after the last line, where it is unused.
-        offset = end + 1;
+        let (used, complete) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                line.extend_from_slice(&buf[..i]);
+                (i + 1, true)
+            }
+            None => {
+                line.extend_from_slice(buf);
+                (buf.len(), false)
+            }
+        };
+        reader.consume(used);
+        if complete {
+            if long || !is_blank(&line) {
+                let d = doc.get_or_insert_with(|| Doc::new(true));
+                d.feed(&line, sink)?;
+                d.feed(b"\n", sink)?;
+            } else if let Some(d) = doc.take() {
+                d.finish(sink)?;
+            }
+            line.clear();
+            long = false;
+        } else if line.len() >= READ_BYTES {
+            doc.get_or_insert_with(|| Doc::new(true))
+                .feed(&line, sink)?;
+            line.clear();
+            long = true;
+        }
+        if sink.sink.full() {
+            return Ok(());
+        }
     }
-    if let Some(s) = start {
-        push(&bytes[s..]);
+    if long || !is_blank(&line) {
+        doc.get_or_insert_with(|| Doc::new(true))
+            .feed(&line, sink)?;
+    }
+    if let Some(d) = doc {
+        d.finish(sink)?;
+    }
+    Ok(())
+}
+
+/// One JSON object per line. A line up to [`LINE_BYTES`] is parsed whole by serde_json; a longer
+/// one goes through the streaming scanner, which passes its text on as it is decoded.
+fn read_jsonl(reader: &mut Reader, field: &str, sink: &mut Counted) -> Result<(), DataError> {
+    let path = reader.path;
+    let mut line: Vec<u8> = Vec::new();
+    let mut number = 1;
+    loop {
+        let buf = reader.fill()?;
+        if buf.is_empty() {
+            break;
+        }
+        match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                line.extend_from_slice(&buf[..i]);
+                reader.consume(i + 1);
+                jsonl_line(path, number, &line, field, sink)?;
+                line.clear();
+                number += 1;
+            }
+            None => {
+                let n = buf.len();
+                line.extend_from_slice(buf);
+                reader.consume(n);
+                if line.len() > LINE_BYTES {
+                    let mut scan = super::jsonl::Scan::new(path, number, field);
+                    scan.feed(&line, sink)?;
+                    line.clear();
+                    // The rest of the line, as it is read.
+                    loop {
+                        if sink.sink.full() {
+                            return Ok(());
+                        }
+                        let buf = reader.fill()?;
+                        let newline = buf.iter().position(|&b| b == b'\n');
+                        let used = newline.unwrap_or(buf.len());
+                        let end = newline.is_some() || buf.is_empty();
+                        scan.feed(&buf[..used], sink)?;
+                        // The line's bytes and its newline, if any.
+                        reader.consume(used + usize::from(newline.is_some()));
+                        if end {
+                            break;
+                        }
+                    }
+                    scan.finish(sink)?;
+                    number += 1;
+                }
+            }
+        }
+        if sink.sink.full() {
+            return Ok(());
+        }
+    }
+    if !line.is_empty() {
+        jsonl_line(path, number, &line, field, sink)?;
+    }
+    Ok(())
+}
+
+/// One whole `.jsonl` line, parsed by serde_json.
+fn jsonl_line(
+    path: &Path,
+    number: usize,
+    line: &[u8],
+    field: &str,
+    sink: &mut Counted,
+) -> Result<(), DataError> {
+    if is_blank(line) {
+        return Ok(());
+    }
+    let Ok(line) = std::str::from_utf8(line) else {
+        sink.skipped += 1;
+        return Ok(());
+    };
+    let value: Json = serde_json::from_str(line).map_err(|e| DataError::BadJson {
+        path: path.to_path_buf(),
+        line: number,
+        reason: json_reason(&e),
+    })?;
+    let Json::Object(object) = value else {
+        return Err(DataError::NotAnObject {
+            path: path.to_path_buf(),
+            line: number,
+            found: json_type(&value),
+        });
+    };
+    match object.get(field) {
+        None => Err(DataError::MissingField {
+            path: path.to_path_buf(),
+            line: number,
+            field: field.to_string(),
+        }),
+        Some(Json::String(text)) => {
+            let mut doc = Doc::new(false);
+            doc.feed(text.as_bytes(), sink)?;
+            doc.finish(sink)
+        }
+        Some(other) => Err(DataError::NotAString {
+            path: path.to_path_buf(),
+            line: number,
+            field: field.to_string(),
+            found: json_type(other),
+        }),
     }
 }
 
-fn read_jsonl(
-    path: &Path,
-    bytes: &[u8],
-    field: &str,
-    docs: &mut Documents,
-) -> Result<(), DataError> {
-    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        let number = i + 1;
-        if is_blank(line) {
-            continue;
-        }
-        let Ok(line) = std::str::from_utf8(line) else {
-            docs.skipped_invalid_utf8 += 1;
-            continue;
-        };
-        let value: Json = serde_json::from_str(line).map_err(|e| DataError::BadJson {
-            path: path.to_path_buf(),
-            line: number,
-            reason: json_reason(&e),
-        })?;
-        let Json::Object(object) = value else {
-            return Err(DataError::NotAnObject {
-                path: path.to_path_buf(),
-                line: number,
-                found: json_type(&value),
-            });
-        };
-        let text = match object.get(field) {
-            None => {
-                return Err(DataError::MissingField {
-                    path: path.to_path_buf(),
-                    line: number,
-                    field: field.to_string(),
-                })
-            }
-            Some(Json::String(text)) => text,
-            Some(other) => {
-                return Err(DataError::NotAString {
-                    path: path.to_path_buf(),
-                    line: number,
-                    field: field.to_string(),
-                    found: json_type(other),
-                })
-            }
-        };
-        if !text.trim().is_empty() {
-            docs.texts.push(text.clone());
+/// One document's text on its way to the sink: validated as UTF-8 as it comes (a character may
+/// straddle two parts), trimmed (`.txt`) or dropped when all whitespace (`.jsonl`), with the
+/// whitespace whose fate is not known yet held back (at most [`HOLD_BYTES`]).
+pub(crate) struct Doc {
+    trim: bool,
+    /// A non-whitespace character has been passed on.
+    started: bool,
+    hold: String,
+    /// The start of a character whose other bytes have not arrived yet.
+    carry: Vec<u8>,
+    bad: bool,
+}
+
+impl Doc {
+    pub(crate) fn new(trim: bool) -> Doc {
+        Doc {
+            trim,
+            started: false,
+            hold: String::new(),
+            carry: Vec::new(),
+            bad: false,
         }
     }
-    Ok(())
+
+    pub(crate) fn feed(&mut self, mut bytes: &[u8], sink: &mut Counted) -> Result<(), DataError> {
+        if self.bad {
+            return Ok(());
+        }
+        // Complete a character begun in the previous part.
+        while !self.carry.is_empty() && !bytes.is_empty() {
+            self.carry.push(bytes[0]);
+            bytes = &bytes[1..];
+            match std::str::from_utf8(&self.carry) {
+                Ok(s) => {
+                    let s = s.to_string();
+                    self.carry.clear();
+                    self.text(&s, sink)?;
+                }
+                Err(e) if e.error_len().is_some() => {
+                    self.reject(sink);
+                    return Ok(());
+                }
+                Err(_) => {}
+            }
+        }
+        match std::str::from_utf8(bytes) {
+            Ok(s) => self.text(s, sink),
+            Err(e) if e.error_len().is_none() => {
+                let (good, rest) = bytes.split_at(e.valid_up_to());
+                self.carry.extend_from_slice(rest);
+                // `good` is valid UTF-8 up to `valid_up_to`.
+                self.text(std::str::from_utf8(good).unwrap_or_default(), sink)
+            }
+            Err(_) => {
+                self.reject(sink);
+                Ok(())
+            }
+        }
+    }
+
+    /// The document is not valid UTF-8: what it sent is discarded, and it is counted as skipped
+    /// when it finishes.
+    pub(crate) fn reject(&mut self, sink: &mut Counted) {
+        if self.started && !self.bad {
+            sink.sink.discard();
+        }
+        self.bad = true;
+    }
+
+    fn text(&mut self, mut s: &str, sink: &mut Counted) -> Result<(), DataError> {
+        if !self.started {
+            if self.trim {
+                s = s.trim_start();
+            } else if s.trim_start().is_empty() {
+                return self.hold(s, sink);
+            }
+            if s.is_empty() {
+                return Ok(());
+            }
+            self.started = true;
+        }
+        if !self.trim {
+            if !self.hold.is_empty() {
+                sink.sink.text(&std::mem::take(&mut self.hold))?;
+            }
+            return sink.sink.text(s);
+        }
+        // Trailing whitespace is held until text follows it (or dropped at the end).
+        let body = s.trim_end();
+        if !body.is_empty() {
+            if !self.hold.is_empty() {
+                sink.sink.text(&std::mem::take(&mut self.hold))?;
+            }
+            sink.sink.text(body)?;
+        }
+        self.hold(&s[body.len()..], sink)
+    }
+
+    fn hold(&mut self, s: &str, sink: &mut Counted) -> Result<(), DataError> {
+        self.hold.push_str(s);
+        if self.hold.len() > HOLD_BYTES {
+            self.started = true;
+            sink.sink.text(&std::mem::take(&mut self.hold))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn finish(self, sink: &mut Counted) -> Result<(), DataError> {
+        if self.bad || !self.carry.is_empty() {
+            let mut doc = self;
+            doc.reject(sink);
+            sink.skipped += 1;
+            return Ok(());
+        }
+        if self.started {
+            sink.documents += 1;
+            sink.sink.end()?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects whole texts ([`read_documents`]).
+#[derive(Default)]
+struct Collect {
+    texts: Vec<String>,
+    current: String,
+}
+
+impl Sink for Collect {
+    fn text(&mut self, text: &str) -> Result<(), DataError> {
+        self.current.push_str(text);
+        Ok(())
+    }
+
+    fn end(&mut self) -> Result<(), DataError> {
+        self.texts.push(std::mem::take(&mut self.current));
+        Ok(())
+    }
+
+    fn discard(&mut self) {
+        self.current.clear();
+    }
+
+    fn full(&self) -> bool {
+        false
+    }
+}
+
+/// Tokenizes documents into one stream as their text arrives, in pieces of at most
+/// [`PIECE_BYTES`] ([`read_tokens`], [`token_stream`]).
+struct Tokens<'a> {
+    tok: &'a TextTokenizer,
+    limit: Option<usize>,
+    stream: Vec<u32>,
+    /// Where the current document's tokens start in `stream`.
+    doc_start: usize,
+    /// The current document's text not tokenized yet.
+    pending: String,
+    /// Pieces of the current document tokenized so far.
+    pieces: usize,
+    documents: usize,
+    /// The special tokens the post-processor puts before and after a text, found on first need.
+    specials: Option<(Vec<u32>, Vec<u32>)>,
+}
+
+impl<'a> Tokens<'a> {
+    fn new(tok: &'a TextTokenizer, limit: Option<usize>) -> Tokens<'a> {
+        Tokens {
+            tok,
+            limit,
+            stream: Vec::new(),
+            doc_start: 0,
+            pending: String::new(),
+            pieces: 0,
+            documents: 0,
+            specials: None,
+        }
+    }
+
+    fn encode_error(&self, source: TextTokenizerError) -> DataError {
+        DataError::Tokenize {
+            index: self.documents,
+            source,
+        }
+    }
+
+    /// The ids the post-processor adds before and after a text: a probe encoded with and
+    /// without them, the plain ids located inside the full ones.
+    fn specials(&mut self) -> Result<(Vec<u32>, Vec<u32>), DataError> {
+        if let Some(s) = &self.specials {
+            return Ok(s.clone());
+        }
+        let probe = "a";
+        let full = self.tok.encode(probe).map_err(|e| self.encode_error(e))?;
+        let plain = self
+            .tok
+            .encode_plain(probe)
+            .map_err(|e| self.encode_error(e))?;
+        let found = (0..=full.len().saturating_sub(plain.len()))
+            .find(|&i| full.get(i..i + plain.len()) == Some(&plain[..]))
+            .map(|i| (full[..i].to_vec(), full[i + plain.len()..].to_vec()))
+            .unwrap_or_default();
+        self.specials = Some(found.clone());
+        Ok(found)
+    }
+
+    /// Tokenizes the pending text's first piece.
+    fn piece(&mut self) -> Result<(), DataError> {
+        let cut = cut_point(&self.pending, PIECE_BYTES);
+        if self.pieces == 0 {
+            let (before, _) = self.specials()?;
+            self.stream.extend_from_slice(&before);
+        }
+        let ids = self
+            .tok
+            .encode_plain(&self.pending[..cut])
+            .map_err(|e| self.encode_error(e))?;
+        self.stream.extend_from_slice(&ids);
+        self.pending.drain(..cut);
+        self.pieces += 1;
+        Ok(())
+    }
+
+    fn finish(self, skipped_invalid_utf8: usize) -> Result<TokenStream, DataError> {
+        if self.stream.len() < 2 {
+            return Err(DataError::TooShort {
+                tokens: self.stream.len(),
+            });
+        }
+        Ok(TokenStream {
+            tokens: self.stream,
+            documents: self.documents + usize::from(self.pieces > 0),
+            skipped_invalid_utf8,
+        })
+    }
+}
+
+impl Sink for Tokens<'_> {
+    fn text(&mut self, text: &str) -> Result<(), DataError> {
+        // Past the limit the rest of a document is not kept, let alone tokenized.
+        if self.full() {
+            return Ok(());
+        }
+        self.pending.push_str(text);
+        while self.pending.len() > PIECE_BYTES && !self.full() {
+            self.piece()?;
+        }
+        Ok(())
+    }
+
+    fn end(&mut self) -> Result<(), DataError> {
+        let text = std::mem::take(&mut self.pending);
+        if self.full() {
+            // The limit was reached inside this document: what is left of it is not needed
+            // (tokenizing a 1 MB remainder whole would cost 200 MB).
+            self.documents += usize::from(self.pieces > 0);
+            self.pieces = 0;
+            self.doc_start = self.stream.len();
+            return Ok(());
+        }
+        if self.pieces == 0 {
+            // A document of one piece is encoded whole, exactly as `tokenizer(text)` does.
+            let ids = self.tok.encode(&text).map_err(|e| self.encode_error(e))?;
+            self.stream.extend_from_slice(&ids);
+        } else {
+            let ids = self
+                .tok
+                .encode_plain(&text)
+                .map_err(|e| self.encode_error(e))?;
+            self.stream.extend_from_slice(&ids);
+            let (_, after) = self.specials()?;
+            self.stream.extend_from_slice(&after);
+        }
+        self.stream.extend(self.tok.eos);
+        self.pieces = 0;
+        self.documents += 1;
+        self.doc_start = self.stream.len();
+        Ok(())
+    }
+
+    fn discard(&mut self) {
+        self.stream.truncate(self.doc_start);
+        self.pending.clear();
+        self.pieces = 0;
+    }
+
+    fn full(&self) -> bool {
+        self.limit.is_some_and(|l| self.stream.len() >= l)
+    }
+}
+
+/// Where to end a piece of at most `max` bytes of `text`: before the last whitespace character
+/// that is followed by a non-whitespace one in the second half (where the word-splitting
+/// pre-tokenizers split anyway), else at the last character boundary.
+fn cut_point(text: &str, max: usize) -> usize {
+    let bytes = text.as_bytes();
+    let end = max.min(bytes.len().saturating_sub(1));
+    let at_word = (max / 2..end)
+        .rev()
+        .find(|&i| bytes[i].is_ascii_whitespace() && !bytes[i + 1].is_ascii_whitespace());
+    match at_word {
+        Some(i) if i > 0 => i,
+        _ => {
+            let mut i = max.min(bytes.len());
+            while i > 0 && !text.is_char_boundary(i) {
+                i -= 1;
+            }
+            i.max(text.chars().next().map_or(0, char::len_utf8))
+        }
+    }
 }
 
 /// serde_json's message with the column, without its "at line 1" (each line is parsed alone;
@@ -239,7 +797,7 @@ fn json_reason(e: &serde_json::Error) -> String {
     format!("{message} at column {}", e.column())
 }
 
-fn json_type(value: &Json) -> &'static str {
+pub(crate) fn json_type(value: &Json) -> &'static str {
     match value {
         Json::Null => "null",
         Json::Bool(_) => "a boolean",
@@ -248,36 +806,6 @@ fn json_type(value: &Json) -> &'static str {
         Json::Array(_) => "an array",
         Json::Object(_) => "an object",
     }
-}
-
-/// All documents as one token stream: each encoded as the tokenizer does (BOS when its
-/// post-processor adds one), followed by EOS when the model has one, so that a document's first
-/// tokens are predicted after an end of text and never from the previous document's words alone.
-/// Fewer than 2 tokens in all is an error: nothing could be scored. With `limit`, documents stop
-/// being encoded once the stream holds that many tokens (so `--max-tokens` does not pay for
-/// tokenizing a whole corpus).
-pub fn token_stream(
-    docs: &Documents,
-    tok: &TextTokenizer,
-    limit: Option<usize>,
-) -> Result<Vec<u32>, DataError> {
-    let mut stream = Vec::new();
-    for (index, text) in docs.texts.iter().enumerate() {
-        if limit.is_some_and(|l| stream.len() >= l) {
-            break;
-        }
-        let ids = tok
-            .encode(text)
-            .map_err(|source| DataError::Tokenize { index, source })?;
-        stream.extend_from_slice(&ids);
-        stream.extend(tok.eos);
-    }
-    if stream.len() < 2 {
-        return Err(DataError::TooShort {
-            tokens: stream.len(),
-        });
-    }
-    Ok(stream)
 }
 
 /// One window of a token stream: `targets[j]` is the token that follows `inputs[j]`.
@@ -339,9 +867,10 @@ mod tests {
     use super::*;
 
     fn txt(text: &[u8]) -> Documents {
-        let mut docs = Documents::default();
-        read_txt(text, &mut docs);
-        docs
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.txt");
+        std::fs::write(&path, text).unwrap();
+        read_documents(&[path], None).unwrap()
     }
 
     #[test]

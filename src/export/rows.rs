@@ -207,10 +207,36 @@ pub fn read_rows<'a>(
     };
     let values = decode_rows(t.dtype, slice, n, unpermute)?;
     let encoded = gguf::quantize(want, &values)?;
+    check_finite(t, want, &values, &encoded, n)?;
     match order {
         RowOrder::Hf => Ok(Cow::Owned(encoded)),
         RowOrder::Gguf { head_rows } => {
             gguf::permute_rows_hf_to_gguf(&encoded, n, heads(head_rows)).map(Cow::Owned)
         }
     }
+}
+
+/// Refuses a conversion that made finite values non-finite: an F32 weight past F16's 65504, or a
+/// block whose scale overflows its F16 field. Values already NaN or Inf in the source were
+/// counted when they were copied in (`apply` warns about them); only new ones are refused.
+fn check_finite(
+    t: &TensorRef,
+    want: DType,
+    values: &[f32],
+    encoded: &[u8],
+    n_rows: usize,
+) -> Result<(), GgufError> {
+    let before = values.iter().filter(|v| !v.is_finite()).count();
+    let after = decode_rows(want, encoded, n_rows, None)?
+        .iter()
+        .filter(|v| !v.is_finite())
+        .count();
+    if after > before {
+        return Err(GgufError::Overflow {
+            tensor: t.name.clone(),
+            dtype: want,
+            count: after - before,
+        });
+    }
+    Ok(())
 }

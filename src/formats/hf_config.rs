@@ -9,6 +9,17 @@ use serde_json::Value;
 const MAX_LAYERS: usize = 4096;
 const MAX_WIDTH: usize = 1 << 20;
 const MAX_VOCAB: usize = 1 << 24;
+/// `v` as a person would write it in a message: 1e-300 and 1e39 in exponent form, 0.02 as is.
+pub fn show(v: f64) -> String {
+    if v != 0.0 && v.is_finite() && !(1e-4..1e16).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
+    }
+}
+
+/// The most core iterations a config may ask for by default (the paper evaluates up to 128).
+const MAX_RECURRENCE: usize = 1 << 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -50,6 +61,40 @@ pub struct RopeScaling {
     pub low_freq_factor: f64,
     pub high_freq_factor: f64,
     pub original_max_position_embeddings: usize,
+}
+
+impl RopeScaling {
+    /// transformers' llama3 rule divides by `factor`, by `high - low` and by the original context:
+    /// each must be a positive, finite f32 and `high_freq_factor` above `low_freq_factor`, or the
+    /// frequencies come out NaN or Inf (issue 18).
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Invalid(format!("rope_scaling: {msg}")));
+        let f32_positive = |v: f64| v > 0.0 && v <= f64::from(f32::MAX);
+        if !(self.factor >= 1.0 && f32_positive(self.factor)) {
+            return bad(format!(
+                "factor {} must be at least 1 and finite",
+                show(self.factor)
+            ));
+        }
+        if !(f32_positive(self.low_freq_factor) && f32_positive(self.high_freq_factor)) {
+            return bad(format!(
+                "low_freq_factor {} and high_freq_factor {} must be positive and finite",
+                show(self.low_freq_factor),
+                show(self.high_freq_factor)
+            ));
+        }
+        if (self.high_freq_factor as f32) <= (self.low_freq_factor as f32) {
+            return bad(format!(
+                "high_freq_factor {} must be greater than low_freq_factor {}",
+                show(self.high_freq_factor),
+                show(self.low_freq_factor)
+            ));
+        }
+        if self.original_max_position_embeddings == 0 {
+            return bad("original_max_position_embeddings must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 /// The (P, C, K) cut of a recurrent checkpoint and its recurrence settings.
@@ -228,10 +273,11 @@ fn from_raven(raw: RawRaven) -> Result<ModelConfig, ConfigError> {
             .and_then(|v| v.std)
             .unwrap_or(crate::plan::REFERENCE_STATE_STD),
     };
-    if !(shape.state_std.is_finite() && shape.state_std >= 0.0) {
+    if !crate::plan::f32_scale(shape.state_std) {
         return Err(ConfigError::Invalid(format!(
-            "init_values.std {} must be finite and >= 0",
-            shape.state_std
+            "init_values.std {} must be finite, >= 0 and at most f32's {:e}",
+            show(shape.state_std),
+            f32::MAX
         )));
     }
     if shape.core == 0 {
@@ -332,8 +378,31 @@ impl ModelConfig {
                 self.head_dim
             ));
         }
-        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return bad(format!("rope_theta {} must be positive", self.rope_theta));
+        // RoPE is computed in f32 (as transformers does): theta^(-i/d) must stay a finite,
+        // positive frequency, which needs theta > 1 and finite as an f32 (issue 18: 1e-300
+        // gave NaN perplexities).
+        if !(self.rope_theta > 1.0 && self.rope_theta <= f64::from(f32::MAX)) {
+            return bad(format!(
+                "rope_theta {} must be greater than 1 and at most f32's {:e}",
+                show(self.rope_theta),
+                f32::MAX
+            ));
+        }
+        if let Some(s) = &self.rope_scaling {
+            s.validate()?;
+        }
+        if let Some(r) = &self.recurrent {
+            for (name, value) in [
+                ("mean_recurrence", r.mean_recurrence),
+                ("mean_backprop_depth", r.mean_backprop_depth),
+            ] {
+                if value == 0 || value > MAX_RECURRENCE {
+                    return bad(format!(
+                        "{name} {value} is out of range 1..={MAX_RECURRENCE} (the core must run \
+                         at least once)"
+                    ));
+                }
+            }
         }
         if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
             return bad(format!("norm epsilon {} must be positive", self.norm_eps));

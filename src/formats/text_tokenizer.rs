@@ -130,6 +130,15 @@ impl TextTokenizer {
             .map_err(|e| TextTokenizerError::Encode(e.to_string()))
     }
 
+    /// Token ids of `text` without the special tokens of the post-processor: for the pieces of a
+    /// document too long to encode at once (the data reader adds them around the whole).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, TextTokenizerError> {
+        self.inner
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| TextTokenizerError::Encode(e.to_string()))
+    }
+
     /// The text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TextTokenizerError> {
         self.inner

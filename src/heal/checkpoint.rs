@@ -94,12 +94,38 @@ pub fn clear(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Reads a checkpoint's state (the run's configuration and position) without loading tensors.
+/// Reads a checkpoint's state (the run's configuration and position) without loading tensors,
+/// and validates it with [`parse_state`].
 pub fn read_state(dir: &Path) -> Result<CheckpointState> {
     let path = dir.join("state.json");
     let bytes = std::fs::read(&path).map_err(io(&path))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| HealError::Invalid(format!("{}: {e}", path.display())))
+    parse_state(&bytes).map_err(|e| HealError::Invalid(format!("{}: {e}", path.display())))
+}
+
+/// Parses a checkpoint's state.json and validates every number in it, as `heal --resume` does
+/// before it touches anything: the run's configuration passes the same checks as the flags of a
+/// fresh run, the step lies inside the run, and the data cursor is the one that step implies
+/// (every step reads `batch` windows). Pure, so that the fuzzer can call it on raw bytes.
+pub fn parse_state(bytes: &[u8]) -> Result<CheckpointState> {
+    let state: CheckpointState =
+        serde_json::from_slice(bytes).map_err(|e| HealError::Invalid(e.to_string()))?;
+    state.config.validate()?;
+    let config = &state.config;
+    // A checkpoint is written after a step and never after the last one (the output is).
+    if state.step == 0 || state.step >= config.steps {
+        return Err(HealError::Invalid(format!(
+            "step {} is outside the run of {} steps",
+            state.step, config.steps
+        )));
+    }
+    let expected = state.step.checked_mul(config.batch as u64);
+    if expected != Some(state.cursor) {
+        return Err(HealError::Invalid(format!(
+            "cursor {} does not match step {} of batches of {}",
+            state.cursor, state.step, config.batch
+        )));
+    }
+    Ok(state)
 }
 
 /// Restores the trained parameters and the optimizer from a checkpoint; returns its state.

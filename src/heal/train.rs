@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::eval::data::{read_documents, token_stream};
+use crate::eval::data::read_tokens;
 use crate::eval::perplexity::perplexity;
 use crate::formats::text_tokenizer::TextTokenizer;
 use crate::model::params::{Param, ParamKind, Train};
@@ -147,7 +147,22 @@ impl HealConfig {
         self.out.with_file_name(format!("{name}.checkpoints"))
     }
 
-    fn validate(&self) -> Result<()> {
+    /// The training tokens `heal` reads at most: enough windows of `seq_len + 1` for every step
+    /// to read windows it has not read before, plus the held-out share of them. Reading stops
+    /// there, so a corpus larger than the run needs costs neither the time nor the memory of
+    /// tokenizing all of it (issue 18); a smaller one is read whole and repeated in epochs.
+    pub fn data_tokens(&self, holdout: f64) -> usize {
+        let train = (self.steps as f64) * (self.batch as f64);
+        // With N windows read, ceil(N * holdout) <= N * holdout + 1 are held out, leaving at
+        // least N (1 - holdout) - 1 >= train to train on.
+        let windows = (train / (1.0 - holdout)).ceil() + 1.0;
+        let tokens = windows * (self.seq_len as f64 + 1.0);
+        // f64 -> usize saturates; a run too long to bound reads everything.
+        tokens as usize
+    }
+
+    /// Checks every number of the run (flags, or a checkpoint's state.json) before it is used.
+    pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(HealError::Invalid(m));
         if self.steps == 0 {
             return bad("--steps must be at least 1".into());
@@ -176,6 +191,12 @@ impl HealConfig {
             if !(0.0..=1.0).contains(&v) {
                 return bad(format!("{name} {v} must be a fraction between 0 and 1"));
             }
+        }
+        if self.holdout >= 1.0 {
+            return bad(format!(
+                "--holdout {} leaves no window to train on; it must be below 1",
+                self.holdout
+            ));
         }
         if self.warmup + self.cooldown > 1.0 {
             return bad(format!(
@@ -344,19 +365,24 @@ pub fn run(
         ));
     }
     let tokenizer = TextTokenizer::for_model(&source)?;
-    let docs = read_documents(&cfg.data, Some(&cfg.field))?;
-    if docs.skipped_invalid_utf8 > 0 {
-        observer.note(&format!(
-            "skipped {} document(s) that are not valid UTF-8",
-            docs.skipped_invalid_utf8
-        ));
-    }
-    let stream = token_stream(&docs, &tokenizer, None)?;
     let holdout = if cfg.eval_data.is_empty() {
         cfg.holdout
     } else {
         0.0
     };
+    let stream = read_tokens(
+        &cfg.data,
+        Some(&cfg.field),
+        &tokenizer,
+        Some(cfg.data_tokens(holdout)),
+    )?;
+    if stream.skipped_invalid_utf8 > 0 {
+        observer.note(&format!(
+            "skipped {} document(s) that are not valid UTF-8",
+            stream.skipped_invalid_utf8
+        ));
+    }
+    let stream = stream.tokens;
     let mut data = TrainData::new(&stream, cfg.seq_len, holdout, cfg.seed).ok_or_else(|| {
         HealError::Invalid(format!(
             "the data holds {} tokens, not enough for one training window of --seq-len {} + 1",
@@ -364,14 +390,18 @@ pub fn run(
             cfg.seq_len
         ))
     })?;
+    drop(stream);
     data.limit_held_out(cfg.eval_tokens);
     if !cfg.eval_data.is_empty() {
-        let eval_docs = read_documents(&cfg.eval_data, Some(&cfg.field))?;
-        let eval_stream = token_stream(&eval_docs, &tokenizer, Some(cfg.eval_tokens + 1))?;
+        let limit = cfg.eval_tokens.saturating_add(1);
+        let eval = read_tokens(&cfg.eval_data, Some(&cfg.field), &tokenizer, Some(limit))?;
         data.held_out =
-            crate::eval::data::windows(&eval_stream, cfg.seq_len, Some(cfg.eval_tokens));
+            crate::eval::data::windows(&eval.tokens, cfg.seq_len, Some(cfg.eval_tokens));
     }
 
+    // Training keeps more than one pass's activations for the backward; the bound of one pass
+    // at least refuses a window that cannot fit at all before the weights are loaded.
+    crate::model::memory::check_pass(&source.config, cfg.micro_batch, cfg.seq_len, device)?;
     let mut model = Model::load(&source, device)?;
     model.set_kernels(cfg.kernels);
     if cfg.init_random {

@@ -9,6 +9,7 @@
 mod block;
 pub mod fused;
 mod generate;
+pub mod memory;
 pub mod params;
 mod rope;
 mod stepwise;

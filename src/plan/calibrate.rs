@@ -24,7 +24,7 @@ use std::time::Instant;
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use crate::eval::data::{read_documents, token_stream, windows, DataError, Windows};
+use crate::eval::data::{read_tokens, windows, DataError, Windows};
 use crate::formats::text_tokenizer::{TextTokenizer, TextTokenizerError};
 use crate::model::{Model, ModelError};
 use crate::source::SourceModel;
@@ -299,13 +299,12 @@ pub fn read_text(
                 .into(),
         ));
     }
-    let docs = read_documents(&[path.to_path_buf()], Some(field))?;
     let tokenizer = TextTokenizer::for_model(source)?;
     // One token more than scored: the last target needs its input.
-    let need = opts.tokens + 1;
-    let stream = match token_stream(&docs, &tokenizer, Some(need)) {
+    let need = opts.tokens.saturating_add(1);
+    let read = match read_tokens(&[path.to_path_buf()], Some(field), &tokenizer, Some(need)) {
         Err(DataError::TooShort { tokens }) => Err(tokens),
-        Ok(s) if s.len() < need => Err(s.len()),
+        Ok(s) if s.tokens.len() < need => Err(s.tokens.len()),
         other => Ok(other?),
     }
     .map_err(|tokens| CalibrateError::TooFewTokens {
@@ -317,9 +316,9 @@ pub fn read_text(
     Ok(CalibrationText {
         path: path.display().to_string(),
         field: field.to_string(),
-        windows: windows(&stream, opts.seq_len, Some(opts.tokens)),
-        documents: docs.texts.len(),
-        skipped_invalid_utf8: docs.skipped_invalid_utf8,
+        windows: windows(&read.tokens, opts.seq_len, Some(opts.tokens)),
+        documents: read.documents,
+        skipped_invalid_utf8: read.skipped_invalid_utf8,
     })
 }
 

@@ -316,6 +316,12 @@ impl Plan {
     }
 }
 
+/// Whether `v` can scale values drawn in f32 (an init's noise, the initial state's std): finite,
+/// not negative, and not past f32's largest number, which would make every draw Inf.
+pub fn f32_scale(v: f64) -> bool {
+    v.is_finite() && v >= 0.0 && v <= f64::from(f32::MAX)
+}
+
 /// Everything `make` needs besides the source.
 #[derive(Debug, Clone)]
 pub struct PlanRequest {
@@ -335,10 +341,11 @@ pub fn make(source: &SourceModel, req: &PlanRequest, hashes: &[String]) -> Resul
         ));
     }
     let opts = &req.options;
-    if !(opts.adapter_noise.is_finite() && opts.adapter_noise >= 0.0) {
+    if !f32_scale(opts.adapter_noise) {
         return Err(PlanError::Invalid(format!(
-            "--adapter-noise {} must be a finite number >= 0",
-            opts.adapter_noise
+            "--adapter-noise {} must be a finite number >= 0 and at most f32's {:e}",
+            crate::formats::hf_config::show(opts.adapter_noise),
+            f32::MAX
         )));
     }
     if opts.injection == Injection::None && opts.adapter_noise > 0.0 {

@@ -126,10 +126,12 @@ fn tensor(t: &TensorSpec, role: Role, files: &HashSet<&str>) -> Result<(), PlanE
                     t.name
                 )));
             }
-            if !(init.scale.is_finite() && init.scale >= 0.0) {
+            if !crate::plan::f32_scale(init.scale) {
                 return Err(invalid(format!(
-                    "tensor {:?}: init scale {} must be finite and >= 0",
-                    t.name, init.scale
+                    "tensor {:?}: init scale {} must be finite, >= 0 and at most f32's {:e}",
+                    t.name,
+                    crate::formats::hf_config::show(init.scale),
+                    f32::MAX
                 )));
             }
             Ok(())

@@ -426,7 +426,18 @@ fn write_tensor<'a>(
                 t.shape.get(1).copied().unwrap_or(1),
             );
             let values = init::values(init, rows, cols).map_err(ApplyError::Convert)?;
-            sink.owned(encode(out, &values)?).map_err(io)?;
+            let encoded = encode(out, &values)?;
+            // A computed tensor is never written with NaN or Inf: an init scale that overflows
+            // the output type is refused, not warned about (issue 18).
+            let bad = count_nonfinite(out, &encoded);
+            if bad > 0 {
+                return Err(ApplyError::Convert(format!(
+                    "tensor {:?}: init scale {} gives {bad} values that are NaN or Inf as {out}",
+                    t.name,
+                    crate::formats::hf_config::show(init.scale)
+                )));
+            }
+            sink.owned(encoded).map_err(io)?;
             advance(sink.written - start);
         }
         Some(Transform::Copy | Transform::ConcatRows) => {
@@ -453,8 +464,22 @@ fn write_tensor<'a>(
                     let heads = s.unpermute_heads.map(|_| chunk_rows / unit);
                     let values = decode_rows(s.dtype.0, chunk, chunk_rows, heads)
                         .map_err(|e| ApplyError::Convert(format!("tensor {:?}: {e}", s.tensor)))?;
-                    nonfinite += values.iter().filter(|v| !v.is_finite()).count() as u64;
-                    sink.owned(encode(out, &values)?).map_err(io)?;
+                    let before = values.iter().filter(|v| !v.is_finite()).count() as u64;
+                    let encoded = encode(out, &values)?;
+                    // Values the source already held as NaN or Inf are counted (a warning, or a
+                    // refusal under --strict); finite ones the conversion overflows are refused.
+                    let after = count_nonfinite(out, &encoded);
+                    if after > before {
+                        return Err(ApplyError::Convert(format!(
+                            "tensor {:?}: {} finite values of {} become NaN or Inf as {out} (out \
+                             of its range)",
+                            t.name,
+                            after - before,
+                            s.tensor
+                        )));
+                    }
+                    nonfinite += before;
+                    sink.owned(encoded).map_err(io)?;
                     sources.release(s, base + k * per_chunk * row_bytes, chunk.len());
                     advance(sink.written - start);
                 }

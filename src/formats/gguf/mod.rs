@@ -160,6 +160,26 @@ pub enum GgufError {
         expected: u64,
         actual: usize,
     },
+    /// A kept metadata array longer than [`reader::MAX_KEPT_ARRAY`].
+    #[error("key {key:?} holds an array of {count} elements; at most {max} are read")]
+    ArrayTooLong {
+        key: String,
+        count: usize,
+        max: usize,
+    },
+    /// An array that was checked but not kept at open, handed to the writer.
+    #[error("key {key:?} holds an array that was not read from its file, and cannot be written")]
+    UnreadArray { key: String },
+    /// Finite values that a conversion turned into NaN or Inf (out of the target type's range):
+    /// refused rather than written (issue 18).
+    #[error(
+        "tensor {tensor:?}: {count} finite values become NaN or Inf as {dtype} (out of its range)"
+    )]
+    Overflow {
+        tensor: String,
+        dtype: DType,
+        count: usize,
+    },
     /// A buffer handed to (de)quantization whose length does not match the element count.
     #[error("{dtype} data for {n_elements} elements must be {expected} bytes, got {actual}")]
     ByteLength {

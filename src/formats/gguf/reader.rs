@@ -32,7 +32,22 @@ pub enum Value {
     U64(u64),
     I64(i64),
     F64(f64),
+    /// An array under a key this tool never reads (not `tokenizer.*` or `general.*`): checked
+    /// element by element at open, but not kept, so that a file with a 40M-element array does
+    /// not cost 32 bytes of memory per element (issue 18). The writer refuses it.
+    Unread {
+        elem_type: u32,
+        len: u64,
+    },
 }
+
+/// Arrays are kept only under these key prefixes: the tokenizer (converted and carried into
+/// exports) and `general.*` (carried into exports).
+const KEPT_ARRAY_PREFIXES: [&str; 2] = ["tokenizer.", "general."];
+/// The most elements of an array that is kept: 4M, 16 times the largest vocabulary published
+/// (Gemma's 262k) and above any SentencePiece charsmap seen. A kept element takes 32 bytes (plus
+/// its text for a string), so this bounds one array at about 130 MB plus its strings.
+pub const MAX_KEPT_ARRAY: usize = 1 << 22;
 
 /// gguf's type id of arrays (`GGUF_TYPE_ARRAY`).
 pub(crate) const ARRAY_TYPE_ID: u32 = 9;
@@ -52,7 +67,7 @@ impl Value {
             Value::F32(_) => 6,
             Value::Bool(_) => 7,
             Value::String(_) => STRING_TYPE_ID,
-            Value::Array(_) => ARRAY_TYPE_ID,
+            Value::Array(_) | Value::Unread { .. } => ARRAY_TYPE_ID,
             Value::U64(_) => 10,
             Value::I64(_) => 11,
             Value::F64(_) => 12,
@@ -369,11 +384,54 @@ fn read_array(cur: &mut Cursor<'_>, key: &str) -> Result<Value, GgufError> {
     let count = cur.bound(count, min_elem_bytes, &|| {
         format!("array length of key {key:?}")
     })?;
+    if !KEPT_ARRAY_PREFIXES.iter().any(|p| key.starts_with(p)) {
+        return skip_array(cur, key, elem_type, count);
+    }
+    if count > MAX_KEPT_ARRAY {
+        return Err(GgufError::ArrayTooLong {
+            key: key.into(),
+            count,
+            max: MAX_KEPT_ARRAY,
+        });
+    }
     let mut items = Vec::with_capacity(count);
     for _ in 0..count {
         items.push(read_value(cur, elem_type, key)?);
     }
     Ok(Value::Array(items))
+}
+
+/// Checks an array that is not kept (see [`Value::Unread`]) as [`read_array`] would, element by
+/// element, without allocating: fixed-size elements are in bounds, strings in bounds and UTF-8.
+fn skip_array(
+    cur: &mut Cursor<'_>,
+    key: &str,
+    elem_type: u32,
+    count: usize,
+) -> Result<Value, GgufError> {
+    let what = || format!("value of key {key:?}");
+    if elem_type == STRING_TYPE_ID {
+        for _ in 0..count {
+            let len_what = || format!("length of {}", what());
+            let len = cur.u64(&len_what)?;
+            let len = cur.bound(len, 1, &len_what)?;
+            let bytes = cur.take(len as u64, &what)?;
+            std::str::from_utf8(bytes).map_err(|_| GgufError::InvalidUtf8 { what: what() })?;
+        }
+    } else {
+        let size: u64 = match elem_type {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            _ => 8,
+        };
+        // `bound` checked count * size against the bytes left.
+        cur.take(count as u64 * size, &what)?;
+    }
+    Ok(Value::Unread {
+        elem_type,
+        len: count as u64,
+    })
 }
 
 fn check_unique_keys(metadata: &[(String, Value)]) -> Result<(), GgufError> {

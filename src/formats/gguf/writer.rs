@@ -250,8 +250,14 @@ fn check_metadata(metadata: &[(String, Value)]) -> Result<(), GgufError> {
         if !seen.insert(key.as_str()) {
             return Err(GgufError::DuplicateKey { key: key.clone() });
         }
+        if matches!(value, Value::Unread { .. }) {
+            return Err(GgufError::UnreadArray { key: key.clone() });
+        }
         let Value::Array(items) = value else { continue };
-        if items.iter().any(|v| matches!(v, Value::Array(_))) {
+        if items
+            .iter()
+            .any(|v| matches!(v, Value::Array(_) | Value::Unread { .. }))
+        {
             return Err(GgufError::NestedArray { key: key.clone() });
         }
         if items.windows(2).any(|w| match w {
@@ -350,6 +356,8 @@ fn encode_value(out: &mut Vec<u8>, value: &Value) {
         Value::U64(v) => out.extend_from_slice(&v.to_le_bytes()),
         Value::I64(v) => out.extend_from_slice(&v.to_le_bytes()),
         Value::F64(v) => out.extend_from_slice(&v.to_le_bytes()),
+        // Refused by check_metadata.
+        Value::Unread { .. } => {}
     }
 }
 
@@ -376,19 +384,22 @@ mod tests {
             kv("f.i64", Value::I64(i64::MIN)),
             kv("u.f64", Value::F64(-0.1)),
             kv(
-                "g.strings",
+                "general.g.strings",
                 Value::Array(vec![
                     Value::String("a".into()),
                     Value::String(String::new()),
                 ]),
             ),
-            kv("t.i32s", Value::Array(vec![Value::I32(-1), Value::I32(2)])),
             kv(
-                "h.bools",
+                "general.t.i32s",
+                Value::Array(vec![Value::I32(-1), Value::I32(2)]),
+            ),
+            kv(
+                "general.h.bools",
                 Value::Array(vec![Value::Bool(false), Value::Bool(true)]),
             ),
-            kv("s.f64s", Value::Array(vec![Value::F64(1.5)])),
-            kv("i.empty", Value::Array(vec![])),
+            kv("general.s.f64s", Value::Array(vec![Value::F64(1.5)])),
+            kv("general.i.empty", Value::Array(vec![])),
         ]
     }
 
@@ -431,8 +442,8 @@ mod tests {
         }
         // Zero padding after the last tensor too.
         assert_eq!(f.len() % 32, 0);
-        assert_eq!(f.get("g.strings"), Some(&metadata[13].1));
-        assert_eq!(f.get_array("t.i32s").map(|a| a.len()), Some(2));
+        assert_eq!(f.get("general.g.strings"), Some(&metadata[13].1));
+        assert_eq!(f.get_array("general.t.i32s").map(|a| a.len()), Some(2));
         assert_eq!(f.get_f64("u.f64"), Some(-0.1));
     }
 
