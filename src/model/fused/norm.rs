@@ -164,11 +164,11 @@ fn backward<T: Float>(x: &[T], starts: &[usize], w: &[T], dy: &[T], eps: f64) ->
                     .map(|((&g, &w), &x)| g.to_f64() * w.to_f64() * x.to_f64() * r)
                     .sum::<f64>()
                     / n as f64;
-                for j in 0..n {
-                    let xh = x[j].to_f64() * r;
-                    let gw = g[j].to_f64() * w[j].to_f64();
-                    dx_row[j] = T::from_f64(r * (gw - xh * mean));
-                    partial[j] += g[j].to_f64() * xh;
+                let terms = x.iter().zip(g).zip(w).zip(partial.iter_mut());
+                for (dx, (((&x, &g), &w), p)) in dx_row.iter_mut().zip(terms) {
+                    let (xh, g) = (x.to_f64() * r, g.to_f64());
+                    *dx = T::from_f64(r * (g * w.to_f64() - xh * mean));
+                    *p += g * xh;
                 }
             }
             partial

@@ -106,7 +106,7 @@ impl CustomOp2 for SwiGluBackward {
     }
 }
 
-/// (rows, 2f) in f64, a block of rows per task.
+/// (rows, 2f), a block of rows per task, in the input's type (as candle's own backward).
 fn backward<T: Float>(gu: &[T], starts: &[usize], dy: &[T], f: usize) -> Vec<T> {
     let mut dgu = vec![T::zero(); starts.len() * 2 * f];
     if f == 0 {
@@ -120,11 +120,12 @@ fn backward<T: Float>(gu: &[T], starts: &[usize], dy: &[T], f: usize) -> Vec<T> 
                 let (gate, up) = gu[starts[row]..starts[row] + 2 * f].split_at(f);
                 let dy = &dy[row * f..(row + 1) * f];
                 let (dgate, dup) = out.split_at_mut(f);
-                for j in 0..f {
-                    let (g, u, d) = (gate[j].to_f64(), up[j].to_f64(), dy[j].to_f64());
-                    let s = 1.0 / (1.0 + (-g).exp());
-                    dgate[j] = T::from_f64(d * u * s * (1.0 + g * (1.0 - s)));
-                    dup[j] = T::from_f64(d * g * s);
+                let one = T::one();
+                let terms = gate.iter().zip(up).zip(dy);
+                for ((dg, du), ((&g, &u), &d)) in dgate.iter_mut().zip(dup).zip(terms) {
+                    let s = one / (one + (-g).exp());
+                    *dg = d * u * s * (one + g * (one - s));
+                    *du = d * g * s;
                 }
             }
         });
