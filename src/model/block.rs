@@ -50,12 +50,7 @@ pub struct Context<'a> {
 }
 
 /// RMSNorm through the kernels `kernels` chooses for `x`: the fused op, or [`rms_norm`].
-pub fn norm(
-    x: &Tensor,
-    w: &Tensor,
-    eps: f64,
-    kernels: Kernels,
-) -> candle_core::Result<Tensor> {
+pub fn norm(x: &Tensor, w: &Tensor, eps: f64, kernels: Kernels) -> candle_core::Result<Tensor> {
     if kernels.fused_for(x) {
         fused::norm::rms_norm(x, w, eps)
     } else {
