@@ -137,6 +137,11 @@ pub struct HealConfig {
     pub kernels: Kernels,
 }
 
+/// Corpora of up to this many tokens (16 MiB of token ids, about 16 MB of English text) are read
+/// whole by `heal`, however few windows the run needs: its windows are then drawn from the whole
+/// corpus, not from its first pages.
+pub const READ_WHOLE: usize = 1 << 22;
+
 impl HealConfig {
     /// Where checkpoints of this run go: `OUT.checkpoints/` beside OUT.
     pub fn checkpoint_root(&self) -> PathBuf {
@@ -147,10 +152,12 @@ impl HealConfig {
         self.out.with_file_name(format!("{name}.checkpoints"))
     }
 
-    /// The training tokens `heal` reads at most: enough windows of `seq_len + 1` for every step
-    /// to read windows it has not read before, plus the held-out share of them. Reading stops
-    /// there, so a corpus larger than the run needs costs neither the time nor the memory of
-    /// tokenizing all of it (issue 18); a smaller one is read whole and repeated in epochs.
+    /// The training tokens `heal` reads at most: every token of a corpus of up to
+    /// [`READ_WHOLE`] tokens, so that the run's windows are drawn from all of it; past that, enough
+    /// windows of `seq_len + 1` for every step to read windows it has not read before, plus the
+    /// held-out share of them. Reading stops there, so a corpus larger than the run needs costs
+    /// neither the time nor the memory of tokenizing all of it (issue 18), and is read as a
+    /// stream is: from its start. A smaller one is read whole and repeated in epochs.
     pub fn data_tokens(&self, holdout: f64) -> usize {
         let train = (self.steps as f64) * (self.batch as f64);
         // With N windows read, ceil(N * holdout) <= N * holdout + 1 are held out, leaving at
@@ -158,7 +165,7 @@ impl HealConfig {
         let windows = (train / (1.0 - holdout)).ceil() + 1.0;
         let tokens = windows * (self.seq_len as f64 + 1.0);
         // f64 -> usize saturates; a run too long to bound reads everything.
-        tokens as usize
+        (tokens as usize).max(READ_WHOLE)
     }
 
     /// Checks every number of the run (flags, or a checkpoint's state.json) before it is used.
