@@ -21,10 +21,11 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::super::block::softmax;
+use super::{avx2, Float};
 
 /// Query rows per tile: with [`KEY_TILE`] keys the working set of a tile (queries, outputs, keys,
 /// values at D = 64) is about 64 KiB in f32, within L2.
@@ -165,26 +166,6 @@ struct FlashAttention {
     stats: Mutex<Option<Vec<[f64; 2]>>>,
 }
 
-/// The element types the kernels run in: accumulation is in the type itself (f32 or wider).
-trait Float: WithDType {
-    const NEG_INFINITY: Self;
-    fn exp(self) -> Self;
-}
-
-impl Float for f32 {
-    const NEG_INFINITY: Self = f32::NEG_INFINITY;
-    fn exp(self) -> Self {
-        f32::exp(self)
-    }
-}
-
-impl Float for f64 {
-    const NEG_INFINITY: Self = f64::NEG_INFINITY;
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-}
-
 /// Lanes of the accumulators of a dot product: independent sums the compiler keeps in vector
 /// registers (it may not reorder one float sum by itself).
 const LANES: usize = 8;
@@ -266,6 +247,7 @@ impl<T: Float> Keys<T> {
 
     /// The bias of query `i` of batch row `b` against keys j0.. into `out`: -inf for a key it
     /// must not read (its weight is then exactly the 0 that exp(-1e9 - max) gives).
+    #[inline(always)]
     fn fill(&self, dims: &Dims, b: usize, i: usize, j0: usize, out: &mut [T]) {
         match self {
             Keys::Bias(bias) => {
@@ -317,6 +299,7 @@ impl<'a, T: Float> Inputs<'a, T> {
     }
 
     /// scale q_i . k_j + bias for query row `q` (query i) and the keys j0..j0 + out.len().
+    #[inline(always)]
     fn scores(&self, b: usize, i: usize, q: &[T], keys: &[T], j0: usize, out: &mut [T]) {
         let d = self.dims.d;
         self.keys.fill(&self.dims, b, i, j0, out);
@@ -327,8 +310,39 @@ impl<'a, T: Float> Inputs<'a, T> {
     }
 
     /// Output rows `rows` of (b, h) into `o` [rows, D], and into `stats` each row's max score and
-    /// the inverse of its sum of exp(score - max): P_ij = exp(S_ij - max_i) inv_sum_i.
+    /// the inverse of its sum of exp(score - max): P_ij = exp(S_ij - max_i) inv_sum_i. Built for
+    /// AVX2 where the CPU has it ([`avx2`]).
     fn forward_tile(
+        &self,
+        b: usize,
+        h: usize,
+        rows: Range<usize>,
+        o: &mut [T],
+        stats: &mut [[T; 2]],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { self.forward_tile_avx2(b, h, rows, o, stats) };
+        }
+        self.forward_tile_body(b, h, rows, o, stats)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn forward_tile_avx2(
+        &self,
+        b: usize,
+        h: usize,
+        rows: Range<usize>,
+        o: &mut [T],
+        stats: &mut [[T; 2]],
+    ) {
+        self.forward_tile_body(b, h, rows, o, stats)
+    }
+
+    #[inline(always)]
+    fn forward_tile_body(
         &self,
         b: usize,
         h: usize,
@@ -404,8 +418,37 @@ impl<'a, T: Float> Inputs<'a, T> {
     }
 
     /// One backward task: query tiles `tiles` of (b, h), adding into dq [T, D] of (b, h) and into
-    /// dk, dv [Tk, D] of this task. `o`, `dout` [T, D] and `stats` [T] are (b, h)'s.
+    /// dk, dv [Tk, D] of this task. `o`, `dout` [T, D] and `stats` [T] are (b, h)'s. Built for
+    /// AVX2 where the CPU has it ([`avx2`]).
     fn backward_task(
+        &self,
+        bh: (usize, usize),
+        tiles: impl Iterator<Item = Range<usize>>,
+        head: (&[T], &[T], &[[T; 2]]),
+        grads: (&mut [T], &mut [T], &mut [T]),
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { self.backward_task_avx2(bh, tiles, head, grads) };
+        }
+        self.backward_task_body(bh, tiles, head, grads)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn backward_task_avx2(
+        &self,
+        bh: (usize, usize),
+        tiles: impl Iterator<Item = Range<usize>>,
+        head: (&[T], &[T], &[[T; 2]]),
+        grads: (&mut [T], &mut [T], &mut [T]),
+    ) {
+        self.backward_task_body(bh, tiles, head, grads)
+    }
+
+    #[inline(always)]
+    fn backward_task_body(
         &self,
         (b, h): (usize, usize),
         tiles: impl Iterator<Item = Range<usize>>,

@@ -50,11 +50,13 @@ impl Kernels {
 
 /// The float types the fused ops run in: f32, and f64 for finite-difference checks.
 pub trait Float: WithDType + Copy + Send + Sync + std::ops::Neg<Output = Self> {
+    const NEG_INFINITY: Self;
     fn exp(self) -> Self;
     fn sqrt(self) -> Self;
 }
 
 impl Float for f32 {
+    const NEG_INFINITY: f32 = f32::NEG_INFINITY;
     fn exp(self) -> f32 {
         f32::exp(self)
     }
@@ -64,11 +66,27 @@ impl Float for f32 {
 }
 
 impl Float for f64 {
+    const NEG_INFINITY: f64 = f64::NEG_INFINITY;
     fn exp(self) -> f64 {
         f64::exp(self)
     }
     fn sqrt(self) -> f64 {
         f64::sqrt(self)
+    }
+}
+
+/// Whether this CPU runs the kernels' AVX2 builds: x86-64 with AVX2 and FMA, detected at run time
+/// (the machines change between CPUs with and without them; the build targets the baseline).
+/// An AVX2 build performs the same operations in the same order as the baseline's (Rust never
+/// fuses a multiply and an add by itself), in twice the vector width: the same bits.
+pub(crate) fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
