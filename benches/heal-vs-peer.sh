@@ -42,16 +42,18 @@ for _ in range(20): a @ b
 print(20 * 2 * 1024**3 / (time.perf_counter() - t) / 1e9)" >"$work/peer-matmul"
 
 # Ours on the same work.
-heal() { # NAME OPTIMIZER STEPS BATCH M K
-    "$bin" heal "$work/rec" --data "$work/kjv-part.jsonl" --out "$work/$1" --force -q --json \
-        --threads "$threads" --seq-len 256 --batch "$4" --micro-batch "$4" --steps "$3" \
-        --sampler fixed --curriculum constant --max-mean-recurrence "$5" --backprop-depth "$6" \
-        --optimizer "$2" --holdout 0 --checkpoint-every 0
+heal() { # NAME OPTIMIZER STEPS BATCH M K [COMMAND TO RUN IT UNDER...]
+    local name=$1 optimizer=$2 steps=$3 batch=$4 m=$5 k=$6
+    shift 6
+    "$@" "$bin" heal "$work/rec" --data "$work/kjv-part.jsonl" --out "$work/$name" --force -q --json \
+        --threads "$threads" --seq-len 256 --batch "$batch" --micro-batch "$batch" --steps "$steps" \
+        --sampler fixed --curriculum constant --max-mean-recurrence "$m" --backprop-depth "$k" \
+        --optimizer "$optimizer" --holdout 0 --checkpoint-every 0
 }
 heal adamw adamw 4 2 5 4 >/dev/null
 heal muon muon 4 2 5 4 >/dev/null
-rss8=$(rss heal rss8 adamw 1 4 8 8)
-rss32=$(rss heal rss32 adamw 1 4 32 8)
+rss8=$(heal rss8 adamw 1 4 8 8 rss)
+rss32=$(heal rss32 adamw 1 4 32 8 rss)
 RAYON_NUM_THREADS=$threads "$bin" eval "$work/rec" --data .cache/assets/xsum-test.jsonl --field document \
     --recurrence 1,4 --seq-len 512 --max-tokens 1536 --batch 1 --threads "$threads" --json -q >"$work/eval.json"
 mm=$(RAYON_NUM_THREADS=$threads target/release/examples/matmul 1024 20)
