@@ -25,7 +25,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::super::block::softmax;
-use super::{avx2, Float};
+use super::{avx2, matmul_here, Float, Mat};
 
 /// Query rows per tile: with [`KEY_TILE`] keys the working set of a tile (queries, outputs, keys,
 /// values at D = 64) is about 64 KiB in f32, within L2.
@@ -245,25 +245,30 @@ impl<T: Float> Keys<T> {
         }
     }
 
-    /// The bias of query `i` of batch row `b` against keys j0.. into `out`: -inf for a key it
-    /// must not read (its weight is then exactly the 0 that exp(-1e9 - max) gives).
+    /// scale s + bias in place, for the raw scores `s` of query `i` of batch row `b` against keys
+    /// j0..: -inf for a key it must not read (its weight is then exactly the 0 that
+    /// exp(-1e9 - max) gives).
     #[inline(always)]
-    fn fill(&self, dims: &Dims, b: usize, i: usize, j0: usize, out: &mut [T]) {
+    fn scale_and_mask(&self, dims: &Dims, b: usize, i: usize, j0: usize, scale: T, s: &mut [T]) {
         match self {
             Keys::Bias(bias) => {
                 let at = (b * dims.t + i) * dims.tk + j0;
-                out.copy_from_slice(&bias[at..at + out.len()]);
+                let bias = &bias[at..at + s.len()];
+                for (x, &bias) in s.iter_mut().zip(bias) {
+                    *x = scale * *x + bias;
+                }
             }
             Keys::Causal { past, valid, dead } => {
                 if dead[b * dims.t + i] {
-                    out.fill(T::from_f64(MASKED));
+                    let masked = T::from_f64(MASKED);
+                    s.iter_mut().for_each(|x| *x = scale * *x + masked);
                     return;
                 }
-                let valid = &valid[b * dims.tk + j0..b * dims.tk + j0 + out.len()];
-                for (c, (o, &real)) in out.iter_mut().zip(valid).enumerate() {
+                let valid = &valid[b * dims.tk + j0..b * dims.tk + j0 + s.len()];
+                for (c, (x, &real)) in s.iter_mut().zip(valid).enumerate() {
                     let seen = j0 + c <= past + i;
-                    *o = if seen && real {
-                        T::zero()
+                    *x = if seen && real {
+                        scale * *x
                     } else {
                         T::NEG_INFINITY
                     };
@@ -298,17 +303,6 @@ impl<'a, T: Float> Inputs<'a, T> {
         (&self.k[at..at + tk * d], &self.v[at..at + tk * d])
     }
 
-    /// scale q_i . k_j + bias for query row `q` (query i) and the keys j0..j0 + out.len().
-    #[inline(always)]
-    fn scores(&self, b: usize, i: usize, q: &[T], keys: &[T], j0: usize, out: &mut [T]) {
-        let d = self.dims.d;
-        self.keys.fill(&self.dims, b, i, j0, out);
-        for (c, s) in out.iter_mut().enumerate() {
-            let at = (j0 + c) * d;
-            *s += self.scale * dot(q, &keys[at..at + d]);
-        }
-    }
-
     /// Output rows `rows` of (b, h) into `o` [rows, D], and into `stats` each row's max score and
     /// the inverse of its sum of exp(score - max): P_ij = exp(S_ij - max_i) inv_sum_i. Built for
     /// AVX2 where the CPU has it ([`avx2`]).
@@ -319,7 +313,7 @@ impl<'a, T: Float> Inputs<'a, T> {
         rows: Range<usize>,
         o: &mut [T],
         stats: &mut [[T; 2]],
-    ) {
+    ) -> candle_core::Result<()> {
         #[cfg(target_arch = "x86_64")]
         if avx2() {
             // SAFETY: the CPU has AVX2 and FMA.
@@ -337,7 +331,7 @@ impl<'a, T: Float> Inputs<'a, T> {
         rows: Range<usize>,
         o: &mut [T],
         stats: &mut [[T; 2]],
-    ) {
+    ) -> candle_core::Result<()> {
         self.forward_tile_body(b, h, rows, o, stats)
     }
 
@@ -349,72 +343,77 @@ impl<'a, T: Float> Inputs<'a, T> {
         rows: Range<usize>,
         o: &mut [T],
         stats: &mut [[T; 2]],
-    ) {
+    ) -> candle_core::Result<()> {
         let d = self.dims.d;
-        let q = self.q_rows(b, h, &rows);
+        let n = rows.len();
+        let q = Mat::row_major(self.q_rows(b, h, &rows), n, d);
         let (k, v) = self.kv_head(b, h);
         let end = self.keys.end(&self.dims, b, &rows);
         // Per row: the running max of the scores and the sum of exp(score - max).
-        let mut max = vec![T::NEG_INFINITY; rows.len()];
-        let mut sum = vec![T::zero(); rows.len()];
-        let mut s = [T::zero(); KEY_TILE];
+        let mut max = vec![T::NEG_INFINITY; n];
+        let mut sum = vec![T::zero(); n];
+        // The tile's scores, then its weights: [n, keys of the tile].
+        let mut s = vec![T::zero(); n * KEY_TILE];
         o.fill(T::zero());
         for j0 in (0..end).step_by(KEY_TILE) {
-            let s = &mut s[..KEY_TILE.min(end - j0)];
+            let c = KEY_TILE.min(end - j0);
+            let s = &mut s[..n * c];
+            let (k, v) = (key_rows(k, j0, c, d), key_rows(v, j0, c, d));
+            // S = Q K^T
+            matmul_here(s, q, k.t(), false)?;
             for (r, i) in rows.clone().enumerate() {
-                let q = &q[r * d..(r + 1) * d];
-                self.scores(b, i, q, k, j0, s);
+                let s = &mut s[r * c..(r + 1) * c];
+                self.keys
+                    .scale_and_mask(&self.dims, b, i, j0, self.scale, s);
                 let m = s.iter().fold(max[r], |m, &x| if x > m { x } else { m });
                 if m == T::NEG_INFINITY {
-                    continue; // every key so far masked
+                    s.fill(T::zero()); // every key so far masked
+                    continue;
                 }
-                let o = &mut o[r * d..(r + 1) * d];
                 let rescale = (max[r] - m).exp();
                 if rescale != T::one() {
-                    o.iter_mut().for_each(|x| *x *= rescale);
+                    o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= rescale);
                     sum[r] *= rescale;
                 }
                 max[r] = m;
-                for (c, &x) in s.iter().enumerate() {
-                    let p = (x - m).exp();
-                    if p == T::zero() {
-                        continue;
-                    }
-                    sum[r] += p;
-                    let at = (j0 + c) * d;
-                    axpy(p, &v[at..at + d], o);
+                for x in s.iter_mut() {
+                    *x = (*x - m).exp();
+                    sum[r] += *x;
                 }
             }
+            // O += P V
+            matmul_here(o, Mat::row_major(s, n, c), v, true)?;
         }
         for (r, stats) in stats.iter_mut().enumerate() {
             let inv = T::one() / sum[r];
             o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= inv);
             *stats = [max[r], inv];
         }
+        Ok(())
     }
 
     /// The forward of every row: (O [B, H, T, D], softmax statistics [B, H, T]).
-    fn forward(&self) -> (Vec<T>, Vec<[T; 2]>) {
+    fn forward(&self) -> candle_core::Result<(Vec<T>, Vec<[T; 2]>)> {
         let Dims { b, h, t, d, .. } = self.dims;
         let mut o = vec![T::zero(); b * h * t * d];
         let mut stats = vec![[T::zero(); 2]; b * h * t];
         if t == 0 {
-            return (o, stats);
+            return Ok((o, stats));
         }
         o.par_chunks_mut(t * d)
             .zip(stats.par_chunks_mut(t))
             .enumerate()
-            .for_each(|(bh, (o, stats))| {
+            .try_for_each(|(bh, (o, stats))| {
                 o.par_chunks_mut(QUERY_TILE * d)
                     .zip(stats.par_chunks_mut(QUERY_TILE))
                     .enumerate()
-                    .for_each(|(tile, (o, stats))| {
+                    .try_for_each(|(tile, (o, stats))| {
                         let start = tile * QUERY_TILE;
                         let rows = start..start + stats.len();
-                        self.forward_tile(bh / h, bh % h, rows, o, stats);
-                    });
-            });
-        (o, stats)
+                        self.forward_tile(bh / h, bh % h, rows, o, stats)
+                    })
+            })?;
+        Ok((o, stats))
     }
 
     /// One backward task: query tiles `tiles` of (b, h), adding into dq [T, D] of (b, h) and into
@@ -426,7 +425,7 @@ impl<'a, T: Float> Inputs<'a, T> {
         tiles: impl Iterator<Item = Range<usize>>,
         head: (&[T], &[T], &[[T; 2]]),
         grads: (&mut [T], &mut [T], &mut [T]),
-    ) {
+    ) -> candle_core::Result<()> {
         #[cfg(target_arch = "x86_64")]
         if avx2() {
             // SAFETY: the CPU has AVX2 and FMA.
@@ -443,7 +442,7 @@ impl<'a, T: Float> Inputs<'a, T> {
         tiles: impl Iterator<Item = Range<usize>>,
         head: (&[T], &[T], &[[T; 2]]),
         grads: (&mut [T], &mut [T], &mut [T]),
-    ) {
+    ) -> candle_core::Result<()> {
         self.backward_task_body(bh, tiles, head, grads)
     }
 
@@ -454,12 +453,16 @@ impl<'a, T: Float> Inputs<'a, T> {
         tiles: impl Iterator<Item = Range<usize>>,
         (o, dout, stats): (&[T], &[T], &[[T; 2]]),
         (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
-    ) {
+    ) -> candle_core::Result<()> {
         let d = self.dims.d;
         let (k, v) = self.kv_head(b, h);
-        let mut p = [T::zero(); KEY_TILE];
+        let mut p = vec![T::zero(); QUERY_TILE * KEY_TILE];
+        let mut dp = vec![T::zero(); QUERY_TILE * KEY_TILE];
         for rows in tiles {
-            let q = self.q_rows(b, h, &rows);
+            let n = rows.len();
+            let q = Mat::row_major(self.q_rows(b, h, &rows), n, d);
+            let dout_rows = Mat::row_major(&dout[rows.start * d..rows.end * d], n, d);
+            let dq = &mut dq[rows.start * d..rows.end * d];
             let end = self.keys.end(&self.dims, b, &rows);
             // D_i = dO_i . O_i (FlashAttention-2's rowsum(dO * O)).
             let delta: Vec<T> = rows
@@ -467,42 +470,51 @@ impl<'a, T: Float> Inputs<'a, T> {
                 .map(|i| dot(&dout[i * d..(i + 1) * d], &o[i * d..(i + 1) * d]))
                 .collect();
             for j0 in (0..end).step_by(KEY_TILE) {
-                let p = &mut p[..KEY_TILE.min(end - j0)];
+                let c = KEY_TILE.min(end - j0);
+                let (p, dp) = (&mut p[..n * c], &mut dp[..n * c]);
+                let keys = j0 * d..(j0 + c) * d;
+                let (k_rows, v_rows) = (key_rows(k, j0, c, d), key_rows(v, j0, c, d));
+                // The forward's softmax, recomputed: P = exp(S - max) / sum.
+                matmul_here(p, q, k_rows.t(), false)?;
                 for (r, i) in rows.clone().enumerate() {
-                    let q_i = &q[r * d..(r + 1) * d];
-                    let do_i = &dout[i * d..(i + 1) * d];
-                    let dq_i = &mut dq[i * d..(i + 1) * d];
+                    let p = &mut p[r * c..(r + 1) * c];
+                    self.keys
+                        .scale_and_mask(&self.dims, b, i, j0, self.scale, p);
                     let [max, inv_sum] = stats[i];
-                    self.scores(b, i, q_i, k, j0, p);
-                    for (c, &s) in p.iter().enumerate() {
-                        // The forward's softmax, recomputed.
-                        let p_ij = (s - max).exp() * inv_sum;
-                        if p_ij == T::zero() {
-                            continue;
-                        }
-                        let at = (j0 + c) * d;
-                        let (k_j, v_j) = (&k[at..at + d], &v[at..at + d]);
-                        // dS_ij = P_ij (dO_i . v_j - D_i), through the scale into dQ and dK.
-                        let ds = p_ij * (dot(do_i, v_j) - delta[r]) * self.scale;
-                        axpy(p_ij, do_i, &mut dv[at..at + d]);
-                        axpy(ds, q_i, &mut dk[at..at + d]);
-                        axpy(ds, k_j, dq_i);
+                    p.iter_mut().for_each(|x| *x = (*x - max).exp() * inv_sum);
+                }
+                // dV += P^T dO; dP = dO V^T
+                matmul_here(
+                    &mut dv[keys.clone()],
+                    Mat::row_major(p, n, c).t(),
+                    dout_rows,
+                    true,
+                )?;
+                matmul_here(dp, dout_rows, v_rows.t(), false)?;
+                // dS = P (dP - D), through the scale: dQ += dS K, dK += dS^T Q.
+                for (r, (ds, p)) in dp.chunks_mut(c).zip(p.chunks(c)).enumerate() {
+                    for (ds, &p) in ds.iter_mut().zip(p) {
+                        *ds = p * (*ds - delta[r]) * self.scale;
                     }
                 }
+                let ds = Mat::row_major(dp, n, c);
+                matmul_here(dq, ds, k_rows, true)?;
+                matmul_here(&mut dk[keys], ds.t(), q, true)?;
             }
         }
+        Ok(())
     }
 
     /// dQ [B, H, T, D], dK and dV [B, KV, Tk, D] from O and dO [B, H, T, D] and the forward's
     /// softmax statistics [B, H, T].
-    fn backward(&self, o: &[T], dout: &[T], stats: &[[T; 2]]) -> (Vec<T>, Vec<T>, Vec<T>) {
+    fn backward(&self, o: &[T], dout: &[T], stats: &[[T; 2]]) -> candle_core::Result<Grads<T>> {
         let Dims { b, h, kv, t, tk, d } = self.dims;
         if t == 0 {
-            return (
+            return Ok((
                 Vec::new(),
                 vec![T::zero(); b * kv * tk * d],
                 vec![T::zero(); b * kv * tk * d],
-            );
+            ));
         }
         let n_tiles = t.div_ceil(QUERY_TILE);
         // Enough tasks for every thread even at batch 1: each (b, h) split into `shares`, query
@@ -510,7 +522,7 @@ impl<'a, T: Float> Inputs<'a, T> {
         let shares = (2 * rayon::current_num_threads())
             .div_ceil(b * h)
             .clamp(1, n_tiles);
-        let tasks: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..b * h * shares)
+        let tasks: Vec<Grads<T>> = (0..b * h * shares)
             .into_par_iter()
             .map(|task| {
                 let (bh, share) = (task / shares, task % shares);
@@ -523,10 +535,10 @@ impl<'a, T: Float> Inputs<'a, T> {
                     .map(|tile| tile * QUERY_TILE..((tile + 1) * QUERY_TILE).min(t));
                 let rows = bh * t * d..(bh + 1) * t * d;
                 let head = (&o[rows.clone()], &dout[rows], &stats[bh * t..(bh + 1) * t]);
-                self.backward_task((bi, hi), tiles, head, (&mut dq, &mut dk, &mut dv));
-                (dq, dk, dv)
+                self.backward_task((bi, hi), tiles, head, (&mut dq, &mut dk, &mut dv))?;
+                Ok((dq, dk, dv))
             })
-            .collect();
+            .collect::<candle_core::Result<_>>()?;
         // dQ of (b, h): the sum of its shares.
         let mut dq = vec![T::zero(); b * h * t * d];
         dq.par_chunks_mut(t * d).enumerate().for_each(|(bh, dq)| {
@@ -549,8 +561,17 @@ impl<'a, T: Float> Inputs<'a, T> {
                     axpy(T::one(), pv, dv);
                 }
             });
-        (dq, dk, dv)
+        Ok((dq, dk, dv))
     }
+}
+
+/// dQ, dK and dV.
+type Grads<T> = (Vec<T>, Vec<T>, Vec<T>);
+
+/// Rows j0..j0 + c of a head's keys or values [Tk, D], as a matrix.
+#[inline(always)]
+fn key_rows<T>(x: &[T], j0: usize, c: usize, d: usize) -> Mat<'_, T> {
+    Mat::row_major(&x[j0 * d..(j0 + c) * d], c, d)
 }
 
 /// A contiguous input's elements.
@@ -583,7 +604,7 @@ impl FlashAttention {
             keys: &keys,
             scale: T::from_f64(1.0 / (dims.d as f64).sqrt()),
         };
-        let (o, stats) = inputs.forward();
+        let (o, stats) = inputs.forward()?;
         *self.stats.lock().map_err(|_| poisoned())? =
             Some(stats.iter().map(|s| s.map(|x| x.to_f64())).collect());
         Ok((T::to_cpu_storage_owned(o), l1.shape().clone()))
@@ -614,7 +635,7 @@ impl FlashAttention {
             keys: &keys,
             scale: T::from_f64(1.0 / (dims.d as f64).sqrt()),
         };
-        let (dq, dk, dv) = inputs.backward(&elements(o)?, &elements(dout)?, &stats);
+        let (dq, dk, dv) = inputs.backward(&elements(o)?, &elements(dout)?, &stats)?;
         let device = q.device();
         Ok((
             Tensor::from_vec(dq, q.shape(), device)?,

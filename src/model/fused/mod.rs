@@ -240,6 +240,33 @@ pub(crate) fn matmul<T: Float>(
     b: Mat<T>,
     accumulate: bool,
 ) -> candle_core::Result<()> {
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm_on(dst, a, b, accumulate, parallelism)
+}
+
+/// [`matmul`] on the calling thread alone: for small products inside a task that is itself one
+/// of many running in parallel.
+pub(crate) fn matmul_here<T: Float>(
+    dst: &mut [T],
+    a: Mat<T>,
+    b: Mat<T>,
+    accumulate: bool,
+) -> candle_core::Result<()> {
+    gemm_on(dst, a, b, accumulate, gemm::Parallelism::None)
+}
+
+fn gemm_on<T: Float>(
+    dst: &mut [T],
+    a: Mat<T>,
+    b: Mat<T>,
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) -> candle_core::Result<()> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if b.rows != k || dst.len() != m * n || !a.in_bounds() || !b.in_bounds() {
         bail!(
@@ -257,12 +284,6 @@ pub(crate) fn matmul<T: Float>(
         }
         return Ok(());
     }
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: every element gemm reads lies inside `a.data` and `b.data` (checked by
     // `in_bounds` above) and every element it writes inside `dst` (m * n values, row-major,
     // checked above); `T` is f32 or f64, which gemm supports; `dst` is borrowed mutably, so it
