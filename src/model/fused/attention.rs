@@ -456,8 +456,8 @@ impl<'a, T: Float> Inputs<'a, T> {
     ) -> candle_core::Result<()> {
         let d = self.dims.d;
         let (k, v) = self.kv_head(b, h);
-        let mut p = vec![T::zero(); QUERY_TILE * KEY_TILE];
-        let mut dp = vec![T::zero(); QUERY_TILE * KEY_TILE];
+        let mut p = [T::zero(); QUERY_TILE * KEY_TILE];
+        let mut dp = [T::zero(); QUERY_TILE * KEY_TILE];
         for rows in tiles {
             let n = rows.len();
             let q = Mat::row_major(self.q_rows(b, h, &rows), n, d);
