@@ -370,16 +370,14 @@ impl<'a, T: Float> Inputs<'a, T> {
                     s.fill(T::zero()); // every key so far masked
                     continue;
                 }
-                let rescale = (max[r] - m).exp();
+                let rescale = (max[r] - m).softmax_exp();
                 if rescale != T::one() {
                     o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= rescale);
                     sum[r] *= rescale;
                 }
                 max[r] = m;
-                for x in s.iter_mut() {
-                    *x = (*x - m).exp();
-                    sum[r] += *x;
-                }
+                s.iter_mut().for_each(|x| *x = (*x - m).softmax_exp());
+                sum[r] = s.iter().fold(sum[r], |acc, &x| acc + x);
             }
             // O += P V
             matmul_here(o, Mat::row_major(s, n, c), v, true)?;
@@ -481,7 +479,8 @@ impl<'a, T: Float> Inputs<'a, T> {
                     self.keys
                         .scale_and_mask(&self.dims, b, i, j0, self.scale, p);
                     let [max, inv_sum] = stats[i];
-                    p.iter_mut().for_each(|x| *x = (*x - max).exp() * inv_sum);
+                    p.iter_mut()
+                        .for_each(|x| *x = (*x - max).softmax_exp() * inv_sum);
                 }
                 // dV += P^T dO; dP = dO V^T
                 matmul_here(

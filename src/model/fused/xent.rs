@@ -155,11 +155,9 @@ fn row_loss<T: Float>(row: &mut [T], target: usize, coef: Option<T>) -> f64 {
     let picked = row[target].to_f64();
     // A NaN logit is never the max, but it makes the sum NaN, so the loss says so.
     let top = row.iter().fold(head, |m, &x| if x > m { x } else { m });
-    let mut sum = 0f64;
-    for x in row.iter_mut() {
-        *x = (*x - top).exp();
-        sum += x.to_f64();
-    }
+    // Two passes, so that the first vectorizes (the sum is in order, as one pass would add).
+    row.iter_mut().for_each(|x| *x = (*x - top).softmax_exp());
+    let sum: f64 = row.iter().map(|x| x.to_f64()).sum();
     if let Some(c) = coef {
         let scale = c / T::from_f64(sum);
         for x in row.iter_mut() {
