@@ -14,8 +14,10 @@
 //!
 //! Threads: the forward runs one rayon task per (batch, head, query tile); the backward one per
 //! (batch, head, share of the query tiles), each with its own dK and dV rows, summed afterwards
-//! over the query heads that share a key-value head. Inner loops are contiguous D-long dot
-//! products and axpys with several accumulators, so they vectorize without reassociation.
+//! over the query heads that share a key-value head. Within a task, each tile's products (S = Q
+//! K^T and O += P V forward; S again, dV += P^T dO, dP = dO V^T, dQ += dS K and dK += dS^T Q
+//! backward) are `gemm` calls on the calling thread; the softmax between them runs row by row in
+//! loops built for AVX2 where the CPU has it, with a vectorizable exp.
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
