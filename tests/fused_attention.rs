@@ -186,8 +186,14 @@ fn cases() -> Vec<Case> {
             64,
         )
         .pads(&[None, Right(4), Left(3)]),
-        Case::new("T past both tiles, ratio 3, left padded", (3, 1), 70, 0, 64)
-            .pads(&[Left(9), Right(11)]),
+        Case::new(
+            "T past both tiles, ratio 3, left padded",
+            (3, 1),
+            150,
+            0,
+            64,
+        )
+        .pads(&[Left(9), Right(11)]),
         Case::new("T = 1, nothing cached", (2, 2), 1, 0, 3),
         Case::new("T = 1 against a cache (decoding)", (6, 2), 1, 45, 64).pads(&[None, None]),
         Case::new("a few tokens against a long cache", (3, 3), 5, 67, 7),
@@ -265,7 +271,7 @@ fn fused_attention_gradients_agree_with_f64_finite_differences() {
     use Pad::*;
     let cases = [
         Case::new("ratio 3, padded, cached", (6, 2), 9, 3, 5).pads(&[Right(2), Hole(4)]),
-        Case::new("ratio 1, past the tiles", (2, 2), 70, 0, 8).pads(&[Right(5)]),
+        Case::new("ratio 1, past the tiles", (2, 2), 150, 0, 8).pads(&[Right(5)]),
     ];
     let eps = 1e-5;
     for case in cases {

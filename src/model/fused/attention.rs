@@ -29,12 +29,13 @@ use rayon::prelude::*;
 use super::super::block::softmax;
 use super::{avx2, matmul_here, Float, Mat};
 
-/// Query rows per tile: with [`KEY_TILE`] keys the working set of a tile (queries, outputs, keys,
-/// values at D = 64) is about 64 KiB in f32, within L2.
-const QUERY_TILE: usize = 32;
-/// Key rows per tile: a tile of keys and one of values, 16 KiB each at D = 64 in f32, stay in L1
-/// while every query row of the tile reads them.
-const KEY_TILE: usize = 64;
+/// Query rows per tile. With [`KEY_TILE`] keys, a tile's working set at D = 64 in f32 (queries
+/// and outputs 16 KiB each, keys and values 32 KiB each, scores 32 KiB) stays within L2. Of the
+/// sizes 32 and 64 by 64 and 128 (`examples/attention.rs`, SmolLM2's shapes at T = 256 and 512),
+/// 64 by 128 was fastest: the products are `gemm` calls, and larger ones amortize its set-up.
+const QUERY_TILE: usize = 64;
+/// Key rows per tile.
+const KEY_TILE: usize = 128;
 /// The additive bias of a masked key in the model's bias tensor (`positions_and_bias`).
 const MASKED: f64 = -1e9;
 
