@@ -27,7 +27,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::super::block::softmax;
-use super::{avx2, matmul_here, Float, Mat};
+use super::{avx2, matmul_here, Float, Mat, LANES};
 
 /// Query rows per tile. With [`KEY_TILE`] keys, a tile's working set at D = 64 in f32 (queries
 /// and outputs 16 KiB each, keys and values 32 KiB each, scores 32 KiB) stays within L2. Of the
@@ -168,10 +168,6 @@ struct FlashAttention {
     mask: Mask,
     stats: Mutex<Option<Vec<[f64; 2]>>>,
 }
-
-/// Lanes of the accumulators of a dot product: independent sums the compiler keeps in vector
-/// registers (it may not reorder one float sum by itself).
-const LANES: usize = 8;
 
 /// a . b over equal lengths.
 #[inline(always)]

@@ -358,6 +358,10 @@ fn gemm_on<T: Float>(
     Ok(())
 }
 
+/// Lanes of a reduction: independent running values the compiler keeps in vector registers (it
+/// may not reorder one float sum, or one chain of compares, by itself).
+pub(crate) const LANES: usize = 8;
+
 /// Rows per task when a pass over rows is split over threads: a fixed size, so sums formed per
 /// task and reduced in order do not depend on the thread count.
 pub(crate) const ROWS_PER_TASK: usize = 16;

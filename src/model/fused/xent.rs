@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{matmul, storage, with_float, Float, Mat};
+use super::{matmul, storage, with_float, Float, Mat, LANES};
 
 /// Logits formed at once: a block of rows x the vocabulary (32 MB of f32; 170 rows of SmolLM2).
 const LOGITS_BUDGET: usize = 1 << 23;
@@ -154,10 +154,9 @@ fn row_loss<T: Float>(row: &mut [T], target: usize, coef: Option<T>) -> f64 {
     };
     let picked = row[target].to_f64();
     // A NaN logit is never the max, but it makes the sum NaN, so the loss says so.
-    let top = row.iter().fold(head, |m, &x| if x > m { x } else { m });
-    // Two passes, so that the first vectorizes (the sum is in order, as one pass would add).
+    let top = lane_max(row, head);
     row.iter_mut().for_each(|x| *x = (*x - top).softmax_exp());
-    let sum: f64 = row.iter().map(|x| x.to_f64()).sum();
+    let sum = lane_sum(row);
     if let Some(c) = coef {
         let scale = c / T::from_f64(sum);
         for x in row.iter_mut() {
@@ -166,6 +165,35 @@ fn row_loss<T: Float>(row: &mut [T], target: usize, coef: Option<T>) -> f64 {
         row[target] -= c;
     }
     top.to_f64() + sum.ln() - picked
+}
+
+/// The largest of `row` and `start` by `>` (so never a NaN), in [`LANES`] running maxima: one
+/// chain of compares waits on each.
+fn lane_max<T: Float>(row: &[T], start: T) -> T {
+    let larger = |m: T, x: T| if x > m { x } else { m };
+    let (blocks, rest) = row.as_chunks::<LANES>();
+    let mut acc = [start; LANES];
+    for block in blocks {
+        for (m, &x) in acc.iter_mut().zip(block) {
+            *m = larger(*m, x);
+        }
+    }
+    acc.into_iter()
+        .chain(rest.iter().copied())
+        .fold(start, larger)
+}
+
+/// The sum of `row` in f64, in [`LANES`] running sums added in a fixed order at the end: one
+/// chain of adds waits on each.
+fn lane_sum<T: Float>(row: &[T]) -> f64 {
+    let (blocks, rest) = row.as_chunks::<LANES>();
+    let mut acc = [0f64; LANES];
+    for block in blocks {
+        for (s, &x) in acc.iter_mut().zip(block) {
+            *s += x.to_f64();
+        }
+    }
+    acc.iter().sum::<f64>() + rest.iter().map(|x| x.to_f64()).sum::<f64>()
 }
 
 struct LinearCrossEntropy {
