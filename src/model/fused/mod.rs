@@ -95,13 +95,14 @@ impl Float for f64 {
 #[inline(always)]
 pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const LOWEST: f32 = -87.0;
-    const LN2_HI: f32 = 0.693_359_4; // 355 / 512: n * LN2_HI is exact for |n| < 2^15
-    const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 - LN2_HI
-                                         // A select, not `max`: NaN must not become LOWEST.
-    let xc = if x < LOWEST { LOWEST } else { x };
-    // Round to nearest by adding and taking away 1.5 * 2^23 (no `floor`: without SSE4.1 that
-    // is a call per element too).
+    // ln 2 = LN2_HI + LN2_LO; LN2_HI = 355 / 512, so n * LN2_HI is exact for |n| < 2^15.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Rounds to nearest when added and taken away (no `floor`: without SSE4.1 that is a call per
+    // element too).
     const ROUND: f32 = 12_582_912.0;
+    // A select, not `max`: NaN must not become LOWEST.
+    let xc = if x < LOWEST { LOWEST } else { x };
     let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let poly = 1.0
