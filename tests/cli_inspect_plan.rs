@@ -471,7 +471,7 @@ fn every_refusal_is_one_line_exit_1_and_writes_nothing() {
 
 #[test]
 fn inspect_shows_a_recurrent_checkpoints_shape_and_adapter() {
-    let golden = common::root().join("../shared/golden/tiny-llama-recurrent-1-2-1");
+    let golden = common::root().join("tests/golden/tiny-llama-recurrent-1-2-1");
     if !golden.is_dir() {
         eprintln!("NOTICE: skipping: {} is missing", golden.display());
         return;

@@ -97,7 +97,7 @@ struct GoldenCurriculum {
 }
 
 fn golden_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/golden/curriculum.json")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/curriculum.json")
 }
 
 #[test]

@@ -261,7 +261,7 @@ fn smollm2() -> Option<&'static Smol> {
     static SMOL: OnceLock<Option<Smol>> = OnceLock::new();
     SMOL.get_or_init(|| {
         let path = common::smollm2()?;
-        let golden_path = common::root().join("../shared/golden/smollm2-logits.safetensors");
+        let golden_path = common::root().join("tests/golden/smollm2-logits.safetensors");
         if !golden_path.is_file() {
             eprintln!("NOTICE: skipping: {} is missing", golden_path.display());
             return None;

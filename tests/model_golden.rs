@@ -12,7 +12,7 @@ use surgery::model::{InitialState, Model};
 use surgery::source::SourceModel;
 
 fn golden_dir(name: &str) -> Option<PathBuf> {
-    let path = common::root().join("../shared/golden").join(name);
+    let path = common::root().join("tests/golden").join(name);
     if path.is_dir() {
         Some(path)
     } else {

@@ -148,9 +148,10 @@ fn gguf_of_every_quantized_type_reads_back_as_its_own_dequantization() {
     }
 }
 
-/// The golden models in ../shared/golden, made with Hugging Face transformers and the paper's code.
+/// The golden models in tests/golden (copied from ../shared/golden), made with Hugging Face
+/// transformers and the paper's code.
 fn golden(name: &str) -> Option<std::path::PathBuf> {
-    let path = common::root().join("../shared/golden").join(name);
+    let path = common::root().join("tests/golden").join(name);
     if path.is_dir() {
         Some(path)
     } else {

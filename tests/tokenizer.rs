@@ -47,7 +47,7 @@ fn smollm2_ids_equal_llama_cpp_on_the_golden_texts() {
     let Some(gguf) = common::smollm2() else {
         return;
     };
-    let golden_path = common::root().join("../shared/golden/smollm2-tokens.json");
+    let golden_path = common::root().join("tests/golden/smollm2-tokens.json");
     let Ok(golden) = std::fs::read_to_string(&golden_path) else {
         eprintln!("NOTICE: skipping: {} is missing", golden_path.display());
         return;
