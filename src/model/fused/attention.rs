@@ -277,6 +277,32 @@ impl<T: Float> Keys<T> {
     }
 }
 
+/// A method `$name` that runs `$body` (an `#[inline(always)]` method of the same arguments)
+/// compiled for AVX2 and FMA where the CPU has them ([`avx2`]), and for the build's baseline
+/// elsewhere; `$avx2` is the AVX2 build.
+macro_rules! avx2_dispatch {
+    (
+        $(#[$doc:meta])*
+        fn $name:ident / $avx2:ident => $body:ident($($arg:ident: $ty:ty),* $(,)?)
+    ) => {
+        $(#[$doc])*
+        fn $name(&self, $($arg: $ty),*) -> candle_core::Result<()> {
+            #[cfg(target_arch = "x86_64")]
+            if avx2() {
+                // SAFETY: the CPU has AVX2 and FMA.
+                return unsafe { self.$avx2($($arg),*) };
+            }
+            self.$body($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn $avx2(&self, $($arg: $ty),*) -> candle_core::Result<()> {
+            self.$body($($arg),*)
+        }
+    };
+}
+
 /// The inputs of one call, contiguous.
 struct Inputs<'a, T> {
     dims: Dims,
@@ -302,36 +328,16 @@ impl<'a, T: Float> Inputs<'a, T> {
         (&self.k[at..at + tk * d], &self.v[at..at + tk * d])
     }
 
-    /// Output rows `rows` of (b, h) into `o` [rows, D], and into `stats` each row's max score and
-    /// the inverse of its sum of exp(score - max): P_ij = exp(S_ij - max_i) inv_sum_i. Built for
-    /// AVX2 where the CPU has it ([`avx2`]).
-    fn forward_tile(
-        &self,
-        b: usize,
-        h: usize,
-        rows: Range<usize>,
-        o: &mut [T],
-        stats: &mut [[T; 2]],
-    ) -> candle_core::Result<()> {
-        #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { self.forward_tile_avx2(b, h, rows, o, stats) };
-        }
-        self.forward_tile_body(b, h, rows, o, stats)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn forward_tile_avx2(
-        &self,
-        b: usize,
-        h: usize,
-        rows: Range<usize>,
-        o: &mut [T],
-        stats: &mut [[T; 2]],
-    ) -> candle_core::Result<()> {
-        self.forward_tile_body(b, h, rows, o, stats)
+    avx2_dispatch! {
+        /// Output rows `rows` of (b, h) into `o` [rows, D], and into `stats` each row's max score
+        /// and the inverse of its sum of exp(score - max): P_ij = exp(S_ij - max_i) inv_sum_i.
+        fn forward_tile / forward_tile_avx2 => forward_tile_body(
+            b: usize,
+            h: usize,
+            rows: Range<usize>,
+            o: &mut [T],
+            stats: &mut [[T; 2]],
+        )
     }
 
     #[inline(always)]
@@ -349,10 +355,10 @@ impl<'a, T: Float> Inputs<'a, T> {
         let (k, v) = self.kv_head(b, h);
         let end = self.keys.end(&self.dims, b, &rows);
         // Per row: the running max of the scores and the sum of exp(score - max).
-        let mut max = vec![T::NEG_INFINITY; n];
-        let mut sum = vec![T::zero(); n];
+        let mut max = [T::NEG_INFINITY; QUERY_TILE];
+        let mut sum = [T::zero(); QUERY_TILE];
         // The tile's scores, then its weights: [n, keys of the tile].
-        let mut s = vec![T::zero(); n * KEY_TILE];
+        let mut s = [T::zero(); QUERY_TILE * KEY_TILE];
         o.fill(T::zero());
         for j0 in (0..end).step_by(KEY_TILE) {
             let c = KEY_TILE.min(end - j0);
@@ -413,34 +419,15 @@ impl<'a, T: Float> Inputs<'a, T> {
         Ok((o, stats))
     }
 
-    /// One backward task: query tiles `tiles` of (b, h), adding into dq [T, D] of (b, h) and into
-    /// dk, dv [Tk, D] of this task. `o`, `dout` [T, D] and `stats` [T] are (b, h)'s. Built for
-    /// AVX2 where the CPU has it ([`avx2`]).
-    fn backward_task(
-        &self,
-        bh: (usize, usize),
-        tiles: impl Iterator<Item = Range<usize>>,
-        head: (&[T], &[T], &[[T; 2]]),
-        grads: (&mut [T], &mut [T], &mut [T]),
-    ) -> candle_core::Result<()> {
-        #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { self.backward_task_avx2(bh, tiles, head, grads) };
-        }
-        self.backward_task_body(bh, tiles, head, grads)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn backward_task_avx2(
-        &self,
-        bh: (usize, usize),
-        tiles: impl Iterator<Item = Range<usize>>,
-        head: (&[T], &[T], &[[T; 2]]),
-        grads: (&mut [T], &mut [T], &mut [T]),
-    ) -> candle_core::Result<()> {
-        self.backward_task_body(bh, tiles, head, grads)
+    avx2_dispatch! {
+        /// One backward task: query tiles `tiles` of (b, h), adding into dq [T, D] of (b, h) and
+        /// into dk, dv [Tk, D] of this task. `o`, `dout` [T, D] and `stats` [T] are (b, h)'s.
+        fn backward_task / backward_task_avx2 => backward_task_body(
+            bh: (usize, usize),
+            tiles: impl Iterator<Item = Range<usize>>,
+            head: (&[T], &[T], &[[T; 2]]),
+            grads: (&mut [T], &mut [T], &mut [T]),
+        )
     }
 
     #[inline(always)]
