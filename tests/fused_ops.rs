@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 use surgery::model::fused::{norm, rope, swiglu, xent};
 use surgery::model::params::Train;
-use surgery::model::{composed, InitialState, Kernels, Model};
+use surgery::model::{composed, InitialState, Kernels, Mix, Model, Teacher};
 use surgery::source::SourceModel;
 use surgery::synth::{self, SynthSpec};
 
@@ -304,6 +304,134 @@ fn linear_cross_entropy_equals_the_composed_loss_and_finite_differences() {
         random(&[9, 4], 42, DType::F64),
     ];
     assert_finite_differences("linear_cross_entropy", &fused, &inputs, &[0, 1]);
+}
+
+#[test]
+fn linear_distillation_equals_the_composed_loss_and_finite_differences() {
+    // (rows, student width, teacher width, vocabulary); the last is two blocks of rows.
+    for (n, h, ht, v, seed) in [(7, 5, 3, 11, 1), (1, 3, 4, 4, 2), (2050, 3, 2, 4109, 3)] {
+        for mix in [
+            Mix {
+                alpha: 0.3,
+                temperature: 2.0,
+            },
+            Mix {
+                alpha: 0.0,
+                temperature: 0.7,
+            },
+        ] {
+            let tg = targets(n, v, seed + 10);
+            let tg_tensor = Tensor::from_vec(tg.clone(), n, &Device::Cpu).unwrap();
+            let teacher_h = (random(&[n, ht], seed + 30, DType::F32).as_tensor() * 3.0).unwrap();
+            let teacher_w = random(&[v, ht], seed + 40, DType::F32).as_tensor().clone();
+            let teacher = Teacher {
+                h: teacher_h.clone(),
+                w: teacher_w.clone(),
+                mix,
+            };
+            let fused = |t: &[Tensor]| {
+                Ok(xent::linear_distillation(&t[0], &t[1], &teacher, &tg, 1.0 / n as f64)?.0)
+            };
+            let reference = |t: &[Tensor]| {
+                // (n, h) @ (h, V) -> (n, V), and the teacher's likewise
+                let logits = t[0].matmul(&t[1].t()?)?;
+                let teacher_logits = teacher_h.matmul(&teacher_w.t()?)?;
+                let (loss, _) =
+                    composed::mean_distillation(&logits, &teacher_logits, &tg_tensor, mix)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                Ok(loss)
+            };
+            let hidden = (random(&[n, h], seed, DType::F32).as_tensor() * 3.0).unwrap();
+            let inputs = [
+                Var::from_tensor(&hidden).unwrap(),
+                random(&[v, h], seed + 20, DType::F32),
+            ];
+            let what = format!("linear_distillation ({n}, {h}) x ({v}, {h}), {mix:?}");
+            assert_same_op(&what, &fused, &reference, &inputs, &[0, 1]);
+            // The parts: each against the composed one.
+            let (_, parts) = xent::linear_distillation(
+                &hidden,
+                inputs[1].as_tensor(),
+                &teacher,
+                &tg,
+                1.0 / n as f64,
+            )
+            .unwrap();
+            let logits = hidden.matmul(&inputs[1].as_tensor().t().unwrap()).unwrap();
+            let teacher_logits = teacher_h.matmul(&teacher_w.t().unwrap()).unwrap();
+            let (_, want) =
+                composed::mean_distillation(&logits, &teacher_logits, &tg_tensor, mix).unwrap();
+            for (name, got, want) in [("ce", parts.ce, want.ce), ("kl", parts.kl, want.kl)] {
+                assert!(
+                    (got - want).abs() <= TOLERANCE * want.abs().max(1.0),
+                    "{what}: {name} {got} vs {want}"
+                );
+            }
+            assert!(parts.kl > 0.0, "{what}: different models, a positive KL");
+        }
+    }
+    // f64 finite differences of the KL's gradient alone (alpha 0) and of the mix.
+    for alpha in [0.0, 0.4] {
+        let tg = targets(6, 9, 40);
+        let teacher = Teacher {
+            h: random(&[6, 3], 43, DType::F64).as_tensor().clone(),
+            w: random(&[9, 3], 44, DType::F64).as_tensor().clone(),
+            mix: Mix {
+                alpha,
+                temperature: 1.5,
+            },
+        };
+        let fused =
+            |t: &[Tensor]| Ok(xent::linear_distillation(&t[0], &t[1], &teacher, &tg, 0.5)?.0);
+        let inputs = [
+            random(&[6, 4], 41, DType::F64),
+            random(&[9, 4], 42, DType::F64),
+        ];
+        assert_finite_differences("linear_distillation", &fused, &inputs, &[0, 1]);
+    }
+}
+
+#[test]
+fn distillation_with_alpha_one_is_the_cross_entropy_and_from_itself_is_zero() {
+    let (n, h, v) = (37, 6, 53);
+    let tg = targets(n, v, 7);
+    let hidden = random(&[n, h], 8, DType::F32);
+    let w = random(&[v, h], 9, DType::F32);
+    let (hs, ws) = (hidden.as_tensor(), w.as_tensor());
+    let grads_of = |loss: &Tensor| {
+        let g = loss.backward().unwrap();
+        [hs, ws].map(|t| values(g.get(t).unwrap()))
+    };
+    let ce = xent::linear_cross_entropy(hs, ws, &tg, 1.0 / n as f64).unwrap();
+    // Another teacher, alpha 1: bitwise the cross-entropy, in value and gradient.
+    let other = Teacher {
+        h: random(&[n, 4], 10, DType::F32).as_tensor().clone(),
+        w: random(&[v, 4], 11, DType::F32).as_tensor().clone(),
+        mix: Mix {
+            alpha: 1.0,
+            temperature: 2.0,
+        },
+    };
+    let (mixed, parts) = xent::linear_distillation(hs, ws, &other, &tg, 1.0 / n as f64).unwrap();
+    assert_eq!(values(&mixed), values(&ce));
+    assert_eq!(grads_of(&mixed), grads_of(&ce));
+    // The part in f64, the loss rounded to f32.
+    assert_eq!(parts.ce as f32 as f64, values(&ce)[0]);
+    // The student as its own teacher, alpha 0: exactly 0, and so is every gradient.
+    let itself = Teacher {
+        h: hs.detach(),
+        w: ws.detach(),
+        mix: Mix {
+            alpha: 0.0,
+            temperature: 2.0,
+        },
+    };
+    let (zero, parts) = xent::linear_distillation(hs, ws, &itself, &tg, 1.0 / n as f64).unwrap();
+    assert_eq!(values(&zero), vec![0.0]);
+    assert_eq!(parts.kl, 0.0);
+    for g in grads_of(&zero) {
+        assert!(g.iter().all(|&x| x == 0.0), "a non-zero gradient");
+    }
 }
 
 #[test]

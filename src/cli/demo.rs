@@ -412,6 +412,7 @@ fn heal_config(model: &Path, fixture: &FixturePaths, out: &Path, steps: u64) -> 
         eval_tokens: EVAL_TOKENS,
         checkpoint_every: 0,
         kernels: Default::default(),
+        distill: None,
     }
 }
 

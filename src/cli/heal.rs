@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use surgery::heal::distill::DistillConfig;
 use surgery::heal::train::{
     run, CurriculumKind, HealConfig, Observer, OptimizerKind, SamplerKind, StepMetrics,
 };
@@ -124,6 +125,16 @@ pub struct HealArgs {
     /// they are proved against, the reference path (slower, more memory).
     #[arg(long, value_enum, default_value = "fused")]
     pub kernels: Kernels,
+    /// Distill from this teacher (any model `surgery` reads, normally the source the checkpoint
+    /// was cut from): the loss becomes alpha CE + (1 - alpha) T^2 KL(teacher_T || student_T).
+    #[arg(long, value_name = "TEACHER")]
+    pub distill: Option<PathBuf>,
+    /// alpha: the weight of cross-entropy in the distillation loss.
+    #[arg(long, default_value_t = 0.5, requires = "distill")]
+    pub distill_alpha: f64,
+    /// T: the temperature both models' predictions are softened by.
+    #[arg(long, default_value_t = 2.0, requires = "distill")]
+    pub distill_temperature: f64,
 }
 
 impl HealArgs {
@@ -164,6 +175,11 @@ impl HealArgs {
             eval_tokens: self.eval_tokens,
             checkpoint_every: self.checkpoint_every,
             kernels: self.kernels,
+            distill: self.distill.clone().map(|teacher| DistillConfig {
+                teacher,
+                alpha: self.distill_alpha,
+                temperature: self.distill_temperature,
+            }),
         })
     }
 }

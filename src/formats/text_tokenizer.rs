@@ -151,6 +151,11 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Whether `other` maps the same token texts to the same ids, added tokens included.
+    pub fn same_vocabulary(&self, other: &TextTokenizer) -> bool {
+        self.inner.get_vocab(true) == other.inner.get_vocab(true)
+    }
+
     /// The id of a token's text, if the vocabulary has it.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod distill;
 mod inplace;
 pub mod optim;
 pub mod output;

@@ -43,6 +43,7 @@ pub fn check_inputs(cfg: &HealConfig) -> Result<(), PlaceError> {
     let mut inputs = vec![cfg.model.clone()];
     inputs.extend(cfg.data.iter().cloned());
     inputs.extend(cfg.eval_data.iter().cloned());
+    inputs.extend(cfg.distill.iter().map(|d| d.teacher.clone()));
     check_output(&cfg.out, &inputs)?;
     check_output(&cfg.checkpoint_root(), &inputs)?;
     Ok(())

@@ -15,6 +15,7 @@ use crate::model::{InitialState, Kernels, Model};
 use crate::source::SourceModel;
 
 use super::data::TrainData;
+use super::distill::{load_teacher, DistillConfig};
 use super::optim::{clip_grad_norm, Kind, Optimizer, ParamGroup};
 use super::sampler;
 use super::schedule::{learning_rate, mean_recurrence, Curriculum};
@@ -135,6 +136,9 @@ pub struct HealConfig {
     /// switch existed load as fused.
     #[serde(default)]
     pub kernels: Kernels,
+    /// `--distill`: the teacher and the mix; absent, cross-entropy alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig>,
 }
 
 /// Corpora of up to this many tokens (16 MiB of token ids, about 16 MB of English text) are read
@@ -220,6 +224,9 @@ impl HealConfig {
                 return bad(format!("{name} {v} must be a positive number"));
             }
         }
+        if let Some(d) = &self.distill {
+            d.validate()?;
+        }
         Ok(())
     }
 }
@@ -228,7 +235,13 @@ impl HealConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepMetrics {
     pub step: u64,
+    /// The training loss: mean cross-entropy, or with `--distill` the mix of `ce` and `kl`.
     pub loss: f64,
+    /// With `--distill`: the step's mean cross-entropy and KL(teacher_T || student_T) (nats).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ce: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kl: Option<f64>,
     pub lr: f64,
     pub mean_recurrence: usize,
     pub iterations_without_grad: Vec<usize>,
@@ -411,6 +424,22 @@ pub fn run(
     crate::model::memory::check_pass(&source.config, cfg.micro_batch, cfg.seq_len, device)?;
     let mut model = Model::load(&source, device)?;
     model.set_kernels(cfg.kernels);
+    let mut teacher = match &cfg.distill {
+        Some(d) => {
+            crate::model::memory::check_pass(
+                &SourceModel::open(&d.teacher)?.config,
+                cfg.micro_batch,
+                cfg.seq_len,
+                device,
+            )?;
+            let mut note = |text: &str| observer.note(text);
+            Some((
+                load_teacher(d, &source, &tokenizer, cfg.kernels, device, &mut note)?,
+                d.mix(),
+            ))
+        }
+        None => None,
+    };
     if cfg.init_random {
         model.reinitialize(cfg.seed, cfg.static_baseline)?;
     }
@@ -455,6 +484,7 @@ pub fn run(
         let lr_scale = learning_rate(step, cfg.steps, 1.0, cfg.warmup, cfg.cooldown);
         let mut accumulated: Option<candle_core::backprop::GradStore> = None;
         let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+        let (mut ce_sum, mut kl_sum) = (0.0f64, 0.0f64);
         let (mut without, mut with) = (Vec::new(), Vec::new());
         let mut seconds = StepSeconds::default();
         for micro in 0..n_micro {
@@ -484,13 +514,18 @@ pub fn run(
             let ids = Tensor::from_vec(ids, shape, device)?;
             let targets = Tensor::from_vec(targets, shape, device)?;
             let phase = Instant::now();
-            let loss = model.loss(
-                &ids,
-                &targets,
-                draw.without_grad + draw.with_grad,
-                draw.without_grad,
-                InitialState::Seeded(state_seed(cfg.seed, step, micro)),
-            )?;
+            let r = draw.without_grad + draw.with_grad;
+            let state = InitialState::Seeded(state_seed(cfg.seed, step, micro));
+            // A recurrent teacher (a copy of the student, in tests) runs the student's r and s_0.
+            let taught = match &mut teacher {
+                Some((t, mix)) => Some(t.teacher(&ids, r, state, *mix)?),
+                None => None,
+            };
+            let (loss, parts) =
+                model.loss_parts(&ids, &targets, r, draw.without_grad, state, taught.as_ref())?;
+            drop(taught);
+            ce_sum += parts.ce;
+            kl_sum += parts.kl;
             let loss = (loss / n_micro as f64)?;
             let value = loss.to_scalar::<f32>()? as f64 * n_micro as f64;
             if !value.is_finite() {
@@ -531,6 +566,8 @@ pub fn run(
         let mut line = StepMetrics {
             step,
             loss: loss_sum / n_micro as f64,
+            ce: teacher.is_some().then_some(ce_sum / n_micro as f64),
+            kl: teacher.is_some().then_some(kl_sum / n_micro as f64),
             lr: lr_scale * cfg.lr,
             mean_recurrence: m,
             iterations_without_grad: without,

@@ -29,9 +29,10 @@ pub use block::Block;
 /// The composed differentiable ops the fused ones are proved against (tests, benchmarks).
 pub mod composed {
     pub use super::block::{rms_norm, swiglu};
-    pub use super::mean_cross_entropy;
     pub use super::rope::apply as rope;
+    pub use super::{mean_cross_entropy, mean_distillation};
 }
+pub use fused::xent::{Mix, Parts, Teacher};
 pub use fused::Kernels;
 pub use generate::{generate, sample, Exit, GenerateOptions, GenerateReport};
 pub use rope::Rope;
@@ -376,6 +377,24 @@ impl Model {
         without_grad: usize,
         state: InitialState,
     ) -> Result<Tensor> {
+        Ok(self
+            .loss_parts(ids, targets, r, without_grad, state, None)?
+            .0)
+    }
+
+    /// [`Model::loss`], or with a `teacher` (from [`Model::teacher`] on the same `ids`) the
+    /// distillation loss alpha CE + (1 - alpha) T^2 KL(teacher_T || student_T), mean over tokens;
+    /// and its two parts. Fused, neither model's [B T, V] logits are held whole; composed, it is
+    /// [`mean_distillation`] of the full logits.
+    pub fn loss_parts(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        r: usize,
+        without_grad: usize,
+        state: InitialState,
+        teacher: Option<&Teacher>,
+    ) -> Result<(Tensor, Parts)> {
         let run = Run {
             r,
             without_grad,
@@ -383,18 +402,64 @@ impl Model {
         };
         let (x, _) = self.hidden(ids, None, run, state, None)?;
         let x = self.normed(&x)?;
+        let h = x.dim(D::Minus1)?;
         let Some(w) = self.fused_head(&x) else {
             // (B, T, h) @ (h, V) -> (B, T, V)
-            return Ok(mean_cross_entropy(&self.lm_head.forward(&x)?, targets)?);
+            let logits = self.lm_head.forward(&x)?;
+            let Some(t) = teacher else {
+                let loss = mean_cross_entropy(&logits, targets)?;
+                let ce = loss.to_dtype(CDType::F64)?.to_scalar::<f64>()?;
+                return Ok((loss, Parts { ce, kl: 0.0 }));
+            };
+            // (N, d_t) @ (d_t, V) -> (N, V), N = B T
+            let teacher_logits = block::linear(&t.h, &t.w)?;
+            let v = teacher_logits.dim(D::Minus1)?;
+            return mean_distillation(
+                &logits.reshape(((), v))?,
+                &teacher_logits,
+                &targets.flatten_all()?,
+                t.mix,
+            );
         };
-        let h = x.dim(D::Minus1)?;
-        let targets = targets.flatten_all()?.to_vec1::<u32>()?;
-        // (B, T, h) -> (B T, h); lm_head and the loss: -> ()
+        // (B, T, h) -> (B T, h)
         let rows = x.reshape(((), h))?;
+        let targets = targets.flatten_all()?.to_vec1::<u32>()?;
         let scale = 1.0 / targets.len().max(1) as f64;
-        Ok(fused::xent::linear_cross_entropy(
-            &rows, w, &targets, scale,
-        )?)
+        // lm_head and the loss: (B T, h) -> ()
+        Ok(match teacher {
+            None => {
+                let loss = fused::xent::linear_cross_entropy(&rows, w, &targets, scale)?;
+                let ce = loss.to_dtype(CDType::F64)?.to_scalar::<f64>()?;
+                (loss, Parts { ce, kl: 0.0 })
+            }
+            Some(t) => fused::xent::linear_distillation(&rows, w, t, &targets, scale)?,
+        })
+    }
+
+    /// This model as the teacher of a distillation step on `ids` [B, T]: its hidden states after
+    /// the final norm (B T, h), without gradient, at recurrence `r` from `state` (a static model
+    /// ignores both), and its lm_head, dequantized if stored in blocks (once: it is kept so).
+    pub fn teacher(
+        &mut self,
+        ids: &Tensor,
+        r: usize,
+        state: InitialState,
+        mix: Mix,
+    ) -> Result<Teacher> {
+        let run = Run {
+            r,
+            without_grad: r,
+            exit: Exit::Never,
+        };
+        let (x, _) = self.hidden(ids, None, run, state, None)?;
+        let x = self.normed(&x)?.detach();
+        let h = x.dim(D::Minus1)?;
+        let w = self.lm_head.dense()?.detach();
+        Ok(Teacher {
+            h: x.reshape(((), h))?,
+            w,
+            mix,
+        })
     }
 
     /// The summed next-token cross-entropy (nats) of `ids` [B, T] against `targets` [B, T] (u32),
@@ -717,6 +782,39 @@ pub fn mean_cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Res
     let logsumexp = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     let picked = shifted.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?;
     (logsumexp - picked)?.mean_all()
+}
+
+/// The composed reference of the fused distillation loss: alpha CE + (1 - alpha) T^2
+/// KL(softmax(teacher / T) || softmax(logits / T)), mean over rows, of `logits` and
+/// `teacher_logits` (N, V) against `targets` (N) (u32), differentiable in `logits`; and its parts.
+pub fn mean_distillation(
+    logits: &Tensor,
+    teacher_logits: &Tensor,
+    targets: &Tensor,
+    mix: Mix,
+) -> Result<(Tensor, Parts)> {
+    let t = mix.temperature;
+    let ce = mean_cross_entropy(&logits.unsqueeze(0)?, &targets.unsqueeze(0)?)?;
+    let at_t = |x: &Tensor| -> candle_core::Result<Tensor> {
+        let x = (x / t)?;
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        let shifted = x.broadcast_sub(&max)?;
+        let logsumexp = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+        shifted.broadcast_sub(&logsumexp)
+    };
+    let log_q = at_t(logits)?;
+    let log_p = at_t(&teacher_logits.detach())?;
+    // sum_v p (log p - log q), mean over rows
+    let kl = (log_p.exp()? * (log_p - log_q)?)?
+        .sum(D::Minus1)?
+        .mean_all()?;
+    let loss = ((&ce * mix.alpha)? + (&kl * ((1.0 - mix.alpha) * t * t))?)?;
+    let value = |x: &Tensor| -> candle_core::Result<f64> { x.to_dtype(CDType::F64)?.to_scalar() };
+    let parts = Parts {
+        ce: value(&ce)?,
+        kl: value(&kl)?,
+    };
+    Ok((loss, parts))
 }
 
 /// Rows of `logits` [B, T, V] as log-probabilities (for tests and generation).

@@ -12,9 +12,9 @@
 //! exp per logit; recomputing the logits in the backward instead would add a fourth matmul, the
 //! largest cost of the whole head (measured: slower than the composed loss).
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::{matmul, storage, with_float, Float, Mat, LANES};
@@ -33,16 +33,55 @@ pub fn linear_cross_entropy(
     targets: &[u32],
     scale: f64,
 ) -> candle_core::Result<Tensor> {
-    h.apply_op2(
-        w,
-        LinearCrossEntropy {
-            targets: targets.to_vec(),
-            scale,
-            want_dh: h.track_op(),
-            want_dw: w.track_op(),
-            grads: OnceLock::new(),
-        },
-    )
+    h.apply_op2(w, LinearCrossEntropy::new(h, w, targets, scale, None))
+}
+
+/// Logit distillation (Hinton et al. 2015) mixed with cross-entropy: the teacher's normed hidden
+/// states and lm_head, and the mix.
+#[derive(Clone)]
+pub struct Teacher {
+    /// (N, d_t): the teacher's hidden states after its final norm, for the student's N rows.
+    pub h: Tensor,
+    /// (V, d_t): the teacher's lm_head, over the student's vocabulary.
+    pub w: Tensor,
+    pub mix: Mix,
+}
+
+/// How the two losses mix: alpha CE + (1 - alpha) T^2 KL(teacher_T || student_T).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mix {
+    pub alpha: f64,
+    pub temperature: f64,
+}
+
+/// The two parts of a distillation loss, each `scale` x its sum over rows (nats).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Parts {
+    pub ce: f64,
+    pub kl: f64,
+}
+
+/// `scale` x the summed alpha CE + (1 - alpha) T^2 KL(softmax(z_t / T) || softmax(z_s / T)) of
+/// the student's logits z_s = h @ w^T against `targets` and the teacher's z_t = teacher.h @
+/// teacher.w^T, a block of rows at a time as [`linear_cross_entropy`]: neither model's
+/// [tokens, vocabulary] logits are ever held whole. Differentiable in h and w (the teacher gets no
+/// gradient); the scalar, and its two parts.
+pub fn linear_distillation(
+    h: &Tensor,
+    w: &Tensor,
+    teacher: &Teacher,
+    targets: &[u32],
+    scale: f64,
+) -> candle_core::Result<(Tensor, Parts)> {
+    let Mix { alpha, temperature } = teacher.mix;
+    if !((0.0..=1.0).contains(&alpha) && temperature.is_finite() && temperature > 0.0) {
+        bail!("distillation needs alpha in [0, 1] and a positive temperature, not {alpha} and {temperature}");
+    }
+    let op = LinearCrossEntropy::new(h, w, targets, scale, Some(teacher.clone()));
+    let parts = op.parts.clone();
+    let loss = h.apply_op2(w, op)?;
+    let parts = parts.get().copied().unwrap_or_default();
+    Ok((loss, parts))
 }
 
 /// -log softmax(h @ w^T)[target] of each row, in f64, without the logits or a gradient: h (N, d),
@@ -91,17 +130,25 @@ struct Wanted {
     dw: bool,
 }
 
-/// Each row's -log softmax(h @ w^T)[target], and [dh (N or 0 rows); dW (V or 0 rows)] of
-/// `wanted` (empty without), h (N, d), w (V, d).
+/// Each row's (cross-entropy, KL) in nats.
+type RowLosses = Vec<(f64, f64)>;
+
+/// The teacher's two matrices in a pass, (N, d_t) and (V, d_t), and the mix.
+type TeacherMats<'a, T> = (Mat<'a, T>, Mat<'a, T>, Mix);
+
+/// Each row's -log softmax(h @ w^T)[target] and, with a teacher, its KL(teacher_T ||
+/// student_T) (else 0); and [dh (N or 0 rows); dW (V or 0 rows)] of `wanted` (empty without),
+/// h (N, d), w (V, d).
 fn pass<T: Float>(
     h: Mat<T>,
     w: Mat<T>,
     targets: &[u32],
     wanted: Option<Wanted>,
-) -> candle_core::Result<(Vec<f64>, Vec<T>)> {
+    teacher: Option<TeacherMats<T>>,
+) -> candle_core::Result<(RowLosses, Vec<T>)> {
     let (n, v, d) = (h.rows, w.rows, h.cols);
     let block = block_rows(n, v);
-    let mut nll = vec![0f64; n];
+    let mut nll = vec![(0f64, 0f64); n];
     let dh_len = if wanted.is_some_and(|g| g.dh) {
         n * d
     } else {
@@ -115,18 +162,44 @@ fn pass<T: Float>(
     let mut grads = vec![T::zero(); dh_len + dw_len];
     let (dh, dw) = grads.split_at_mut(dh_len);
     let mut buf = vec![T::zero(); block.min(n) * v];
+    let mut teacher_buf = vec![
+        T::zero();
+        if teacher.is_some() {
+            block.min(n) * v
+        } else {
+            0
+        }
+    ];
     for r0 in (0..n).step_by(block) {
         let nr = block.min(n - r0);
         let hb = h.narrow_rows(r0, nr);
         let logits = &mut buf[..nr * v];
         // (nr, d) @ (d, V) -> (nr, V)
         matmul(logits, hb, w.t(), false)?;
-        let coef = wanted.map(|g| T::from_f64(g.coef));
-        logits
-            .par_chunks_mut(v)
-            .zip(nll[r0..r0 + nr].par_iter_mut())
-            .zip(targets[r0..r0 + nr].par_iter())
-            .for_each(|((row, nll), &t)| *nll = row_loss(row, t as usize, coef));
+        let coef = wanted.map(|g| g.coef);
+        let rows = nll[r0..r0 + nr]
+            .par_iter_mut()
+            .zip(targets[r0..r0 + nr].par_iter());
+        match teacher {
+            None => logits
+                .par_chunks_mut(v)
+                .zip(rows)
+                .for_each(|(row, (nll, &t))| {
+                    *nll = (row_loss(row, t as usize, coef.map(T::from_f64)), 0.0)
+                }),
+            Some((th, tw, mix)) => {
+                let teacher_logits = &mut teacher_buf[..nr * v];
+                // (nr, d_t) @ (d_t, V) -> (nr, V)
+                matmul(teacher_logits, th.narrow_rows(r0, nr), tw.t(), false)?;
+                logits
+                    .par_chunks_mut(v)
+                    .zip(teacher_logits.par_chunks_mut(v))
+                    .zip(rows)
+                    .for_each(|((row, teacher_row), (nll, &t))| {
+                        *nll = row_distill(row, teacher_row, t as usize, coef, mix)
+                    });
+            }
+        }
         let Some(wanted) = wanted else { continue };
         let dl = Mat::row_major(&*logits, nr, v);
         if wanted.dh {
@@ -167,6 +240,64 @@ fn row_loss<T: Float>(row: &mut [T], target: usize, coef: Option<T>) -> f64 {
     top.to_f64() + sum.ln() - picked
 }
 
+/// One row's cross-entropy -log softmax(s)[target] and KL(softmax(t / T) || softmax(s / T)),
+/// the student's logits `s` and the teacher's `t` (overwritten); with `coef`, `s` becomes coef x
+/// the gradient of alpha CE + (1 - alpha) T^2 KL: coef (alpha (softmax(s) - onehot) + (1 - alpha)
+/// T (softmax(s / T) - softmax(t / T))). With alpha 1 the CE and its gradient are bitwise those
+/// of [`row_loss`]; with t = s the KL and its gradient are exactly 0 (both softmaxes at T are
+/// formed and summed the same way).
+fn row_distill<T: Float>(
+    s: &mut [T],
+    t: &mut [T],
+    target: usize,
+    coef: Option<f64>,
+    mix: Mix,
+) -> (f64, f64) {
+    let (Some(&s0), Some(&t0)) = (s.first(), t.first()) else {
+        return (f64::NAN, f64::NAN);
+    };
+    let picked = s[target].to_f64();
+    let (top, teacher_top) = (lane_max(s, s0), lane_max(t, t0));
+    let inv_t = T::from_f64(1.0 / mix.temperature);
+    let at_t = |x: T, top: T| ((x - top) * inv_t).softmax_exp();
+    // The teacher at T in place, and sum_i e_i (t_i - s_i) for the KL's first term.
+    let mut cross = 0f64;
+    for (t, &s) in t.iter_mut().zip(s.iter()) {
+        let e = at_t(*t, teacher_top);
+        cross += e.to_f64() * (*t - s).to_f64();
+        *t = e;
+    }
+    let teacher_sum = lane_sum(t);
+    let mut scratch: Vec<T> = s.iter().map(|&x| at_t(x, top)).collect();
+    let student_sum_t = lane_sum(&scratch);
+    scratch
+        .iter_mut()
+        .zip(s.iter())
+        .for_each(|(e, &x)| *e = (x - top).softmax_exp());
+    let sum = lane_sum(&scratch);
+    let ce = top.to_f64() + sum.ln() - picked;
+    // sum_i p_i (log p_i - log q_i), log p_i = (t_i - t_top) / T - ln teacher_sum and log q_i =
+    // (s_i - top) / T - ln student_sum_t.
+    let kl = cross / (teacher_sum * mix.temperature)
+        - (teacher_top - top).to_f64() / mix.temperature
+        + student_sum_t.ln()
+        - teacher_sum.ln();
+    if let Some(c) = coef {
+        let ca = T::from_f64(c * mix.alpha);
+        let scale = ca / T::from_f64(sum);
+        let kd = T::from_f64(c * (1.0 - mix.alpha) * mix.temperature);
+        let (inv_q, inv_p) = (
+            T::from_f64(1.0 / student_sum_t),
+            T::from_f64(1.0 / teacher_sum),
+        );
+        for ((x, &e), &p) in s.iter_mut().zip(&scratch).zip(t.iter()) {
+            *x = e * scale + kd * (at_t(*x, top) * inv_q - p * inv_p);
+        }
+        s[target] -= ca;
+    }
+    (ce, kl)
+}
+
 /// The largest of `row` and `start` by `>` (so never a NaN), in [`LANES`] running maxima: one
 /// chain of compares waits on each.
 fn lane_max<T: Float>(row: &[T], start: T) -> T {
@@ -203,6 +334,23 @@ struct LinearCrossEntropy {
     want_dw: bool,
     /// [dh; dW] from the forward, for the backward to scale.
     grads: OnceLock<Tensor>,
+    teacher: Option<Teacher>,
+    /// The loss's parts, from the forward, for the caller.
+    parts: Arc<OnceLock<Parts>>,
+}
+
+impl LinearCrossEntropy {
+    fn new(h: &Tensor, w: &Tensor, targets: &[u32], scale: f64, teacher: Option<Teacher>) -> Self {
+        LinearCrossEntropy {
+            targets: targets.to_vec(),
+            scale,
+            want_dh: h.track_op(),
+            want_dw: w.track_op(),
+            grads: OnceLock::new(),
+            teacher,
+            parts: Arc::default(),
+        }
+    }
 }
 
 impl CustomOp2 for LinearCrossEntropy {
@@ -222,9 +370,35 @@ impl CustomOp2 for LinearCrossEntropy {
             dh: self.want_dh,
             dw: self.want_dw,
         });
-        let value = with_float!(self.name(), s1, [s1, s2], |T| {
+        // The teacher's storages, read-locked for the pass (the student's `s1` stands in).
+        let teacher = self.teacher.as_ref().map(|t| {
+            let ((hs, hl), (ws, wl)) = (t.h.storage_and_layout(), t.w.storage_and_layout());
+            (hs, hl.clone(), ws, wl.clone(), t.mix)
+        });
+        let (th, tw) = match &teacher {
+            Some((hs, _, ws, _, _)) => match (&**hs, &**ws) {
+                (Storage::Cpu(h), Storage::Cpu(w)) => (h, w),
+                _ => bail!("{}: the teacher is not on the CPU", self.name()),
+            },
+            None => (s1, s2),
+        };
+        let value = with_float!(self.name(), s1, [s1, s2, th, tw], |T| {
             let (h, w) = operands(self.name(), s1, l1, s2, l2, &self.targets)?;
-            let (nll, grads) = pass::<T>(h, w, &self.targets, wanted)?;
+            let teacher_mats = match &teacher {
+                Some((_, hl, _, wl, mix)) => {
+                    let (th, tw) = operands(self.name(), th, hl, tw, wl, &self.targets)?;
+                    if tw.rows != w.rows {
+                        bail!(
+                            "the teacher's vocabulary of {} is not the student's {}",
+                            tw.rows,
+                            w.rows
+                        );
+                    }
+                    Some((th, tw, *mix))
+                }
+                None => None,
+            };
+            let (rows, grads) = pass::<T>(h, w, &self.targets, wanted, teacher_mats)?;
             if wanted.is_some() {
                 let rows = grads.len() / h.cols.max(1);
                 let grads = Tensor::from_vec(grads, (rows, h.cols), &Device::Cpu)?;
@@ -232,7 +406,22 @@ impl CustomOp2 for LinearCrossEntropy {
                 let _ = self.grads.set(grads);
             }
             // Summed in row order in f64: the same bits whatever the thread count.
-            let total: f64 = nll.iter().sum();
+            let (ce, kl) = rows
+                .iter()
+                .fold((0f64, 0f64), |(a, b), (ce, kl)| (a + ce, b + kl));
+            let total = match &self.teacher {
+                None => ce,
+                Some(t) => {
+                    let (alpha, tt) = (t.mix.alpha, t.mix.temperature);
+                    rows.iter()
+                        .map(|(ce, kl)| alpha * ce + (1.0 - alpha) * tt * tt * kl)
+                        .sum()
+                }
+            };
+            let _ = self.parts.set(Parts {
+                ce: ce * self.scale,
+                kl: kl * self.scale,
+            });
             storage(vec![<T as candle_core::WithDType>::from_f64(
                 total * self.scale,
             )])
@@ -282,7 +471,8 @@ impl CustomOp2 for NllRows<'_> {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let nll = with_float!(self.name(), s1, [s1, s2], |T| {
             let (h, w) = operands(self.name(), s1, l1, s2, l2, self.targets)?;
-            pass::<T>(h, w, self.targets, None)?.0
+            let rows = pass::<T>(h, w, self.targets, None, None)?.0;
+            rows.into_iter().map(|(nll, _)| nll).collect::<Vec<f64>>()
         });
         let n = nll.len();
         Ok((CpuStorage::F64(nll), Shape::from(n)))
