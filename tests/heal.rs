@@ -6,12 +6,13 @@ mod common;
 
 use std::path::Path;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use common::{assert_refused, listing, stderr, stdout, surgery};
 use serde_json::Value;
 use surgery::heal::train::mean_cross_entropy;
 use surgery::model::params::{Param, Train};
-use surgery::model::{InitialState, Model};
+use surgery::model::{InitialState, Mix, Model};
 use surgery::source::SourceModel;
 use surgery::synth::{self, SynthSpec};
 
@@ -137,26 +138,16 @@ fn set_element(p: &Param, i: usize, value: f64) {
         .unwrap();
 }
 
-#[test]
-fn gradients_agree_with_finite_differences_in_f64() {
-    let dir = tempfile::tempdir().unwrap();
-    setup(dir.path());
-    let source = SourceModel::open(&dir.path().join("rec")).unwrap();
-    let mut model = Model::load(&source, &Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap();
-    let params = model.trainable(Train::All, false).unwrap();
-    let loss = |m: &Model| loss_of(m, 2, 0).to_scalar::<f64>().unwrap();
-    let grads = loss_of(&model, 2, 0).backward().unwrap();
-    let wanted = [
-        "transformer.adapter.weight",
-        "transformer.core_block.1.attn.Wqkv.weight",
-        "transformer.core_block.0.norm_1.weight",
-        "transformer.wte.weight",
-    ];
+/// The gradient in `grads` of three elements of each parameter named in `wanted` (the largest and
+/// the next two) against central differences of `loss`, in f64.
+fn assert_finite_differences(
+    params: &[Param],
+    grads: &GradStore,
+    wanted: &[&str],
+    loss: &mut dyn FnMut() -> f64,
+) {
     let h = 1e-5;
-    for name in wanted {
+    for &name in wanted {
         let p = params
             .iter()
             .find(|p| p.name == name)
@@ -174,9 +165,9 @@ fn gradients_agree_with_finite_differences_in_f64() {
         for &i in &order[..3] {
             let w = element(p, i);
             set_element(p, i, w + h);
-            let up = loss(&model);
+            let up = loss();
             set_element(p, i, w - h);
-            let down = loss(&model);
+            let down = loss();
             set_element(p, i, w);
             let numeric = (up - down) / (2.0 * h);
             let rel = (numeric - g[i]).abs() / g[i].abs().max(1e-12);
@@ -190,6 +181,76 @@ fn gradients_agree_with_finite_differences_in_f64() {
                 g[i]
             );
         }
+    }
+}
+
+/// The f64 model of `d/rec`, and its trainable parameters.
+fn f64_model(d: &Path, dir: &str) -> (Model, Vec<Param>) {
+    let source = SourceModel::open(&d.join(dir)).unwrap();
+    let mut model = Model::load(&source, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let params = model.trainable(Train::All, false).unwrap();
+    (model, params)
+}
+
+const CHECKED: [&str; 4] = [
+    "transformer.adapter.weight",
+    "transformer.core_block.1.attn.Wqkv.weight",
+    "transformer.core_block.0.norm_1.weight",
+    "transformer.wte.weight",
+];
+
+#[test]
+fn gradients_agree_with_finite_differences_in_f64() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let (model, params) = f64_model(dir.path(), "rec");
+    let grads = loss_of(&model, 2, 0).backward().unwrap();
+    let mut loss = || loss_of(&model, 2, 0).to_scalar::<f64>().unwrap();
+    assert_finite_differences(&params, &grads, &CHECKED, &mut loss);
+}
+
+#[test]
+fn the_distillation_gradient_agrees_with_finite_differences_in_f64() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    // The teacher: another cut of the same source, its adapter noisier.
+    let args = [
+        "apply",
+        "src",
+        "--shape",
+        "1,2,1",
+        "--adapter-noise",
+        "0.3",
+        "--out",
+        "other",
+        "-q",
+    ];
+    let o = surgery(dir.path(), &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (model, params) = f64_model(dir.path(), "rec");
+    let (mut teacher, _) = f64_model(dir.path(), "other");
+    let (ids, targets) = batch();
+    for alpha in [0.0, 0.5] {
+        let mix = Mix {
+            alpha,
+            temperature: 2.0,
+        };
+        let taught = teacher
+            .teacher(&ids, 2, InitialState::Seeded(5), mix)
+            .unwrap();
+        let loss_parts = || {
+            model
+                .loss_parts(&ids, &targets, 2, 0, InitialState::Seeded(5), Some(&taught))
+                .unwrap()
+        };
+        let (value, parts) = loss_parts();
+        assert!(parts.kl > 0.0, "{parts:?}");
+        let grads = value.backward().unwrap();
+        let mut loss = || loss_parts().0.to_scalar::<f64>().unwrap();
+        assert_finite_differences(&params, &grads, &CHECKED, &mut loss);
     }
 }
 
