@@ -413,6 +413,7 @@ fn heal_config(model: &Path, fixture: &FixturePaths, out: &Path, steps: u64) -> 
         checkpoint_every: 0,
         kernels: Default::default(),
         distill: None,
+        lora: None,
     }
 }
 

@@ -11,7 +11,7 @@ use surgery::heal::train::{
     run, CurriculumKind, HealConfig, Observer, OptimizerKind, SamplerKind, StepMetrics,
 };
 use surgery::heal::{output, place};
-use surgery::model::params::Train;
+use surgery::model::params::{Lora, Train};
 use surgery::model::Kernels;
 
 use super::Global;
@@ -135,6 +135,11 @@ pub struct HealArgs {
     /// T: the temperature both models' predictions are softened by.
     #[arg(long, default_value_t = 2.0, requires = "distill")]
     pub distill_temperature: f64,
+    /// Train low-rank updates (rank RANK, scaled by ALPHA / RANK; ALPHA defaults to RANK) of the
+    /// block matrices --train selects, their weights and the embeddings and norms frozen (the
+    /// adapter still trains whole); the written checkpoint has the updates merged in.
+    #[arg(long, value_name = "RANK[:ALPHA]")]
+    pub lora: Option<Lora>,
 }
 
 impl HealArgs {
@@ -175,6 +180,7 @@ impl HealArgs {
             eval_tokens: self.eval_tokens,
             checkpoint_every: self.checkpoint_every,
             kernels: self.kernels,
+            lora: self.lora,
             distill: self.distill.clone().map(|teacher| DistillConfig {
                 teacher,
                 alpha: self.distill_alpha,

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::eval::data::read_tokens;
 use crate::eval::perplexity::perplexity;
 use crate::formats::text_tokenizer::TextTokenizer;
-use crate::model::params::{Param, ParamKind, Train};
+use crate::model::params::{Lora, Param, ParamKind, Train};
 use crate::model::{InitialState, Kernels, Model};
 use crate::source::SourceModel;
 
@@ -139,6 +139,10 @@ pub struct HealConfig {
     /// `--distill`: the teacher and the mix; absent, cross-entropy alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distill: Option<DistillConfig>,
+    /// `--lora`: low-rank updates of the block matrices, their bases frozen; absent, the
+    /// selected weights train whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<Lora>,
 }
 
 /// Corpora of up to this many tokens (16 MiB of token ids, about 16 MB of English text) are read
@@ -226,6 +230,28 @@ impl HealConfig {
         }
         if let Some(d) = &self.distill {
             d.validate()?;
+        }
+        if let Some(l) = self.lora {
+            if l.rank == 0 || !(l.alpha.is_finite() && l.alpha > 0.0) {
+                return bad(format!(
+                    "--lora {}:{} needs a rank of at least 1 and a positive alpha",
+                    l.rank, l.alpha
+                ));
+            }
+            if self.train == Train::Adapter {
+                return bad(
+                    "--lora trains low-rank updates of block matrices, and --train adapter \
+                     trains none; leave out --lora to train the adapter"
+                        .into(),
+                );
+            }
+            if self.init_random {
+                return bad(
+                    "--lora keeps the weights frozen, and --init random redraws them; \
+                     a random-init baseline trains in full"
+                        .into(),
+                );
+            }
         }
         Ok(())
     }
@@ -443,7 +469,19 @@ pub fn run(
     if cfg.init_random {
         model.reinitialize(cfg.seed, cfg.static_baseline)?;
     }
-    let params = model.trainable(cfg.train, cfg.static_baseline)?;
+    let params = match cfg.lora {
+        Some(lora) => {
+            if lora.rank > source.config.hidden {
+                return Err(HealError::Invalid(format!(
+                    "--lora {}: the rank exceeds the hidden size {}; a full heal (no --lora) \
+                     trains fewer numbers",
+                    lora.rank, source.config.hidden
+                )));
+            }
+            model.trainable_lora(cfg.train, lora, cfg.seed, cfg.static_baseline)?
+        }
+        None => model.trainable(cfg.train, cfg.static_baseline)?,
+    };
     let mut optimizer = Optimizer::new(groups(&params, cfg))?;
     let (mut step, mut cursor) = (0u64, 0u64);
     if let Some(dir) = resume {

@@ -6,7 +6,8 @@ use candle_core::{Tensor, Var};
 use crate::arch::{LayerRole, Naming, Role};
 
 use super::block::Norms;
-use super::{Model, ModelError, Result};
+use super::weight::LowRank;
+use super::{Model, ModelError, Result, Weight};
 
 /// Which parameters `heal` trains; the rest stay frozen.
 #[derive(
@@ -19,6 +20,38 @@ pub enum Train {
     Core,
     /// The adapter only.
     Adapter,
+}
+
+/// `heal --lora RANK[:ALPHA]`: low-rank updates of the block matrices, scaled by alpha / rank.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lora {
+    pub rank: usize,
+    pub alpha: f64,
+}
+
+impl std::str::FromStr for Lora {
+    type Err = String;
+
+    /// `RANK` (alpha = rank: the update at scale 1) or `RANK:ALPHA`.
+    fn from_str(s: &str) -> std::result::Result<Lora, String> {
+        let (rank, alpha) = s.split_once(':').unwrap_or((s, ""));
+        let rank: usize = rank
+            .parse()
+            .ok()
+            .filter(|&r| r >= 1)
+            .ok_or_else(|| format!("{s:?}: RANK must be a whole number of at least 1"))?;
+        let alpha = if alpha.is_empty() {
+            rank as f64
+        } else {
+            alpha
+                .parse::<f64>()
+                .ok()
+                .filter(|a| a.is_finite() && *a > 0.0)
+                .ok_or_else(|| format!("{s:?}: ALPHA must be a positive number"))?
+        };
+        Ok(Lora { rank, alpha })
+    }
 }
 
 /// What kind of parameter this is: the optimizer split follows it (REFERENCE.md: Muon on every
@@ -131,6 +164,91 @@ impl Model {
                 let var = Var::from_tensor(tensor)?;
                 *tensor = var.as_tensor().clone();
                 params.push(Param { name, kind, var });
+            }
+        }
+        Ok(params)
+    }
+
+    /// `heal --lora`: the block matrices `which` selects (prelude, core and coda for `all`, the
+    /// core's for `core`) get a low-rank update B A of `lora.rank`, A uniform in +-1/sqrt(in)
+    /// from a ChaCha8 generator seeded with `seed` and B zero, so that the model computes exactly
+    /// what it did; their bases and every other weight stay frozen, except the adapter, which
+    /// trains whole as `which` and `frozen_adapter` say. Returns what trains: A and B of each
+    /// matrix (named `<matrix>.lora_a`, `.lora_b`) and the adapter.
+    pub fn trainable_lora(
+        &mut self,
+        which: Train,
+        lora: Lora,
+        seed: u64,
+        frozen_adapter: bool,
+    ) -> Result<Vec<Param>> {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let shape = self.config.recurrent.ok_or_else(|| {
+            ModelError::Invalid("only a recurrent model has named parameters to train".into())
+        })?;
+        let naming = Naming::Raven(self.config.family, shape);
+        let mut params = Vec::new();
+        if let Some(adapter) = &mut self.adapter {
+            if matches!(which, Train::All | Train::Adapter) && !frozen_adapter {
+                let var = Var::from_tensor(adapter.dense()?)?;
+                *adapter = Weight::Dense(var.as_tensor().clone());
+                let name = naming.name(Role::Adapter).unwrap_or_default();
+                params.push(Param {
+                    name,
+                    kind: ParamKind::Matrix,
+                    var,
+                });
+            }
+        }
+        let blocks = self
+            .prelude
+            .iter_mut()
+            .map(|b| (Part::Prelude, b))
+            .chain(self.core.iter_mut().map(|b| (Part::Core, b)))
+            .chain(self.coda.iter_mut().map(|b| (Part::Coda, b)));
+        for (i, (part, block)) in blocks.enumerate() {
+            let low_rank = match which {
+                Train::All => true,
+                Train::Core => part == Part::Core,
+                Train::Adapter => false,
+            };
+            if !low_rank {
+                continue;
+            }
+            let matrices = [
+                (LayerRole::Qkv, &mut block.wqkv),
+                (LayerRole::O, &mut block.wo),
+                (LayerRole::GateUp, &mut block.w_gate_up),
+                (LayerRole::Down, &mut block.w_down),
+            ];
+            for (role, weight) in matrices {
+                let name = naming.name(Role::Layer(i, role)).unwrap_or_default();
+                let (out, inp) = (weight.dim(0)?, weight.dim(1)?);
+                let bound = 1.0 / (inp as f32).sqrt();
+                let a: Vec<f32> = (0..lora.rank * inp)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect();
+                let device = self.embed.device();
+                let dtype = self.embed.dtype();
+                let a = Var::from_tensor(
+                    &Tensor::from_vec(a, (lora.rank, inp), device)?.to_dtype(dtype)?,
+                )?;
+                let b = Var::from_tensor(&Tensor::zeros((out, lora.rank), dtype, device)?)?;
+                let base = std::mem::replace(weight, Weight::Quantized(vec![]));
+                *weight = Weight::LowRank(Box::new(LowRank {
+                    base,
+                    a: a.as_tensor().clone(),
+                    b: b.as_tensor().clone(),
+                    scale: lora.alpha / lora.rank as f64,
+                }));
+                for (suffix, var) in [("lora_a", a), ("lora_b", b)] {
+                    params.push(Param {
+                        name: format!("{name}.{suffix}"),
+                        kind: ParamKind::Matrix,
+                        var,
+                    });
+                }
             }
         }
         Ok(params)

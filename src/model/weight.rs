@@ -40,6 +40,18 @@ pub enum Weight {
     /// The stored tensors whose rows make up the matrix, in order (q, k, v for a fused
     /// projection; one tensor otherwise), each multiplied on its own.
     Quantized(Vec<Part>),
+    /// A frozen base and a trainable low-rank update (`heal --lora`): base + scale B A.
+    LowRank(Box<LowRank>),
+}
+
+/// W x + scale B (A x): LoRA (Hu et al. 2021) over any base weight, dense or block-quantized.
+pub struct LowRank {
+    pub base: Weight,
+    /// (rank, in)
+    pub a: Tensor,
+    /// (out, rank); zeros at the start, so that the update is exactly 0 there.
+    pub b: Tensor,
+    pub scale: f64,
 }
 
 pub enum Part {
@@ -157,6 +169,11 @@ impl Weight {
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 Tensor::cat(&outs, D::Minus1)
             }),
+            Weight::LowRank(l) => {
+                // (.., in) -> (.., rank) -> (.., out)
+                let update = block::linear(&block::linear(x, &l.a)?, &l.b)?;
+                l.base.forward(x)? + (update * l.scale)?
+            }
         }
     }
 
@@ -166,21 +183,32 @@ impl Weight {
             Weight::Dense(w) => w.dim(axis),
             Weight::Quantized(parts) if axis == 0 => Ok(parts.iter().map(Part::rows).sum()),
             Weight::Quantized(parts) => Ok(parts.first().map_or(0, Part::cols)),
+            Weight::LowRank(l) => l.base.dim(axis),
         }
     }
 
-    /// The values, dequantizing a quantized weight in place first (to train or save it).
+    /// The values, dequantizing a quantized weight in place first (to train or save it), and
+    /// merging a low-rank update into its base (the merged values become the weight).
     pub fn dense(&mut self) -> Result<&mut Tensor> {
-        if let Weight::Quantized(parts) = self {
-            let values = parts
-                .iter()
-                .map(Part::dequantize)
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            *self = Weight::Dense(Tensor::cat(&values, 0)?);
+        match self {
+            Weight::Dense(_) => {}
+            Weight::Quantized(parts) => {
+                let values = parts
+                    .iter()
+                    .map(Part::dequantize)
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                *self = Weight::Dense(Tensor::cat(&values, 0)?);
+            }
+            Weight::LowRank(l) => {
+                // (out, rank) @ (rank, in) -> (out, in)
+                let update = (l.b.matmul(&l.a)? * l.scale)?;
+                let merged = (l.base.dense()?.as_ref() + update)?.detach();
+                *self = Weight::Dense(merged);
+            }
         }
         match self {
             Weight::Dense(w) => Ok(w),
-            Weight::Quantized(_) => unreachable!("dequantized above"),
+            _ => unreachable!("made dense above"),
         }
     }
 }
