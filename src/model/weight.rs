@@ -202,7 +202,7 @@ impl Weight {
             Weight::LowRank(l) => {
                 // (out, rank) @ (rank, in) -> (out, in)
                 let update = (l.b.matmul(&l.a)? * l.scale)?;
-                let merged = (l.base.dense()?.as_ref() + update)?.detach();
+                let merged = (&*l.base.dense()? + update)?.detach();
                 *self = Weight::Dense(merged);
             }
         }
