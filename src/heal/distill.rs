@@ -53,12 +53,14 @@ impl DistillConfig {
 }
 
 /// Opens and loads the teacher of `student` (the heal run's model, opened), refusing one whose
-/// tokenizer or vocabulary is not the student's. `note` hears when the teacher is not the source
-/// the student was cut from, as its config.json records it.
+/// tokenizer or vocabulary is not the student's, or that cannot run a pass of `window` (micro
+/// batch, sequence length). `note` hears when the teacher is not the source the student was cut
+/// from, as its config.json records it.
 pub fn load_teacher(
     cfg: &DistillConfig,
     student: &SourceModel,
     tokenizer: &TextTokenizer,
+    window: (usize, usize),
     kernels: Kernels,
     device: &Device,
     note: &mut dyn FnMut(&str),
@@ -90,6 +92,7 @@ pub fn load_teacher(
             ));
         }
     }
+    crate::model::memory::check_pass(&teacher.config, window.0, window.1, device)?;
     let mut model = Model::load(&teacher, device)?;
     model.set_kernels(kernels);
     Ok(model)

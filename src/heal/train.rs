@@ -447,39 +447,31 @@ pub fn run(
 
     // Training keeps more than one pass's activations for the backward; the bound of one pass
     // at least refuses a window that cannot fit at all before the weights are loaded.
-    crate::model::memory::check_pass(&source.config, cfg.micro_batch, cfg.seq_len, device)?;
-    let mut model = Model::load(&source, device)?;
-    model.set_kernels(cfg.kernels);
+    let window = (cfg.micro_batch, cfg.seq_len);
+    crate::model::memory::check_pass(&source.config, window.0, window.1, device)?;
+    if let Some(lora) = cfg.lora.filter(|l| l.rank > source.config.hidden) {
+        return Err(HealError::Invalid(format!(
+            "--lora {}: the rank exceeds the hidden size {}; a full heal (no --lora) trains \
+             fewer numbers",
+            lora.rank, source.config.hidden
+        )));
+    }
     let mut teacher = match &cfg.distill {
         Some(d) => {
-            crate::model::memory::check_pass(
-                &SourceModel::open(&d.teacher)?.config,
-                cfg.micro_batch,
-                cfg.seq_len,
-                device,
-            )?;
             let mut note = |text: &str| observer.note(text);
-            Some((
-                load_teacher(d, &source, &tokenizer, cfg.kernels, device, &mut note)?,
-                d.mix(),
-            ))
+            let kernels = cfg.kernels;
+            let t = load_teacher(d, &source, &tokenizer, window, kernels, device, &mut note)?;
+            Some((t, d.mix()))
         }
         None => None,
     };
+    let mut model = Model::load(&source, device)?;
+    model.set_kernels(cfg.kernels);
     if cfg.init_random {
         model.reinitialize(cfg.seed, cfg.static_baseline)?;
     }
     let params = match cfg.lora {
-        Some(lora) => {
-            if lora.rank > source.config.hidden {
-                return Err(HealError::Invalid(format!(
-                    "--lora {}: the rank exceeds the hidden size {}; a full heal (no --lora) \
-                     trains fewer numbers",
-                    lora.rank, source.config.hidden
-                )));
-            }
-            model.trainable_lora(cfg.train, lora, cfg.seed, cfg.static_baseline)?
-        }
+        Some(lora) => model.trainable_lora(cfg.train, lora, cfg.seed, cfg.static_baseline)?,
         None => model.trainable(cfg.train, cfg.static_baseline)?,
     };
     let mut optimizer = Optimizer::new(groups(&params, cfg))?;
