@@ -13,7 +13,7 @@ use common::{stderr, surgery};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
-use surgery::model::fused::{norm, rope, swiglu, xent};
+use surgery::model::fused::{linear, norm, rope, swiglu, xent};
 use surgery::model::params::Train;
 use surgery::model::{composed, InitialState, Kernels, Mix, Model, Teacher};
 use surgery::source::SourceModel;
@@ -432,6 +432,37 @@ fn distillation_with_alpha_one_is_the_cross_entropy_and_from_itself_is_zero() {
     for g in grads_of(&zero) {
         assert!(g.iter().all(|&x| x == 0.0), "a non-zero gradient");
     }
+}
+
+#[test]
+fn frozen_linear_equals_the_matmul_and_forms_no_gradient_for_the_matrix() {
+    for (n, i, o, seed) in [(7, 5, 11, 1), (1, 3, 4, 2), (130, 64, 96, 3)] {
+        let x = random(&[n, i], seed, DType::F32);
+        let w = random(&[o, i], seed + 1, DType::F32).as_tensor().detach();
+        let fused = |t: &[Tensor]| linear::frozen_linear(&t[0], &w);
+        let reference = |t: &[Tensor]| t[0].matmul(&w.t()?);
+        let inputs = [x];
+        assert_same_op(
+            &format!("frozen_linear ({n}, {i}) x ({o}, {i})"),
+            &fused,
+            &reference,
+            &inputs,
+            &[0],
+        );
+        // The same values bit for bit: the same gemm product on the same strides.
+        let t = [inputs[0].as_tensor().clone()];
+        assert_eq!(values(&fused(&t).unwrap()), values(&reference(&t).unwrap()));
+        let grads = fused(&t).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&w).is_none(), "a gradient for the frozen matrix");
+    }
+    let w = random(&[3, 4], 9, DType::F64).as_tensor().detach();
+    let fused = |t: &[Tensor]| linear::frozen_linear(&t[0], &w);
+    assert_finite_differences(
+        "frozen_linear",
+        &fused,
+        &[random(&[5, 4], 8, DType::F64)],
+        &[0],
+    );
 }
 
 #[test]

@@ -72,9 +72,18 @@ pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// x @ w^T for x (..., in) and w (out, in): (..., in) -> (..., out). Flattened to one 2-D matmul,
-/// because broadcasting w over the batch makes its gradient a batch of full-size copies.
+/// because broadcasting w over the batch makes its gradient a batch of full-size copies. A frozen
+/// w under a tracked x (on the CPU) goes through [`fused::linear::frozen_linear`], whose backward
+/// forms no dW.
 pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    on_rows(x, w.dim(0)?, |rows| rows.matmul(&w.t()?))
+    let frozen = x.track_op() && !w.track_op() && Kernels::Fused.fused_for(x);
+    on_rows(x, w.dim(0)?, |rows| {
+        if frozen && w.dtype() == x.dtype() {
+            fused::linear::frozen_linear(rows, w)
+        } else {
+            rows.matmul(&w.t()?)
+        }
+    })
 }
 
 /// `f` applied to `x` (..., in) flattened to rows (n, in), giving (n, out): (..., out).

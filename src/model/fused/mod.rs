@@ -8,6 +8,7 @@
 //! walk over a strided layout, and a bounds-checked matrix product on slices (the `gemm` crate
 //! candle itself multiplies with).
 
+pub mod linear;
 pub mod norm;
 pub mod rope;
 pub mod swiglu;
