@@ -13,10 +13,7 @@ fn demo_runs_every_stage_and_the_healed_model_uses_its_loop() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     // Run from an unrelated directory: the fixture is embedded in the binary.
-    let o = surgery(
-        d,
-        &["demo", "--out", "run", "--json", "-q"],
-    );
+    let o = surgery(d, &["demo", "--out", "run", "--json", "-q"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stderr(&o), "", "--quiet prints nothing on stderr");
     let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
