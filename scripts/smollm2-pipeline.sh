@@ -11,6 +11,8 @@
 #   5. export it as a q8_0 GGUF of our recurrent architecture and evaluate the GGUF at the same r;
 #   6. heal the static pruned (4,8,4) model (--static) with the training FLOPs the recurrent run
 #      spent, counted from its own recurrence draws, and evaluate it;
+#   6b. heal the identity (4,8,4) model again with the same steps, data and seed, distilled from
+#      the source (--distill, alpha 0.5, T 2), and evaluate it at the same r;
 #   7. write docs/RESULTS.md above the marker line (everything from the marker on is kept as it is)
 #      with the tables, the commands, the machine and the date, and the PNG plots under docs/img/.
 #
@@ -29,10 +31,10 @@
 #   NICE=10           niceness of every run of the binary
 #   SKIP_BUILD=1      use the existing target/release/surgery
 #   DOC_ONLY=1        run nothing; rewrite the document from what WORKDIR holds
-#   PARTS="cut heal gguf f32 static shape2 doc"   the parts to run (default all): the (4,8,4) cut
-#                     and its evaluations before healing, the heal, the q8_0 GGUF, the f32 GGUF, the
-#                     static baseline, the second shape, the document; e.g. PARTS=shape2 alongside
-#                     a run of the others
+#   PARTS="cut heal gguf f32 static distill shape2 doc"   the parts to run (default all): the
+#                     (4,8,4) cut and its evaluations before healing, the heal, the q8_0 GGUF, the
+#                     f32 GGUF, the static baseline, the distilled heal, the second shape, the
+#                     document; e.g. PARTS=shape2 alongside a run of the others
 #   GGUF_RECURRENCE=1,2,4,8,16   the r at which the q8_0 GGUF is evaluated
 set -euo pipefail
 # Everything runs inside main, which bash parses whole before running it, and the line that calls
@@ -54,7 +56,7 @@ heal_eval_tokens=${HEAL_EVAL_TOKENS:-1024}
 shape2=${SHAPE2:-8,4,8}
 results=${RESULTS:-docs/RESULTS.md}
 niceness=${NICE:-10}
-parts=" ${PARTS:-cut heal gguf f32 static shape2 doc} "
+parts=" ${PARTS:-cut heal gguf f32 static distill shape2 doc} "
 marker='<!-- Sections below are not written by scripts/smollm2-pipeline.sh -->'
 
 if [[ -f $results ]] && ! grep -qxF "$marker" "$results"; then
@@ -227,6 +229,13 @@ if part static; then
     stage heal-static "$work/heal-static.json" --stdout "$bin" heal "$work/4-8-4-identity" \
         --static --out "$work/static" --steps "$static_steps" --force "${train[@]}"
     evaluate static "$work/static" --recurrence 1
+fi
+
+if part distill; then
+    stage heal-distill "$work/heal-distill.json" --stdout "$bin" heal "$work/4-8-4-identity" \
+        --out "$work/distilled" --steps "$steps" --curriculum 1-sqrt --max-mean-recurrence 4 \
+        --distill "$model" --force "${train[@]}"
+    evaluate distilled "$work/distilled" --recurrence "$rs" --plot "$work/img/distilled.png"
 fi
 
 if part shape2; then
@@ -420,6 +429,40 @@ for p in [copy_plot("img/healed.png", "smollm2-healed.png"),
     if p:
         w(p)
 w("")
+
+# --- distillation
+dm = metrics("distilled")
+w("## SmolLM2-135M (4,8,4): cross-entropy against distillation from the source, at equal tokens\n")
+if dm:
+    w(f"The same identity-initialized (4,8,4) model, healed again with the same {len(dm)} steps, data, "
+      f"seed and curriculum, its loss 0.5 CE + 0.5 x 2^2 KL(source_2 || student_2) (`--distill`, the "
+      f"source GGUF as teacher, run as stored): {seconds('heal-distill') or 0} s here against "
+      f"{seconds('heal-4-8-4') or 0} s for cross-entropy alone. At its last step CE "
+      f"{dm[-1]['ce']:.3f} and KL {dm[-1]['kl']:.3f} nats per token (the CE run's last training loss: "
+      f"{hm[-1]['loss'] if hm else float('nan'):.3f}).\n")
+w("Recovery is 1 - (loss_healed - loss_source) / (loss_pruned - loss_source) in nats (1: the")
+w("source's perplexity, 0: the pruned static model's, below 0: worse than it), against the (4,8,4)")
+w("pruned static model before healing.\n")
+pr, dr = rows("4-8-4-pruned"), rows("distilled")
+w("| r | healed, CE: perplexity | recovery | healed, distilled: perplexity | recovery |")
+w("|---|---|---|---|---|")
+def recovery(x):
+    if not (src and pr):
+        return "-"
+    ls, lp = src["-"]["loss"], pr["-"]["loss"]
+    return f"{1 - (x['loss'] - ls) / (lp - ls):.3f}"
+for r in sorted(set(he) | set(dr), key=lambda r: (isinstance(r, str), r)):
+    a, b = he.get(r), dr.get(r)
+    w(f"| {r} | {ppl(a['perplexity']) if a else '-'} | {recovery(a) if a else '-'} | "
+      f"{ppl(b['perplexity']) if b else '-'} | {recovery(b) if b else '-'} |")
+if sr:
+    s1 = sr[1] if 1 in sr else sr["-"]
+    w(f"\nThe static pruned model healed with the CE run's training FLOPs: perplexity {ppl(s1['perplexity'])}, "
+      f"recovery {recovery(s1)}.")
+w("")
+p = copy_plot("distilled/curves.png", "smollm2-distilled-curves.png")
+if p:
+    w(p + "\n")
 
 # --- GGUF
 w("## The healed (4,8,4) model as a q8_0 GGUF against its safetensors checkpoint\n")

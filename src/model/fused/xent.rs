@@ -162,14 +162,8 @@ fn pass<T: Float>(
     let mut grads = vec![T::zero(); dh_len + dw_len];
     let (dh, dw) = grads.split_at_mut(dh_len);
     let mut buf = vec![T::zero(); block.min(n) * v];
-    let mut teacher_buf = vec![
-        T::zero();
-        if teacher.is_some() {
-            block.min(n) * v
-        } else {
-            0
-        }
-    ];
+    let teacher_rows = if teacher.is_some() { block.min(n) } else { 0 };
+    let mut teacher_buf = vec![T::zero(); teacher_rows * v];
     for r0 in (0..n).step_by(block) {
         let nr = block.min(n - r0);
         let hb = h.narrow_rows(r0, nr);
