@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{assert_refused, noisy_recurrent_cut, stderr, surgery};
+use common::{assert_refused, metrics, noisy_recurrent_cut, stderr, surgery};
 use serde_json::Value;
 
 const TEXT: &str = "In the beginning God created the heaven and the earth. And the earth was without form, and void; and darkness was upon the face of the deep.";
@@ -51,11 +51,7 @@ fn heal(d: &Path, out: &str, steps: &str, extra: &[&str]) -> Vec<Value> {
     a.push("-q");
     let o = surgery(d, &a);
     assert!(o.status.success(), "{a:?}: {}", stderr(&o));
-    std::fs::read_to_string(d.join(out).join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    metrics(&d.join(out))
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
-use common::{assert_refused, listing, stderr, stdout, surgery};
+use common::{assert_refused, listing, metrics, stderr, stdout, surgery};
 use serde_json::Value;
 use surgery::heal::train::mean_cross_entropy;
 use surgery::model::params::{Param, Train};
@@ -282,14 +282,6 @@ fn heal(d: &Path, out: &str, extra: &[&str]) -> std::process::Output {
     ];
     args.extend_from_slice(extra);
     surgery(d, &args)
-}
-
-fn metrics(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[test]

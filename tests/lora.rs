@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use common::{assert_refused, noisy_recurrent_cut, stderr, surgery};
+use common::{assert_refused, metrics, noisy_recurrent_cut, stderr, surgery};
 use serde_json::Value;
 use surgery::formats::safetensors::SafetensorsFile;
 use surgery::heal::optim::{Optimizer, ParamGroup};
@@ -169,9 +169,7 @@ fn bytes_of(path: &Path, name: &str) -> Vec<u8> {
 }
 
 fn first_loss(d: &Path, run: &str) -> Value {
-    let text = std::fs::read_to_string(d.join(run).join("metrics.jsonl")).unwrap();
-    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-    first["loss"].clone()
+    metrics(&d.join(run))[0]["loss"].clone()
 }
 
 #[test]

@@ -5,7 +5,7 @@ use candle_core::{Tensor, Var};
 
 use crate::arch::{LayerRole, Naming, Role};
 
-use super::block::Norms;
+use super::block::{Block, Norms};
 use super::weight::LowRank;
 use super::{Model, ModelError, Result, Weight};
 
@@ -80,6 +80,37 @@ pub(super) enum Part {
     Adapter,
 }
 
+/// A block's four matrices by role, and its norms.
+fn matrices(block: &mut Block) -> ([(LayerRole, &mut Weight); 4], &mut Norms) {
+    let Block {
+        norms,
+        wqkv,
+        wo,
+        w_gate_up,
+        w_down,
+    } = block;
+    let matrices = [
+        (LayerRole::Qkv, wqkv),
+        (LayerRole::O, wo),
+        (LayerRole::GateUp, w_gate_up),
+        (LayerRole::Down, w_down),
+    ];
+    (matrices, norms)
+}
+
+/// Prelude, core and coda blocks in order (their index is the block's in the recurrent layout),
+/// each with its part.
+fn blocks<'a>(
+    prelude: &'a mut [Block],
+    core: &'a mut [Block],
+    coda: &'a mut [Block],
+) -> impl Iterator<Item = (Part, &'a mut Block)> {
+    let prelude = prelude.iter_mut().map(|b| (Part::Prelude, b));
+    let core = core.iter_mut().map(|b| (Part::Core, b));
+    let coda = coda.iter_mut().map(|b| (Part::Coda, b));
+    prelude.chain(core).chain(coda)
+}
+
 impl Model {
     /// Every parameter: (name in the recurrent layout, kind, part, &mut tensor).
     pub(super) fn walk(&mut self) -> Result<Vec<(String, ParamKind, Part, &mut Tensor)>> {
@@ -116,24 +147,14 @@ impl Model {
                 adapter.dense()?,
             ));
         }
-        let blocks = self
-            .prelude
-            .iter_mut()
-            .map(|b| (Part::Prelude, b))
-            .chain(self.core.iter_mut().map(|b| (Part::Core, b)))
-            .chain(self.coda.iter_mut().map(|b| (Part::Coda, b)));
-        for (i, (part, block)) in blocks.enumerate() {
+        let all = blocks(&mut self.prelude, &mut self.core, &mut self.coda);
+        for (i, (part, block)) in all.enumerate() {
             let layer = |r: LayerRole| name(Role::Layer(i, r));
-            let matrices = [
-                (LayerRole::Qkv, &mut block.wqkv),
-                (LayerRole::O, &mut block.wo),
-                (LayerRole::GateUp, &mut block.w_gate_up),
-                (LayerRole::Down, &mut block.w_down),
-            ];
-            for (role, weight) in matrices {
+            let (weights, norms) = matrices(block);
+            for (role, weight) in weights {
                 out.push((layer(role), ParamKind::Matrix, part, weight.dense()?));
             }
-            match &mut block.norms {
+            match norms {
                 Norms::Pre { attn, mlp } => {
                     out.push((layer(LayerRole::AttnNorm), ParamKind::Norm, part, attn));
                     out.push((layer(LayerRole::MlpNorm), ParamKind::Norm, part, mlp));
@@ -201,13 +222,9 @@ impl Model {
                 });
             }
         }
-        let blocks = self
-            .prelude
-            .iter_mut()
-            .map(|b| (Part::Prelude, b))
-            .chain(self.core.iter_mut().map(|b| (Part::Core, b)))
-            .chain(self.coda.iter_mut().map(|b| (Part::Coda, b)));
-        for (i, (part, block)) in blocks.enumerate() {
+        let (device, dtype) = (self.embed.device().clone(), self.embed.dtype());
+        let all = blocks(&mut self.prelude, &mut self.core, &mut self.coda);
+        for (i, (part, block)) in all.enumerate() {
             let low_rank = match which {
                 Train::All => true,
                 Train::Core => part == Part::Core,
@@ -216,21 +233,14 @@ impl Model {
             if !low_rank {
                 continue;
             }
-            let matrices = [
-                (LayerRole::Qkv, &mut block.wqkv),
-                (LayerRole::O, &mut block.wo),
-                (LayerRole::GateUp, &mut block.w_gate_up),
-                (LayerRole::Down, &mut block.w_down),
-            ];
-            for (role, weight) in matrices {
+            for (role, weight) in matrices(block).0 {
                 let name = naming.name(Role::Layer(i, role)).unwrap_or_default();
                 let (out, inp) = (weight.dim(0)?, weight.dim(1)?);
                 let bound = 1.0 / (inp as f32).sqrt();
                 let a: Vec<f32> = (0..lora.rank * inp)
                     .map(|_| rng.random_range(-bound..bound))
                     .collect();
-                let device = self.embed.device();
-                let dtype = self.embed.dtype();
+                let device = &device;
                 let a = Var::from_tensor(
                     &Tensor::from_vec(a, (lora.rank, inp), device)?.to_dtype(dtype)?,
                 )?;

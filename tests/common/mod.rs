@@ -113,6 +113,15 @@ pub fn validate_against_schema(plan: &Path, name: &str) {
     );
 }
 
+/// The lines of a heal run's `metrics.jsonl` in `dir`, parsed.
+pub fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// Runs `surgery args` in `dir` and asserts a refusal: exit code 1, one line on stderr containing
 /// `want`, no panic, and nothing written (the listing of `dir` unchanged).
 pub fn assert_refused(dir: &Path, args: &[&str], want: &str) {
