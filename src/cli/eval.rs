@@ -87,7 +87,7 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
     // The longest pass is the first batch (every window but the last has seq-len tokens).
     let longest = windows.windows.first().map_or(0, |w| w.inputs.len());
     let per_pass = args.batch.min(windows.windows.len());
-    surgery::model::memory::check_pass(&source.config, per_pass, longest, &device)?;
+    surgery::model::memory::check_pass(&source.config, per_pass, longest, args.kernels, &device)?;
     if args.layers.is_some() && source.config.recurrent.is_some() {
         bail!(
             "--layers selects layers of a static model; {} is recurrent",

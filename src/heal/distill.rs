@@ -92,7 +92,7 @@ pub fn load_teacher(
             ));
         }
     }
-    crate::model::memory::check_pass(&teacher.config, window.0, window.1, device)?;
+    crate::model::memory::check_pass(&teacher.config, window.0, window.1, kernels, device)?;
     let mut model = Model::load(&teacher, device)?;
     model.set_kernels(kernels);
     Ok(model)

@@ -448,7 +448,7 @@ pub fn run(
     // Training keeps more than one pass's activations for the backward; the bound of one pass
     // at least refuses a window that cannot fit at all before the weights are loaded.
     let window = (cfg.micro_batch, cfg.seq_len);
-    crate::model::memory::check_pass(&source.config, window.0, window.1, device)?;
+    crate::model::memory::check_pass(&source.config, window.0, window.1, cfg.kernels, device)?;
     if let Some(lora) = cfg.lora.filter(|l| l.rank > source.config.hidden) {
         return Err(HealError::Invalid(format!(
             "--lora {}: the rank exceeds the hidden size {}; a full heal (no --lora) trains \

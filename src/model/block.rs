@@ -38,8 +38,8 @@ pub struct Block {
 
 /// What every block of one forward pass shares.
 pub struct Context<'a> {
-    /// [B, 1, T, past + T], 0 or -1e9.
-    pub bias: &'a Tensor,
+    /// [B, 1, T, past + T], 0 or -1e9: only where the composed attention serves the pass.
+    pub bias: Option<&'a Tensor>,
     /// The same mask in the fused attention's compact form.
     pub mask: &'a attention::Mask,
     /// [B, 1, T, head_dim]
@@ -176,10 +176,10 @@ impl Block {
             *slot = Some((k.clone(), v.clone()));
         }
         // (B, H, T, D) with k, v (B, KV, past + T, D) -> (B, H, T, D)
-        let out = if ctx.kernels == Kernels::Fused && attention::applies(&q) {
-            attention::fused(&q, &k, &v, ctx.mask)?
-        } else {
-            attention::composed(&q, &k, &v, ctx.bias)?
+        // The frame built a bias exactly where the fused attention does not serve.
+        let out = match ctx.bias {
+            None => attention::fused(&q, &k, &v, ctx.mask)?,
+            Some(bias) => attention::composed(&q, &k, &v, bias)?,
         };
         // (B, H, T, D) -> (B, T, H * D)
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;

@@ -657,11 +657,12 @@ fn slot_at<'a>(
     slots.get_mut(i)
 }
 
-/// What every block of one pass shares, owned: the attention bias and the RoPE tables of the
+/// What every block of one pass shares, owned: the attention mask and the RoPE tables of the
 /// pass's positions, in the weights' dtype.
 struct Frame {
-    bias: Tensor,
-    /// The bias's facts for the fused attention.
+    /// The additive bias [B, 1, T, past + T] of the composed attention; absent where the fused
+    /// attention serves the pass (it reads `mask`, and a bias of B T^2 values is never built).
+    bias: Option<Tensor>,
     mask: fused::attention::Mask,
     cos: Tensor,
     sin: Tensor,
@@ -670,7 +671,7 @@ struct Frame {
 impl Frame {
     fn context<'a>(&'a self, config: &'a ModelConfig, kernels: Kernels) -> block::Context<'a> {
         block::Context {
-            bias: &self.bias,
+            bias: self.bias.as_ref(),
             mask: &self.mask,
             cos: &self.cos,
             sin: &self.sin,
@@ -699,10 +700,15 @@ impl Model {
         past: usize,
         dtype: CDType,
     ) -> Result<Frame> {
-        let (positions, bias, mask) = positions_and_bias(mask, b, t, past, &self.device)?;
+        let (positions, mask) = positions_and_mask(mask, b, t, past, &self.device)?;
         let (cos, sin) = self.rope.cos_sin(&positions)?;
+        let bias = if self.kernels.fused_on(&self.device, dtype) {
+            None
+        } else {
+            Some(bias_of(&mask, b, t, &self.device)?.to_dtype(dtype)?)
+        };
         Ok(Frame {
-            bias: bias.to_dtype(dtype)?,
+            bias,
             mask,
             cos: cos.to_dtype(dtype)?,
             sin: sin.to_dtype(dtype)?,
@@ -710,25 +716,22 @@ impl Model {
     }
 }
 
-/// Positions [B, T] (u32) and the additive attention bias [B, 1, T, past + T]: causal, and padding
-/// keys masked; and the same mask in the fused attention's form. Positions count real tokens only,
-/// so padding never shifts RoPE.
-fn positions_and_bias(
+/// Positions [B, T] (u32), and the attention mask: causal, and padding keys masked. Positions
+/// count real tokens only, so padding never shifts RoPE.
+fn positions_and_mask(
     mask: Option<&Tensor>,
     b: usize,
     t: usize,
     past: usize,
     device: &Device,
-) -> Result<(Tensor, Tensor, fused::attention::Mask)> {
-    let keys = past + t;
+) -> Result<(Tensor, fused::attention::Mask)> {
     let valid: Vec<Vec<u32>> = match mask {
         Some(m) => m.to_dtype(CDType::U32)?.to_vec2::<u32>()?,
         None => vec![vec![1; t]; b],
     };
     let mut positions = Vec::with_capacity(b * t);
-    let mut bias = Vec::with_capacity(b * t * keys);
     // [B, past + T]: cached keys are real (a padding mask cannot be combined with the cache).
-    let mut real_keys = Vec::with_capacity(b * keys);
+    let mut real_keys = Vec::with_capacity(b * (past + t));
     for row in &valid {
         real_keys.extend(std::iter::repeat_n(true, past));
         real_keys.extend(row.iter().map(|&v| v != 0));
@@ -738,21 +741,33 @@ fn positions_and_bias(
             positions.push(real);
             real += u32::from(v != 0);
         }
-        for q in 0..t {
-            for k in 0..keys {
-                let causal = k <= past + q;
-                let real = k < past || row.get(k - past).is_some_and(|&v| v != 0);
-                bias.push(if causal && real { 0.0f32 } else { -1e9 });
-            }
-        }
     }
     let positions = Tensor::from_vec(positions, (b, t), device)?;
-    let bias = Tensor::from_vec(bias, (b, 1, t, keys), device)?;
     let mask = fused::attention::Mask::Causal {
         past,
         valid: real_keys.into(),
     };
-    Ok((positions, bias, mask))
+    Ok((positions, mask))
+}
+
+/// The composed attention's additive bias [B, 1, T, past + T] (f32) of a causal `mask` over B
+/// rows of T queries: 0 where query q may read key k (k <= past + q, and k real), -1e9 elsewhere.
+fn bias_of(mask: &fused::attention::Mask, b: usize, t: usize, device: &Device) -> Result<Tensor> {
+    let fused::attention::Mask::Causal { past, valid } = mask else {
+        return Err(ModelError::Invalid(
+            "a bias is built from a causal mask".into(),
+        ));
+    };
+    let keys = past + t;
+    let mut bias = Vec::with_capacity(b * t * keys);
+    for row in valid.chunks(keys.max(1)).take(b) {
+        for q in 0..t {
+            for (k, &real) in row.iter().enumerate() {
+                bias.push(if k <= past + q && real { 0.0f32 } else { -1e9 });
+            }
+        }
+    }
+    Ok(Tensor::from_vec(bias, (b, 1, t, keys), device)?)
 }
 
 /// Mean next-token cross-entropy (natural log) of `logits` [B, T, V] against `targets` [B, T]

@@ -43,9 +43,12 @@ impl Kernels {
     /// Whether the fused ops serve `x`: fused kernels chosen, `x` on the CPU, in f32 or f64.
     /// Everything else (CUDA, other dtypes) takes the composed ops.
     pub fn fused_for(self, x: &Tensor) -> bool {
-        self == Kernels::Fused
-            && x.device().is_cpu()
-            && matches!(x.dtype(), DType::F32 | DType::F64)
+        self.fused_on(x.device(), x.dtype())
+    }
+
+    /// Whether the fused ops serve tensors on `device` in `dtype`.
+    pub fn fused_on(self, device: &candle_core::Device, dtype: DType) -> bool {
+        self == Kernels::Fused && device.is_cpu() && matches!(dtype, DType::F32 | DType::F64)
     }
 }
 

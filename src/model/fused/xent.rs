@@ -209,7 +209,7 @@ fn pass<T: Float>(
 }
 
 /// Rows of logits per block for `n` rows and a vocabulary of `v`.
-fn block_rows(n: usize, v: usize) -> usize {
+pub(crate) fn block_rows(n: usize, v: usize) -> usize {
     (LOGITS_BUDGET / v.max(1)).max(MIN_BLOCK_ROWS).min(n.max(1))
 }
 
