@@ -218,8 +218,12 @@ impl Observer for Bar {
 
     fn step(&mut self, m: &StepMetrics) {
         self.bar.set_position(m.step + 1);
+        let parts = match (m.ce, m.kl) {
+            (Some(ce), Some(kl)) => format!(" (ce {ce:.4} kl {kl:.4})"),
+            _ => String::new(),
+        };
         self.bar.set_message(format!(
-            "loss {:.4} lr {:.2e} m {} {:.0} tok/s",
+            "loss {:.4}{parts} lr {:.2e} m {} {:.0} tok/s",
             m.loss, m.lr, m.mean_recurrence, m.tokens_per_second
         ));
         if !m.eval.is_empty() && !self.quiet {
