@@ -240,11 +240,10 @@ impl Model {
                 let a: Vec<f32> = (0..lora.rank * inp)
                     .map(|_| rng.random_range(-bound..bound))
                     .collect();
-                let device = &device;
                 let a = Var::from_tensor(
-                    &Tensor::from_vec(a, (lora.rank, inp), device)?.to_dtype(dtype)?,
+                    &Tensor::from_vec(a, (lora.rank, inp), &device)?.to_dtype(dtype)?,
                 )?;
-                let b = Var::from_tensor(&Tensor::zeros((out, lora.rank), dtype, device)?)?;
+                let b = Var::from_tensor(&Tensor::zeros((out, lora.rank), dtype, &device)?)?;
                 let base = std::mem::replace(weight, Weight::Quantized(vec![]));
                 *weight = Weight::LowRank(Box::new(LowRank {
                     base,
