@@ -13,6 +13,7 @@
 #      spent, counted from its own recurrence draws, and evaluate it;
 #   6b. heal the identity (4,8,4) model again with the same steps, data and seed, distilled from
 #      the source (--distill, alpha 0.5, T 2), and evaluate it at the same r;
+#   6c. heal the identity SHAPE2 model the same two ways (CE, distilled) and evaluate both;
 #   7. write docs/RESULTS.md above the marker line (everything from the marker on is kept as it is)
 #      with the tables, the commands, the machine and the date, and the PNG plots under docs/img/.
 #
@@ -31,10 +32,10 @@
 #   NICE=10           niceness of every run of the binary
 #   SKIP_BUILD=1      use the existing target/release/surgery
 #   DOC_ONLY=1        run nothing; rewrite the document from what WORKDIR holds
-#   PARTS="cut heal gguf f32 static distill shape2 doc"   the parts to run (default all): the
-#                     (4,8,4) cut and its evaluations before healing, the heal, the q8_0 GGUF, the
-#                     f32 GGUF, the static baseline, the distilled heal, the second shape, the
-#                     document; e.g. PARTS=shape2 alongside a run of the others
+#   PARTS="cut heal gguf f32 static distill shape2 shape2-heal doc"   the parts to run (default
+#                     all): the (4,8,4) cut and its evaluations before healing, the heal, the q8_0
+#                     GGUF, the f32 GGUF, the static baseline, the distilled heal, the second shape,
+#                     its two heals, the document; e.g. PARTS=shape2 alongside a run of the others
 #   GGUF_RECURRENCE=1,2,4,8,16   the r at which the q8_0 GGUF is evaluated
 set -euo pipefail
 # Everything runs inside main, which bash parses whole before running it, and the line that calls
@@ -56,7 +57,7 @@ heal_eval_tokens=${HEAL_EVAL_TOKENS:-1024}
 shape2=${SHAPE2:-8,4,8}
 results=${RESULTS:-docs/RESULTS.md}
 niceness=${NICE:-10}
-parts=" ${PARTS:-cut heal gguf f32 static distill shape2 doc} "
+parts=" ${PARTS:-cut heal gguf f32 static distill shape2 shape2-heal doc} "
 marker='<!-- Sections below are not written by scripts/smollm2-pipeline.sh -->'
 
 if [[ -f $results ]] && ! grep -qxF "$marker" "$results"; then
@@ -241,6 +242,18 @@ fi
 if part shape2; then
     apply_shape "$shape2"
     before_healing "$shape2"
+fi
+
+if part shape2-heal; then
+    s2=${shape2//,/-}
+    for how in ce distilled; do
+        extra=()
+        [[ $how == distilled ]] && extra=(--distill "$model")
+        stage "heal-$s2-$how" "$work/heal-$s2-$how.json" --stdout "$bin" heal "$work/$s2-identity" \
+            --out "$work/$s2-$how" --steps "$steps" --curriculum 1-sqrt --max-mean-recurrence 4 \
+            --force "${extra[@]}" "${train[@]}"
+        evaluate "$s2-$how" "$work/$s2-$how" --recurrence "$rs"
+    done
 fi
 part doc || return 0
 
@@ -443,23 +456,38 @@ if dm:
 w("Recovery is 1 - (loss_healed - loss_source) / (loss_pruned - loss_source) in nats (1: the")
 w("source's perplexity, 0: the pruned static model's, below 0: worse than it), against the (4,8,4)")
 w("pruned static model before healing.\n")
-pr, dr = rows("4-8-4-pruned"), rows("distilled")
-w("| r | healed, CE: perplexity | recovery | healed, distilled: perplexity | recovery |")
-w("|---|---|---|---|---|")
-def recovery(x):
-    if not (src and pr):
+def recovery(x, pruned):
+    if not (src and pruned):
         return "-"
-    ls, lp = src["-"]["loss"], pr["-"]["loss"]
+    ls, lp = src["-"]["loss"], pruned["-"]["loss"]
     return f"{1 - (x['loss'] - ls) / (lp - ls):.3f}"
-for r in sorted(set(he) | set(dr), key=lambda r: (isinstance(r, str), r)):
-    a, b = he.get(r), dr.get(r)
-    w(f"| {r} | {ppl(a['perplexity']) if a else '-'} | {recovery(a) if a else '-'} | "
-      f"{ppl(b['perplexity']) if b else '-'} | {recovery(b) if b else '-'} |")
+
+
+def ce_against_distilled(ce, distilled, pruned):
+    w("| r | healed, CE: perplexity | recovery | healed, distilled: perplexity | recovery |")
+    w("|---|---|---|---|---|")
+    for r in sorted(set(ce) | set(distilled), key=lambda r: (isinstance(r, str), r)):
+        a, b = ce.get(r), distilled.get(r)
+        w(f"| {r} | {ppl(a['perplexity']) if a else '-'} | {recovery(a, pruned) if a else '-'} | "
+          f"{ppl(b['perplexity']) if b else '-'} | {recovery(b, pruned) if b else '-'} |")
+
+
+pr = rows("4-8-4-pruned")
+ce_against_distilled(he, rows("distilled"), pr)
 if sr:
     s1 = sr[1] if 1 in sr else sr["-"]
     w(f"\nThe static pruned model healed with the CE run's training FLOPs: perplexity {ppl(s1['perplexity'])}, "
-      f"recovery {recovery(s1)}.")
+      f"recovery {recovery(s1, pr)}.")
 w("")
+c2, d2 = rows(f"{s2}-ce"), rows(f"{s2}-distilled")
+if c2 or d2:
+    w(f"### The milder cut ({shape2}), healed the same two ways\n")
+    w(f"The identity-initialized ({shape2}) model ({layers(s2)}), healed with the same steps, data, seed "
+      f"and curriculum, with cross-entropy alone ({seconds(f'heal-{s2}-ce') or 0} s) and distilled from "
+      f"the source ({seconds(f'heal-{s2}-distilled') or 0} s); recovery against its own pruned static "
+      f"model.\n")
+    ce_against_distilled(c2, d2, rows(f"{s2}-pruned"))
+    w("")
 p = copy_plot("distilled/curves.png", "smollm2-distilled-curves.png")
 if p:
     w(p + "\n")
