@@ -14,6 +14,9 @@
 #   6b. heal the identity (4,8,4) model again with the same steps, data and seed, distilled from
 #      the source (--distill, alpha 0.5, T 2), and evaluate it at the same r;
 #   6c. heal the identity SHAPE2 model the same two ways (CE, distilled) and evaluate both;
+#   6d. let `plan --calibrate --pick best` choose the (4,8,4) core on XSum documents the
+#      evaluation does not score (from the 101st on), apply that plan, evaluate it, and heal
+#      it the same two ways;
 #   7. write docs/RESULTS.md above the marker line (everything from the marker on is kept as it is)
 #      with the tables, the commands, the machine and the date, and the PNG plots under docs/img/.
 #
@@ -32,10 +35,11 @@
 #   NICE=10           niceness of every run of the binary
 #   SKIP_BUILD=1      use the existing target/release/surgery
 #   DOC_ONLY=1        run nothing; rewrite the document from what WORKDIR holds
-#   PARTS="cut heal gguf f32 static distill shape2 shape2-heal doc"   the parts to run (default
-#                     all): the (4,8,4) cut and its evaluations before healing, the heal, the q8_0
-#                     GGUF, the f32 GGUF, the static baseline, the distilled heal, the second shape,
-#                     its two heals, the document; e.g. PARTS=shape2 alongside a run of the others
+#   PARTS="cut heal gguf f32 static distill shape2 shape2-heal calibrated doc"   the parts to run
+#                     (default all): the (4,8,4) cut and its evaluations before healing, the heal,
+#                     the q8_0 GGUF, the f32 GGUF, the static baseline, the distilled heal, the
+#                     second shape, its two heals, the data-chosen cut and its two heals, the
+#                     document; e.g. PARTS=shape2 alongside a run of the others
 #   GGUF_RECURRENCE=1,2,4,8,16   the r at which the q8_0 GGUF is evaluated
 set -euo pipefail
 # Everything runs inside main, which bash parses whole before running it, and the line that calls
@@ -57,7 +61,7 @@ heal_eval_tokens=${HEAL_EVAL_TOKENS:-1024}
 shape2=${SHAPE2:-8,4,8}
 results=${RESULTS:-docs/RESULTS.md}
 niceness=${NICE:-10}
-parts=" ${PARTS:-cut heal gguf f32 static distill shape2 shape2-heal doc} "
+parts=" ${PARTS:-cut heal gguf f32 static distill shape2 shape2-heal calibrated doc} "
 marker='<!-- Sections below are not written by scripts/smollm2-pipeline.sh -->'
 
 if [[ -f $results ]] && ! grep -qxF "$marker" "$results"; then
@@ -244,16 +248,35 @@ if part shape2; then
     before_healing "$shape2"
 fi
 
-if part shape2-heal; then
-    s2=${shape2//,/-}
+# Heal a recurrent checkpoint with cross-entropy and, again, distilled from the source, and
+# evaluate both: WORKDIR/NAME-ce and WORKDIR/NAME-distilled.
+heal_both_ways() { # NAME CHECKPOINT
+    local name=$1 how
     for how in ce distilled; do
         extra=()
         [[ $how == distilled ]] && extra=(--distill "$model")
-        stage "heal-$s2-$how" "$work/heal-$s2-$how.json" --stdout "$bin" heal "$work/$s2-identity" \
-            --out "$work/$s2-$how" --steps "$steps" --curriculum 1-sqrt --max-mean-recurrence 4 \
+        stage "heal-$name-$how" "$work/heal-$name-$how.json" --stdout "$bin" heal "$2" \
+            --out "$work/$name-$how" --steps "$steps" --curriculum 1-sqrt --max-mean-recurrence 4 \
             --force "${extra[@]}" "${train[@]}"
-        evaluate "$s2-$how" "$work/$s2-$how" --recurrence "$rs"
+        evaluate "$name-$how" "$work/$name-$how" --recurrence "$rs"
     done
+}
+
+if part shape2-heal; then
+    heal_both_ways "${shape2//,/-}" "$work/${shape2//,/-}-identity"
+fi
+
+if part calibrated; then
+    # Calibration text the evaluation never scores: XSum documents from the 101st on (the
+    # evaluation reads the first few, 2,048 tokens).
+    [[ -f $work/xsum-calibration.jsonl ]] || tail -n +101 "$xsum" >"$work/xsum-calibration.jsonl"
+    stage plan-calibrated "$work/plan-calibrated.json" "$bin" plan "$model" --shape 4,8,4 \
+        --calibrate "$work/xsum-calibration.jsonl" --field document --pick best \
+        --out "$work/plan-calibrated.json" -q
+    stage apply-calibrated "$work/calibrated" "$bin" apply "$work/plan-calibrated.json" \
+        --out "$work/calibrated" -q
+    evaluate calibrated-pruned "$model" --layers "$(kept_layers "$work/plan-calibrated.json")"
+    heal_both_ways calibrated "$work/calibrated"
 fi
 part doc || return 0
 
@@ -487,6 +510,22 @@ if c2 or d2:
       f"the source ({seconds(f'heal-{s2}-distilled') or 0} s); recovery against its own pruned static "
       f"model.\n")
     ce_against_distilled(c2, d2, rows(f"{s2}-pruned"))
+    w("")
+cc, cd = rows("calibrated-ce"), rows("calibrated-distilled")
+if cc or cd:
+    pc = work / "plan-calibrated.json"
+    l = json.loads(pc.read_text())["layers"] if pc.exists() else {}
+    cp = rows("calibrated-pruned")
+    w("### The data-chosen (4,8,4) cut, healed the same two ways\n")
+    w(f"`plan --calibrate --pick best` on XSum documents from the 101st on (text the evaluation "
+      f"never scores) chose prelude {l.get('prelude', '?')}, core {l.get('core', '?')}, coda "
+      f"{l.get('coda', '?')} (the rule's core is 18..26); its pruned static model reads "
+      f"{ppl(cp['-']['perplexity']) if cp else '?'} on the evaluation text (the rule's: "
+      f"{ppl(pr['-']['perplexity']) if pr else '?'}). Healed with the same steps, data, seed and "
+      f"curriculum ({seconds('heal-calibrated-ce') or 0} s CE, "
+      f"{seconds('heal-calibrated-distilled') or 0} s distilled); recovery against its own pruned "
+      f"model.\n")
+    ce_against_distilled(cc, cd, cp)
     w("")
 p = copy_plot("distilled/curves.png", "smollm2-distilled-curves.png")
 if p:
