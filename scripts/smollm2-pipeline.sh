@@ -502,6 +502,9 @@ if sr:
     w(f"\nThe static pruned model healed with the CE run's training FLOPs: perplexity {ppl(s1['perplexity'])}, "
       f"recovery {recovery(s1, pr)}.")
 w("")
+p = copy_plot("distilled/curves.png", "smollm2-distilled-curves.png")
+if p:
+    w(p + "\n")
 c2, d2 = rows(f"{s2}-ce"), rows(f"{s2}-distilled")
 if c2 or d2:
     w(f"### The milder cut ({shape2}), healed the same two ways\n")
@@ -527,9 +530,6 @@ if cc or cd:
       f"model.\n")
     ce_against_distilled(cc, cd, cp)
     w("")
-p = copy_plot("distilled/curves.png", "smollm2-distilled-curves.png")
-if p:
-    w(p + "\n")
 
 # --- GGUF
 w("## The healed (4,8,4) model as a q8_0 GGUF against its safetensors checkpoint\n")
