@@ -72,6 +72,17 @@ struct Run {
     exit: Exit,
 }
 
+impl Run {
+    /// All `r` iterations (no exit), the state detached after the first `without_grad`.
+    fn fixed(r: usize, without_grad: usize) -> Run {
+        Run {
+            r,
+            without_grad,
+            exit: Exit::Never,
+        }
+    }
+}
+
 /// One slot of keys and values per (block run): prelude i -> i, core (recurrence k, layer j) ->
 /// P + k C + j, coda i -> P + r C + i (REFERENCE.md: reusing a slot across recurrences is wrong).
 #[derive(Debug, Default)]
@@ -353,11 +364,7 @@ impl Model {
         state: InitialState,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let run = Run {
-            r,
-            without_grad,
-            exit: Exit::Never,
-        };
+        let run = Run::fixed(r, without_grad);
         let (x, _) = self.hidden(ids, mask, run, state, cache)?;
         let x = self.normed(&x)?;
         // (B, T, h) @ (h, V) -> (B, T, V)
@@ -395,11 +402,7 @@ impl Model {
         state: InitialState,
         teacher: Option<&Teacher>,
     ) -> Result<(Tensor, Parts)> {
-        let run = Run {
-            r,
-            without_grad,
-            exit: Exit::Never,
-        };
+        let run = Run::fixed(r, without_grad);
         let (x, _) = self.hidden(ids, None, run, state, None)?;
         let x = self.normed(&x)?;
         let h = x.dim(D::Minus1)?;
@@ -446,11 +449,7 @@ impl Model {
         state: InitialState,
         mix: Mix,
     ) -> Result<Teacher> {
-        let run = Run {
-            r,
-            without_grad: r,
-            exit: Exit::Never,
-        };
+        let run = Run::fixed(r, r);
         let (x, _) = self.hidden(ids, None, run, state, None)?;
         let x = self.normed(&x)?.detach();
         let h = x.dim(D::Minus1)?;
@@ -475,11 +474,7 @@ impl Model {
         r: usize,
         state: InitialState,
     ) -> Result<(f64, f64)> {
-        let run = Run {
-            r,
-            without_grad: 0,
-            exit: Exit::Never,
-        };
+        let run = Run::fixed(r, 0);
         let (x, _) = self.hidden(ids, mask, run, state, None)?;
         let x = self.normed(&x)?;
         let Some(w) = self.fused_head(&x) else {
