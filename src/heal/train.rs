@@ -554,8 +554,10 @@ pub fn run(
             let (loss, parts) =
                 model.loss_parts(&ids, &targets, r, draw.without_grad, state, taught.as_ref())?;
             drop(taught);
-            ce_sum += parts.ce;
-            kl_sum += parts.kl;
+            if let Some(parts) = parts {
+                ce_sum += parts.ce;
+                kl_sum += parts.kl;
+            }
             let loss = (loss / n_micro as f64)?;
             let value = loss.to_scalar::<f32>()? as f64 * n_micro as f64;
             if !value.is_finite() {

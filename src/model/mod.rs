@@ -390,7 +390,7 @@ impl Model {
     }
 
     /// [`Model::loss`], or with a `teacher` (from [`Model::teacher`] on the same `ids`) the
-    /// distillation loss alpha CE + (1 - alpha) T^2 KL(teacher_T || student_T), mean over tokens;
+    /// distillation loss alpha CE + (1 - alpha) T^2 KL(teacher_T || student_T), mean over tokens,
     /// and its two parts. Fused, neither model's [B T, V] logits are held whole; composed, it is
     /// [`mean_distillation`] of the full logits.
     pub fn loss_parts(
@@ -401,7 +401,7 @@ impl Model {
         without_grad: usize,
         state: InitialState,
         teacher: Option<&Teacher>,
-    ) -> Result<(Tensor, Parts)> {
+    ) -> Result<(Tensor, Option<Parts>)> {
         let run = Run::fixed(r, without_grad);
         let (x, _) = self.hidden(ids, None, run, state, None)?;
         let x = self.normed(&x)?;
@@ -410,19 +410,18 @@ impl Model {
             // (B, T, h) @ (h, V) -> (B, T, V)
             let logits = self.lm_head.forward(&x)?;
             let Some(t) = teacher else {
-                let loss = mean_cross_entropy(&logits, targets)?;
-                let ce = loss.to_dtype(CDType::F64)?.to_scalar::<f64>()?;
-                return Ok((loss, Parts { ce, kl: 0.0 }));
+                return Ok((mean_cross_entropy(&logits, targets)?, None));
             };
             // (N, d_t) @ (d_t, V) -> (N, V), N = B T
             let teacher_logits = block::linear(&t.h, &t.w)?;
             let v = teacher_logits.dim(D::Minus1)?;
-            return mean_distillation(
+            let (loss, parts) = mean_distillation(
                 &logits.reshape(((), v))?,
                 &teacher_logits,
                 &targets.flatten_all()?,
                 t.mix,
-            );
+            )?;
+            return Ok((loss, Some(parts)));
         };
         // (B, T, h) -> (B T, h)
         let rows = x.reshape(((), h))?;
@@ -430,12 +429,14 @@ impl Model {
         let scale = 1.0 / targets.len().max(1) as f64;
         // lm_head and the loss: (B T, h) -> ()
         Ok(match teacher {
-            None => {
-                let loss = fused::xent::linear_cross_entropy(&rows, w, &targets, scale)?;
-                let ce = loss.to_dtype(CDType::F64)?.to_scalar::<f64>()?;
-                (loss, Parts { ce, kl: 0.0 })
+            None => (
+                fused::xent::linear_cross_entropy(&rows, w, &targets, scale)?,
+                None,
+            ),
+            Some(t) => {
+                let (loss, parts) = fused::xent::linear_distillation(&rows, w, t, &targets, scale)?;
+                (loss, Some(parts))
             }
-            Some(t) => fused::xent::linear_distillation(&rows, w, t, &targets, scale)?,
         })
     }
 
