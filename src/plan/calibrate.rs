@@ -18,13 +18,15 @@
 //! placements of each shape and the paper's rule placement are then measured again on all of
 //! them. Every number says on how many tokens.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{Tensor, D};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::eval::data::{read_tokens, windows, DataError, Windows};
+use crate::eval::data::{read_tokens, windows, DataError, Window, Windows};
 use crate::formats::text_tokenizer::{TextTokenizer, TextTokenizerError};
 use crate::model::{Model, ModelError};
 use crate::source::SourceModel;
@@ -466,24 +468,23 @@ pub fn calibrate(
     progress.start("calibration: base pass (windows)", all.len() as u64);
     let mut cache = Vec::with_capacity(all.len());
     let mut sums = vec![LayerSums::default(); n];
-    for (i, w) in text.windows.windows.iter().enumerate() {
-        let device = model.device();
-        let ids = Tensor::from_vec(w.inputs.clone(), (1, w.inputs.len()), device)?;
-        let targets = Tensor::from_vec(w.targets.clone(), (1, w.targets.len()), device)?;
-        let mut x = model.embed(&ids)?;
-        let mut states = Vec::with_capacity(n + 1);
-        for (layer, sums) in sums.iter_mut().enumerate() {
-            let output = model.run_blocks(&x, &[layer])?;
-            sums.add(&x, &output)?;
-            states.push(std::mem::replace(&mut x, output));
+    for group in text.windows.windows.chunks(parallel_jobs()) {
+        let passes: Vec<Result<(Cached, Vec<LayerSums>)>> =
+            group.par_iter().map(|w| base_pass(model, w)).collect();
+        for pass in passes {
+            let (cached, window_sums) = pass?;
+            sums.iter_mut()
+                .zip(&window_sums)
+                .for_each(|(s, w)| s.merge(w));
+            cache.push(cached);
         }
-        states.push(x);
-        cache.push(Cached { states, targets });
-        progress.advance(i as u64 + 1);
+        progress.advance(cache.len() as u64);
     }
     progress.finish();
-    let source_perplexity = perplexity_from(model, &cache, &all, n, &[], &mut |_| {})?;
-    let source_subset_perplexity = perplexity_from(model, &cache, &subset, n, &[], &mut |_| {})?;
+    let mut scores = Scores::new(model, &cache);
+    let source: Vec<usize> = (0..n).collect();
+    let source_perplexity = scores.perplexities(&[&source], &all, &mut |_| {})?[0];
+    let source_subset_perplexity = scores.perplexities(&[&source], &subset, &mut |_| {})?[0];
     timings.base_pass = clock.elapsed().as_secs_f64();
 
     // 2. Single-layer removal on the subset: layers i+1.. from the cached input of layer i.
@@ -492,21 +493,23 @@ pub fn calibrate(
         "calibration: single-layer removal (windows)",
         (n * subset.len()) as u64,
     );
-    let mut layers = Vec::with_capacity(n);
-    for (i, s) in sums.iter().enumerate() {
-        let rest: Vec<usize> = (i + 1..n).collect();
-        let base = (i * subset.len()) as u64;
-        let removal = perplexity_from(model, &cache, &subset, i, &rest, &mut |k| {
-            progress.advance(base + k as u64)
-        })?;
-        layers.push(LayerScore {
+    let removed: Vec<Vec<usize>> = (0..n)
+        .map(|i| (0..n).filter(|&l| l != i).collect())
+        .collect();
+    let removed: Vec<&[usize]> = removed.iter().map(Vec::as_slice).collect();
+    let removal = scores.perplexities(&removed, &subset, &mut |k| progress.advance(k as u64))?;
+    progress.finish();
+    let layers: Vec<LayerScore> = sums
+        .iter()
+        .zip(removal)
+        .enumerate()
+        .map(|(i, (s, removal))| LayerScore {
             layer: i,
             block_influence: 1.0 - s.cos / s.count as f64,
             relative_update: s.ratio / s.count as f64,
             removal_perplexity: removal,
-        });
-    }
-    progress.finish();
+        })
+        .collect();
     timings.removal = clock.elapsed().as_secs_f64();
     let mut drop_order: Vec<usize> = (0..n).collect();
     drop_order.sort_by(|&a, &b| {
@@ -522,16 +525,17 @@ pub fn calibrate(
         "calibration: ranking (windows)",
         (candidates.len() * subset.len()) as u64,
     );
-    for (j, c) in candidates.iter_mut().enumerate() {
-        let base = (j * subset.len()) as u64;
-        c.subset_perplexity = candidate_perplexity(model, &cache, &subset, c, &mut |k| {
-            progress.advance(base + k as u64)
-        })?;
+    let lists: Vec<Vec<usize>> = candidates.iter().map(Candidate::layers).collect();
+    let lists: Vec<&[usize]> = lists.iter().map(Vec::as_slice).collect();
+    let ranked = scores.perplexities(&lists, &subset, &mut |k| progress.advance(k as u64))?;
+    for (c, p) in candidates.iter_mut().zip(ranked) {
+        c.subset_perplexity = p;
     }
     progress.finish();
     timings.ranking = clock.elapsed().as_secs_f64();
 
-    // 4. The best placements of each shape again on all tokens (the subset may be all of them).
+    // 4. The best placements of each shape again on all tokens (the subset may be all of them;
+    // the subset's whole windows are not run again).
     clock = Instant::now();
     let rescore = if subset_tokens == tokens {
         candidates.len()
@@ -539,25 +543,15 @@ pub fn calibrate(
         opts.rescore
     };
     let chosen = best_per_shape(&candidates, rescore);
-    let full = subset_tokens < tokens;
     progress.start(
         "calibration: re-scoring on all tokens (windows)",
-        if full {
-            (chosen.len() * all.len()) as u64
-        } else {
-            0
-        },
+        (chosen.len() * all.len()) as u64,
     );
-    for (j, &k) in chosen.iter().enumerate() {
-        let c = &mut candidates[k];
-        c.perplexity = Some(if full {
-            let base = (j * all.len()) as u64;
-            candidate_perplexity(model, &cache, &all, c, &mut |w| {
-                progress.advance(base + w as u64)
-            })?
-        } else {
-            c.subset_perplexity
-        });
+    let lists: Vec<Vec<usize>> = chosen.iter().map(|&k| candidates[k].layers()).collect();
+    let lists: Vec<&[usize]> = lists.iter().map(Vec::as_slice).collect();
+    let rescored = scores.perplexities(&lists, &all, &mut |k| progress.advance(k as u64))?;
+    for (&k, p) in chosen.iter().zip(rescored) {
+        candidates[k].perplexity = Some(p);
     }
     progress.finish();
     timings.rescoring = clock.elapsed().as_secs_f64();
@@ -632,51 +626,126 @@ impl LayerSums {
         }
         Ok(())
     }
+
+    fn merge(&mut self, other: &LayerSums) {
+        self.cos += other.cos;
+        self.ratio += other.ratio;
+        self.count += other.count;
+    }
 }
 
-/// Perplexity over `views` of the blocks `blocks` run from boundary state `start`; `progress`
-/// gets the number of windows done.
-fn perplexity_from(
-    model: &Model,
-    cache: &[Cached],
-    views: &[View],
-    start: usize,
-    blocks: &[usize],
-    progress: &mut dyn FnMut(usize),
-) -> Result<f64> {
-    let (mut nll, mut count) = (0.0, 0);
-    for (k, &(w, len)) in views.iter().enumerate() {
-        let window = cache
+/// How many windows or (layer list, window) pairs run at once: one per thread, each of whose
+/// matrix products still splits over every thread. Running several windows side by side keeps
+/// both cores busy through the serial parts of a forward (measured on SmolLM2, 2 threads: the
+/// removal pass 15% faster than one window at a time).
+fn parallel_jobs() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// One window of the base pass: its boundary states, and each layer's similarity sums over it.
+fn base_pass(model: &Model, w: &Window) -> Result<(Cached, Vec<LayerSums>)> {
+    let device = model.device();
+    let ids = Tensor::from_vec(w.inputs.clone(), (1, w.inputs.len()), device)?;
+    let targets = Tensor::from_vec(w.targets.clone(), (1, w.targets.len()), device)?;
+    let n = model.n_blocks();
+    let mut x = model.embed(&ids)?;
+    let mut states = Vec::with_capacity(n + 1);
+    let mut sums = vec![LayerSums::default(); n];
+    for (layer, sums) in sums.iter_mut().enumerate() {
+        let output = model.run_blocks(&x, &[layer])?;
+        sums.add(&x, &output)?;
+        states.push(std::mem::replace(&mut x, output));
+    }
+    states.push(x);
+    Ok((Cached { states, targets }, sums))
+}
+
+/// The summed next-token loss and token count of each (layer list, window view) measured so far:
+/// the subset's whole windows, measured in ranking, are not measured again in re-scoring, nor
+/// the source's in its subset perplexity. A window's sum does not depend on which pass asked for
+/// it, so reusing one changes no bit.
+struct Scores<'a> {
+    model: &'a Model,
+    cache: &'a [Cached],
+    known: HashMap<(Vec<usize>, View), (f64, usize)>,
+}
+
+impl<'a> Scores<'a> {
+    fn new(model: &'a Model, cache: &'a [Cached]) -> Self {
+        Scores {
+            model,
+            cache,
+            known: HashMap::new(),
+        }
+    }
+
+    /// The perplexity over `views` of each pruned static model `lists` names (source layers in
+    /// order), each run from the cached state after the longest prefix of its layers that is 0,
+    /// 1, 2, ...; `progress` gets the number of (list, window) pairs done. The pairs not known yet
+    /// run [`parallel_jobs`] at a time; each list's windows are added in order, so the result
+    /// does not depend on the thread count.
+    fn perplexities(
+        &mut self,
+        lists: &[&[usize]],
+        views: &[View],
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<f64>> {
+        let mut jobs: Vec<(&[usize], View)> = Vec::new();
+        for &list in lists {
+            for &view in views {
+                let key = (list.to_vec(), view);
+                if !self.known.contains_key(&key) && !jobs.contains(&(list, view)) {
+                    jobs.push((list, view));
+                }
+            }
+        }
+        let already = lists.len() * views.len() - jobs.len();
+        progress(already);
+        for (g, group) in jobs.chunks(parallel_jobs()).enumerate() {
+            let sums: Vec<Result<(f64, usize)>> = group
+                .par_iter()
+                .map(|&(list, view)| self.window(list, view))
+                .collect();
+            for (&(list, view), sum) in group.iter().zip(sums) {
+                self.known.insert((list.to_vec(), view), sum?);
+            }
+            progress(already + g * parallel_jobs() + group.len());
+        }
+        lists
+            .iter()
+            .map(|&list| {
+                let (mut nll, mut count) = (0.0, 0);
+                for &view in views {
+                    let (sum, n) = self.known[&(list.to_vec(), view)];
+                    nll += sum;
+                    count += n;
+                }
+                Ok((nll / count.max(1) as f64).exp())
+            })
+            .collect()
+    }
+
+    /// The summed loss of the model `layers` on the first `len` tokens of window `w`.
+    fn window(&self, layers: &[usize], (w, len): View) -> Result<(f64, usize)> {
+        let start = layers
+            .iter()
+            .enumerate()
+            .take_while(|&(i, &l)| i == l)
+            .count();
+        let window = self
+            .cache
             .get(w)
             .ok_or_else(|| CalibrateError::Invalid(format!("no cached window {w}")))?;
         let state = window.states.get(start).ok_or_else(|| {
             CalibrateError::Invalid(format!("no cached state before layer {start}"))
         })?;
-        let x = model.run_blocks(&state.narrow(1, 0, len)?, blocks)?;
-        let (sum, n) = model.head_nll(&x, &window.targets.narrow(1, 0, len)?)?;
-        nll += sum;
-        count += n;
-        progress(k + 1);
+        let x = self
+            .model
+            .run_blocks(&state.narrow(1, 0, len)?, &layers[start..])?;
+        Ok(self
+            .model
+            .head_nll(&x, &window.targets.narrow(1, 0, len)?)?)
     }
-    Ok((nll / count.max(1) as f64).exp())
-}
-
-/// A candidate's pruned static model over `views`, from the cached state after the longest
-/// prefix of its layers that is 0, 1, 2, ... (the prelude, in every placement).
-fn candidate_perplexity(
-    model: &Model,
-    cache: &[Cached],
-    views: &[View],
-    c: &Candidate,
-    progress: &mut dyn FnMut(usize),
-) -> Result<f64> {
-    let layers = c.layers();
-    let start = layers
-        .iter()
-        .enumerate()
-        .take_while(|&(i, &l)| i == l)
-        .count();
-    perplexity_from(model, cache, views, start, &layers[start..], progress)
 }
 
 /// Indices of the `k` best candidates of each shape by subset perplexity (ties: listed first),
