@@ -814,7 +814,7 @@ fn open_recurrent_gguf(path: &Path, g: GgufFile) -> Result<SourceModel, SourceEr
             Role::LmHead => lookup(spec::OUTPUT.into(), role, None)?,
             Role::Layer(i, fused @ (LayerRole::Qkv | LayerRole::GateUp)) => {
                 let mut parts = Vec::new();
-                for &part in spec::unfused(fused) {
+                for part in fused.parts() {
                     let heads = match part {
                         LayerRole::Q if permuted => Some(config.n_heads),
                         LayerRole::K if permuted => Some(config.n_kv_heads),

@@ -942,6 +942,52 @@ fn plan_tensor_listed_twice() {
     );
 }
 
+// Edited by hand (issue 19): a plan whose entries disagree is refused naming the entry, not
+// applied with other layers' weights than it claims.
+
+#[test]
+fn plan_core_moved_without_its_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    edit_plan(dir.path(), |p| {
+        p["layers"]["core"] = json!("0..2");
+    });
+    apply_plan(
+        dir.path(),
+        r#"tensor "transformer.core_block.0.norm_1.weight" reads "model.layers.1.input_layernorm.weight", but layers.core 0..2 puts source layer 0 there ("model.layers.0.input_layernorm.weight")"#,
+    );
+}
+
+#[test]
+fn plan_config_records_another_layer_map() {
+    let dir = tempfile::tempdir().unwrap();
+    edit_plan(dir.path(), |p| {
+        p["config"]["surgery"]["layers"]["core"] = json!("0..2");
+    });
+    apply_plan(
+        dir.path(),
+        "config.surgery.layers (prelude 0..1, core 0..2, coda 3..4) disagrees with the plan's layers (prelude 0..1, core 1..3, coda 3..4)",
+    );
+}
+
+#[test]
+fn plan_tensor_reads_another_layer() {
+    // Names and byte ranges moved together, so every source header entry still matches.
+    let dir = tempfile::tempdir().unwrap();
+    edit_plan(dir.path(), |p| {
+        let tensors = p["tensors"].as_array_mut().unwrap();
+        let at = |name: &str| tensors.iter().position(|t| t["name"] == name).unwrap();
+        let (to, from) = (
+            at("transformer.core_block.0.attn.Wqkv.weight"),
+            at("transformer.core_block.1.attn.Wqkv.weight"),
+        );
+        tensors[to]["sources"] = tensors[from]["sources"].clone();
+    });
+    apply_plan(
+        dir.path(),
+        r#"tensor "transformer.core_block.0.attn.Wqkv.weight" reads "model.layers.2.self_attn.q_proj.weight", but layers.core 1..3 puts source layer 1 there ("model.layers.1.self_attn.q_proj.weight")"#,
+    );
+}
+
 #[test]
 fn plan_not_json() {
     let dir = tempfile::tempdir().unwrap();

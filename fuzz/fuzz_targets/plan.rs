@@ -6,6 +6,6 @@ use surgery::plan::Plan;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(plan) = Plan::from_json(data) {
-        let _ = surgery::surgery::check::plan(&plan);
+        let _ = plan.validate();
     }
 });

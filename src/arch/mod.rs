@@ -33,6 +33,18 @@ pub enum LayerRole {
     GateUp,
 }
 
+impl LayerRole {
+    /// The roles of a plain block whose rows make up this role of the recurrent layout, in row
+    /// order: Q, K, V for `Qkv`; gate, up for `GateUp`; the role itself otherwise.
+    pub fn parts(self) -> Vec<LayerRole> {
+        match self {
+            LayerRole::Qkv => vec![LayerRole::Q, LayerRole::K, LayerRole::V],
+            LayerRole::GateUp => vec![LayerRole::Gate, LayerRole::Up],
+            role => vec![role],
+        }
+    }
+}
+
 /// Where a tensor sits in a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {

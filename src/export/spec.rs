@@ -69,13 +69,3 @@ pub fn block_tensor(i: usize, role: LayerRole) -> Option<String> {
     };
     Some(format!("blk.{i}.{suffix}.weight"))
 }
-
-/// The separate GGUF tensors a fused recurrent-layout role is made of, in row order.
-pub fn unfused(role: LayerRole) -> &'static [LayerRole] {
-    use LayerRole::*;
-    match role {
-        Qkv => &[Q, K, V],
-        GateUp => &[Gate, Up],
-        _ => &[],
-    }
-}

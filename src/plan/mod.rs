@@ -5,13 +5,14 @@
 pub mod calibrate;
 pub mod cost;
 pub mod range;
+mod validate;
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::arch::{self, LayerRole, Naming, Role};
+use crate::arch::{self, Naming, Role};
 use crate::dtype::DType;
 use crate::formats::hf_config::{Family, RecurrentShape};
 use crate::source::{SourceFile, SourceFormat, SourceModel, TensorRef};
@@ -387,14 +388,10 @@ pub fn make(source: &SourceModel, req: &PlanRequest, hashes: &[String]) -> Resul
             ));
         }
         for &role in arch::recurrent_layer_roles(cfg.family) {
-            let parts: &[LayerRole] = match role {
-                LayerRole::Qkv => &[LayerRole::Q, LayerRole::K, LayerRole::V],
-                LayerRole::GateUp => &[LayerRole::Gate, LayerRole::Up],
-                _ => std::slice::from_ref(&role),
-            };
-            let sources = parts
-                .iter()
-                .map(|&p| source_ref(Role::Layer(layer, p)))
+            let sources = role
+                .parts()
+                .into_iter()
+                .map(|p| source_ref(Role::Layer(layer, p)))
                 .collect::<Result<Vec<_>, _>>()?;
             tensors.push(copy_spec(
                 source,

@@ -1,204 +1,22 @@
-//! Everything checked before `apply` writes a byte: the plan against itself (names, shapes, byte
-//! counts, transforms; the output config it implies) and against the source files as they are now
-//! (sizes, sha256, and each source tensor's header entry).
+//! What `apply` checks of the source files before it writes a byte, once the plan has checked
+//! itself (`Plan::validate`): the files are where the plan may read and are as they were when it
+//! was made (sizes, sha256, and each source tensor's header entry).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use crate::arch::{self, Naming, Role};
 use crate::dtype::DType;
 use crate::formats::gguf::GgufFile;
-use crate::formats::hf_config::{self, ModelConfig};
 use crate::formats::safetensors::SafetensorsFile;
 use crate::manifest::sha256_file;
-use crate::plan::{Plan, PlanError, SourceRef, TensorSpec, Transform, PLAN_VERSION};
+use crate::plan::{Plan, PlanError, SourceRef};
 
 use super::ApplyError;
 
 fn invalid(msg: String) -> PlanError {
     PlanError::Invalid(msg)
-}
-
-/// Checks that the plan is complete and consistent, and returns the output config it describes.
-pub fn plan(plan: &Plan) -> Result<ModelConfig, PlanError> {
-    if plan.plan_version != PLAN_VERSION {
-        return Err(invalid(format!(
-            "plan_version {} is not supported (this tool reads version {PLAN_VERSION})",
-            plan.plan_version
-        )));
-    }
-    let config_bytes = serde_json::to_vec(&plan.config).map_err(|e| invalid(e.to_string()))?;
-    let config =
-        hf_config::parse(&config_bytes).map_err(|e| invalid(format!("the plan's config: {e}")))?;
-    let Some(shape) = config.recurrent else {
-        return Err(invalid(
-            "plan config: model_type must be huginn_raven".into(),
-        ));
-    };
-    let layers = plan.layers.shape();
-    if (layers.prelude, layers.core, layers.coda) != (shape.prelude, shape.core, shape.coda) {
-        return Err(invalid(format!(
-            "plan layers ({layers}) disagree with the config's ({},{},{})",
-            shape.prelude, shape.core, shape.coda
-        )));
-    }
-    for (name, range) in plan.layers.named() {
-        if range.end > plan.source.n_layers {
-            return Err(PlanError::OutOfBounds {
-                part: name,
-                range,
-                n_layers: plan.source.n_layers,
-            });
-        }
-    }
-
-    let naming = Naming::Raven(config.family, shape);
-    let mut want: BTreeMap<String, (Role, Vec<usize>)> = BTreeMap::new();
-    for role in arch::required_roles(&config) {
-        let name = naming.name(role).unwrap_or_default();
-        want.insert(name, (role, arch::expected_shape(&config, role)));
-    }
-    let mut seen = HashSet::new();
-    let files: HashSet<&str> = plan.source.files.iter().map(|f| f.path.as_str()).collect();
-    for t in &plan.tensors {
-        if !seen.insert(t.name.as_str()) {
-            return Err(invalid(format!("tensor {:?} is listed twice", t.name)));
-        }
-        let Some((role, shape)) = want.get(&t.name) else {
-            return Err(invalid(format!(
-                "tensor {:?} is not part of a ({}) {} model",
-                t.name,
-                layers,
-                config.family.name()
-            )));
-        };
-        if &t.shape != shape {
-            return Err(invalid(format!(
-                "tensor {:?} has shape {:?}, but the config implies {shape:?}",
-                t.name, t.shape
-            )));
-        }
-        tensor(t, *role, &files)?;
-    }
-    if let Some(missing) = want.keys().find(|n| !seen.contains(n.as_str())) {
-        return Err(invalid(format!(
-            "tensor {missing:?} is missing from the plan"
-        )));
-    }
-    let mut names = HashSet::new();
-    for f in &plan.files {
-        let name = f.name();
-        let plain = !name.is_empty() && !name.contains(['/', '\\']) && !name.starts_with('.');
-        let reserved = ["config.json", "plan.json", crate::manifest::MANIFEST_NAME];
-        if !plain
-            || reserved.contains(&name)
-            || name.ends_with(".safetensors")
-            || !names.insert(name)
-        {
-            return Err(invalid(format!("output file name {name:?} is not allowed")));
-        }
-        if let crate::plan::OutputFile::Copy { source, .. } = f {
-            if !files.contains(source.as_str()) {
-                return Err(invalid(format!(
-                    "output file {name:?} copies {source:?}, which is not in source.files"
-                )));
-            }
-        }
-    }
-    Ok(config)
-}
-
-fn tensor(t: &TensorSpec, role: Role, files: &HashSet<&str>) -> Result<(), PlanError> {
-    let out = t.dtype.0;
-    if out.is_quantized() {
-        return Err(invalid(format!(
-            "tensor {:?}: output dtype {out} is not a float type",
-            t.name
-        )));
-    }
-    match (&t.init, t.transform, t.sources.is_empty()) {
-        (Some(init), None, true) => {
-            if role != Role::Adapter {
-                return Err(invalid(format!(
-                    "tensor {:?} cannot be initialized: only the adapter is new",
-                    t.name
-                )));
-            }
-            if !crate::plan::f32_scale(init.scale) {
-                return Err(invalid(format!(
-                    "tensor {:?}: init scale {} must be finite, >= 0 and at most f32's {:e}",
-                    t.name,
-                    crate::formats::hf_config::show(init.scale),
-                    f32::MAX
-                )));
-            }
-            Ok(())
-        }
-        (None, Some(transform), false) => sources(t, transform, files),
-        _ => Err(invalid(format!(
-            "tensor {:?} needs either `init`, or `transform` with `sources`",
-            t.name
-        ))),
-    }
-}
-
-fn sources(t: &TensorSpec, transform: Transform, files: &HashSet<&str>) -> Result<(), PlanError> {
-    let bad = |msg: String| Err(invalid(format!("tensor {:?}: {msg}", t.name)));
-    let mut rows = 0usize;
-    for s in &t.sources {
-        if !files.contains(s.file.as_str()) {
-            return bad(format!("source file {:?} is not in source.files", s.file));
-        }
-        let n: u64 = s.shape.iter().map(|&d| d as u64).product();
-        let size = s.dtype.0.size_of(n);
-        let [start, end] = s.byte_range;
-        if end < start || size != Some(end - start) {
-            return bad(format!(
-                "byte range {start}..{end} of {:?} does not hold {:?} {}",
-                s.tensor, s.shape, s.dtype.0
-            ));
-        }
-        if s.shape.len() != t.shape.len() || s.shape.get(1..) != t.shape.get(1..) {
-            return bad(format!(
-                "source {:?} of shape {:?} does not fit",
-                s.tensor, s.shape
-            ));
-        }
-        if let Some(heads) = s.unpermute_heads {
-            let r = s.shape.first().copied().unwrap_or(0);
-            if heads == 0 || r % heads != 0 || (r / heads) % 2 != 0 {
-                return bad(format!("cannot un-permute {r} rows as {heads} heads"));
-            }
-        }
-        rows += s.shape.first().copied().unwrap_or(0);
-    }
-    if t.shape.len() == 1 && t.sources.len() != 1 {
-        return bad("a 1-D tensor has exactly one source".into());
-    }
-    if t.shape.first() != Some(&rows) {
-        return bad(format!(
-            "sources have {rows} rows in all, the tensor {:?}",
-            t.shape.first()
-        ));
-    }
-    let out = t.dtype.0;
-    let same = t
-        .sources
-        .iter()
-        .all(|s| s.dtype.0 == out && s.unpermute_heads.is_none());
-    let quantized = t.sources.iter().any(|s| s.dtype.0.is_quantized());
-    let ok = match transform {
-        Transform::Copy => same && t.sources.len() == 1,
-        Transform::ConcatRows => same && t.sources.len() > 1,
-        Transform::Convert => !quantized,
-        Transform::Dequantize => quantized,
-    };
-    if !ok {
-        return bad(format!("transform {transform:?} does not fit its sources"));
-    }
-    Ok(())
 }
 
 /// The source files, memory-mapped, after checking they are the files the plan was made from.

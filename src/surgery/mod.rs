@@ -105,7 +105,7 @@ pub fn apply(
     opts: &ApplyOptions,
     progress: &mut dyn Progress,
 ) -> Result<ApplyReport, ApplyError> {
-    check::plan(plan)?;
+    plan.validate()?;
     // Before the existence check, whose advice (--force) would replace the input.
     crate::paths::check_output(out, &check::inputs(plan))?;
     if out.exists() && !opts.force {
