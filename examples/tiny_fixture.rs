@@ -22,8 +22,8 @@ use tokenizers::{AddedToken, TokenizerBuilder};
 use surgery::demo::{unigram_perplexity, TINY_EOS, TINY_HELDOUT_BOOKS};
 use surgery::dtype::DType;
 use surgery::eval::data::{read_documents, token_stream};
-use surgery::formats::text_tokenizer::TextTokenizer;
 use surgery::synth::{self, SynthSpec};
+use surgery::tokenizer::text::TextTokenizer;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 

@@ -14,6 +14,8 @@ pub mod manifest;
 pub mod model;
 pub mod paths;
 pub mod plan;
+pub mod progress;
 pub mod source;
 pub mod surgery;
 pub mod synth;
+pub mod tokenizer;

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::arch::spec;
 use crate::arch::{self, LayerRole, Naming, Role};
 use crate::dtype::DType;
-use crate::export::spec;
 use crate::formats::gguf::{self, GgufFile};
 use crate::formats::hf_config::{self, ConfigError, Family, ModelConfig, RopeScaling};
 use crate::formats::safetensors::{Checkpoint, SafetensorsError, INDEX_NAME};

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use surgery::eval::data::{read_documents, token_stream, windows, DataError, Documents};
 use surgery::eval::plot::{plot_perplexity, PlotError};
-use surgery::formats::text_tokenizer::TextTokenizer;
 use surgery::source::SourceModel;
+use surgery::tokenizer::text::TextTokenizer;
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let path = dir.join(name);

@@ -14,10 +14,10 @@ use serde_json::Value as Json;
 use surgery::arch::{LayerRole, Role};
 use surgery::dtype::DType;
 use surgery::formats::gguf::{dequantize, GgufFile, Value};
-use surgery::formats::text_tokenizer::TextTokenizer;
 use surgery::model::{last_logits, InitialState, Model};
 use surgery::source::SourceModel;
 use surgery::synth::{self, SynthSpec};
+use surgery::tokenizer::text::TextTokenizer;
 
 fn ok(dir: &Path, args: &[&str]) -> String {
     let out = surgery(dir, args);

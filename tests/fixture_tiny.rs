@@ -11,8 +11,8 @@ use common::{root, stderr, stdout, surgery};
 use serde_json::Value;
 use surgery::demo::unigram_perplexity;
 use surgery::eval::data::{read_documents, token_stream};
-use surgery::formats::text_tokenizer::TextTokenizer;
 use surgery::source::SourceModel;
+use surgery::tokenizer::text::TextTokenizer;
 
 fn tiny() -> PathBuf {
     root().join("fixtures/tiny")

@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use serde_json::Value as Json;
 use surgery::formats::gguf::{write_gguf, GgufFile, Value};
-use surgery::formats::tokenizer::{
+use surgery::tokenizer::gguf::{
     tokenizer_config_json_from_gguf, tokenizer_json_from_gguf, KEY_ADD_BOS,
 };
 use tokenizers::Tokenizer;

@@ -12,9 +12,9 @@
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use surgery::formats::text_tokenizer::TextTokenizer;
 use surgery::model::{last_logits, InitialState, Model, Weights};
 use surgery::source::SourceModel;
+use surgery::tokenizer::text::TextTokenizer;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let usage = "usage: llama-cpp-logits MODEL PROMPT R[,R...]";

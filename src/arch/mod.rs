@@ -1,6 +1,8 @@
 //! Canonical tensor roles and the naming schemes that map them to tensor names: Hugging Face
 //! (Llama, OLMo-2), llama.cpp's GGUF names, and the published recurrent layout (`huginn_raven`).
 
+pub mod spec;
+
 use std::fmt;
 
 use crate::formats::hf_config::{Family, ModelConfig, RecurrentShape};

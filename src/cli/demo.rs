@@ -13,7 +13,6 @@ use surgery::demo::{write_fixture, FixturePaths};
 use surgery::eval::data::{read_tokens, windows, Windows};
 use surgery::eval::perplexity::EvalRow;
 use surgery::export::{export_gguf, GgufOptions, QuantType};
-use surgery::formats::text_tokenizer::TextTokenizer;
 use surgery::heal::train::{run as heal, CurriculumKind, HealConfig, OptimizerKind, SamplerKind};
 use surgery::manifest::sha256_file;
 use surgery::model::params::Train;
@@ -21,6 +20,7 @@ use surgery::model::{generate, Exit, GenerateOptions, Model, Weights};
 use surgery::plan::{self, LayerRequest, PlanOptions, PlanRequest, Shape};
 use surgery::source::SourceModel;
 use surgery::surgery::{apply, ApplyOptions};
+use surgery::tokenizer::text::TextTokenizer;
 
 use super::{si, BarProgress, Global};
 

@@ -8,10 +8,10 @@ use anyhow::{bail, Context};
 use surgery::eval::data::{read_tokens, windows, Windows};
 use surgery::eval::perplexity::{perplexity, EvalRow};
 use surgery::eval::plot::plot_perplexity;
-use surgery::formats::text_tokenizer::TextTokenizer;
 use surgery::model::{Kernels, Model};
 use surgery::plan::LayerRange;
 use surgery::source::SourceModel;
+use surgery::tokenizer::text::TextTokenizer;
 
 use super::{byte_progress, Global};
 

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
-use surgery::formats::text_tokenizer::TextTokenizer;
 use surgery::model::{generate, Exit, GenerateOptions, Model};
 use surgery::source::SourceModel;
+use surgery::tokenizer::text::TextTokenizer;
 
 use super::Global;
 

@@ -197,7 +197,7 @@ impl BarProgress {
     }
 }
 
-impl surgery::surgery::Progress for BarProgress {
+impl surgery::progress::Progress for BarProgress {
     fn start(&mut self, what: &str, total: u64) {
         let bar = byte_progress(self.global, total, what);
         if self.counts {

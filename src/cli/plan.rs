@@ -5,11 +5,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
+use surgery::eval::calibrate::{self as measure, CalibrateOptions, Timings};
 use surgery::manifest::sha256_file;
 use surgery::model::Model;
-use surgery::plan::calibrate::{
-    self, CalibrateOptions, Calibration, Placement, ShapeCosts, Timings,
-};
+use surgery::plan::calibrate::{self, Calibration, Placement, ShapeCosts};
 use surgery::plan::{
     self, AdapterInit, DtypeChoice, Injection, LayerRange, LayerRequest, Plan, PlanOptions,
     PlanRequest, Shape, StateInit,
@@ -396,7 +395,7 @@ fn run_calibrated(args: &PlanArgs, data: &Path, global: Global) -> anyhow::Resul
     };
     let opts = args.calibrate.options();
     let field = args.calibrate.field.as_deref().unwrap_or("text");
-    let text = calibrate::read_text(&source, data, field, &opts)?;
+    let text = measure::read_text(&source, data, field, &opts)?;
     if !global.quiet && text.skipped_invalid_utf8 > 0 {
         eprintln!(
             "note: skipped {} calibration document(s) that are not valid UTF-8",
@@ -428,7 +427,7 @@ fn run_calibrated(args: &PlanArgs, data: &Path, global: Global) -> anyhow::Resul
     let model = Model::load(&source, &candle_core::Device::Cpu)?;
     let mut progress = super::BarProgress::counting(global);
     let (calibration, timings) =
-        calibrate::calibrate(&model, &text, candidates, shape_costs, &opts, &mut progress)?;
+        measure::calibrate(&model, &text, candidates, shape_costs, &opts, &mut progress)?;
     drop(model);
 
     let picked = match args.calibrate.pick {

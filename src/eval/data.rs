@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value as Json;
 
-use crate::formats::text_tokenizer::{TextTokenizer, TextTokenizerError};
+use crate::tokenizer::text::{TextTokenizer, TextTokenizerError};
 
 /// Why data could not be read or prepared.
 #[derive(Debug, thiserror::Error)]

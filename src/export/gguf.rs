@@ -17,17 +17,17 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use crate::arch::spec;
 use crate::arch::{expected_shape, LayerRole, Role};
 use crate::dtype::DType;
 use crate::export::mix::{QuantType, TensorKind};
 use crate::export::rows::{chunks, rows_cols, source_bytes, stream_rows, RowOrder};
-use crate::export::spec;
-use crate::export::vocab::tokenizer_metadata;
 use crate::export::ExportError;
 use crate::formats::gguf::{GgufError, GgufWriter, TensorHeader, Value};
 use crate::formats::hf_config::{Family, ModelConfig, RecurrentShape};
+use crate::progress::Progress;
 use crate::source::SourceModel;
-use crate::surgery::Progress;
+use crate::tokenizer::vocab::tokenizer_metadata;
 
 /// `general.quantization_version`: ggml's `GGML_QNT_VERSION`.
 const QUANTIZATION_VERSION: u32 = 2;

@@ -5,8 +5,6 @@ pub mod gguf;
 pub mod mix;
 pub mod rows;
 pub mod safetensors;
-pub mod spec;
-pub mod vocab;
 
 use std::path::PathBuf;
 
@@ -29,9 +27,9 @@ pub enum ExportError {
     #[error(transparent)]
     Path(#[from] crate::paths::PathError),
     #[error(transparent)]
-    Vocab(#[from] vocab::VocabError),
+    Vocab(#[from] crate::tokenizer::vocab::VocabError),
     #[error(transparent)]
-    Tokenizer(#[from] crate::formats::tokenizer::TokenizerError),
+    Tokenizer(#[from] crate::tokenizer::gguf::TokenizerError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -22,10 +22,10 @@ use crate::export::rows::{chunks, rows_cols, source_bytes, stream_rows, RowOrder
 use crate::export::ExportError;
 use crate::formats::hf_config::{Family, ModelConfig};
 use crate::formats::safetensors::INDEX_NAME;
-use crate::formats::tokenizer::{tokenizer_config_json_from_gguf, tokenizer_json_from_gguf};
 use crate::manifest::{self, HashingWriter, Manifest, ManifestEntry, MANIFEST_NAME};
+use crate::progress::Progress;
 use crate::source::{SourceFormat, SourceModel};
-use crate::surgery::Progress;
+use crate::tokenizer::gguf::{tokenizer_config_json_from_gguf, tokenizer_json_from_gguf};
 
 /// `--dtype` of `export safetensors`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,6 +4,15 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+/// sigma of the initial state s_0 in the reference (inherited from Huginn; REFERENCE.md).
+pub const REFERENCE_STATE_STD: f64 = 0.008703882797784892;
+
+/// Whether `v` can scale values drawn in f32 (an init's noise, the initial state's std): finite,
+/// not negative, and not past f32's largest number, which would make every draw Inf.
+pub fn f32_scale(v: f64) -> bool {
+    v.is_finite() && v >= 0.0 && v <= f64::from(f32::MAX)
+}
+
 /// Largest sizes we accept. Far above any real model, far below anything that overflows the
 /// parameter arithmetic (checked anyway).
 const MAX_LAYERS: usize = 4096;
@@ -271,9 +280,9 @@ fn from_raven(raw: RawRaven) -> Result<ModelConfig, ConfigError> {
         state_std: raw
             .init_values
             .and_then(|v| v.std)
-            .unwrap_or(crate::plan::REFERENCE_STATE_STD),
+            .unwrap_or(REFERENCE_STATE_STD),
     };
-    if !crate::plan::f32_scale(shape.state_std) {
+    if !f32_scale(shape.state_std) {
         return Err(ConfigError::Invalid(format!(
             "init_values.std {} must be finite, >= 0 and at most f32's {:e}",
             show(shape.state_std),

@@ -3,9 +3,6 @@
 pub mod gguf;
 pub mod hf_config;
 pub mod safetensors;
-pub mod spm;
-pub mod text_tokenizer;
-pub mod tokenizer;
 
 /// `MADV_DONTNEED` on `len` bytes at `start` of a read-only file map (rounded out to whole pages
 /// by memmap2): resident memory does not grow with a model streamed through the map. A range

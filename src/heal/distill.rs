@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::formats::text_tokenizer::TextTokenizer;
 use crate::manifest::sha256_file;
 use crate::model::{Kernels, Mix, Model};
 use crate::plan::PlanSource;
 use crate::source::SourceModel;
+use crate::tokenizer::text::TextTokenizer;
 
 use super::train::{HealError, Result};
 

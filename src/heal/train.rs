@@ -9,10 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::eval::data::read_tokens;
 use crate::eval::perplexity::perplexity;
-use crate::formats::text_tokenizer::TextTokenizer;
 use crate::model::params::{Lora, Param, ParamKind, Train};
 use crate::model::{InitialState, Kernels, Model};
 use crate::source::SourceModel;
+use crate::tokenizer::text::TextTokenizer;
 
 use super::data::TrainData;
 use super::distill::{load_teacher, DistillConfig};
@@ -46,7 +46,7 @@ pub enum HealError {
     #[error(transparent)]
     Data(#[from] crate::eval::data::DataError),
     #[error(transparent)]
-    Tokenizer(#[from] crate::formats::text_tokenizer::TextTokenizerError),
+    Tokenizer(#[from] crate::tokenizer::text::TextTokenizerError),
     #[error(transparent)]
     Optim(#[from] super::optim::OptimError),
 }

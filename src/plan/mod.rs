@@ -14,16 +14,13 @@ use serde_json::{json, Value};
 
 use crate::arch::{self, Naming, Role};
 use crate::dtype::DType;
-use crate::formats::hf_config::{Family, RecurrentShape};
+use crate::formats::hf_config::{f32_scale, Family, RecurrentShape, REFERENCE_STATE_STD};
 use crate::source::{SourceFile, SourceFormat, SourceModel, TensorRef};
 
 pub use range::{LayerRange, LayerRequest, Layers, Shape};
 
 /// Version of the plan format; bumped on any incompatible change.
 pub const PLAN_VERSION: u32 = 1;
-
-/// sigma of the initial state s_0 in the reference (inherited from Huginn; REFERENCE.md).
-pub const REFERENCE_STATE_STD: f64 = 0.008703882797784892;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -317,12 +314,6 @@ impl Plan {
     }
 }
 
-/// Whether `v` can scale values drawn in f32 (an init's noise, the initial state's std): finite,
-/// not negative, and not past f32's largest number, which would make every draw Inf.
-pub fn f32_scale(v: f64) -> bool {
-    v.is_finite() && v >= 0.0 && v <= f64::from(f32::MAX)
-}
-
 /// Everything `make` needs besides the source.
 #[derive(Debug, Clone)]
 pub struct PlanRequest {
@@ -479,7 +470,7 @@ fn output_files(source: &SourceModel, notes: &mut Vec<String>) -> Vec<OutputFile
         if g.get("tokenizer.ggml.model").is_none() {
             return vec![];
         }
-        if let Err(e) = crate::formats::tokenizer::tokenizer_json_from_gguf(g) {
+        if let Err(e) = crate::tokenizer::gguf::tokenizer_json_from_gguf(g) {
             notes.push(format!("the output gets no tokenizer: {e}"));
             return vec![];
         }

@@ -218,7 +218,7 @@ fn tensor(t: &TensorSpec, role: Role, files: &HashSet<&str>) -> Result<(), PlanE
                     t.name
                 )));
             }
-            if !super::f32_scale(init.scale) {
+            if !hf_config::f32_scale(init.scale) {
                 return Err(invalid(format!(
                     "tensor {:?}: init scale {} must be finite, >= 0 and at most f32's {:e}",
                     t.name,

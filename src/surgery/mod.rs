@@ -17,6 +17,7 @@ use crate::formats::gguf::GgufFile;
 use crate::formats::safetensors::INDEX_NAME;
 use crate::manifest::{self, HashingWriter, Manifest, ManifestEntry, MANIFEST_NAME};
 use crate::plan::{OutputFile, Plan, PlanError, SourceRef, TensorSpec, Transform};
+use crate::progress::Progress;
 use crate::source::decode_rows;
 
 use check::SourceFiles;
@@ -50,22 +51,6 @@ pub enum ApplyError {
     /// A source tensor holds NaN or Inf values and `strict` was asked for.
     #[error("tensor {tensor:?} would receive {count} non-finite values (NaN or Inf) from the source; refusing under --strict")]
     NonFinite { tensor: String, count: u64 },
-}
-
-/// Progress of a long step, reported by the library and drawn by the CLI.
-pub trait Progress {
-    fn start(&mut self, what: &str, total: u64);
-    fn advance(&mut self, done: u64);
-    fn finish(&mut self);
-}
-
-/// Reports nothing.
-pub struct NoProgress;
-
-impl Progress for NoProgress {
-    fn start(&mut self, _: &str, _: u64) {}
-    fn advance(&mut self, _: u64) {}
-    fn finish(&mut self) {}
 }
 
 #[derive(Debug, Clone)]
@@ -340,10 +325,10 @@ fn output_file(plan: &Plan, f: &OutputFile) -> Result<Vec<u8>, ApplyError> {
                 .map_err(|e| ApplyError::Convert(format!("{}: {e}", path.display())))?;
             let value = match f {
                 OutputFile::GgufTokenizer { .. } => {
-                    crate::formats::tokenizer::tokenizer_json_from_gguf(&g)
+                    crate::tokenizer::gguf::tokenizer_json_from_gguf(&g)
                         .map_err(|e| ApplyError::Convert(format!("{}: {e}", path.display())))?
                 }
-                _ => crate::formats::tokenizer::tokenizer_config_json_from_gguf(&g),
+                _ => crate::tokenizer::gguf::tokenizer_config_json_from_gguf(&g),
             };
             Ok(pretty(&value))
         }

@@ -254,7 +254,7 @@ mod tests {
         let path = dir.path().join("v.gguf");
         crate::formats::gguf::write_gguf(&path, meta, &[]).unwrap();
         let g = crate::formats::gguf::GgufFile::open(&path).unwrap();
-        crate::formats::tokenizer::tokenizer_json_from_gguf(&g).unwrap()
+        crate::tokenizer::gguf::tokenizer_json_from_gguf(&g).unwrap()
     }
 
     #[test]
@@ -296,10 +296,10 @@ mod tests {
             .any(|t| llama_cpp_spm(&tokens, &reversed, t) != llama_cpp_spm(&tokens, &scores, t)));
 
         // Exported again (tokenizer.json -> GGUF keys -> tokenizer.json): the same tokens.
-        let keys = crate::export::vocab::from_tokenizer_json(
+        let keys = crate::tokenizer::vocab::from_tokenizer_json(
             &json,
             &serde_json::Value::Null,
-            crate::export::vocab::ConfigIds {
+            crate::tokenizer::vocab::ConfigIds {
                 bos: Some(1),
                 eos: Some(2),
             },

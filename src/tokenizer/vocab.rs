@@ -22,7 +22,7 @@
 //! A SentencePiece-style vocabulary (Llama 2, TinyLlama: a BPE model with `byte_fallback` and
 //! `▁` for spaces, no ByteLevel) becomes `tokenizer.ggml.model = "llama"`, as the converter's
 //! `_set_vocab_sentencepiece` writes it: `pre = "default"`, tokens, `scores` (from the merge
-//! ranks, see [`crate::formats::spm`]; 0 for control, byte and unknown tokens as SentencePiece
+//! ranks, see [`crate::tokenizer::spm`]; 0 for control, byte and unknown tokens as SentencePiece
 //! gives them, -1000 for padding), token types with BYTE (6) for `<0xXX>` and UNKNOWN (2) for
 //! the unknown token, `add_space_prefix` from the normalizer (`Prepend("▁")`) or a `Metaspace`
 //! pre-tokenizer, and no merges.
@@ -33,12 +33,12 @@ use std::path::Path;
 use serde_json::Value as Json;
 
 use crate::formats::gguf::Value;
-use crate::formats::spm::{self, KEY_ADD_SPACE_PREFIX, KEY_SCORES, SPACE};
-use crate::formats::tokenizer::{
+use crate::source::SourceModel;
+use crate::tokenizer::gguf::{
     KEY_ADD_BOS, KEY_ADD_EOS, KEY_BOS_ID, KEY_CHAT_TEMPLATE, KEY_EOS_ID, KEY_MERGES, KEY_MODEL,
     KEY_PAD_ID, KEY_PRE, KEY_TOKENS, KEY_TOKEN_TYPE, KEY_UNK_ID,
 };
-use crate::source::SourceModel;
+use crate::tokenizer::spm::{self, KEY_ADD_SPACE_PREFIX, KEY_SCORES, SPACE};
 
 /// llama.h `llama_token_type`.
 const NORMAL: i32 = 1;

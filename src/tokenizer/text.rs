@@ -17,11 +17,11 @@ use std::str::FromStr;
 
 use serde_json::Value as Json;
 
-use crate::formats::tokenizer::{
+use crate::source::{SourceFormat, SourceModel};
+use crate::tokenizer::gguf::{
     tokenizer_config_json_from_gguf, tokenizer_json_from_gguf, TokenizerError, KEY_BOS_ID,
     KEY_EOS_ID, KEY_TOKENS,
 };
-use crate::source::{SourceFormat, SourceModel};
 
 /// Why a model's tokenizer could not be loaded or used.
 #[derive(Debug, thiserror::Error)]

@@ -22,7 +22,7 @@
 //!
 //! - `tokenizer.ggml.model = "llama"` (SentencePiece, `LLAMA_VOCAB_TYPE_SPM`) becomes a byte-
 //!   fallback BPE model whose merges are ranked by `tokenizer.ggml.scores`, with llama.cpp's
-//!   space handling as normalizer (see [`crate::formats::spm`]).
+//!   space handling as normalizer (see [`crate::tokenizer::spm`]).
 //!
 //! WordPiece (`bert`), Unigram (`t5`) and RWKV vocabularies are refused with
 //! [`TokenizerError::Unsupported`]: their llama.cpp tokenizers are not BPE, and an approximate
@@ -34,7 +34,7 @@ use std::str::FromStr;
 use serde_json::{json, Map, Value as Json};
 
 use crate::formats::gguf::{GgufFile, Value};
-use crate::formats::spm::{merges_from_scores, KEY_ADD_SPACE_PREFIX, KEY_SCORES, SPACE};
+use crate::tokenizer::spm::{merges_from_scores, KEY_ADD_SPACE_PREFIX, KEY_SCORES, SPACE};
 
 /// `tokenizer.ggml.model`: the tokenizer family (llama-vocab.cpp `LLM_KV_TOKENIZER_MODEL`).
 pub const KEY_MODEL: &str = "tokenizer.ggml.model";
@@ -270,7 +270,7 @@ fn resolve_pre(g: &GgufFile) -> Result<Pre, TokenizerError> {
 enum Family {
     /// `gpt2`: byte-level BPE.
     Bpe,
-    /// `llama`: SentencePiece with scores (see [`crate::formats::spm`]).
+    /// `llama`: SentencePiece with scores (see [`crate::tokenizer::spm`]).
     Spm,
 }
 
@@ -636,7 +636,7 @@ fn read_scores(g: &GgufFile, n_tokens: usize) -> Result<Vec<f32>, TokenizerError
 }
 
 /// A SentencePiece vocabulary (`llama`) as byte-fallback BPE with merges ranked by the scores
-/// (see [`crate::formats::spm`]), spaces written `▁` by the normalizer (and one put in front of
+/// (see [`crate::tokenizer::spm`]), spaces written `▁` by the normalizer (and one put in front of
 /// each piece of text unless `add_space_prefix` is false), as llama.cpp's SPM tokenizer does, and
 /// the decoder of Hugging Face's Llama tokenizer.json.
 fn spm_tokenizer_json(

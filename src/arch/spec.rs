@@ -6,7 +6,7 @@
 //! block's `attn_norm`, `attn_q`, ... and OLMo-2's `attn_q_norm`, `post_attention_norm`,
 //! `post_ffw_norm`.
 
-use crate::arch::LayerRole;
+use super::LayerRole;
 
 /// `general.architecture` of the recurrent GGUF.
 pub const ARCH: &str = "huginn_raven";
