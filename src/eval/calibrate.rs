@@ -1,5 +1,6 @@
-//! `surgery plan --calibrate`, the measuring: scores every layer of a static source on calibration text and ranks
-//! placements of the core by the perplexity of the pruned model each starts from (issue 10). The
+//! `surgery plan --calibrate`, the measuring: scores every layer of a static source on
+//! calibration text and ranks placements of the core by the perplexity of the pruned model each
+//! starts from (issue 10; the results' types are `plan::calibrate`'s, as a plan records them). The
 //! paper picked its layers by hand; this lets the data say which to drop before a byte is written.
 //!
 //! One base pass keeps the hidden state at every layer boundary (layers + 1 states per token;
