@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         }
     };
     let json = cli.global.json;
+    cli.global.set_threads();
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         // `surgery inspect M | head -1`: the reader has what it wanted.

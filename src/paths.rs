@@ -33,6 +33,9 @@ pub enum PathError {
         input: PathBuf,
         how: &'static str,
     },
+    /// The output exists and `--force` was not given.
+    #[error("{0} already exists; pass --force to replace it")]
+    Exists(PathBuf),
     /// Resolving a path failed.
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
@@ -194,6 +197,22 @@ pub fn file_inside(root: &Path, rel: &str) -> Result<PathBuf, PathError> {
     }
     require_file(&resolved).map_err(io(&joined))?;
     Ok(resolved)
+}
+
+/// Where a command may write `out`: apart from its `inputs` ([`check_output`], checked first, so
+/// that the advice to pass --force never points at an input), and only over an existing `out`
+/// with `force`.
+pub fn check_new_output(out: &Path, inputs: &[PathBuf], force: bool) -> Result<(), PathError> {
+    check_output(out, inputs)?;
+    refuse_existing(out, force)
+}
+
+/// Refuses an existing `out` without `force`.
+pub fn refuse_existing(out: &Path, force: bool) -> Result<(), PathError> {
+    if out.exists() && !force {
+        return Err(PathError::Exists(out.to_path_buf()));
+    }
+    Ok(())
 }
 
 /// Refuses an output that is, contains or lies inside one of `inputs`: writing it would replace

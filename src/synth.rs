@@ -164,26 +164,11 @@ pub fn write_hf(dir: &Path, spec: &SynthSpec, seed: u64) -> std::io::Result<()> 
         dir.join("config.json"),
         serde_json::to_vec_pretty(&spec.config_json())?,
     )?;
-    let shards = spec.shards.max(1);
-    if shards == 1 {
-        return safetensors::write_file(&dir.join("model.safetensors"), &tensors).map_err(other);
+    if spec.shards > 1 {
+        safetensors::write_sharded(dir, &tensors, spec.shards).map_err(other)
+    } else {
+        safetensors::write_file(&dir.join("model.safetensors"), &tensors).map_err(other)
     }
-    let per = tensors.len().div_ceil(shards);
-    let mut weight_map = serde_json::Map::new();
-    let mut total = 0usize;
-    for (i, chunk) in tensors.chunks(per).enumerate() {
-        let name = format!("model-{:05}-of-{:05}.safetensors", i + 1, shards);
-        for (t, _, _, bytes) in chunk {
-            weight_map.insert(t.clone(), json!(name));
-            total += bytes.len();
-        }
-        safetensors::write_file(&dir.join(&name), chunk).map_err(other)?;
-    }
-    let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    std::fs::write(
-        dir.join(safetensors::INDEX_NAME),
-        serde_json::to_vec_pretty(&index)?,
-    )
 }
 
 /// Writes a Llama `spec` as a GGUF file the way llama.cpp's converter does: llama.* metadata,

@@ -61,15 +61,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 pub fn run(args: ApplyArgs, global: Global) -> anyhow::Result<()> {
-    // Before the existence check, whose advice (--force) would replace the input; the plan's
-    // source files are checked once the plan is read.
-    surgery::paths::check_output(&args.out, std::slice::from_ref(&args.input))?;
-    if args.out.exists() && !args.force {
-        bail!(
-            "{} already exists; pass --force to replace it",
-            args.out.display()
-        );
-    }
+    // The plan's source files are checked once the plan is read.
+    surgery::paths::check_new_output(&args.out, std::slice::from_ref(&args.input), args.force)?;
     // By its name: a plan that is not a regular file (a FIFO) is then refused as such when read.
     let is_plan = !args.input.is_dir() && args.input.extension().is_some_and(|e| e == "json");
     let (plan, plan_bytes) = if is_plan {

@@ -52,18 +52,11 @@ pub struct DemoArgs {
     /// Optimizer steps of the heal (4 sequences of 128 tokens each).
     #[arg(long, default_value_t = 450)]
     pub heal_steps: u64,
-    /// CPU threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
 }
 
 pub fn run(args: DemoArgs, global: Global) -> anyhow::Result<()> {
     if args.heal_steps == 0 {
         bail!("--heal-steps must be at least 1");
-    }
-    if let Some(n) = args.threads {
-        // candle's CPU kernels size their pool from this, before any tensor work.
-        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
     }
     let Some(out) = &args.out else {
         let dir = std::env::temp_dir().join(format!("surgery-demo-{}", std::process::id()));
@@ -74,12 +67,7 @@ pub fn run(args: DemoArgs, global: Global) -> anyhow::Result<()> {
         let summary = stages(&dir, &dir, &args, global)?;
         return report(&summary, global);
     };
-    if out.exists() && !args.force {
-        bail!(
-            "{} already exists; pass --force to replace it",
-            out.display()
-        );
-    }
+    surgery::paths::refuse_existing(out, args.force)?;
     let staging = surgery::atomic::Staging::dir(out)
         .map_err(|(path, e)| anyhow::Error::new(e).context(path.display().to_string()))?;
     let summary = stages(staging.path(), out, &args, global).and_then(|s| {

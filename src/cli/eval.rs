@@ -43,9 +43,6 @@ pub struct EvalArgs {
     /// For a static model: run only these source layers, e.g. 0..4,18..30 (the pruned model).
     #[arg(long, value_delimiter = ',', value_name = "a..b,...")]
     pub layers: Option<Vec<LayerRange>>,
-    /// CPU threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
     /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -72,10 +69,6 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
     if args.max_tokens == Some(0) {
         // Nothing scored would print a NaN perplexity (0 / 0).
         bail!("--max-tokens 0 scores nothing; it must be at least 1");
-    }
-    if let Some(n) = args.threads {
-        // candle's CPU kernels size their pool from this, before any tensor work.
-        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
     }
     let source = SourceModel::open(&args.model)?;
     let tokenizer = TextTokenizer::for_model(&source)?;

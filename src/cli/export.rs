@@ -5,8 +5,6 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::bail;
-
 use surgery::export::mix::TYPE_NAMES;
 use surgery::export::safetensors::OutDType;
 use surgery::export::{
@@ -102,14 +100,7 @@ fn notes(notes: &[String], global: Global) {
 }
 
 fn gguf(args: GgufArgs, global: Global) -> anyhow::Result<()> {
-    // Before the existence check, whose advice (--force) would replace the model.
-    surgery::paths::check_output(&args.out, std::slice::from_ref(&args.model))?;
-    if args.out.exists() && !args.force {
-        bail!(
-            "{} already exists; pass --force to replace it",
-            args.out.display()
-        );
-    }
+    surgery::paths::check_new_output(&args.out, std::slice::from_ref(&args.model), args.force)?;
     let source = SourceModel::open(&args.model)?;
     let opts = GgufOptions {
         quant: args.quant,
@@ -149,14 +140,7 @@ fn gguf(args: GgufArgs, global: Global) -> anyhow::Result<()> {
 }
 
 fn safetensors(args: SafetensorsArgs, global: Global) -> anyhow::Result<()> {
-    // Before the existence check, whose advice (--force) would replace the model.
-    surgery::paths::check_output(&args.out, std::slice::from_ref(&args.model))?;
-    if args.out.exists() && !args.force {
-        bail!(
-            "{} already exists; pass --force to replace it",
-            args.out.display()
-        );
-    }
+    surgery::paths::check_new_output(&args.out, std::slice::from_ref(&args.model), args.force)?;
     let source = SourceModel::open(&args.model)?;
     let opts = SafetensorsOptions {
         dtype: args.dtype,

@@ -42,9 +42,6 @@ pub struct GenerateArgs {
     /// Keep going after the end-of-text token (for benchmarks).
     #[arg(long)]
     pub ignore_eos: bool,
-    /// CPU threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
     /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -92,10 +89,6 @@ pub fn run(args: GenerateArgs, global: Global) -> anyhow::Result<()> {
     }
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1]");
-    }
-    if let Some(n) = args.threads {
-        // candle's CPU kernels size their pool from this, before any tensor work.
-        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
     }
     let device = super::parse_device(&args.device)?;
     let source = SourceModel::open(&args.model)?;

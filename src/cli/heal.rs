@@ -118,9 +118,6 @@ pub struct HealArgs {
     /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// CPU threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
     /// fused: our fused ops with their own backward (CPU, f32); composed: the plain candle ops
     /// they are proved against, the reference path (slower, more memory).
     #[arg(long, value_enum, default_value = "fused")]
@@ -255,9 +252,6 @@ impl Observer for Bar {
 
 pub fn run_cli(args: HealArgs, global: Global) -> anyhow::Result<()> {
     let device = super::parse_device(&args.device)?;
-    if let Some(n) = args.threads {
-        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
-    }
     let (config, resume) = match &args.resume {
         Some(dir) => (place::resume_config(dir, args.force)?, Some(dir.as_path())),
         None => (args.config()?, None),
@@ -265,12 +259,7 @@ pub fn run_cli(args: HealArgs, global: Global) -> anyhow::Result<()> {
     if resume.is_none() {
         // Before the existence check, whose advice (--force) would replace an input.
         place::check_inputs(&config)?;
-        if config.out.exists() && !args.force {
-            bail!(
-                "{} already exists; pass --force to replace it",
-                config.out.display()
-            );
-        }
+        surgery::paths::refuse_existing(&config.out, args.force)?;
         // An earlier run's checkpoints: resume them, or --force removes them.
         let root = config.checkpoint_root();
         if let Some(latest) = surgery::heal::checkpoint::existing(&root)?.last() {

@@ -49,6 +49,20 @@ pub struct Global {
     /// No progress bars or notes on stderr.
     #[arg(long, short, global = true)]
     pub quiet: bool,
+    /// CPU threads (default: all cores).
+    #[arg(long, global = true, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+impl Global {
+    /// Sizes the CPU thread pools from --threads. candle's kernels and rayon read
+    /// RAYON_NUM_THREADS when their pools start, so this runs before any tensor work, while the
+    /// process has one thread.
+    pub fn set_threads(&self) {
+        if let Some(n) = self.threads {
+            std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+        }
+    }
 }
 
 #[derive(Subcommand)]

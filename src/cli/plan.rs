@@ -216,14 +216,7 @@ pub fn make_plan(
 
 pub fn run(args: PlanArgs, global: Global) -> anyhow::Result<()> {
     if let Some(out) = &args.out {
-        // Before the existence check, whose advice (--force) would overwrite the model.
-        surgery::paths::check_output(out, &args.inputs(None))?;
-        if out.exists() && !args.force {
-            bail!(
-                "{} already exists; pass --force to overwrite it",
-                out.display()
-            );
-        }
+        surgery::paths::check_new_output(out, &args.inputs(None), args.force)?;
     }
     let Some(data) = args.calibrate.calibrate.clone() else {
         if let Some(flag) = args.calibrate.stray() {

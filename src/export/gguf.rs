@@ -121,10 +121,7 @@ pub fn export_gguf(
     opts: &GgufOptions,
     progress: &mut dyn Progress,
 ) -> Result<GgufReport, ExportError> {
-    crate::paths::check_output(out, &source.inputs())?;
-    if out.exists() && !opts.force {
-        return Err(ExportError::Exists(out.to_path_buf()));
-    }
+    crate::paths::check_new_output(out, &source.inputs(), opts.force)?;
     let c = &source.config;
     let layout = layout(source, opts)?;
     let jobs = jobs(source, &layout, opts.quant)?;

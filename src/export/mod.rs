@@ -15,15 +15,12 @@ pub use safetensors::{export_safetensors, SafetensorsOptions, SafetensorsReport}
 /// Why an export failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    /// The output exists and `--force` was not given.
-    #[error("{0} already exists; pass --force to replace it")]
-    Exists(PathBuf),
     /// The model cannot be exported as asked; the message says why and what to do instead.
     #[error("{0}")]
     Refused(String),
     #[error(transparent)]
     Gguf(#[from] crate::formats::gguf::GgufError),
-    /// The output overlaps the model it is made from.
+    /// The output overlaps the model it is made from, or exists without --force.
     #[error(transparent)]
     Path(#[from] crate::paths::PathError),
     #[error(transparent)]

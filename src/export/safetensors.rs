@@ -21,7 +21,7 @@ use crate::dtype::DType;
 use crate::export::rows::{chunks, rows_cols, source_bytes, stream_rows, RowOrder};
 use crate::export::ExportError;
 use crate::formats::hf_config::{Family, ModelConfig};
-use crate::formats::safetensors::INDEX_NAME;
+use crate::formats::safetensors::{Entry, Shards, INDEX_NAME};
 use crate::manifest::{self, HashingWriter, Manifest, ManifestEntry, MANIFEST_NAME};
 use crate::progress::Progress;
 use crate::source::{SourceFormat, SourceModel};
@@ -79,7 +79,6 @@ struct OutTensor {
     name: String,
     role: Role,
     shape: Vec<usize>,
-    bytes: u64,
 }
 
 /// Writes `source` in the Hugging Face layout into the directory `out`.
@@ -89,17 +88,14 @@ pub fn export_safetensors(
     opts: &SafetensorsOptions,
     progress: &mut dyn Progress,
 ) -> Result<SafetensorsReport, ExportError> {
-    crate::paths::check_output(out, &source.inputs())?;
-    if out.exists() && !opts.force {
-        return Err(ExportError::Exists(out.to_path_buf()));
-    }
+    crate::paths::check_new_output(out, &source.inputs(), opts.force)?;
     let dtype = match opts.dtype {
         OutDType::Float(d) => d,
         OutDType::Auto => Some(source.main_dtype())
             .filter(|d| !d.is_quantized())
             .unwrap_or(DType::F32),
     };
-    let tensors = out_tensors(source, dtype)?;
+    let tensors = out_tensors(source)?;
     let staging = crate::atomic::Staging::dir(out)
         .map_err(|(path, source)| ExportError::Io { path, source })?;
     let result =
@@ -118,7 +114,7 @@ pub fn export_safetensors(
     result
 }
 
-fn out_tensors(source: &SourceModel, dtype: DType) -> Result<Vec<OutTensor>, ExportError> {
+fn out_tensors(source: &SourceModel) -> Result<Vec<OutTensor>, ExportError> {
     let c = &source.config;
     let naming = match c.recurrent {
         Some(shape) => Naming::Raven(c.family, shape),
@@ -133,57 +129,13 @@ fn out_tensors(source: &SourceModel, dtype: DType) -> Result<Vec<OutTensor>, Exp
             let name = naming
                 .name(role)
                 .ok_or_else(|| ExportError::Convert(format!("no output name for {role}")))?;
-            let n = t.n_elements() as u64;
             Ok(OutTensor {
                 name,
                 role,
                 shape: t.shape.clone(),
-                bytes: dtype.size_of(n).unwrap_or(0),
             })
         })
         .collect()
-}
-
-/// Splits tensors (in order) into shards of at most `max` bytes; a bigger tensor stands alone.
-fn shards(tensors: &[OutTensor], max: u64) -> Vec<std::ops::Range<usize>> {
-    let mut out = Vec::new();
-    let (mut start, mut size) = (0, 0u64);
-    for (i, t) in tensors.iter().enumerate() {
-        if i > start && size + t.bytes > max {
-            out.push(start..i);
-            (start, size) = (i, 0);
-        }
-        size += t.bytes;
-    }
-    if start < tensors.len() {
-        out.push(start..tensors.len());
-    }
-    out
-}
-
-fn shard_name(i: usize, n: usize) -> String {
-    if n == 1 {
-        "model.safetensors".into()
-    } else {
-        format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
-    }
-}
-
-/// The header of a shard, padded with spaces to a multiple of 8 bytes.
-fn shard_header(tensors: &[OutTensor], dtype: DType) -> Vec<u8> {
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), json!({"format": "pt"}));
-    let mut offset = 0u64;
-    for t in tensors {
-        header.insert(
-            t.name.clone(),
-            json!({"dtype": dtype.name(), "shape": t.shape, "data_offsets": [offset, offset + t.bytes]}),
-        );
-        offset += t.bytes;
-    }
-    let mut bytes = serde_json::to_vec(&header).unwrap_or_default();
-    bytes.resize(bytes.len().div_ceil(8) * 8, b' ');
-    bytes
 }
 
 fn write_dir(
@@ -202,12 +154,19 @@ fn write_dir(
         })
         .sum();
     progress.start("exporting", total_source);
-    let ranges = shards(tensors, opts.max_shard_bytes);
+    let entries = tensors
+        .iter()
+        .map(|t| Entry {
+            name: t.name.clone(),
+            dtype,
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let shards = Shards::new(entries, opts.max_shard_bytes);
     let mut files = Vec::new();
-    let mut weight_map = serde_json::Map::new();
     let mut done = 0u64;
-    for (i, range) in ranges.iter().enumerate() {
-        let name = shard_name(i, ranges.len());
+    for i in 0..shards.len() {
+        let name = shards.name(i);
         let path = dir.join(&name);
         let io = |source| ExportError::Io {
             path: path.clone(),
@@ -215,11 +174,8 @@ fn write_dir(
         };
         let file = File::create(&path).map_err(io)?;
         let mut w = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
-        let part = &tensors[range.clone()];
-        let header = shard_header(part, dtype);
-        w.write_all(&(header.len() as u64).to_le_bytes())
-            .and_then(|()| w.write_all(&header))
-            .map_err(io)?;
+        let part = &tensors[shards.range(i)];
+        w.write_all(&shards.header(i)).map_err(io)?;
         for t in part {
             let s = source.tensor(t.role).ok_or_else(|| {
                 ExportError::Convert(format!("the checkpoint has no tensor for {}", t.role))
@@ -246,7 +202,6 @@ fn write_dir(
                 }
                 other => other,
             })?;
-            weight_map.insert(t.name.clone(), json!(name));
         }
         let (buf, bytes, sha256) = w.finish();
         buf.into_inner()
@@ -261,9 +216,8 @@ fn write_dir(
     }
     progress.finish();
 
-    let tensor_bytes: u64 = tensors.iter().map(|t| t.bytes).sum();
-    if ranges.len() > 1 {
-        let index = json!({"metadata": {"total_size": tensor_bytes}, "weight_map": weight_map});
+    let tensor_bytes = shards.total_bytes();
+    if let Some(index) = shards.index() {
         files.push(write_small(dir, INDEX_NAME, &pretty(&index))?);
     }
     let config = config_json(&source.config, dtype);
@@ -291,7 +245,7 @@ fn write_dir(
         out: dir.to_path_buf(),
         model_type: model_type.into(),
         dtype: dtype.name().into(),
-        shards: ranges.len(),
+        shards: shards.len(),
         tensors: tensors.len(),
         tensor_bytes,
         source_bytes: total_source,

@@ -1,5 +1,6 @@
 //! safetensors: memory-mapped reader for single files and sharded checkpoints
-//! (`model.safetensors.index.json`), validated by the `safetensors` crate; and a small writer.
+//! (`model.safetensors.index.json`), validated by the `safetensors` crate; the layout every
+//! writer of weights follows ([`Shards`]), and a small writer of in-memory tensors.
 //!
 //! Nothing is loaded: a tensor is a file, a byte range and a dtype until someone asks for its bytes.
 
@@ -395,34 +396,193 @@ impl Checkpoint {
     }
 }
 
-/// Writes one safetensors file from in-memory tensors (name, dtype, shape, bytes), in the given
-/// order, with `__metadata__ {"format": "pt"}`; through `PATH.partial-<pid>`, renamed at the end.
-pub fn write_file(
-    path: &Path,
-    tensors: &[(String, DType, Vec<usize>, Vec<u8>)],
-) -> Result<(), SafetensorsError> {
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
-    let mut offset = 0usize;
-    for (name, dtype, shape, bytes) in tensors {
-        header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [offset, offset + bytes.len()]}),
-        );
-        offset += bytes.len();
+/// A tensor of a safetensors file about to be written: its name, dtype and shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+impl Entry {
+    /// Bytes of its data.
+    pub fn bytes(&self) -> u64 {
+        let n: u64 = self.shape.iter().map(|&d| d as u64).product();
+        self.dtype.size_of(n).unwrap_or(0)
     }
-    let mut header = serde_json::to_vec(&header).map_err(|e| SafetensorsError::Invalid {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    // Pad the header with spaces so tensor data starts 8-byte aligned, as the reference writer does.
-    header.resize(header.len().div_ceil(8) * 8, b' ');
+}
+
+/// The layout of a checkpoint about to be written, fixed before its first byte, for every writer
+/// of weights (apply, export, heal, the synthetic models): which tensors go in which file (in
+/// order, at most `max_bytes` of data a file, a bigger tensor alone), the files' names
+/// (`model.safetensors`, or `model-00001-of-0000N.safetensors`), their headers and the index. A
+/// writer streams each file's header, then its tensors' data in order.
+pub struct Shards {
+    entries: Vec<Entry>,
+    ranges: Vec<std::ops::Range<usize>>,
+}
+
+impl Shards {
+    pub fn new(entries: Vec<Entry>, max_bytes: u64) -> Shards {
+        let mut ranges = Vec::new();
+        let (mut start, mut size) = (0, 0u64);
+        for (i, e) in entries.iter().enumerate() {
+            let b = e.bytes();
+            if i > start && size.saturating_add(b) > max_bytes {
+                ranges.push(start..i);
+                (start, size) = (i, 0);
+            }
+            size = size.saturating_add(b);
+        }
+        if start < entries.len() {
+            ranges.push(start..entries.len());
+        }
+        Shards { entries, ranges }
+    }
+
+    /// `n` files (at least 1) of about as many tensors each, in order: the synthetic sharded
+    /// checkpoints of the tests.
+    pub fn by_count(entries: Vec<Entry>, n: usize) -> Shards {
+        let per = entries.len().div_ceil(n.max(1)).max(1);
+        let ranges = (0..entries.len())
+            .step_by(per)
+            .map(|start| start..(start + per).min(entries.len()))
+            .collect();
+        Shards { entries, ranges }
+    }
+
+    /// How many files.
+    pub fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// The indices (in the entries given) of file `i`'s tensors.
+    pub fn range(&self, i: usize) -> std::ops::Range<usize> {
+        self.ranges.get(i).cloned().unwrap_or(0..0)
+    }
+
+    /// The name of file `i`.
+    pub fn name(&self, i: usize) -> String {
+        match self.ranges.len() {
+            1 => "model.safetensors".into(),
+            n => format!("model-{:05}-of-{:05}.safetensors", i + 1, n),
+        }
+    }
+
+    /// The first bytes of file `i`: the header's length (u64, little-endian), then the header
+    /// (`__metadata__ {"format": "pt"}`, each tensor's dtype, shape and offsets) padded with
+    /// spaces so that the data starts 8-byte aligned, as the reference writer does.
+    pub fn header(&self, i: usize) -> Vec<u8> {
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+        let mut offset = 0u64;
+        for e in &self.entries[self.range(i)] {
+            let end = offset + e.bytes();
+            header.insert(
+                e.name.clone(),
+                serde_json::json!({"dtype": e.dtype.name(), "shape": e.shape, "data_offsets": [offset, end]}),
+            );
+            offset = end;
+        }
+        let mut json = serde_json::to_vec(&header).unwrap_or_default();
+        json.resize(json.len().div_ceil(8) * 8, b' ');
+        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(json);
+        bytes
+    }
+
+    /// Bytes of all tensors' data.
+    pub fn total_bytes(&self) -> u64 {
+        self.entries.iter().map(Entry::bytes).sum()
+    }
+
+    /// The index ([`INDEX_NAME`]) a checkpoint of several files needs: the total size and each
+    /// tensor's file.
+    pub fn index(&self) -> Option<serde_json::Value> {
+        if self.ranges.len() < 2 {
+            return None;
+        }
+        let mut weight_map = serde_json::Map::new();
+        for i in 0..self.ranges.len() {
+            for e in &self.entries[self.range(i)] {
+                weight_map.insert(e.name.clone(), self.name(i).into());
+            }
+        }
+        Some(serde_json::json!({
+            "metadata": {"total_size": self.total_bytes()},
+            "weight_map": weight_map,
+        }))
+    }
+}
+
+/// A tensor held in memory for [`write_file`] and [`write_sharded`]: name, dtype, shape, bytes.
+pub type InMemory = (String, DType, Vec<usize>, Vec<u8>);
+
+/// Writes one safetensors file from in-memory tensors, in the given order, with `__metadata__
+/// {"format": "pt"}`; through `PATH.partial-<pid>`, renamed at the end.
+pub fn write_file(path: &Path, tensors: &[InMemory]) -> Result<(), SafetensorsError> {
+    let shards = Shards::new(entries(path, tensors)?, u64::MAX);
+    write_part(path, &shards, 0, tensors)
+}
+
+/// Writes in-memory tensors into `dir` as `n` files of about as many tensors each and their
+/// index, each through a partial name.
+pub fn write_sharded(dir: &Path, tensors: &[InMemory], n: usize) -> Result<(), SafetensorsError> {
+    let shards = Shards::by_count(entries(dir, tensors)?, n);
+    for i in 0..shards.len() {
+        write_part(&dir.join(shards.name(i)), &shards, i, tensors)?;
+    }
+    if let Some(index) = shards.index() {
+        let path = dir.join(INDEX_NAME);
+        let bytes = serde_json::to_vec_pretty(&index).map_err(|e| SafetensorsError::Invalid {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        std::fs::write(&path, bytes).map_err(io_err(&path))?;
+    }
+    Ok(())
+}
+
+/// The entries of in-memory tensors, each checked to hold the bytes its dtype and shape need.
+fn entries(path: &Path, tensors: &[InMemory]) -> Result<Vec<Entry>, SafetensorsError> {
+    tensors
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            let e = Entry {
+                name: name.clone(),
+                dtype: *dtype,
+                shape: shape.clone(),
+            };
+            if e.bytes() != bytes.len() as u64 {
+                return Err(SafetensorsError::Invalid {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "tensor {name:?}: {} bytes for {dtype} {shape:?}",
+                        bytes.len()
+                    ),
+                });
+            }
+            Ok(e)
+        })
+        .collect()
+}
+
+/// File `i` of `shards` at `path`, its data from `tensors`, through a partial name.
+fn write_part(
+    path: &Path,
+    shards: &Shards,
+    i: usize,
+    tensors: &[InMemory],
+) -> Result<(), SafetensorsError> {
     let partial = crate::atomic::partial_file(path);
     let write = || -> std::io::Result<()> {
         let mut f = std::io::BufWriter::new(File::create(&partial)?);
-        f.write_all(&(header.len() as u64).to_le_bytes())?;
-        f.write_all(&header)?;
-        for (_, _, _, bytes) in tensors {
+        f.write_all(&shards.header(i))?;
+        for (_, _, _, bytes) in &tensors[shards.range(i)] {
             f.write_all(bytes)?;
         }
         f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
@@ -437,6 +597,40 @@ pub fn write_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shards_split_in_order_and_oversized_tensors_stand_alone() {
+        let entries: Vec<Entry> = [10, 10, 30, 5, 5]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Entry {
+                name: format!("t{i}"),
+                dtype: DType::F32,
+                shape: vec![n],
+            })
+            .collect();
+        let split = Shards::new(entries.clone(), 80);
+        let ranges: Vec<_> = (0..split.len()).map(|i| split.range(i)).collect();
+        assert_eq!(ranges, vec![0..2, 2..3, 3..5]);
+        assert_eq!(split.name(1), "model-00002-of-00003.safetensors");
+        assert_eq!(split.total_bytes(), 240);
+        let index = split.index().unwrap();
+        assert_eq!(index["metadata"]["total_size"], 240);
+        assert_eq!(
+            index["weight_map"]["t2"],
+            "model-00002-of-00003.safetensors"
+        );
+        let whole = Shards::new(entries, 1000);
+        assert_eq!(whole.len(), 1);
+        assert_eq!(whole.name(0), "model.safetensors");
+        assert_eq!(whole.index(), None);
+        // The length prefix, then a header padded to 8 bytes that ends where the data starts.
+        let h = whole.header(0);
+        let n = u64::from_le_bytes(h[..8].try_into().unwrap()) as usize;
+        assert_eq!((n % 8, h.len()), (0, 8 + n));
+        let json: serde_json::Value = serde_json::from_slice(&h[8..]).unwrap();
+        assert_eq!(json["t3"]["data_offsets"], serde_json::json!([200, 220]));
+    }
 
     fn f32_bytes(values: &[f32]) -> Vec<u8> {
         values.iter().flat_map(|v| v.to_le_bytes()).collect()

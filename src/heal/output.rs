@@ -24,12 +24,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HealError + '_ {
 /// Writes `trained` as a checkpoint at its config's `out`; returns the files written.
 pub fn write(trained: &mut Trained, force: bool) -> Result<Vec<ManifestEntry>> {
     let out = trained.config.out.clone();
-    if out.exists() && !force {
-        return Err(HealError::Invalid(format!(
-            "{} already exists; pass --force to replace it",
-            out.display()
-        )));
-    }
+    crate::paths::refuse_existing(&out, force).map_err(|e| HealError::Invalid(e.to_string()))?;
     let staging = crate::atomic::Staging::dir(&out)
         .map_err(|(path, source)| HealError::Io { path, source })?;
     let result = write_into(trained, staging.path()).and_then(|files| {

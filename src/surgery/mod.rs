@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::dtype::DType;
 use crate::formats::gguf::GgufFile;
-use crate::formats::safetensors::INDEX_NAME;
+use crate::formats::safetensors::{Entry, Shards, INDEX_NAME};
 use crate::manifest::{self, HashingWriter, Manifest, ManifestEntry, MANIFEST_NAME};
 use crate::plan::{OutputFile, Plan, PlanError, SourceRef, TensorSpec, Transform};
 use crate::progress::Progress;
@@ -27,9 +27,6 @@ const CHUNK_BYTES: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    /// The output exists and `--force` was not given.
-    #[error("{0} already exists; pass --force to replace it")]
-    Exists(PathBuf),
     /// The plan is incomplete or inconsistent.
     #[error("invalid plan: {0}")]
     Plan(#[from] PlanError),
@@ -42,7 +39,8 @@ pub enum ApplyError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// A path the plan or the user gave is not allowed (outside the source, overlapping it).
+    /// A path the plan or the user gave is not allowed (outside the source, overlapping it, an
+    /// existing output without --force).
     #[error(transparent)]
     Path(#[from] crate::paths::PathError),
     /// A conversion failed (a corrupt quantized block, a tokenizer that cannot be built).
@@ -91,11 +89,7 @@ pub fn apply(
     progress: &mut dyn Progress,
 ) -> Result<ApplyReport, ApplyError> {
     plan.validate()?;
-    // Before the existence check, whose advice (--force) would replace the input.
-    crate::paths::check_output(out, &check::inputs(plan))?;
-    if out.exists() && !opts.force {
-        return Err(ApplyError::Exists(out.to_path_buf()));
-    }
+    crate::paths::check_new_output(out, &check::inputs(plan), opts.force)?;
     let sources = check::source(plan)?;
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -135,54 +129,15 @@ pub fn apply(
 }
 
 fn tensor_bytes(t: &TensorSpec) -> u64 {
-    let n: u64 = t.shape.iter().map(|&d| d as u64).product();
-    t.dtype.0.size_of(n).unwrap_or(0)
+    entry(t).bytes()
 }
 
-/// Splits tensors (in plan order) into shards of at most `max` bytes of data; a tensor larger
-/// than `max` gets a shard of its own.
-fn shard(tensors: &[TensorSpec], max: u64) -> Vec<std::ops::Range<usize>> {
-    let mut shards = Vec::new();
-    let (mut start, mut size) = (0, 0u64);
-    for (i, t) in tensors.iter().enumerate() {
-        let b = tensor_bytes(t);
-        if i > start && size + b > max {
-            shards.push(start..i);
-            (start, size) = (i, 0);
-        }
-        size += b;
+fn entry(t: &TensorSpec) -> Entry {
+    Entry {
+        name: t.name.clone(),
+        dtype: t.dtype.0,
+        shape: t.shape.clone(),
     }
-    if start < tensors.len() {
-        shards.push(start..tensors.len());
-    }
-    shards
-}
-
-fn shard_name(i: usize, n: usize) -> String {
-    if n == 1 {
-        "model.safetensors".into()
-    } else {
-        format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
-    }
-}
-
-/// The safetensors header of a shard: `__metadata__ {"format": "pt"}`, then each tensor's dtype,
-/// shape and offsets, padded with spaces to a multiple of 8 bytes.
-fn shard_header(tensors: &[TensorSpec]) -> Vec<u8> {
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), json!({"format": "pt"}));
-    let mut offset = 0u64;
-    for t in tensors {
-        let end = offset + tensor_bytes(t);
-        header.insert(
-            t.name.clone(),
-            json!({"dtype": t.dtype.0.name(), "shape": t.shape, "data_offsets": [offset, end]}),
-        );
-        offset = end;
-    }
-    let mut bytes = serde_json::to_vec(&header).unwrap_or_default();
-    bytes.resize(bytes.len().div_ceil(8) * 8, b' ');
-    bytes
 }
 
 fn write_all(
@@ -193,17 +148,19 @@ fn write_all(
     opts: &ApplyOptions,
     progress: &mut dyn Progress,
 ) -> Result<ApplyReport, ApplyError> {
-    let shards = shard(&plan.tensors, opts.max_shard_bytes);
-    let total: u64 = plan.tensors.iter().map(tensor_bytes).sum();
+    let shards = Shards::new(
+        plan.tensors.iter().map(entry).collect(),
+        opts.max_shard_bytes,
+    );
+    let total = shards.total_bytes();
     let mut files = Vec::new();
-    let mut weight_map = serde_json::Map::new();
     progress.start("writing", total);
     let mut done = 0u64;
     let mut nonfinite = Vec::new();
-    for (i, range) in shards.iter().enumerate() {
-        let name = shard_name(i, shards.len());
+    for i in 0..shards.len() {
+        let name = shards.name(i);
         let path = dir.join(&name);
-        let tensors = &plan.tensors[range.clone()];
+        let tensors = &plan.tensors[shards.range(i)];
         let io = |source| ApplyError::Io {
             path: path.clone(),
             source,
@@ -217,10 +174,7 @@ fn write_all(
                 hasher: tx,
                 written: 0,
             };
-            let header = shard_header(tensors);
-            sink.owned((header.len() as u64).to_le_bytes().to_vec())
-                .map_err(io)?;
-            sink.owned(header).map_err(io)?;
+            sink.owned(shards.header(i)).map_err(io)?;
             for t in tensors {
                 let before = sink.written;
                 let bad = write_tensor(t, sources, &mut sink, &mut |n| progress.advance(done + n))
@@ -244,7 +198,6 @@ fn write_all(
                     )));
                 }
                 done += wrote;
-                weight_map.insert(t.name.clone(), json!(name));
             }
             let Sink {
                 file,
@@ -270,8 +223,7 @@ fn write_all(
     progress.finish();
 
     // Indexes and configs are written after the tensors they describe (STYLE.md principle 5).
-    if shards.len() > 1 {
-        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    if let Some(index) = shards.index() {
         files.push(write_small(dir, INDEX_NAME, &pretty(&index))?);
     }
     let mut config = plan.config.clone();
@@ -503,24 +455,6 @@ fn encode(dtype: DType, values: &[f32]) -> Result<Vec<u8>, ApplyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shards_split_in_order_and_oversized_tensors_stand_alone() {
-        let t = |n: usize| TensorSpec {
-            name: format!("t{n}"),
-            dtype: crate::plan::DTypeName(DType::F32),
-            shape: vec![n],
-            transform: None,
-            sources: vec![],
-            init: None,
-        };
-        let tensors = [t(10), t(10), t(30), t(5), t(5)];
-        assert_eq!(shard(&tensors, 80), vec![0..2, 2..3, 3..5]);
-        assert_eq!(shard(&tensors, 1000), vec![0..5]);
-        assert_eq!(shard_name(0, 1), "model.safetensors");
-        assert_eq!(shard_name(1, 3), "model-00002-of-00003.safetensors");
-        assert_eq!(shard_header(&tensors[..1]).len() % 8, 0);
-    }
 
     #[test]
     fn counts_nan_and_inf_in_every_float_dtype() {
