@@ -134,6 +134,32 @@ impl Staging {
         Ok(staging)
     }
 
+    /// Writes the directory `out` atomically, as every command that makes one does: `write`
+    /// fills a fresh partial directory; then it is synced and renamed to `out` (replacing an
+    /// existing `out` only with `force`). On any error the partial directory and the parents made
+    /// for it are removed, and `io` turns a failed path and its error into the caller's error.
+    pub fn write_dir<T, E>(
+        out: &Path,
+        force: bool,
+        io: impl Fn(PathBuf, io::Error) -> E,
+        write: impl FnOnce(&Path) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let staging = Staging::dir(out).map_err(|(path, e)| io(path, e))?;
+        let result = write(staging.path()).and_then(|value| {
+            std::fs::File::open(staging.path())
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io(staging.path().to_path_buf(), e))?;
+            staging
+                .publish(out, force)
+                .map_err(|(path, e)| io(path, e))?;
+            Ok(value)
+        });
+        if result.is_err() {
+            staging.abandon();
+        }
+        result
+    }
+
     /// Where the output is written until it is published.
     pub fn path(&self) -> &Path {
         &self.partial

@@ -68,18 +68,11 @@ pub fn run(args: DemoArgs, global: Global) -> anyhow::Result<()> {
         return report(&summary, global);
     };
     surgery::paths::refuse_existing(out, args.force)?;
-    let staging = surgery::atomic::Staging::dir(out)
-        .map_err(|(path, e)| anyhow::Error::new(e).context(path.display().to_string()))?;
-    let summary = stages(staging.path(), out, &args, global).and_then(|s| {
-        staging
-            .publish(out, args.force)
-            .map_err(|(path, e)| anyhow::Error::new(e).context(path.display().to_string()))?;
-        Ok(s)
-    });
-    if summary.is_err() {
-        staging.abandon();
-    }
-    report(&summary?, global)
+    let io = |path: PathBuf, e| anyhow::Error::new(e).context(path.display().to_string());
+    let summary = surgery::atomic::Staging::write_dir(out, args.force, io, |dir| {
+        stages(dir, out, &args, global)
+    })?;
+    report(&summary, global)
 }
 
 /// A paragraph on stderr (unless --quiet): what a stage does and why.

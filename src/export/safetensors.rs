@@ -17,6 +17,7 @@ use std::str::FromStr;
 use serde_json::{json, Value as Json};
 
 use crate::arch::{required_roles, Naming, Role};
+use crate::atomic::Staging;
 use crate::dtype::DType;
 use crate::export::rows::{chunks, rows_cols, source_bytes, stream_rows, RowOrder};
 use crate::export::ExportError;
@@ -96,22 +97,14 @@ pub fn export_safetensors(
             .unwrap_or(DType::F32),
     };
     let tensors = out_tensors(source)?;
-    let staging = crate::atomic::Staging::dir(out)
-        .map_err(|(path, source)| ExportError::Io { path, source })?;
-    let result =
-        write_dir(source, &tensors, dtype, staging.path(), opts, progress).and_then(|report| {
-            staging
-                .publish(out, opts.force)
-                .map_err(|(path, source)| ExportError::Io { path, source })?;
-            Ok(SafetensorsReport {
-                out: out.to_path_buf(),
-                ..report
-            })
-        });
-    if result.is_err() {
-        staging.abandon();
-    }
-    result
+    let io = |path, source| ExportError::Io { path, source };
+    let report = Staging::write_dir(out, opts.force, io, |dir| {
+        write_dir(source, &tensors, dtype, dir, opts, progress)
+    })?;
+    Ok(SafetensorsReport {
+        out: out.to_path_buf(),
+        ..report
+    })
 }
 
 fn out_tensors(source: &SourceModel) -> Result<Vec<OutTensor>, ExportError> {

@@ -25,18 +25,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HealError + '_ {
 pub fn write(trained: &mut Trained, force: bool) -> Result<Vec<ManifestEntry>> {
     let out = trained.config.out.clone();
     crate::paths::refuse_existing(&out, force).map_err(|e| HealError::Invalid(e.to_string()))?;
-    let staging = crate::atomic::Staging::dir(&out)
-        .map_err(|(path, source)| HealError::Io { path, source })?;
-    let result = write_into(trained, staging.path()).and_then(|files| {
-        staging
-            .publish(&out, force)
-            .map_err(|(path, source)| HealError::Io { path, source })?;
-        Ok(files)
-    });
-    if result.is_err() {
-        staging.abandon();
-    }
-    result
+    let io = |path, source| HealError::Io { path, source };
+    crate::atomic::Staging::write_dir(&out, force, io, |dir| write_into(trained, dir))
 }
 
 fn write_into(trained: &mut Trained, dir: &Path) -> Result<Vec<ManifestEntry>> {

@@ -91,41 +91,25 @@ pub fn apply(
     plan.validate()?;
     crate::paths::check_new_output(out, &check::inputs(plan), opts.force)?;
     let sources = check::source(plan)?;
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ApplyError::Io { path, source }
-    };
-    let staging = crate::atomic::Staging::dir(out)
-        .map_err(|(path, source)| ApplyError::Io { path, source })?;
-    let partial = staging.path();
+    let io = |path, source| ApplyError::Io { path, source };
     // The source's sha256 is checked on the second core while the output is written; nothing is
     // published unless it matches.
-    let result = std::thread::scope(|scope| {
-        let hashes = scope.spawn(|| check::source_hashes(plan));
-        let written = write_all(plan, plan_bytes, &sources, partial, opts, progress);
-        let hashed = hashes.join().unwrap_or_else(|_| {
-            Err(ApplyError::Convert(
-                "the source hashing thread panicked".into(),
-            ))
-        });
-        hashed.and(written)
-    })
-    .and_then(|report| {
-        File::open(partial)
-            .and_then(|d| d.sync_all())
-            .map_err(io(partial))?;
-        staging
-            .publish(out, opts.force)
-            .map_err(|(path, source)| ApplyError::Io { path, source })?;
-        Ok(ApplyReport {
-            out: out.to_path_buf(),
-            ..report
+    let report = crate::atomic::Staging::write_dir(out, opts.force, io, |partial| {
+        std::thread::scope(|scope| {
+            let hashes = scope.spawn(|| check::source_hashes(plan));
+            let written = write_all(plan, plan_bytes, &sources, partial, opts, progress);
+            let hashed = hashes.join().unwrap_or_else(|_| {
+                Err(ApplyError::Convert(
+                    "the source hashing thread panicked".into(),
+                ))
+            });
+            hashed.and(written)
         })
-    });
-    if result.is_err() {
-        staging.abandon();
-    }
-    result
+    })?;
+    Ok(ApplyReport {
+        out: out.to_path_buf(),
+        ..report
+    })
 }
 
 fn tensor_bytes(t: &TensorSpec) -> u64 {
