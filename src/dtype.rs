@@ -34,6 +34,16 @@ impl DType {
         DType::Q6K,
     ];
 
+    /// `config.json`'s `torch_dtype` for weights stored in this type: bfloat16, float16, or
+    /// float32 for every other (f32, and quantized weights, which load as f32).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        }
+    }
+
     /// The name used in safetensors headers, GGUF tooling and our plan files.
     pub fn name(self) -> &'static str {
         match self {

@@ -12,6 +12,7 @@ pub mod formats;
 pub mod heal;
 pub mod manifest;
 pub mod model;
+pub mod named;
 pub mod paths;
 pub mod plan;
 pub mod progress;

@@ -87,7 +87,7 @@ impl SynthSpec {
             "max_position_embeddings": 256,
             "bos_token_id": 1,
             "eos_token_id": 2,
-            "torch_dtype": match self.dtype { DType::BF16 => "bfloat16", DType::F16 => "float16", _ => "float32" },
+            "torch_dtype": self.dtype.torch_name(),
         })
     }
 

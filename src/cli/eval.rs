@@ -8,12 +8,12 @@ use anyhow::{bail, Context};
 use surgery::eval::data::{read_tokens, windows, Windows};
 use surgery::eval::perplexity::{perplexity, EvalRow};
 use surgery::eval::plot::plot_perplexity;
-use surgery::model::{Kernels, Model};
+use surgery::model::Model;
 use surgery::plan::LayerRange;
 use surgery::source::SourceModel;
 use surgery::tokenizer::text::TextTokenizer;
 
-use super::{byte_progress, Global};
+use super::{byte_progress, Global, Runtime};
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
@@ -43,17 +43,12 @@ pub struct EvalArgs {
     /// For a static model: run only these source layers, e.g. 0..4,18..30 (the pruned model).
     #[arg(long, value_delimiter = ',', value_name = "a..b,...")]
     pub layers: Option<Vec<LayerRange>>,
-    /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    pub runtime: Runtime,
     /// Dequantize a quantized GGUF's weights to f32 (its exact values) instead of multiplying
     /// with its blocks as llama.cpp does (more memory, no rounding of activations).
     #[arg(long)]
     pub dequantize: bool,
-    /// fused: our fused ops (CPU, f32); composed: the plain candle ops they are proved against,
-    /// the reference path (slower, more memory).
-    #[arg(long, value_enum, default_value = "fused")]
-    pub kernels: Kernels,
     /// Write a PNG of perplexity against r.
     #[arg(long, value_name = "FILE.png")]
     pub plot: Option<PathBuf>,
@@ -76,11 +71,17 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
     let limit = args.max_tokens.map(|m| m.saturating_add(1));
     let docs = read_tokens(&args.data, Some(&args.field), &tokenizer, limit)?;
     let windows = windows(&docs.tokens, args.seq_len, args.max_tokens);
-    let device = super::parse_device(&args.device)?;
+    let device = args.runtime.device()?;
     // The longest pass is the first batch (every window but the last has seq-len tokens).
     let longest = windows.windows.first().map_or(0, |w| w.inputs.len());
     let per_pass = args.batch.min(windows.windows.len());
-    surgery::model::memory::check_pass(&source.config, per_pass, longest, args.kernels, &device)?;
+    surgery::model::memory::check_pass(
+        &source.config,
+        per_pass,
+        longest,
+        args.runtime.kernels,
+        &device,
+    )?;
     if args.layers.is_some() && source.config.recurrent.is_some() {
         bail!(
             "--layers selects layers of a static model; {} is recurrent",
@@ -97,7 +98,7 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
         &device,
         super::weights(args.dequantize),
     )?;
-    model.set_kernels(args.kernels);
+    model.set_kernels(args.runtime.kernels);
     let rs: Vec<usize> = if model.is_recurrent() {
         args.recurrence.clone()
     } else {

@@ -42,9 +42,8 @@ pub struct GenerateArgs {
     /// Keep going after the end-of-text token (for benchmarks).
     #[arg(long)]
     pub ignore_eos: bool,
-    /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    pub runtime: super::Runtime,
     /// Dequantize a quantized GGUF's weights to f32 (its exact values) instead of multiplying
     /// with its blocks as llama.cpp does (more memory, no rounding of activations).
     #[arg(long)]
@@ -90,14 +89,15 @@ pub fn run(args: GenerateArgs, global: Global) -> anyhow::Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1]");
     }
-    let device = super::parse_device(&args.device)?;
+    let device = args.runtime.device()?;
     let source = SourceModel::open(&args.model)?;
     let tokenizer = TextTokenizer::for_model(&source)?;
     let prompt = tokenizer.encode(&args.prompt)?;
     if prompt.is_empty() {
         bail!("the prompt tokenizes to nothing: give some text");
     }
-    let model = Model::load_as(&source, None, &device, super::weights(args.dequantize))?;
+    let mut model = Model::load_as(&source, None, &device, super::weights(args.dequantize))?;
+    model.set_kernels(args.runtime.kernels);
     let r = match source.config.recurrent {
         Some(shape) => args.recurrence.unwrap_or(shape.mean_recurrence),
         None => {

@@ -12,9 +12,8 @@ use surgery::heal::train::{
 };
 use surgery::heal::{output, place};
 use surgery::model::params::{Lora, Train};
-use surgery::model::Kernels;
 
-use super::Global;
+use super::{named, Global};
 
 #[derive(clap::Args)]
 pub struct HealArgs {
@@ -52,7 +51,7 @@ pub struct HealArgs {
     #[arg(long)]
     pub micro_batch: Option<usize>,
     /// Shape of the mean-recurrence curriculum.
-    #[arg(long, value_enum, default_value = "1-sqrt")]
+    #[arg(long, value_parser = named::<CurriculumKind>(), default_value = "1-sqrt")]
     pub curriculum: CurriculumKind,
     /// Share of the steps over which the mean recurrence rises to its maximum.
     #[arg(long, default_value_t = 0.75)]
@@ -68,10 +67,10 @@ pub struct HealArgs {
     pub backprop_depth: usize,
     /// How each micro-step's core iterations are drawn: the paper's Poisson-lognormal, or fixed
     /// (exactly m, the first m - k without gradient; for measurements).
-    #[arg(long, value_enum, default_value = "poisson-lognormal")]
+    #[arg(long, value_parser = named::<SamplerKind>(), default_value = "poisson-lognormal")]
     pub sampler: SamplerKind,
     /// muon: Muon on matrices and the adapter, AdamW on embeddings and norms; adamw: AdamW on all.
-    #[arg(long, value_enum, default_value = "muon")]
+    #[arg(long, value_parser = named::<OptimizerKind>(), default_value = "muon")]
     pub optimizer: OptimizerKind,
     /// Learning rate of the matrices [default: 1e-3 with muon, 5e-5 with adamw].
     #[arg(long)]
@@ -92,7 +91,7 @@ pub struct HealArgs {
     #[arg(long, default_value_t = 0.6)]
     pub cooldown: f64,
     /// What trains; the rest is frozen.
-    #[arg(long, value_enum, default_value = "all")]
+    #[arg(long, value_parser = named::<Train>(), default_value = "all")]
     pub train: Train,
     /// Train the static model instead (r = 1, adapter frozen): the paper's static baseline.
     #[arg(long = "static")]
@@ -115,13 +114,8 @@ pub struct HealArgs {
     /// Continue a run from one of its checkpoints (OUT.checkpoints/step-N); the run's settings come from it.
     #[arg(long, value_name = "CHECKPOINT")]
     pub resume: Option<PathBuf>,
-    /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// fused: our fused ops with their own backward (CPU, f32); composed: the plain candle ops
-    /// they are proved against, the reference path (slower, more memory).
-    #[arg(long, value_enum, default_value = "fused")]
-    pub kernels: Kernels,
+    #[command(flatten)]
+    pub runtime: super::Runtime,
     /// Distill from this teacher (any model `surgery` reads, normally the source the checkpoint
     /// was cut from): the loss becomes alpha CE + (1 - alpha) T^2 KL(teacher_T || student_T).
     #[arg(long, value_name = "TEACHER")]
@@ -176,7 +170,7 @@ impl HealArgs {
             eval_every: self.eval_every,
             eval_tokens: self.eval_tokens,
             checkpoint_every: self.checkpoint_every,
-            kernels: self.kernels,
+            kernels: self.runtime.kernels,
             lora: self.lora,
             distill: self.distill.clone().map(|teacher| DistillConfig {
                 teacher,
@@ -251,7 +245,7 @@ impl Observer for Bar {
 }
 
 pub fn run_cli(args: HealArgs, global: Global) -> anyhow::Result<()> {
-    let device = super::parse_device(&args.device)?;
+    let device = args.runtime.device()?;
     let (config, resume) = match &args.resume {
         Some(dir) => (place::resume_config(dir, args.force)?, Some(dir.as_path())),
         None => (args.config()?, None),

@@ -26,6 +26,7 @@ use std::io::IsTerminal;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use surgery::named::Named;
 
 #[derive(Parser)]
 #[command(
@@ -256,7 +257,38 @@ pub fn weights(dequantize: bool) -> surgery::model::Weights {
 }
 
 /// `cpu`, `cuda` or `cuda:N`. A build without the `cuda` feature says so when CUDA is asked for.
-pub fn parse_device(name: &str) -> anyhow::Result<candle_core::Device> {
+/// The parser of a flag whose values are a library enum's names ([`Named`]): help lists each
+/// with its doc comment, and anything else is refused with the list.
+pub fn named<T: Named>() -> impl clap::builder::TypedValueParser<Value = T> {
+    use clap::builder::TypedValueParser;
+    let values = T::NAMES.iter().zip(T::HELP).map(|(&name, &help)| {
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        clap::builder::PossibleValue::new(name).help(help)
+    });
+    clap::builder::PossibleValuesParser::new(values)
+        .try_map(|name| T::from_name(&name).ok_or_else(|| format!("unknown value {name:?}")))
+}
+
+/// Where and how a model runs: the flags eval, generate and heal share.
+#[derive(Args, Clone)]
+pub struct Runtime {
+    /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// fused: our fused ops, with their own backward (CPU, f32); composed: the plain candle ops
+    /// they are proved against, the reference path (slower, more memory).
+    #[arg(long, value_parser = named::<surgery::model::Kernels>(), default_value = "fused")]
+    pub kernels: surgery::model::Kernels,
+}
+
+impl Runtime {
+    /// The device --device names, refused with the reason when it is not available.
+    pub fn device(&self) -> anyhow::Result<candle_core::Device> {
+        parse_device(&self.device)
+    }
+}
+
+fn parse_device(name: &str) -> anyhow::Result<candle_core::Device> {
     let cuda = |n: usize| {
         candle_core::Device::new_cuda(n).map_err(|e| {
             anyhow::anyhow!(

@@ -15,7 +15,7 @@ use surgery::plan::{
 };
 use surgery::source::SourceModel;
 
-use super::{byte_progress, si, thousands, Global};
+use super::{byte_progress, named, si, thousands, Global};
 
 #[derive(clap::Args)]
 pub struct PlanArgs {
@@ -115,22 +115,22 @@ pub struct LayoutArgs {
     pub allow_reuse: bool,
     /// identity (default): [0 | I], the output computes exactly the pruned model; reference: the
     /// paper's uniform +-1/sqrt(2h).
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = named::<AdapterInit>())]
     pub adapter_init: Option<AdapterInit>,
     /// Std of seeded Gaussian noise added to the state half of an identity adapter [default: 0].
     #[arg(long, value_name = "STD", allow_negative_numbers = true)]
     pub adapter_noise: Option<f64>,
     /// Initial state s_0: truncated normal with the reference's sigma (default), or zero.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = named::<StateInit>())]
     pub state_init: Option<StateInit>,
     /// linear (default): adapter(concat(state, e)); none: no adapter, the core loops on e.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = named::<Injection>())]
     pub injection: Option<Injection>,
     /// Seed of every random draw (adapter, initial state) [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
     /// Output dtype; keep (default): the source's (quantized GGUF tensors become F32, exactly).
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = named::<DtypeChoice>())]
     pub dtype: Option<DtypeChoice>,
     /// Context length for the attention term of the FLOPs [default: 2048].
     #[arg(long)]

@@ -299,14 +299,6 @@ fn tokenizer_files(
     }
 }
 
-fn torch_dtype(d: DType) -> &'static str {
-    match d {
-        DType::BF16 => "bfloat16",
-        DType::F16 => "float16",
-        _ => "float32",
-    }
-}
-
 fn rope_scaling_json(c: &ModelConfig) -> Json {
     c.rope_scaling.map_or(Json::Null, |r| {
         json!({
@@ -347,7 +339,7 @@ fn config_json(c: &ModelConfig, dtype: DType) -> Json {
             "mlp_bias": false,
             "bos_token_id": c.bos_token_id,
             "eos_token_id": c.eos_token_id,
-            "torch_dtype": torch_dtype(dtype),
+            "torch_dtype": dtype.torch_name(),
         });
     };
     json!({
@@ -378,6 +370,6 @@ fn config_json(c: &ModelConfig, dtype: DType) -> Json {
         "init_values": {"std": s.state_std, "embed_scale": 1.0},
         "bos_token_id": c.bos_token_id,
         "eos_token_id": c.eos_token_id,
-        "torch_dtype": torch_dtype(dtype),
+        "torch_dtype": dtype.torch_name(),
     })
 }

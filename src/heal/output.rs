@@ -64,11 +64,7 @@ fn write_into(trained: &mut Trained, dir: &Path) -> Result<Vec<ManifestEntry>> {
         "final_loss": last.map(|m| m.loss),
         "final_eval": last.map(|m| &m.eval),
     });
-    config["torch_dtype"] = json!(match dtype {
-        DType::BF16 => "bfloat16",
-        DType::F16 => "float16",
-        _ => "float32",
-    });
+    config["torch_dtype"] = json!(dtype.torch_name());
     let mut pretty =
         serde_json::to_vec_pretty(&config).map_err(|e| HealError::Invalid(e.to_string()))?;
     pretty.push(b'\n');

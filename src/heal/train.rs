@@ -11,6 +11,7 @@ use crate::eval::data::read_tokens;
 use crate::eval::perplexity::perplexity;
 use crate::model::params::{Lora, Param, ParamKind, Train};
 use crate::model::{InitialState, Kernels, Model};
+use crate::named::named;
 use crate::source::SourceModel;
 use crate::tokenizer::text::TextTokenizer;
 
@@ -53,16 +54,13 @@ pub enum HealError {
 
 pub type Result<T> = std::result::Result<T, HealError>;
 
-/// The curriculum's shape, as flags and config files name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-pub enum CurriculumKind {
-    #[serde(rename = "linear")]
-    Linear,
-    #[serde(rename = "1-sqrt")]
-    #[value(name = "1-sqrt")]
-    OneMinusSqrt,
-    #[serde(rename = "constant")]
-    Constant,
+named! {
+    /// The curriculum's shape, as flags and config files name it.
+    pub enum CurriculumKind {
+        Linear = "linear",
+        OneMinusSqrt = "1-sqrt",
+        Constant = "constant",
+    }
 }
 
 impl From<CurriculumKind> for Curriculum {
@@ -75,25 +73,29 @@ impl From<CurriculumKind> for Curriculum {
     }
 }
 
-/// How the core iterations of a micro-step are drawn.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum SamplerKind {
-    /// The paper's: p = Poisson(LogNormal rate of mean m) + 1, the last min(k, p) with gradient.
-    #[default]
-    PoissonLognormal,
-    /// Exactly m iterations every micro-step, the first m - k without gradient (measurements).
-    Fixed,
+named! {
+    /// How the core iterations of a micro-step are drawn.
+    #[derive(Default)]
+    pub enum SamplerKind {
+        /// The paper's: p = Poisson(LogNormal rate of mean m) + 1, the last min(k, p) with
+        /// gradient.
+        [default]
+        PoissonLognormal = "poisson-lognormal",
+        /// Exactly m iterations every micro-step, the first m - k without gradient
+        /// (measurements).
+        Fixed = "fixed",
+    }
 }
 
-/// Which optimizer trains the matrices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum OptimizerKind {
-    /// Muon on every 2-D block matrix and the adapter, AdamW on embeddings, lm_head and norms.
-    Muon,
-    /// AdamW on everything.
-    Adamw,
+named! {
+    /// Which optimizer trains the matrices.
+    pub enum OptimizerKind {
+        /// Muon on every 2-D block matrix and the adapter, AdamW on embeddings, lm_head and
+        /// norms.
+        Muon = "muon",
+        /// AdamW on everything.
+        Adamw = "adamw",
+    }
 }
 
 /// Everything that defines a run; recorded in checkpoints and in the output's config.

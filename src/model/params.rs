@@ -9,17 +9,15 @@ use super::block::{Block, Norms};
 use super::weight::LowRank;
 use super::{Model, ModelError, Result, Weight};
 
-/// Which parameters `heal` trains; the rest stay frozen.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Train {
-    All,
-    /// The core blocks only.
-    Core,
-    /// The adapter only.
-    Adapter,
+crate::named::named! {
+    /// Which parameters `heal` trains; the rest stay frozen.
+    pub enum Train {
+        All = "all",
+        /// The core blocks only.
+        Core = "core",
+        /// The adapter only.
+        Adapter = "adapter",
+    }
 }
 
 /// `heal --lora RANK[:ALPHA]`: low-rank updates of the block matrices, scaled by alpha / rank.

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use crate::arch::{self, Naming, Role};
 use crate::dtype::DType;
 use crate::formats::hf_config::{f32_scale, Family, RecurrentShape, REFERENCE_STATE_STD};
+use crate::named::named;
 use crate::source::{SourceFile, SourceFormat, SourceModel, TensorRef};
 
 pub use range::{LayerRange, LayerRequest, Layers, Shape};
@@ -65,44 +66,44 @@ pub enum PlanError {
     MissingTensor(Role),
 }
 
-/// How the adapter is initialized (DESIGN.md decision 3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum AdapterInit {
-    /// [0 | I]: the retrofitted model computes exactly the pruned model at every r.
-    Identity,
-    /// Uniform in +-1/sqrt(2h), as the paper's conversion leaves it.
-    Reference,
+named! {
+    /// How the adapter is initialized (DESIGN.md decision 3).
+    pub enum AdapterInit {
+        /// [0 | I]: the retrofitted model computes exactly the pruned model at every r.
+        Identity = "identity",
+        /// Uniform in +-1/sqrt(2h), as the paper's conversion leaves it.
+        Reference = "reference",
+    }
 }
 
-/// How the initial state s_0 is drawn.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum StateInit {
-    /// Truncated normal, std sigma, cut at +-3 sigma, from a seeded generator.
-    Normal,
-    Zero,
+named! {
+    /// How the initial state s_0 is drawn.
+    pub enum StateInit {
+        /// Truncated normal, std sigma, cut at +-3 sigma, from a seeded generator.
+        Normal = "normal",
+        Zero = "zero",
+    }
 }
 
-/// How the prelude output enters each recurrence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Injection {
-    /// adapter(concat(state, e)).
-    Linear,
-    /// No adapter: the state starts as e and the core is applied r times.
-    None,
+named! {
+    /// How the prelude output enters each recurrence.
+    pub enum Injection {
+        /// adapter(concat(state, e)).
+        Linear = "linear",
+        /// No adapter: the state starts as e and the core is applied r times.
+        None = "none",
+    }
 }
 
-/// Output dtype choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum DtypeChoice {
-    /// The source's float dtype; quantized GGUF tensors become F32 (exact).
-    Keep,
-    Bf16,
-    F16,
-    F32,
+named! {
+    /// Output dtype choice.
+    pub enum DtypeChoice {
+        /// The source's float dtype; quantized GGUF tensors become F32 (exact).
+        Keep = "keep",
+        Bf16 = "bf16",
+        F16 = "f16",
+        F32 = "f32",
+    }
 }
 
 /// Everything the user chose, recorded in the plan.
@@ -593,14 +594,6 @@ fn adapter_spec(hidden: usize, dtype: DType, opts: &PlanOptions, name: String) -
     }
 }
 
-fn torch_dtype(d: DType) -> &'static str {
-    match d {
-        DType::BF16 => "bfloat16",
-        DType::F16 => "float16",
-        _ => "float32",
-    }
-}
-
 /// The output config.json: the reference's keys (REFERENCE.md) plus our `surgery` object.
 fn output_config(
     source: &SourceModel,
@@ -649,7 +642,7 @@ fn output_config(
         "init_values": {"std": if opts.state_init == StateInit::Zero { 0.0 } else { opts.state_std }, "embed_scale": 1.0},
         "bos_token_id": c.bos_token_id,
         "eos_token_id": c.eos_token_id,
-        "torch_dtype": torch_dtype(dtype),
+        "torch_dtype": dtype.torch_name(),
         "surgery": {
             "tool_version": env!("CARGO_PKG_VERSION"),
             "source": plan_source,

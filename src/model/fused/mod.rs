@@ -18,25 +18,17 @@ use candle_core::{bail, CpuStorage, DType, Layout, Tensor, WithDType};
 
 pub mod attention;
 
-/// Which implementation of the hot ops a pass uses.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Kernels {
-    /// The fused ops where they apply (CPU, f32 or f64); the composed ops elsewhere.
-    #[default]
-    Fused,
-    /// The composed differentiable candle ops: the reference the fused ones are proved against.
-    Composed,
+crate::named::named! {
+    /// Which implementation of the hot ops a pass uses.
+    #[derive(Default)]
+    pub enum Kernels {
+        /// The fused ops where they apply (CPU, f32 or f64); the composed ops elsewhere.
+        [default]
+        Fused = "fused",
+        /// The composed differentiable candle ops: the reference the fused ones are proved
+        /// against.
+        Composed = "composed",
+    }
 }
 
 impl Kernels {
