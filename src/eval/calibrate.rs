@@ -181,22 +181,7 @@ pub fn calibrate(
 
     // 1. The base pass: every boundary state of every window, and the per-layer similarities.
     let mut clock = Instant::now();
-    progress.start("calibration: base pass (windows)", all.len() as u64);
-    let mut cache = Vec::with_capacity(all.len());
-    let mut sums = vec![LayerSums::default(); n];
-    for group in text.windows.windows.chunks(parallel_jobs()) {
-        let passes: Vec<Result<(Cached, Vec<LayerSums>)>> =
-            group.par_iter().map(|w| base_pass(model, w)).collect();
-        for pass in passes {
-            let (cached, window_sums) = pass?;
-            sums.iter_mut()
-                .zip(&window_sums)
-                .for_each(|(s, w)| s.merge(w));
-            cache.push(cached);
-        }
-        progress.advance(cache.len() as u64);
-    }
-    progress.finish();
+    let (cache, sums) = base_passes(model, &text.windows.windows, progress)?;
     let mut scores = Scores::new(model, &cache);
     let source: Vec<usize> = (0..n).collect();
     let source_perplexity = scores.perplexities(&[&source], &all, &mut |_| {})?[0];
@@ -215,16 +200,10 @@ pub fn calibrate(
     let removed: Vec<&[usize]> = removed.iter().map(Vec::as_slice).collect();
     let removal = scores.perplexities(&removed, &subset, &mut |k| progress.advance(k as u64))?;
     progress.finish();
-    let layers: Vec<LayerScore> = sums
-        .iter()
+    let layers: Vec<LayerScore> = (0..n)
+        .zip(&sums)
         .zip(removal)
-        .enumerate()
-        .map(|(i, (s, removal))| LayerScore {
-            layer: i,
-            block_influence: 1.0 - s.cos / s.count as f64,
-            relative_update: s.ratio / s.count as f64,
-            removal_perplexity: removal,
-        })
+        .map(|((i, s), removal)| s.score(i, removal))
         .collect();
     timings.removal = clock.elapsed().as_secs_f64();
     let mut drop_order: Vec<usize> = (0..n).collect();
@@ -343,6 +322,16 @@ impl LayerSums {
         Ok(())
     }
 
+    /// The scores of layer `layer` from its sums and its removal perplexity.
+    fn score(&self, layer: usize, removal_perplexity: f64) -> LayerScore {
+        LayerScore {
+            layer,
+            block_influence: 1.0 - self.cos / self.count as f64,
+            relative_update: self.ratio / self.count as f64,
+            removal_perplexity,
+        }
+    }
+
     fn merge(&mut self, other: &LayerSums) {
         self.cos += other.cos;
         self.ratio += other.ratio;
@@ -356,6 +345,32 @@ impl LayerSums {
 /// removal pass 15% faster than one window at a time).
 fn parallel_jobs() -> usize {
     rayon::current_num_threads().max(1)
+}
+
+/// The base pass over `windows`, [`parallel_jobs`] at a time: each window's boundary states, and
+/// each layer's similarity sums over all windows (added in window order).
+fn base_passes(
+    model: &Model,
+    windows: &[Window],
+    progress: &mut dyn Progress,
+) -> Result<(Vec<Cached>, Vec<LayerSums>)> {
+    progress.start("calibration: base pass (windows)", windows.len() as u64);
+    let mut cache = Vec::with_capacity(windows.len());
+    let mut sums = vec![LayerSums::default(); model.n_blocks()];
+    for group in windows.chunks(parallel_jobs()) {
+        let passes: Vec<Result<(Cached, Vec<LayerSums>)>> =
+            group.par_iter().map(|w| base_pass(model, w)).collect();
+        for pass in passes {
+            let (cached, window_sums) = pass?;
+            sums.iter_mut()
+                .zip(&window_sums)
+                .for_each(|(s, w)| s.merge(w));
+            cache.push(cached);
+        }
+        progress.advance(cache.len() as u64);
+    }
+    progress.finish();
+    Ok((cache, sums))
 }
 
 /// One window of the base pass: its boundary states, and each layer's similarity sums over it.

@@ -96,6 +96,13 @@ impl Plan {
             )));
         }
         self.config_records_the_plan()?;
+        self.output_files_are_plain(&files)?;
+        Ok(config)
+    }
+
+    /// Checks the other files of the output: plain names, none reserved, none twice, and copies
+    /// only of `source_files`.
+    fn output_files_are_plain(&self, source_files: &HashSet<&str>) -> Result<(), PlanError> {
         let mut names = HashSet::new();
         for f in &self.files {
             let name = f.name();
@@ -109,14 +116,14 @@ impl Plan {
                 return Err(invalid(format!("output file name {name:?} is not allowed")));
             }
             if let OutputFile::Copy { source, .. } = f {
-                if !files.contains(source.as_str()) {
+                if !source_files.contains(source.as_str()) {
                     return Err(invalid(format!(
                         "output file {name:?} copies {source:?}, which is not in source.files"
                     )));
                 }
             }
         }
-        Ok(config)
+        Ok(())
     }
 
     /// Checks that the config the output gets records this plan's layer map, when it records one
