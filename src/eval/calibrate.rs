@@ -184,8 +184,9 @@ pub fn calibrate(
     let (cache, sums) = base_passes(model, &text.windows.windows, progress)?;
     let mut scores = Scores::new(model, &cache);
     let source: Vec<usize> = (0..n).collect();
-    let source_perplexity = scores.perplexities(&[&source], &all, &mut |_| {})?[0];
-    let source_subset_perplexity = scores.perplexities(&[&source], &subset, &mut |_| {})?[0];
+    let source = [source];
+    let source_perplexity = scores.perplexities(&source, &all, &mut |_| {})?[0];
+    let source_subset_perplexity = scores.perplexities(&source, &subset, &mut |_| {})?[0];
     timings.base_pass = clock.elapsed().as_secs_f64();
 
     // 2. Single-layer removal on the subset: layers i+1.. from the cached input of layer i.
@@ -197,7 +198,6 @@ pub fn calibrate(
     let removed: Vec<Vec<usize>> = (0..n)
         .map(|i| (0..n).filter(|&l| l != i).collect())
         .collect();
-    let removed: Vec<&[usize]> = removed.iter().map(Vec::as_slice).collect();
     let removal = scores.perplexities(&removed, &subset, &mut |k| progress.advance(k as u64))?;
     progress.finish();
     let layers: Vec<LayerScore> = (0..n)
@@ -221,7 +221,6 @@ pub fn calibrate(
         (candidates.len() * subset.len()) as u64,
     );
     let lists: Vec<Vec<usize>> = candidates.iter().map(Candidate::layers).collect();
-    let lists: Vec<&[usize]> = lists.iter().map(Vec::as_slice).collect();
     let ranked = scores.perplexities(&lists, &subset, &mut |k| progress.advance(k as u64))?;
     for (c, p) in candidates.iter_mut().zip(ranked) {
         c.subset_perplexity = p;
@@ -243,7 +242,6 @@ pub fn calibrate(
         (chosen.len() * all.len()) as u64,
     );
     let lists: Vec<Vec<usize>> = chosen.iter().map(|&k| candidates[k].layers()).collect();
-    let lists: Vec<&[usize]> = lists.iter().map(Vec::as_slice).collect();
     let rescored = scores.perplexities(&lists, &all, &mut |k| progress.advance(k as u64))?;
     for (&k, p) in chosen.iter().zip(rescored) {
         candidates[k].perplexity = Some(p);
@@ -417,14 +415,14 @@ impl<'a> Scores<'a> {
     /// does not depend on the thread count.
     fn perplexities(
         &mut self,
-        lists: &[&[usize]],
+        lists: &[Vec<usize>],
         views: &[View],
         progress: &mut dyn FnMut(usize),
     ) -> Result<Vec<f64>> {
         let mut jobs: Vec<(&[usize], View)> = Vec::new();
-        for &list in lists {
+        for list in lists {
             for &view in views {
-                let key = (list.to_vec(), view);
+                let key = (list.clone(), view);
                 if !self.known.contains_key(&key) && !jobs.contains(&(list, view)) {
                     jobs.push((list, view));
                 }
@@ -444,10 +442,10 @@ impl<'a> Scores<'a> {
         }
         lists
             .iter()
-            .map(|&list| {
+            .map(|list| {
                 let (mut nll, mut count) = (0.0, 0);
                 for &view in views {
-                    let (sum, n) = self.known[&(list.to_vec(), view)];
+                    let (sum, n) = self.known[&(list.clone(), view)];
                     nll += sum;
                     count += n;
                 }

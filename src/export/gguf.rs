@@ -17,8 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use crate::arch::spec;
-use crate::arch::{expected_shape, LayerRole, Role};
+use crate::arch::{expected_shape, spec, LayerRole, Role};
 use crate::dtype::DType;
 use crate::export::mix::{QuantType, TensorKind};
 use crate::export::rows::{chunks, rows_cols, source_bytes, stream_rows, RowOrder};

@@ -9,10 +9,10 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use serde::Deserialize;
+
 use crate::arch::{self, Naming, Role};
 use crate::formats::hf_config::{self, ModelConfig};
-
-use serde::Deserialize;
 
 use super::{Layers, OutputFile, Plan, PlanError, TensorSpec, Transform, PLAN_VERSION};
 
@@ -163,19 +163,17 @@ impl Plan {
             // New, not read: `tensor` checked it has an init and no sources.
             Role::Adapter => return Ok(()),
             Role::Layer(slot, part) => {
-                let mut first = 0;
-                let Some((part_name, range, layer)) =
-                    self.layers
-                        .named()
-                        .into_iter()
-                        .find_map(|(part_name, range)| {
-                            let at = slot.checked_sub(first).filter(|&i| i < range.len());
-                            first += range.len();
-                            at.map(|i| (part_name, range, range.start + i))
-                        })
-                else {
-                    // The shape was checked against the config, so every slot has a layer.
+                // The shape was checked against the config, so every slot has a layer.
+                let Some(layer) = self.layers.output_order().nth(slot) else {
                     return Err(invalid(format!("tensor {:?} has no layer", t.name)));
+                };
+                let l = &self.layers;
+                let (part_name, range) = if slot < l.prelude.len() {
+                    ("prelude", l.prelude)
+                } else if slot < l.prelude.len() + l.core.len() {
+                    ("core", l.core)
+                } else {
+                    ("coda", l.coda)
                 };
                 let parts: Vec<Role> = part
                     .parts()
