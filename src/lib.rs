@@ -20,3 +20,4 @@ pub mod source;
 pub mod surgery;
 pub mod synth;
 pub mod tokenizer;
+pub mod units;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// Bottom to top; a module may import from its own layer's index or lower only when it is itself,
 /// or strictly lower otherwise.
 const LAYERS: &[&[&str]] = &[
-    &["dtype", "paths", "atomic", "progress", "named"],
+    &["dtype", "paths", "atomic", "progress", "named", "units"],
     &["formats"],
     &["arch"],
     &["source"],

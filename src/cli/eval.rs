@@ -3,17 +3,17 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 
-use surgery::eval::data::{read_tokens, windows, Windows};
-use surgery::eval::perplexity::{perplexity, EvalRow};
+use surgery::eval::data::{read_tokens, windows};
+use surgery::eval::perplexity::rows;
 use surgery::eval::plot::plot_perplexity;
 use surgery::model::Model;
 use surgery::plan::LayerRange;
 use surgery::source::SourceModel;
 use surgery::tokenizer::text::TextTokenizer;
 
-use super::{byte_progress, Global, Runtime};
+use super::{Global, Runtime};
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
@@ -118,7 +118,16 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
         inputs.extend(args.data.iter().cloned());
         surgery::paths::check_output(path, &inputs)?;
     }
-    let rows = rows_with_progress(&model, &windows, &rs, args.batch, args.seed, global, "")?;
+    let mut progress = super::BarProgress::tokens(global);
+    let rows = rows(
+        &model,
+        &windows,
+        &rs,
+        args.batch,
+        args.seed,
+        "",
+        &mut progress,
+    )?;
     if let Some(path) = &args.plot {
         let points = rows
             .iter()
@@ -174,41 +183,4 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Perplexity at each r in `rs`, with one progress bar over every scored token (its message
-/// `what`, then r).
-pub(super) fn rows_with_progress(
-    model: &Model,
-    windows: &Windows,
-    rs: &[usize],
-    batch: usize,
-    seed: u64,
-    global: Global,
-    what: &str,
-) -> anyhow::Result<Vec<EvalRow>> {
-    let n = windows.n_targets();
-    let bar = byte_progress(global, (n * rs.len()) as u64, "evaluating");
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {pos}/{len} tokens {per_sec} {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    let mut rows = Vec::with_capacity(rs.len());
-    for (k, &r) in rs.iter().enumerate() {
-        let base = (k * n) as u64;
-        bar.set_message(if what.is_empty() {
-            format!("r={r}")
-        } else {
-            format!("{what}, r={r}")
-        });
-        let row = perplexity(model, windows, batch, r, seed, &mut |done| {
-            bar.set_position(base + done as u64)
-        })
-        .with_context(|| format!("evaluating at r = {r}"))?;
-        rows.push(row);
-    }
-    bar.finish_and_clear();
-    Ok(rows)
 }

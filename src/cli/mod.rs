@@ -27,6 +27,7 @@ use std::io::IsTerminal;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use surgery::named::Named;
+pub use surgery::units::{si, thousands};
 
 #[derive(Parser)]
 #[command(
@@ -157,40 +158,12 @@ pub fn byte_progress(global: Global, len: u64, message: &str) -> ProgressBar {
     bar
 }
 
-/// 1234567 -> "1,234,567".
-pub fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
-}
-
-/// 1234567 -> "1.23 M"; decimal units.
-pub fn si(n: f64, unit: &str) -> String {
-    let prefixes = ["", "k", "M", "G", "T", "P", "E"];
-    let mut v = n;
-    let mut i = 0;
-    while v.abs() >= 1000.0 && i + 1 < prefixes.len() {
-        v /= 1000.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{v:.0} {unit}")
-    } else {
-        format!("{v:.2} {}{unit}", prefixes[i])
-    }
-}
-
-/// The library's progress reports drawn as one bar per step, in bytes or in plain counts.
+/// The library's progress reports drawn as one bar per step, in bytes, plain counts or tokens.
 pub struct BarProgress {
     global: Global,
     bar: Option<ProgressBar>,
-    counts: bool,
+    /// The bar's template; None: bytes.
+    template: Option<&'static str>,
 }
 
 impl BarProgress {
@@ -199,14 +172,22 @@ impl BarProgress {
         BarProgress {
             global,
             bar: None,
-            counts: false,
+            template: None,
         }
     }
 
     /// Progress in plain counts (windows, candidates).
     pub fn counting(global: Global) -> Self {
         BarProgress {
-            counts: true,
+            template: Some("{msg} [{bar:30}] {pos}/{len} {eta}"),
+            ..BarProgress::new(global)
+        }
+    }
+
+    /// Progress in scored tokens, with their rate.
+    pub fn tokens(global: Global) -> Self {
+        BarProgress {
+            template: Some("{msg} [{bar:30}] {pos}/{len} tokens {per_sec} {eta}"),
             ..BarProgress::new(global)
         }
     }
@@ -215,9 +196,9 @@ impl BarProgress {
 impl surgery::progress::Progress for BarProgress {
     fn start(&mut self, what: &str, total: u64) {
         let bar = byte_progress(self.global, total, what);
-        if self.counts {
+        if let Some(template) = self.template {
             bar.set_style(
-                ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {eta}")
+                ProgressStyle::with_template(template)
                     .unwrap_or_else(|_| ProgressStyle::default_bar())
                     .progress_chars("=> "),
             );

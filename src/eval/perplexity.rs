@@ -5,6 +5,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use crate::model::{InitialState, Model, Result};
+use crate::progress::Progress;
 
 use super::data::Windows;
 
@@ -82,4 +83,35 @@ pub fn perplexity(
         seconds,
         tokens_per_second: done as f64 / seconds.max(1e-9),
     })
+}
+
+/// An evaluation that failed, with the recurrence it ran at.
+#[derive(Debug, thiserror::Error)]
+#[error("evaluating at r = {r}: {source}")]
+pub struct EvalError {
+    pub r: usize,
+    pub source: crate::model::ModelError,
+}
+
+/// [`perplexity`] at each r in turn, each reported to `progress` as "{label}r=R" in scored tokens.
+pub fn rows(
+    model: &Model,
+    windows: &Windows,
+    rs: &[usize],
+    batch: usize,
+    seed: u64,
+    label: &str,
+    progress: &mut dyn Progress,
+) -> std::result::Result<Vec<EvalRow>, EvalError> {
+    let mut rows = Vec::with_capacity(rs.len());
+    for &r in rs {
+        progress.start(&format!("{label}r={r}"), windows.n_targets() as u64);
+        let row = perplexity(model, windows, batch, r, seed, &mut |done| {
+            progress.advance(done as u64)
+        })
+        .map_err(|source| EvalError { r, source })?;
+        progress.finish();
+        rows.push(row);
+    }
+    Ok(rows)
 }

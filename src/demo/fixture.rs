@@ -1,6 +1,6 @@
-//! `surgery demo`: the whole method on the small pretrained model in fixtures/tiny/ (embedded in
-//! the binary so the demo runs from any directory, offline), and the fixture's facts that the
-//! recipe in fixtures/tiny/make.sh and the tests share.
+//! The small pretrained model in fixtures/tiny/, embedded in the binary so the demo runs from any
+//! directory, offline, and the fixture's facts that the recipe in fixtures/tiny/make.sh and the
+//! tests share.
 
 use std::path::{Path, PathBuf};
 
@@ -43,23 +43,23 @@ pub fn unigram_perplexity(train: &[u32], heldout: &[u32], vocab: usize) -> f64 {
 pub const TINY_MODEL_FILES: [(&str, &[u8]); 3] = [
     (
         "config.json",
-        include_bytes!("../fixtures/tiny/model/config.json"),
+        include_bytes!("../../fixtures/tiny/model/config.json"),
     ),
     (
         "model.safetensors",
-        include_bytes!("../fixtures/tiny/model/model.safetensors"),
+        include_bytes!("../../fixtures/tiny/model/model.safetensors"),
     ),
     (
         "tokenizer.json",
-        include_bytes!("../fixtures/tiny/model/tokenizer.json"),
+        include_bytes!("../../fixtures/tiny/model/tokenizer.json"),
     ),
 ];
 
 /// The books the fixture was trained on (fixtures/tiny/text/train.txt): the demo heals on them.
-pub const TINY_TRAIN_TEXT: &[u8] = include_bytes!("../fixtures/tiny/text/train.txt");
+pub const TINY_TRAIN_TEXT: &[u8] = include_bytes!("../../fixtures/tiny/text/train.txt");
 
 /// The held-out books (fixtures/tiny/text/heldout.txt): the demo evaluates on them.
-pub const TINY_HELDOUT_TEXT: &[u8] = include_bytes!("../fixtures/tiny/text/heldout.txt");
+pub const TINY_HELDOUT_TEXT: &[u8] = include_bytes!("../../fixtures/tiny/text/heldout.txt");
 
 /// Where [`write_fixture`] put the fixture.
 #[derive(Debug, Clone)]
