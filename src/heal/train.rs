@@ -4,13 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::data::read_tokens;
 use crate::eval::perplexity::perplexity;
 use crate::model::params::{Lora, Param, ParamKind, Train};
-use crate::model::{InitialState, Kernels, Model};
+use crate::model::{InitialState, Kernels, Mix, Model};
 use crate::named::named;
 use crate::source::SourceModel;
 use crate::tokenizer::text::TextTokenizer;
@@ -401,6 +402,45 @@ pub fn run(
 ) -> Result<Trained> {
     cfg.validate()?;
     let source = SourceModel::open(&cfg.model)?;
+    check_source(cfg, &source)?;
+    let tokenizer = TextTokenizer::for_model(&source)?;
+    let data = read_data(cfg, &tokenizer, observer)?;
+    check_fit(cfg, &source, device)?;
+    let window = (cfg.micro_batch, cfg.seq_len);
+    let teacher = match &cfg.distill {
+        Some(d) => {
+            let mut note = |text: &str| observer.note(text);
+            let kernels = cfg.kernels;
+            let t = load_teacher(d, &source, &tokenizer, window, kernels, device, &mut note)?;
+            Some((t, d.mix()))
+        }
+        None => None,
+    };
+    let mut training = Training::new(cfg, resume, device, &source, data, teacher)?;
+    // The metrics of the steps before this one; a fresh run (--force over an earlier one) cuts
+    // the earlier run's lines.
+    let mut metrics = super::checkpoint::read_metrics(&cfg.checkpoint_root(), training.step)?;
+    observer.start(cfg.steps, training.step);
+    while training.step < cfg.steps {
+        let mut line = training.train_step()?;
+        training.step += 1;
+        let last = training.step == cfg.steps;
+        training.evaluate(&mut line, last)?;
+        observer.step(&line);
+        super::checkpoint::append_metrics(&cfg.checkpoint_root(), &line)?;
+        metrics.push(line);
+        training.checkpoint(last)?;
+    }
+    Ok(Trained {
+        model: training.model,
+        metrics,
+        config: cfg.clone(),
+    })
+}
+
+/// Refuses a source `heal` cannot train: one without recurrence, or one with no adapter for
+/// `--train adapter` to train.
+fn check_source(cfg: &HealConfig, source: &SourceModel) -> Result<()> {
     let Some(shape) = source.config.recurrent else {
         return Err(HealError::Invalid(format!(
             "{} is not a recurrent checkpoint; make one with `surgery apply MODEL --shape P,C,K` first",
@@ -412,7 +452,16 @@ pub fn run(
             "--train adapter needs an adapter to train (not --injection none, not --static)".into(),
         ));
     }
-    let tokenizer = TextTokenizer::for_model(&source)?;
+    Ok(())
+}
+
+/// Reads the training windows of `cfg.data`, holding out a `--holdout` share of them, or the
+/// first `--eval-tokens` of `--eval-data` when that is given.
+fn read_data(
+    cfg: &HealConfig,
+    tokenizer: &TextTokenizer,
+    observer: &mut dyn Observer,
+) -> Result<TrainData> {
     let holdout = if cfg.eval_data.is_empty() {
         cfg.holdout
     } else {
@@ -421,7 +470,7 @@ pub fn run(
     let stream = read_tokens(
         &cfg.data,
         Some(&cfg.field),
-        &tokenizer,
+        tokenizer,
         Some(cfg.data_tokens(holdout)),
     )?;
     if stream.skipped_invalid_utf8 > 0 {
@@ -442,11 +491,16 @@ pub fn run(
     data.limit_held_out(cfg.eval_tokens);
     if !cfg.eval_data.is_empty() {
         let limit = cfg.eval_tokens.saturating_add(1);
-        let eval = read_tokens(&cfg.eval_data, Some(&cfg.field), &tokenizer, Some(limit))?;
+        let eval = read_tokens(&cfg.eval_data, Some(&cfg.field), tokenizer, Some(limit))?;
         data.held_out =
             crate::eval::data::windows(&eval.tokens, cfg.seq_len, Some(cfg.eval_tokens));
     }
+    Ok(data)
+}
 
+/// Refuses, before any weights load, a micro-batch window that cannot fit one pass and a
+/// `--lora` rank above the hidden size.
+fn check_fit(cfg: &HealConfig, source: &SourceModel, device: &Device) -> Result<()> {
     // Training keeps more than one pass's activations for the backward; the bound of one pass
     // at least refuses a window that cannot fit at all before the weights are loaded.
     let window = (cfg.micro_batch, cfg.seq_len);
@@ -458,215 +512,297 @@ pub fn run(
             lora.rank, source.config.hidden
         )));
     }
-    let mut teacher = match &cfg.distill {
-        Some(d) => {
-            let mut note = |text: &str| observer.note(text);
-            let kernels = cfg.kernels;
-            let t = load_teacher(d, &source, &tokenizer, window, kernels, device, &mut note)?;
-            Some((t, d.mix()))
+    Ok(())
+}
+
+/// A run under way: the student and its optimizer, the teacher, the data, and where it stands.
+struct Training<'a> {
+    cfg: &'a HealConfig,
+    device: &'a Device,
+    /// The checkpoint the run resumed from: the last good one until the run writes its own.
+    resume: Option<&'a Path>,
+    data: TrainData,
+    teacher: Option<(Model, Mix)>,
+    model: Model,
+    params: Vec<Param>,
+    optimizer: Optimizer,
+    /// Micro-steps per step.
+    n_micro: u64,
+    /// The next step to run.
+    step: u64,
+    /// Training windows read so far.
+    cursor: u64,
+    last_checkpoint: Option<PathBuf>,
+}
+
+/// What the micro-steps of one step add up: gradients, losses, tokens, draws and time.
+#[derive(Default)]
+struct Tally {
+    grads: Option<GradStore>,
+    loss: f64,
+    ce: f64,
+    kl: f64,
+    tokens: usize,
+    without: Vec<usize>,
+    with: Vec<usize>,
+    seconds: StepSeconds,
+}
+
+impl<'a> Training<'a> {
+    /// Loads the student (redrawn with `--init random`), its trainable parameters and their
+    /// optimizer, and restores the optimizer, weights and data position of `resume` if given.
+    fn new(
+        cfg: &'a HealConfig,
+        resume: Option<&'a Path>,
+        device: &'a Device,
+        source: &SourceModel,
+        data: TrainData,
+        teacher: Option<(Model, Mix)>,
+    ) -> Result<Self> {
+        let mut model = Model::load(source, device)?;
+        model.set_kernels(cfg.kernels);
+        if cfg.init_random {
+            model.reinitialize(cfg.seed, cfg.static_baseline)?;
         }
-        None => None,
-    };
-    let mut model = Model::load(&source, device)?;
-    model.set_kernels(cfg.kernels);
-    if cfg.init_random {
-        model.reinitialize(cfg.seed, cfg.static_baseline)?;
+        let params = match cfg.lora {
+            Some(lora) => model.trainable_lora(cfg.train, lora, cfg.seed, cfg.static_baseline)?,
+            None => model.trainable(cfg.train, cfg.static_baseline)?,
+        };
+        let mut optimizer = Optimizer::new(groups(&params, cfg))?;
+        let (step, cursor) = match resume {
+            Some(dir) => {
+                let restored = super::checkpoint::load(dir, &params, &mut optimizer, device)?;
+                (restored.step, restored.cursor)
+            }
+            None => (0, 0),
+        };
+        Ok(Training {
+            cfg,
+            device,
+            resume,
+            data,
+            teacher,
+            model,
+            params,
+            optimizer,
+            n_micro: (cfg.batch / cfg.micro_batch) as u64,
+            step,
+            cursor,
+            last_checkpoint: None,
+        })
     }
-    let params = match cfg.lora {
-        Some(lora) => model.trainable_lora(cfg.train, lora, cfg.seed, cfg.static_baseline)?,
-        None => model.trainable(cfg.train, cfg.static_baseline)?,
-    };
-    let mut optimizer = Optimizer::new(groups(&params, cfg))?;
-    let (mut step, mut cursor) = (0u64, 0u64);
-    if let Some(dir) = resume {
-        let restored = super::checkpoint::load(dir, &params, &mut optimizer, device)?;
-        step = restored.step;
-        cursor = restored.cursor;
-    }
-    // The metrics of the steps before this one; a fresh run (--force over an earlier one) cuts
-    // the earlier run's lines.
-    let mut metrics = super::checkpoint::read_metrics(&cfg.checkpoint_root(), step)?;
-    let vars: Vec<&candle_core::Var> = params.iter().map(|p| &p.var).collect();
-    let n_micro = (cfg.batch / cfg.micro_batch) as u64;
-    let evaluate_at = |m_max: usize| -> Vec<usize> {
-        let mut rs = vec![1, m_max, 2 * m_max];
-        rs.dedup();
-        if cfg.static_baseline {
-            vec![1]
-        } else {
-            rs
-        }
-    };
-    observer.start(cfg.steps, step);
-    let mut last_checkpoint: Option<PathBuf> = None;
-    while step < cfg.steps {
+
+    /// Runs the current step's micro-steps, clips their summed gradient and updates the
+    /// parameters; returns the step's metrics, without held-out losses.
+    fn train_step(&mut self) -> Result<StepMetrics> {
+        let cfg = self.cfg;
         let started = Instant::now();
         let m = if cfg.static_baseline {
             1
         } else {
             mean_recurrence(
                 cfg.curriculum.into(),
-                step,
+                self.step,
                 cfg.steps,
                 cfg.curriculum_warmup,
                 cfg.max_mean_recurrence,
                 cfg.curriculum_start,
             )
         };
-        let lr_scale = learning_rate(step, cfg.steps, 1.0, cfg.warmup, cfg.cooldown);
-        let mut accumulated: Option<candle_core::backprop::GradStore> = None;
-        let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
-        let (mut ce_sum, mut kl_sum) = (0.0f64, 0.0f64);
-        let (mut without, mut with) = (Vec::new(), Vec::new());
-        let mut seconds = StepSeconds::default();
-        for micro in 0..n_micro {
-            let draw = if cfg.static_baseline {
-                sampler::Draw {
-                    without_grad: 0,
-                    with_grad: 1,
-                }
-            } else {
-                match cfg.sampler {
-                    SamplerKind::PoissonLognormal => {
-                        sampler::draw(m, cfg.backprop_depth, cfg.seed, step, micro)
-                    }
-                    SamplerKind::Fixed => sampler::fixed(m, cfg.backprop_depth),
-                }
-            };
-            without.push(draw.without_grad);
-            with.push(draw.with_grad);
-            let (mut ids, mut targets) = (Vec::new(), Vec::new());
-            for _ in 0..cfg.micro_batch {
-                let w = data.window(cursor);
-                ids.extend_from_slice(&w[..cfg.seq_len]);
-                targets.extend_from_slice(&w[1..]);
-                cursor += 1;
-            }
-            let shape = (cfg.micro_batch, cfg.seq_len);
-            let ids = Tensor::from_vec(ids, shape, device)?;
-            let targets = Tensor::from_vec(targets, shape, device)?;
-            let phase = Instant::now();
-            let r = draw.without_grad + draw.with_grad;
-            let state = InitialState::Seeded(state_seed(cfg.seed, step, micro));
-            // A recurrent teacher (a copy of the student, in tests) runs the student's r and s_0.
-            let taught = match &mut teacher {
-                Some((t, mix)) => Some(t.teacher(&ids, r, state, *mix)?),
-                None => None,
-            };
-            let (loss, parts) =
-                model.loss_parts(&ids, &targets, r, draw.without_grad, state, taught.as_ref())?;
-            drop(taught);
-            if let Some(parts) = parts {
-                ce_sum += parts.ce;
-                kl_sum += parts.kl;
-            }
-            let loss = (loss / n_micro as f64)?;
-            let value = loss.to_scalar::<f32>()? as f64 * n_micro as f64;
-            if !value.is_finite() {
-                return Err(non_finite("loss", step, &last_checkpoint, resume));
-            }
-            loss_sum += value;
-            tokens += cfg.micro_batch * cfg.seq_len;
-            seconds.forward += phase.elapsed().as_secs_f64();
-            let phase = Instant::now();
-            let grads = loss.backward()?;
-            accumulated = Some(match accumulated {
-                None => grads,
-                Some(mut acc) => {
-                    for v in &vars {
-                        if let Some(g) = grads.get(v.as_tensor()) {
-                            let sum = match acc.get(v.as_tensor()) {
-                                Some(a) => (a + g)?,
-                                None => g.clone(),
-                            };
-                            acc.insert(v.as_tensor(), sum);
-                        }
-                    }
-                    acc
-                }
-            });
-            seconds.backward += phase.elapsed().as_secs_f64();
+        let lr_scale = learning_rate(self.step, cfg.steps, 1.0, cfg.warmup, cfg.cooldown);
+        let mut tally = Tally::default();
+        for micro in 0..self.n_micro {
+            self.micro_step(m, micro, &mut tally)?;
         }
         let phase = Instant::now();
-        let mut grads =
-            accumulated.ok_or_else(|| HealError::Invalid("no micro-step ran".into()))?;
+        let mut grads = tally
+            .grads
+            .ok_or_else(|| HealError::Invalid("no micro-step ran".into()))?;
+        let vars: Vec<&Var> = self.params.iter().map(|p| &p.var).collect();
         let grad_norm = clip_grad_norm(&mut grads, &vars, cfg.clip)?;
         if !grad_norm.is_finite() {
-            return Err(non_finite("gradient", step, &last_checkpoint, resume));
+            return Err(self.non_finite("gradient"));
         }
-        optimizer.step(&grads, lr_scale)?;
-        seconds.optimizer = phase.elapsed().as_secs_f64();
+        self.optimizer.step(&grads, lr_scale)?;
+        tally.seconds.optimizer = phase.elapsed().as_secs_f64();
         let elapsed = started.elapsed().as_secs_f64();
-        let mut line = StepMetrics {
-            step,
-            loss: loss_sum / n_micro as f64,
-            ce: teacher.is_some().then_some(ce_sum / n_micro as f64),
-            kl: teacher.is_some().then_some(kl_sum / n_micro as f64),
+        let n_micro = self.n_micro as f64;
+        let distilled = self.teacher.is_some();
+        Ok(StepMetrics {
+            step: self.step,
+            loss: tally.loss / n_micro,
+            ce: distilled.then_some(tally.ce / n_micro),
+            kl: distilled.then_some(tally.kl / n_micro),
             lr: lr_scale * cfg.lr,
             mean_recurrence: m,
-            iterations_without_grad: without,
-            iterations_with_grad: with,
-            tokens,
-            tokens_per_second: tokens as f64 / elapsed.max(1e-9),
+            iterations_without_grad: tally.without,
+            iterations_with_grad: tally.with,
+            tokens: tally.tokens,
+            tokens_per_second: tally.tokens as f64 / elapsed.max(1e-9),
             grad_norm,
-            seconds,
+            seconds: tally.seconds,
             peak_rss_mb: peak_rss_mb(),
             eval: vec![],
+        })
+    }
+
+    /// Runs micro-step `micro` of the current step at mean recurrence `m`: draws its
+    /// iterations, reads its windows, and adds its loss, gradients and time to `tally`.
+    fn micro_step(&mut self, m: usize, micro: u64, tally: &mut Tally) -> Result<()> {
+        let cfg = self.cfg;
+        let draw = self.draw(m, micro);
+        tally.without.push(draw.without_grad);
+        tally.with.push(draw.with_grad);
+        let (ids, targets) = self.batch()?;
+        let phase = Instant::now();
+        let r = draw.without_grad + draw.with_grad;
+        let state = InitialState::Seeded(state_seed(cfg.seed, self.step, micro));
+        // A recurrent teacher (a copy of the student, in tests) runs the student's r and s_0.
+        let taught = match &mut self.teacher {
+            Some((t, mix)) => Some(t.teacher(&ids, r, state, *mix)?),
+            None => None,
         };
-        step += 1;
-        let last = step == cfg.steps;
-        if !data.held_out.windows.is_empty()
-            && (last || (cfg.eval_every > 0 && step % cfg.eval_every == 0))
-        {
-            for r in evaluate_at(cfg.max_mean_recurrence) {
-                let row = perplexity(
-                    &model,
-                    &data.held_out,
-                    cfg.micro_batch,
-                    r,
-                    cfg.seed,
-                    &mut |_| {},
-                )?;
-                line.eval.push(EvalLoss { r, loss: row.loss });
-            }
+        let (loss, parts) =
+            self.model
+                .loss_parts(&ids, &targets, r, draw.without_grad, state, taught.as_ref())?;
+        drop(taught);
+        if let Some(parts) = parts {
+            tally.ce += parts.ce;
+            tally.kl += parts.kl;
         }
-        observer.step(&line);
-        super::checkpoint::append_metrics(&cfg.checkpoint_root(), &line)?;
-        metrics.push(line);
-        if !last && cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0 {
-            let state = CheckpointState {
-                step,
-                cursor,
-                config: cfg.clone(),
+        let n_micro = self.n_micro as f64;
+        let loss = (loss / n_micro)?;
+        let value = loss.to_scalar::<f32>()? as f64 * n_micro;
+        if !value.is_finite() {
+            return Err(self.non_finite("loss"));
+        }
+        tally.loss += value;
+        tally.tokens += cfg.micro_batch * cfg.seq_len;
+        tally.seconds.forward += phase.elapsed().as_secs_f64();
+        let phase = Instant::now();
+        let grads = loss.backward()?;
+        tally.grads = Some(accumulate(tally.grads.take(), grads, &self.params)?);
+        tally.seconds.backward += phase.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// The core iterations of micro-step `micro` at mean recurrence `m`: one, with gradient, for
+    /// the static baseline; else the configured sampler's.
+    fn draw(&self, m: usize, micro: u64) -> sampler::Draw {
+        let cfg = self.cfg;
+        if cfg.static_baseline {
+            return sampler::Draw {
+                without_grad: 0,
+                with_grad: 1,
             };
-            last_checkpoint = Some(super::checkpoint::save(
-                &cfg.checkpoint_root(),
-                &state,
-                &params,
-                &optimizer,
-            )?);
+        }
+        match cfg.sampler {
+            SamplerKind::PoissonLognormal => {
+                sampler::draw(m, cfg.backprop_depth, cfg.seed, self.step, micro)
+            }
+            SamplerKind::Fixed => sampler::fixed(m, cfg.backprop_depth),
         }
     }
-    Ok(Trained {
-        model,
-        metrics,
-        config: cfg.clone(),
-    })
+
+    /// The next `--micro-batch` training windows: their input ids and next-token targets.
+    fn batch(&mut self) -> Result<(Tensor, Tensor)> {
+        let cfg = self.cfg;
+        let (mut ids, mut targets) = (Vec::new(), Vec::new());
+        for _ in 0..cfg.micro_batch {
+            let w = self.data.window(self.cursor);
+            ids.extend_from_slice(&w[..cfg.seq_len]);
+            targets.extend_from_slice(&w[1..]);
+            self.cursor += 1;
+        }
+        let shape = (cfg.micro_batch, cfg.seq_len);
+        let ids = Tensor::from_vec(ids, shape, self.device)?;
+        let targets = Tensor::from_vec(targets, shape, self.device)?;
+        Ok((ids, targets))
+    }
+
+    /// On the last step and every `--eval-every` steps, adds the held-out loss at each evaluated
+    /// recurrence to `line` (when anything is held out).
+    fn evaluate(&self, line: &mut StepMetrics, last: bool) -> Result<()> {
+        let cfg = self.cfg;
+        let due = last || (cfg.eval_every > 0 && self.step.is_multiple_of(cfg.eval_every));
+        if self.data.held_out.windows.is_empty() || !due {
+            return Ok(());
+        }
+        for r in self.evaluated_recurrences() {
+            let row = perplexity(
+                &self.model,
+                &self.data.held_out,
+                cfg.micro_batch,
+                r,
+                cfg.seed,
+                &mut |_| {},
+            )?;
+            line.eval.push(EvalLoss { r, loss: row.loss });
+        }
+        Ok(())
+    }
+
+    /// The recurrences held-out loss is measured at: 1, the curriculum's top mean and twice it;
+    /// the static baseline, 1 alone.
+    fn evaluated_recurrences(&self) -> Vec<usize> {
+        if self.cfg.static_baseline {
+            return vec![1];
+        }
+        let m_max = self.cfg.max_mean_recurrence;
+        let mut rs = vec![1, m_max, 2 * m_max];
+        rs.dedup();
+        rs
+    }
+
+    /// Every `--checkpoint-every` steps but the last (the output is written then), saves the
+    /// weights, optimizer moments and position in the data.
+    fn checkpoint(&mut self, last: bool) -> Result<()> {
+        let cfg = self.cfg;
+        if last || cfg.checkpoint_every == 0 || !self.step.is_multiple_of(cfg.checkpoint_every) {
+            return Ok(());
+        }
+        let state = CheckpointState {
+            step: self.step,
+            cursor: self.cursor,
+            config: cfg.clone(),
+        };
+        self.last_checkpoint = Some(super::checkpoint::save(
+            &cfg.checkpoint_root(),
+            &state,
+            &self.params,
+            &self.optimizer,
+        )?);
+        Ok(())
+    }
+
+    /// The error of the current step's non-finite `what`, naming the last good checkpoint.
+    fn non_finite(&self, what: &'static str) -> HealError {
+        let checkpoint = match self.last_checkpoint.as_deref().or(self.resume) {
+            Some(dir) => format!("the last good checkpoint is {}", dir.display()),
+            None => "no checkpoint was written yet".into(),
+        };
+        HealError::NonFinite {
+            what,
+            step: self.step,
+            checkpoint,
+        }
+    }
 }
 
-fn non_finite(
-    what: &'static str,
-    step: u64,
-    last: &Option<PathBuf>,
-    resumed: Option<&Path>,
-) -> HealError {
-    let checkpoint = match last.as_deref().or(resumed) {
-        Some(dir) => format!("the last good checkpoint is {}", dir.display()),
-        None => "no checkpoint was written yet".into(),
+/// Adds a micro-step's `grads` of `params` to the sum of the step's earlier micro-steps (`acc`;
+/// none before the first).
+fn accumulate(acc: Option<GradStore>, grads: GradStore, params: &[Param]) -> Result<GradStore> {
+    let Some(mut acc) = acc else {
+        return Ok(grads);
     };
-    HealError::NonFinite {
-        what,
-        step,
-        checkpoint,
+    for v in params.iter().map(|p| &p.var) {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            let sum = match acc.get(v.as_tensor()) {
+                Some(a) => (a + g)?,
+                None => g.clone(),
+            };
+            acc.insert(v.as_tensor(), sum);
+        }
     }
+    Ok(acc)
 }
