@@ -4,9 +4,10 @@
 use std::path::PathBuf;
 
 use anyhow::bail;
+use candle_core::Device;
 
-use surgery::eval::data::{read_tokens, windows};
-use surgery::eval::perplexity::rows;
+use surgery::eval::data::{read_tokens, windows, TokenStream};
+use surgery::eval::perplexity::{rows, EvalRow};
 use surgery::eval::plot::plot_perplexity;
 use surgery::model::Model;
 use surgery::plan::LayerRange;
@@ -82,23 +83,7 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
         args.runtime.kernels,
         &device,
     )?;
-    if args.layers.is_some() && source.config.recurrent.is_some() {
-        bail!(
-            "--layers selects layers of a static model; {} is recurrent",
-            args.model.display()
-        )
-    }
-    let layers: Option<Vec<usize>> = args
-        .layers
-        .as_ref()
-        .map(|ranges| ranges.iter().flat_map(|r| r.iter()).collect());
-    let mut model = Model::load_as(
-        &source,
-        layers.as_deref(),
-        &device,
-        super::weights(args.dequantize),
-    )?;
-    model.set_kernels(args.runtime.kernels);
+    let model = load(&args, &source, &device)?;
     let rs: Vec<usize> = if model.is_recurrent() {
         args.recurrence.clone()
     } else {
@@ -128,6 +113,40 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
         "",
         &mut progress,
     )?;
+    report(&args, global, &model, &docs, windows.n_targets(), &rows)
+}
+
+/// The model as --layers, --dequantize and --kernels ask.
+fn load(args: &EvalArgs, source: &SourceModel, device: &Device) -> anyhow::Result<Model> {
+    if args.layers.is_some() && source.config.recurrent.is_some() {
+        bail!(
+            "--layers selects layers of a static model; {} is recurrent",
+            args.model.display()
+        )
+    }
+    let layers: Option<Vec<usize>> = args
+        .layers
+        .as_ref()
+        .map(|ranges| ranges.iter().flat_map(|r| r.iter()).collect());
+    let mut model = Model::load_as(
+        source,
+        layers.as_deref(),
+        device,
+        super::weights(args.dequantize),
+    )?;
+    model.set_kernels(args.runtime.kernels);
+    Ok(model)
+}
+
+/// The plot (when asked), then the table or the JSON.
+fn report(
+    args: &EvalArgs,
+    global: Global,
+    model: &Model,
+    docs: &TokenStream,
+    scored: usize,
+    rows: &[EvalRow],
+) -> anyhow::Result<()> {
     if let Some(path) = &args.plot {
         let points = rows
             .iter()
@@ -159,7 +178,7 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
             "{}: {} documents, {} tokens scored in windows of {}",
             args.model.display(),
             docs.documents,
-            windows.n_targets(),
+            scored,
             args.seq_len
         )?;
         outln!(
@@ -169,7 +188,7 @@ pub fn run(args: EvalArgs, global: Global) -> anyhow::Result<()> {
             "perplexity",
             "tokens/s"
         )?;
-        for row in &rows {
+        for row in rows {
             let r = row.r.map_or_else(|| "-".into(), |r| r.to_string());
             outln!(
                 "{r:>4} {:>8.4} {:>12.3} {:>10.1}",

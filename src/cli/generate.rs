@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
-use surgery::model::{generate, Exit, GenerateOptions, Model};
+use surgery::model::{generate, Exit, GenerateOptions, GenerateReport, Model};
 use surgery::source::SourceModel;
 use surgery::tokenizer::text::TextTokenizer;
 
@@ -138,12 +138,26 @@ pub fn run(args: GenerateArgs, global: Global) -> anyhow::Result<()> {
         return Err(e);
     }
     let text = tokenizer.decode(&report.tokens)?;
+    let r = source.config.recurrent.map(|_| r);
+    print_result(&args, global, r, &text, &report, streamer.printed)
+}
+
+/// The JSON, or the rest of the text after the `streamed` bytes already printed and the run's
+/// numbers on stderr. `r` is None for a static model.
+fn print_result(
+    args: &GenerateArgs,
+    global: Global,
+    r: Option<usize>,
+    text: &str,
+    report: &GenerateReport,
+    streamed: usize,
+) -> anyhow::Result<()> {
     if global.json {
         let value = serde_json::json!({
             "model": args.model.display().to_string(),
             "prompt": args.prompt,
             "text": text,
-            "r": source.config.recurrent.map(|_| r),
+            "r": r,
             "exit": args.exit.map(|e| match e {
                 Exit::LatentDiff(eps) => format!("latent-diff:{eps}"),
                 Exit::Never => "never".into(),
@@ -154,12 +168,12 @@ pub fn run(args: GenerateArgs, global: Global) -> anyhow::Result<()> {
         return Ok(());
     }
     // Whatever the stream held back (a final incomplete character) and the newline.
-    let rest = text.get(streamer.printed..).unwrap_or("");
+    let rest = text.get(streamed..).unwrap_or("");
     outln!("{rest}")?;
     if !global.quiet {
         let mean = report
             .mean_recurrence
-            .map(|m| format!(", mean recurrence {m:.2} of at most {r}"))
+            .map(|m| format!(", mean recurrence {m:.2} of at most {}", r.unwrap_or(1)))
             .unwrap_or_default();
         eprintln!(
             "{} prompt tokens, {} generated ({}), {:.1} tokens/s after a {:.2} s prefill{mean}",

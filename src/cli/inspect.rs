@@ -161,23 +161,7 @@ fn print_table(r: &Value) -> anyhow::Result<()> {
             .into(),
         ),
         ("norm eps", s("norm_eps")),
-        (
-            "dtypes",
-            r["dtypes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|d| {
-                    format!(
-                        "{} ({} tensors, {} elements)",
-                        d["dtype"].as_str().unwrap_or("?"),
-                        d["tensors"],
-                        si(n(&d["elements"]) as f64, "")
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", "),
-        ),
+        ("dtypes", dtypes(&r["dtypes"])),
         (
             "parameters",
             format!(
@@ -201,23 +185,45 @@ fn print_table(r: &Value) -> anyhow::Result<()> {
     for (k, v) in rows {
         outln!("{k:<11} {v}")?;
     }
-    let rec = &r["recurrent"];
-    if !rec.is_null() {
-        outln!(
-            "{:<11} ({},{},{}) prelude, core, coda; mean recurrence {}, backprop depth {}",
-            "recurrent",
-            rec["prelude"],
-            rec["core"],
-            rec["coda"],
-            rec["mean_recurrence"],
-            rec["mean_backprop_depth"]
-        )?;
-        let adapter = match rec["adapter_max_abs_from_identity"].as_f64() {
-            None => "none (injection: none)".to_string(),
-            Some(0.0) => "linear 2h -> h, exactly [0 | I] (computes the pruned model)".into(),
-            Some(d) => format!("linear 2h -> h, max |W - [0 | I]| = {d:.3e}"),
-        };
-        outln!("{:<11} {adapter}", "adapter")?;
+    print_recurrent(&r["recurrent"])
+}
+
+/// "BF16 (272 tensors, 134.52 M elements), ..."
+fn dtypes(list: &Value) -> String {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            format!(
+                "{} ({} tensors, {} elements)",
+                d["dtype"].as_str().unwrap_or("?"),
+                d["tensors"],
+                si(d["elements"].as_u64().unwrap_or(0) as f64, "")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A recurrent model's shape and adapter (nothing for a static one).
+fn print_recurrent(rec: &Value) -> anyhow::Result<()> {
+    if rec.is_null() {
+        return Ok(());
     }
+    outln!(
+        "{:<11} ({},{},{}) prelude, core, coda; mean recurrence {}, backprop depth {}",
+        "recurrent",
+        rec["prelude"],
+        rec["core"],
+        rec["coda"],
+        rec["mean_recurrence"],
+        rec["mean_backprop_depth"]
+    )?;
+    let adapter = match rec["adapter_max_abs_from_identity"].as_f64() {
+        None => "none (injection: none)".to_string(),
+        Some(0.0) => "linear 2h -> h, exactly [0 | I] (computes the pruned model)".into(),
+        Some(d) => format!("linear 2h -> h, max |W - [0 | I]| = {d:.3e}"),
+    };
+    outln!("{:<11} {adapter}", "adapter")?;
     Ok(())
 }

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 
 use surgery::eval::calibrate::{self as measure, CalibrateOptions, Timings};
+use surgery::eval::plan_calibrated::{candidates, plan_calibrated, Outcome, Request};
 use surgery::manifest::sha256_file;
-use surgery::model::Model;
-use surgery::plan::calibrate::{self, Calibration, Placement, ShapeCosts};
+use surgery::plan::calibrate::{self, Calibration, Placement};
 use surgery::plan::{
     self, AdapterInit, DtypeChoice, Injection, LayerRange, LayerRequest, Plan, PlanOptions,
     PlanRequest, Shape, StateInit,
@@ -364,31 +364,23 @@ fn run_calibrated(args: &PlanArgs, data: &Path, global: Global) -> anyhow::Resul
             shapes.push(*s);
         }
     }
-    let explicit = layout.prelude.is_some() || layout.core.is_some() || layout.coda.is_some();
-    if explicit && shapes.len() > 1 {
+    let request = layout.request();
+    if request.layers.has_ranges() && shapes.len() > 1 {
         bail!("--prelude/--core/--coda fix one layer map; give one --shape with them");
     }
     if shapes.len() > 1 && args.out.is_some() && args.calibrate.pick.is_none() {
         bail!("several --shape values: pass --pick best to choose the plan --out writes");
     }
     let source = SourceModel::open(&args.model)?;
-    if source.config.recurrent.is_some() {
-        bail!("the model is already recurrent (huginn_raven); calibrate and plan from its static source instead");
-    }
-    let n_layers = source.config.n_layers;
-    let request = layout.request();
-    let candidates = if explicit || shapes.is_empty() {
-        vec![calibrate::given(&request.layers, n_layers)?]
-    } else {
-        let mut all = Vec::new();
-        for &s in &shapes {
-            all.extend(calibrate::placements(s, n_layers)?);
-        }
-        all
+    let asked = Request {
+        plan: &request,
+        shapes: &shapes,
+        pick_best: args.calibrate.pick == Some(Pick::Best),
+        options: args.calibrate.options(),
     };
-    let opts = args.calibrate.options();
+    let candidates = candidates(&source, &asked)?;
     let field = args.calibrate.field.as_deref().unwrap_or("text");
-    let text = measure::read_text(&source, data, field, &opts)?;
+    let text = measure::read_text(&source, data, field, &asked.options)?;
     if !global.quiet && text.skipped_invalid_utf8 > 0 {
         eprintln!(
             "note: skipped {} calibration document(s) that are not valid UTF-8",
@@ -396,83 +388,44 @@ fn run_calibrated(args: &PlanArgs, data: &Path, global: Global) -> anyhow::Resul
         );
     }
     let hashes = hash_files(&source, global)?;
-    // Each shape's costs from the plan of its rule placement (of the given map with ranges),
-    // which also checks every plan option before the long run.
-    let mut shape_costs = Vec::new();
-    for c in &candidates {
-        if shape_costs.iter().any(|s: &ShapeCosts| s.shape == c.shape) {
-            continue;
-        }
-        let mut req = request.clone();
-        if !explicit {
-            req.layers = LayerRequest {
-                shape: c.shape.parse().ok(),
-                ..Default::default()
-            };
-        }
-        let costs = plan::make(&source, &req, &hashes)?.costs;
-        shape_costs.push(ShapeCosts {
-            shape: c.shape.clone(),
-            recurrent_params: costs.recurrent_params,
-            at_r: costs.at_r,
-        });
-    }
-    let model = Model::load(&source, &candle_core::Device::Cpu)?;
     let mut progress = super::BarProgress::counting(global);
-    let (calibration, timings) =
-        measure::calibrate(&model, &text, candidates, shape_costs, &opts, &mut progress)?;
-    drop(model);
-
-    let picked = match args.calibrate.pick {
-        Some(Pick::Best) => {
-            let best = calibration.best_plannable().ok_or_else(|| {
-                anyhow::anyhow!("no ranked placement has a contiguous core, which a plan needs")
-            })?;
-            let mut req = request.clone();
-            req.layers = best.request(layout.allow_reuse).unwrap_or_default();
-            Some((best.rank, req))
-        }
-        None if shapes.len() <= 1 => Some((0, request.clone())),
-        None => None,
-    };
-    let plan = match &picked {
-        Some((_, req)) => {
-            let mut plan = plan::make(&source, req, &hashes)?;
-            plan.calibration = Some(calibration.clone());
-            Some(plan)
-        }
-        None => None,
-    };
-    if let Some(plan) = &plan {
+    let outcome = plan_calibrated(&source, &text, &asked, candidates, &hashes, &mut progress)?;
+    let Outcome {
+        calibration,
+        timings,
+        plan,
+        picked_rank,
+    } = &outcome;
+    if let Some(plan) = plan {
         super::print_notes(plan, global);
+        if let Some(out) = &args.out {
+            write_atomically(out, plan, &args.inputs(Some(&source)))?;
+        }
     }
-    if let (Some(out), Some(plan)) = (&args.out, &plan) {
-        write_atomically(out, plan, &args.inputs(Some(&source)))?;
-    }
-    let picked_rank = picked.map(|(rank, _)| rank).filter(|&r| r > 0);
     if global.json {
-        let mut value = match &plan {
+        let mut value = match plan {
             Some(plan) => serde_json::to_value(plan)?,
             None => serde_json::json!({ "calibration": calibration }),
         };
-        value["calibration_seconds"] = serde_json::to_value(&timings)?;
+        value["calibration_seconds"] = serde_json::to_value(timings)?;
         value["picked_rank"] = serde_json::json!(picked_rank);
         value["written_to"] = serde_json::json!(args.out.as_ref().map(|p| p.display().to_string()));
         outln!("{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(());
     }
-    print_calibration(&calibration, &timings, request.context)?;
-    if let Some(plan) = &plan {
-        outln!()?;
-        if let Some(rank) = picked_rank {
-            outln!("picked: rank {rank}, the best placement a plan can hold\n")?;
+    print_calibration(calibration, timings, request.context)?;
+    match plan {
+        Some(plan) => {
+            outln!()?;
+            if let Some(rank) = picked_rank {
+                outln!("picked: rank {rank}, the best placement a plan can hold\n")?;
+            }
+            print_plan(plan, &source)?;
+            if let Some(out) = &args.out {
+                outln!("\nplan written to {}", out.display())?;
+            }
         }
-        print_plan(plan, &source)?;
-    } else {
-        outln!("\n(several shapes: pass --pick best to plan the best placement)")?;
-    }
-    if let (Some(out), Some(_)) = (&args.out, &plan) {
-        outln!("\nplan written to {}", out.display())?;
+        None => outln!("\n(several shapes: pass --pick best to plan the best placement)")?,
     }
     Ok(())
 }
@@ -512,6 +465,12 @@ fn print_calibration(c: &Calibration, timings: &Timings, context: u64) -> anyhow
     outln!(
         "block influence and update/input on all {tokens} tokens; perplexity without a layer on the first {subset}\n"
     )?;
+    print_layer_scores(c)?;
+    print_candidates(c, context)
+}
+
+/// The layer table: block influence, update/input, perplexity without each layer; the drop order.
+fn print_layer_scores(c: &Calibration) -> anyhow::Result<()> {
     let max_bi = c
         .layers
         .iter()
@@ -547,7 +506,13 @@ fn print_calibration(c: &Calibration, timings: &Timings, context: u64) -> anyhow
         "\ndrop order by block influence (ShortGPT, lowest first): {}",
         order.join(", ")
     )?;
+    Ok(())
+}
 
+/// The ranked core placements with their costs.
+fn print_candidates(c: &Calibration, context: u64) -> anyhow::Result<()> {
+    let tokens = thousands(c.tokens as u64);
+    let subset = thousands(c.subset_tokens as u64);
     let rescored = if c.subset_tokens == c.tokens {
         format!("every placement on all {tokens} tokens")
     } else {

@@ -205,36 +205,15 @@ pub fn run(
     let (plan, plan_bytes, layers) = make_plan(&source, narrator)?;
     std::fs::write(dir.join("plan.json"), &plan_bytes).map_err(io("writing plan.json"))?;
 
-    narrator.stage(
-        "3/8 apply",
-        "The plan is executed: copied tensors go byte for byte from the source, each layer's \
-         Q/K/V and gate/up matrices are fused as the published recurrent models store them, \
-         and the adapter is initialized. The result is a Hugging Face checkpoint of model_type \
-         huginn_raven with a manifest of sha256 hashes.",
-    );
     let recurrent = dir.join("recurrent");
-    let opts = ApplyOptions {
-        max_shard_bytes: 5_000_000_000,
-        force: false,
-        strict: true,
-    };
-    apply(&plan, &plan_bytes, &recurrent, &opts, narrator.bytes())?;
-
-    narrator.stage(
-        "4/8 eval before healing",
-        &format!(
-            "Perplexity on {EVAL_TOKENS} tokens of held-out books (never trained on) at test-time \
-             recurrence r = 1, 2, 4, 8. The full {}-layer model scores {full:.2}. With the \
-             identity adapter every r gives the pruned model's perplexity: dropping layers cost \
-             something, and looping the core does not help yet, because the model never learned \
-             to use a state.",
-            facts.layers
-        ),
-    );
-    let before = {
-        let model = Model::load(&SourceModel::open(&recurrent)?, &device)?;
-        eval_rows(&model, &held, &RS, narrator, "before heal")?
-    };
+    let before = apply_and_eval(
+        &plan,
+        &plan_bytes,
+        &recurrent,
+        &held,
+        (&facts, full),
+        narrator,
+    )?;
 
     let healed = dir.join("healed");
     let (after, heal) = heal(&recurrent, &fixture, &healed, heal_steps, &held, narrator)?;
@@ -282,6 +261,45 @@ pub fn run(
     bytes.push(b'\n');
     std::fs::write(dir.join("summary.json"), bytes).map_err(io("writing summary.json"))?;
     Ok(summary)
+}
+
+/// Stages 3 and 4: the plan applied into `recurrent`, and its perplexity at each r before the
+/// heal (`full`: the source's, of `facts`).
+fn apply_and_eval(
+    plan: &plan::Plan,
+    plan_bytes: &[u8],
+    recurrent: &Path,
+    held: &Windows,
+    (facts, full): (&ModelFacts, f64),
+    narrator: &mut dyn Narrator,
+) -> Result<Vec<EvalRow>> {
+    narrator.stage(
+        "3/8 apply",
+        "The plan is executed: copied tensors go byte for byte from the source, each layer's \
+         Q/K/V and gate/up matrices are fused as the published recurrent models store them, \
+         and the adapter is initialized. The result is a Hugging Face checkpoint of model_type \
+         huginn_raven with a manifest of sha256 hashes.",
+    );
+    let opts = ApplyOptions {
+        max_shard_bytes: 5_000_000_000,
+        force: false,
+        strict: true,
+    };
+    apply(plan, plan_bytes, recurrent, &opts, narrator.bytes())?;
+
+    narrator.stage(
+        "4/8 eval before healing",
+        &format!(
+            "Perplexity on {EVAL_TOKENS} tokens of held-out books (never trained on) at test-time \
+             recurrence r = 1, 2, 4, 8. The full {}-layer model scores {full:.2}. With the \
+             identity adapter every r gives the pruned model's perplexity: dropping layers cost \
+             something, and looping the core does not help yet, because the model never learned \
+             to use a state.",
+            facts.layers
+        ),
+    );
+    let model = Model::load(&SourceModel::open(recurrent)?, &Device::Cpu)?;
+    eval_rows(&model, held, &RS, narrator, "before heal")
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> DemoError {

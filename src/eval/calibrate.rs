@@ -55,6 +55,9 @@ pub enum CalibrateError {
     Tokenizer(#[from] TextTokenizerError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// A candidate's layer map or a plan of it.
+    #[error(transparent)]
+    Plan(#[from] crate::plan::PlanError),
 }
 
 impl From<candle_core::Error> for CalibrateError {

@@ -179,6 +179,11 @@ pub struct LayerRequest {
 }
 
 impl LayerRequest {
+    /// Whether any part is given as a range (then the request is one fixed layer map).
+    pub fn has_ranges(&self) -> bool {
+        self.prelude.is_some() || self.core.is_some() || self.coda.is_some()
+    }
+
     /// Resolves the request for a model of `n_layers` and validates it: default rule for the
     /// parts not given, lengths agreeing with the shape, ranges in bounds, a non-empty core, and
     /// no layer in two parts unless `allow_reuse`.
