@@ -370,7 +370,6 @@ fn step_in_place(
     lr: f64,
 ) -> Result<Option<Moments>> {
     let w = var.as_tensor();
-    let fresh = || -> Result<Tensor> { Ok(grad.zeros_like()?) };
     if !inplace::applies(w) || !inplace::applies(grad) {
         return Ok(None);
     }
@@ -379,77 +378,95 @@ fn step_in_place(
         lr_wd: (lr * group.weight_decay) as f32,
     };
     match (group.kind, moments) {
-        (Kind::AdamW, None | Some(Moments::AdamW { .. })) => {
-            let (m, v, steps) = match moments {
-                Some(Moments::AdamW {
-                    exp_avg,
-                    exp_avg_sq,
-                    steps,
-                }) if inplace::applies(exp_avg) && inplace::applies(exp_avg_sq) => {
-                    (exp_avg.clone(), exp_avg_sq.clone(), *steps)
-                }
-                Some(_) => return Ok(None),
-                None => (fresh()?, fresh()?, 0),
-            };
-            let (b1, b2) = ADAMW_BETAS;
-            let steps = steps.saturating_add(1);
-            let t = steps as f64;
-            m.inplace_op2(
-                grad,
-                &inplace::Blend {
-                    keep: b1 as f32,
-                    take: (1.0 - b1) as f32,
-                    square: false,
-                },
-            )?;
-            v.inplace_op2(
-                grad,
-                &inplace::Blend {
-                    keep: b2 as f32,
-                    take: (1.0 - b2) as f32,
-                    square: true,
-                },
-            )?;
-            w.inplace_op3(
-                &m,
-                &v,
-                &inplace::AdamWStep {
-                    inv_bias1: (1.0 / (1.0 - b1.powf(t))) as f32,
-                    inv_bias2_sqrt: (1.0 / (1.0 - b2.powf(t)).sqrt()) as f32,
-                    eps: ADAMW_EPS as f32,
-                    step,
-                },
-            )?;
-            Ok(Some(Moments::AdamW {
-                exp_avg: m,
-                exp_avg_sq: v,
-                steps,
-            }))
-        }
-        (Kind::Muon, None | Some(Moments::Muon { .. })) => {
-            let buf = match moments {
-                Some(Moments::Muon { momentum }) if inplace::applies(momentum) => momentum.clone(),
-                Some(_) => return Ok(None),
-                None => fresh()?,
-            };
-            let beta = MUON_MOMENTUM;
-            buf.inplace_op2(
-                grad,
-                &inplace::Blend {
-                    keep: beta as f32,
-                    take: (1.0 - beta) as f32,
-                    square: false,
-                },
-            )?;
-            let nesterov = (grad.affine(1.0 - beta, 0.0)? + buf.affine(beta, 0.0)?)?;
-            let (rows, cols) = grad.dims2()?;
-            let scale = (rows as f64 / cols as f64).max(1.0).sqrt();
-            let update = newton_schulz(&nesterov, NS_STEPS)?.affine(scale, 0.0)?;
-            w.inplace_op2(&update, &step)?;
-            Ok(Some(Moments::Muon { momentum: buf }))
-        }
+        (Kind::AdamW, None | Some(Moments::AdamW { .. })) => adamw_in_place(w, grad, moments, step),
+        (Kind::Muon, None | Some(Moments::Muon { .. })) => muon_in_place(w, grad, moments, step),
         _ => Ok(None),
     }
+}
+
+/// [`step_in_place`]'s AdamW update of `w` and of its moments (fresh zeros when `None`; `None`
+/// back when they are not contiguous f32 CPU tensors).
+fn adamw_in_place(
+    w: &Tensor,
+    grad: &Tensor,
+    moments: Option<&Moments>,
+    step: inplace::DecayedStep,
+) -> Result<Option<Moments>> {
+    let (m, v, steps) = match moments {
+        Some(Moments::AdamW {
+            exp_avg,
+            exp_avg_sq,
+            steps,
+        }) if inplace::applies(exp_avg) && inplace::applies(exp_avg_sq) => {
+            (exp_avg.clone(), exp_avg_sq.clone(), *steps)
+        }
+        Some(_) => return Ok(None),
+        None => (grad.zeros_like()?, grad.zeros_like()?, 0),
+    };
+    let (b1, b2) = ADAMW_BETAS;
+    let steps = steps.saturating_add(1);
+    let t = steps as f64;
+    m.inplace_op2(
+        grad,
+        &inplace::Blend {
+            keep: b1 as f32,
+            take: (1.0 - b1) as f32,
+            square: false,
+        },
+    )?;
+    v.inplace_op2(
+        grad,
+        &inplace::Blend {
+            keep: b2 as f32,
+            take: (1.0 - b2) as f32,
+            square: true,
+        },
+    )?;
+    w.inplace_op3(
+        &m,
+        &v,
+        &inplace::AdamWStep {
+            inv_bias1: (1.0 / (1.0 - b1.powf(t))) as f32,
+            inv_bias2_sqrt: (1.0 / (1.0 - b2.powf(t)).sqrt()) as f32,
+            eps: ADAMW_EPS as f32,
+            step,
+        },
+    )?;
+    Ok(Some(Moments::AdamW {
+        exp_avg: m,
+        exp_avg_sq: v,
+        steps,
+    }))
+}
+
+/// [`step_in_place`]'s Muon update of `w` and of its momentum (fresh zeros when `None`; `None`
+/// back when it is not a contiguous f32 CPU tensor).
+fn muon_in_place(
+    w: &Tensor,
+    grad: &Tensor,
+    moments: Option<&Moments>,
+    step: inplace::DecayedStep,
+) -> Result<Option<Moments>> {
+    let buf = match moments {
+        Some(Moments::Muon { momentum }) if inplace::applies(momentum) => momentum.clone(),
+        Some(_) => return Ok(None),
+        None => grad.zeros_like()?,
+    };
+    let beta = MUON_MOMENTUM;
+    buf.inplace_op2(
+        grad,
+        &inplace::Blend {
+            keep: beta as f32,
+            take: (1.0 - beta) as f32,
+            square: false,
+        },
+    )?;
+    let nesterov = (grad.affine(1.0 - beta, 0.0)? + buf.affine(beta, 0.0)?)?;
+    let (rows, cols) = grad.dims2()?;
+    let scale = (rows as f64 / cols as f64).max(1.0).sqrt();
+    let update = newton_schulz(&nesterov, NS_STEPS)?.affine(scale, 0.0)?;
+    w.inplace_op2(&update, &step)?;
+    Ok(Some(Moments::Muon { momentum: buf }))
 }
 
 /// w - lr * wd * w - lr * u, written so that a tiny lr * wd is not lost: `1 - lr * wd` in f32

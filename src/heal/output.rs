@@ -10,9 +10,10 @@ use crate::dtype::DType;
 use crate::eval::plot::plot_curves;
 use crate::formats::safetensors::write_file;
 use crate::manifest::{self, Manifest, ManifestEntry, MANIFEST_NAME};
+use crate::model::Model;
 use crate::source::SourceModel;
 
-use super::train::{HealError, Result, Trained};
+use super::train::{HealConfig, HealError, Result, StepMetrics, Trained};
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HealError + '_ {
     move |source| HealError::Io {
@@ -29,9 +30,19 @@ pub fn write(trained: &mut Trained, force: bool) -> Result<Vec<ManifestEntry>> {
     crate::atomic::Staging::write_dir(&out, force, io, |dir| write_into(trained, dir))
 }
 
+/// Writes the checkpoint's files into the staging `dir`; returns its manifest's entries.
 fn write_into(trained: &mut Trained, dir: &Path) -> Result<Vec<ManifestEntry>> {
-    let cfg = trained.config.clone();
-    let source = SourceModel::open(&cfg.model)?;
+    let source = SourceModel::open(&trained.config.model)?;
+    let dtype = write_weights(&mut trained.model, &source, dir)?;
+    write_config(trained, dtype, dir)?;
+    copy_inputs(&trained.config, &source, dir)?;
+    plot(&trained.metrics, dir)?;
+    manifest_of(dir)
+}
+
+/// Writes `model`'s weights as model.safetensors in the dtype of `source`'s first tensor (f32
+/// for a quantized source); returns that dtype.
+fn write_weights(model: &mut Model, source: &SourceModel, dir: &Path) -> Result<DType> {
     let dtype = source
         .tensors
         .values()
@@ -43,15 +54,20 @@ fn write_into(trained: &mut Trained, dir: &Path) -> Result<Vec<ManifestEntry>> {
         dtype
     };
     let mut tensors = Vec::new();
-    for (name, t) in trained.model.named_tensors()? {
+    for (name, t) in model.named_tensors()? {
         let values = t.flatten_all()?.to_vec1::<f32>()?;
         let bytes = dtype.encode_f32(&values).unwrap_or_default();
         tensors.push((name, dtype, t.dims().to_vec(), bytes));
     }
     let weights = dir.join("model.safetensors");
     write_file(&weights, &tensors).map_err(|e| HealError::Invalid(e.to_string()))?;
-    drop(tensors);
+    Ok(dtype)
+}
 
+/// Writes the input's config.json with the weights' `dtype` and the heal run recorded under
+/// `surgery.heal`.
+fn write_config(trained: &Trained, dtype: DType, dir: &Path) -> Result<()> {
+    let cfg = &trained.config;
     let config_path = cfg.model.join("config.json");
     let text = crate::paths::read(&config_path).map_err(io(&config_path))?;
     let mut config: serde_json::Value = serde_json::from_slice(&text)
@@ -68,7 +84,12 @@ fn write_into(trained: &mut Trained, dir: &Path) -> Result<Vec<ManifestEntry>> {
     let mut pretty =
         serde_json::to_vec_pretty(&config).map_err(|e| HealError::Invalid(e.to_string()))?;
     pretty.push(b'\n');
-    std::fs::write(dir.join("config.json"), pretty).map_err(io(dir))?;
+    std::fs::write(dir.join("config.json"), pretty).map_err(io(dir))
+}
+
+/// Copies the input's tokenizer files and plan.json, and the run's metrics.jsonl, where they
+/// exist.
+fn copy_inputs(cfg: &HealConfig, source: &SourceModel, dir: &Path) -> Result<()> {
     // The tokenizer and the plan that made the input travel with it.
     let mut extra: Vec<String> = source
         .tokenizer
@@ -86,22 +107,24 @@ fn write_into(trained: &mut Trained, dir: &Path) -> Result<Vec<ManifestEntry>> {
     if metrics.is_file() {
         std::fs::copy(&metrics, dir.join("metrics.jsonl")).map_err(io(&metrics))?;
     }
-    let train: Vec<(f64, f64)> = trained
-        .metrics
+    Ok(())
+}
+
+/// Draws curves.png: the training loss and the held-out loss at each evaluated r, by step.
+fn plot(metrics: &[StepMetrics], dir: &Path) -> Result<()> {
+    let train: Vec<(f64, f64)> = metrics
         .iter()
         .map(|m| (m.step as f64 + 1.0, m.loss))
         .collect();
     let mut series = vec![("training loss".to_string(), train)];
-    let mut rs: Vec<usize> = trained
-        .metrics
+    let mut rs: Vec<usize> = metrics
         .iter()
         .flat_map(|m| m.eval.iter().map(|e| e.r))
         .collect();
     rs.sort();
     rs.dedup();
     for r in rs {
-        let points = trained
-            .metrics
+        let points = metrics
             .iter()
             .flat_map(|m| {
                 m.eval
@@ -118,8 +141,7 @@ fn write_into(trained: &mut Trained, dir: &Path) -> Result<Vec<ManifestEntry>> {
         ("optimizer step", "loss (nats/token)"),
         &series,
     )
-    .map_err(|e| HealError::Invalid(e.to_string()))?;
-    manifest_of(dir)
+    .map_err(|e| HealError::Invalid(e.to_string()))
 }
 
 /// Hashes every file of `dir` into its manifest.json; returns the entries.
