@@ -2,7 +2,7 @@
 //! or a recurrent `huginn_raven` directory) as a config plus an index of tensors by canonical role.
 //! No tensor data is loaded until asked for.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -11,7 +11,9 @@ use crate::arch::spec;
 use crate::arch::{self, LayerRole, Naming, Role};
 use crate::dtype::DType;
 use crate::formats::gguf::{self, GgufFile};
-use crate::formats::hf_config::{self, ConfigError, Family, ModelConfig, RopeScaling};
+use crate::formats::hf_config::{
+    self, ConfigError, Family, ModelConfig, RecurrentShape, RopeScaling,
+};
 use crate::formats::safetensors::{Checkpoint, SafetensorsError, INDEX_NAME};
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +129,34 @@ impl TensorRef {
             end: info.offset + info.n_bytes,
             unpermute_heads,
             parts: Vec::new(),
+        }
+    }
+
+    /// A fused tensor of `parts`' rows, in order (see [`TensorRef::parts`]): its name joins
+    /// theirs, and it has no bytes of its own.
+    fn rows_of(parts: Vec<TensorRef>) -> TensorRef {
+        let cols = parts
+            .first()
+            .and_then(|p| p.shape.get(1))
+            .copied()
+            .unwrap_or(0);
+        let rows = parts
+            .iter()
+            .map(|p| p.shape.first().copied().unwrap_or(0))
+            .sum();
+        TensorRef {
+            name: parts
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join("+"),
+            file: 0,
+            dtype: parts.first().map_or(DType::F32, |p| p.dtype),
+            shape: vec![rows, cols],
+            start: 0,
+            end: 0,
+            unpermute_heads: None,
+            parts,
         }
     }
 }
@@ -374,7 +404,52 @@ fn file_entry(root: &Path, path: &Path) -> Result<SourceFile, SourceError> {
     })
 }
 
+/// A Hugging Face checkpoint: `root`'s config.json, and the weights of the whole directory or
+/// of `single` (a `.safetensors` file the user named); `path` is what the user gave.
 fn open_hf(path: &Path, root: &Path, single: Option<&Path>) -> Result<SourceModel, SourceError> {
+    let config = read_hf_config(path, root)?;
+    let checkpoint = match single {
+        Some(file) => {
+            Checkpoint::from_files(vec![crate::formats::safetensors::SafetensorsFile::open(
+                file,
+            )?])?
+        }
+        None => Checkpoint::open_dir(root)?,
+    };
+    let mut files = vec![file_entry(root, &root.join("config.json"))?];
+    if single.is_none() && root.join(INDEX_NAME).is_file() {
+        files.push(file_entry(root, &root.join(INDEX_NAME))?);
+    }
+    let weights_start = files.len();
+    for f in &checkpoint.files {
+        files.push(file_entry(root, &f.path)?);
+    }
+    let tensors = hf_tensors(path, &config, &checkpoint, weights_start)?;
+    check_shapes(path, &config, &tensors)?;
+    let tokenizer = hf_tokenizer(root);
+    check_tokenizer(&root.join("tokenizer.json"), &config, tokenizer.as_ref())?;
+    if let Some(t) = &tokenizer {
+        for f in &t.files {
+            files.push(file_entry(root, &root.join(f))?);
+        }
+    }
+    Ok(SourceModel {
+        path: path.to_path_buf(),
+        root: root.to_path_buf(),
+        format: SourceFormat::Safetensors,
+        config,
+        files,
+        tensors,
+        tokenizer,
+        storage: Storage::Safetensors {
+            checkpoint,
+            first_file: weights_start,
+        },
+    })
+}
+
+/// `root`'s config.json, read and parsed; without one, `path` is not a model we can read.
+fn read_hf_config(path: &Path, root: &Path) -> Result<ModelConfig, SourceError> {
     let config_path = root.join("config.json");
     // Not `is_file`: a config.json that is a FIFO or a directory is named as such when read.
     if !config_path.exists() {
@@ -387,33 +462,29 @@ fn open_hf(path: &Path, root: &Path, single: Option<&Path>) -> Result<SourceMode
         path: config_path.clone(),
         source,
     })?;
-    let config = hf_config::parse(&config_bytes).map_err(|source| SourceError::Config {
-        path: config_path.clone(),
+    hf_config::parse(&config_bytes).map_err(|source| SourceError::Config {
+        path: config_path,
         source,
-    })?;
-    let checkpoint = match single {
-        Some(file) => {
-            Checkpoint::from_files(vec![crate::formats::safetensors::SafetensorsFile::open(
-                file,
-            )?])?
-        }
-        None => Checkpoint::open_dir(root)?,
-    };
-    let mut files = vec![file_entry(root, &config_path)?];
-    if single.is_none() && root.join(INDEX_NAME).is_file() {
-        files.push(file_entry(root, &root.join(INDEX_NAME))?);
-    }
-    let weights_start = files.len();
-    for f in &checkpoint.files {
-        files.push(file_entry(root, &f.path)?);
-    }
+    })
+}
+
+/// The tensor of each role `config` needs, found in `checkpoint` under its Hugging Face name (the
+/// recurrent layout's for a recurrent config); `weights_start` is the index in
+/// [`SourceModel::files`] of the checkpoint's first file. A missing tensor is refused, and then
+/// any stored tensor that no role takes: dropping it silently would lose part of the model.
+fn hf_tensors(
+    path: &Path,
+    config: &ModelConfig,
+    checkpoint: &Checkpoint,
+    weights_start: usize,
+) -> Result<BTreeMap<Role, TensorRef>, SourceError> {
     let naming = match config.recurrent {
         Some(shape) => Naming::Raven(config.family, shape),
         None => Naming::HuggingFace(config.family),
     };
     let mut tensors = BTreeMap::new();
-    let mut seen = std::collections::HashSet::new();
-    for role in arch::required_roles(&config) {
+    let mut seen = HashSet::new();
+    for role in arch::required_roles(config) {
         let name = naming.name(role).unwrap_or_default();
         let Some((_, t)) = checkpoint.get(&name) else {
             return Err(SourceError::MissingTensor {
@@ -452,27 +523,7 @@ fn open_hf(path: &Path, root: &Path, single: Option<&Path>) -> Result<SourceMode
             });
         }
     }
-    check_shapes(path, &config, &tensors)?;
-    let tokenizer = hf_tokenizer(root);
-    check_tokenizer(&root.join("tokenizer.json"), &config, tokenizer.as_ref())?;
-    if let Some(t) = &tokenizer {
-        for f in &t.files {
-            files.push(file_entry(root, &root.join(f))?);
-        }
-    }
-    Ok(SourceModel {
-        path: path.to_path_buf(),
-        root: root.to_path_buf(),
-        format: SourceFormat::Safetensors,
-        config,
-        files,
-        tensors,
-        tokenizer,
-        storage: Storage::Safetensors {
-            checkpoint,
-            first_file: weights_start,
-        },
-    })
+    Ok(tensors)
 }
 
 fn check_shapes(
@@ -555,111 +606,36 @@ fn shortest_f32(v: f64) -> f64 {
     (v as f32).to_string().parse().unwrap_or(v)
 }
 
+/// A GGUF file: stock llama.cpp `llama`, or our recurrent architecture
+/// ([`open_recurrent_gguf`]).
 fn open_gguf(path: &Path) -> Result<SourceModel, SourceError> {
-    let gerr = |source| SourceError::Gguf {
+    let g = GgufFile::open(path).map_err(|source| SourceError::Gguf {
         path: path.to_path_buf(),
         source,
-    };
-    let g = GgufFile::open(path).map_err(gerr)?;
-    let bad = |reason: String| SourceError::NotAModel {
-        path: path.to_path_buf(),
-        reason,
-    };
+    })?;
     let arch_name = g.get_str("general.architecture").unwrap_or("");
     if arch_name == spec::ARCH {
         return open_recurrent_gguf(path, g);
     }
+    let keys = GgufKeys {
+        g: &g,
+        path,
+        arch: "llama",
+    };
     if arch_name != "llama" {
-        return Err(bad(format!(
+        return Err(keys.bad(format!(
             "GGUF architecture {arch_name:?} is not supported (supported: llama, {})",
             spec::ARCH
         )));
     }
     if g.tensor("rope_freqs.weight").is_some() {
-        return Err(bad(
+        return Err(keys.bad(
             "GGUF with rope_freqs (llama3 RoPE scaling) cannot be read back exactly; use the Hugging Face checkpoint".into(),
         ));
     }
-    let key = |k: &str| format!("llama.{k}");
-    let need = |k: &str| -> Result<usize, SourceError> {
-        g.get_u64(&key(k))
-            .and_then(|v| usize::try_from(v).ok())
-            .ok_or_else(|| bad(format!("missing or non-integer GGUF key {}", key(k))))
-    };
-    let hidden = need("embedding_length")?;
-    let n_heads = need("attention.head_count")?;
     let tokens = g.get_array("tokenizer.ggml.tokens").map(|a| a.len());
-    let vocab = g
-        .get_u64(&key("vocab_size"))
-        .and_then(|v| usize::try_from(v).ok())
-        .or(tokens)
-        .ok_or_else(|| bad("no llama.vocab_size and no tokenizer.ggml.tokens".into()))?;
-    let tied = g.tensor("output.weight").is_none();
-    let token_id = |k: &str| g.get_u64(k).map(Value::from);
-    let config = ModelConfig {
-        family: Family::Llama,
-        n_layers: need("block_count")?,
-        hidden,
-        n_heads,
-        n_kv_heads: g
-            .get_u64(&key("attention.head_count_kv"))
-            .and_then(|v| usize::try_from(v).ok())
-            .unwrap_or(n_heads),
-        head_dim: match g.get_u64(&key("attention.key_length")) {
-            Some(d) => usize::try_from(d).map_err(|_| bad("head dim overflows".into()))?,
-            None if n_heads > 0 => hidden / n_heads,
-            None => 0,
-        },
-        ffn: need("feed_forward_length")?,
-        vocab,
-        rope_theta: g
-            .get_f64(&key("rope.freq_base"))
-            .map_or(10000.0, shortest_f32),
-        rope_scaling: None::<RopeScaling>,
-        tied,
-        norm_eps: g
-            .get_f64(&key("attention.layer_norm_rms_epsilon"))
-            .map_or(1e-5, shortest_f32),
-        max_position: g
-            .get_u64(&key("context_length"))
-            .and_then(|v| usize::try_from(v).ok()),
-        bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
-        eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
-        torch_dtype: None,
-        recurrent: None,
-    }
-    .validated()
-    .map_err(|source| SourceError::Config {
-        path: path.to_path_buf(),
-        source,
-    })?;
-
-    let mut tensors = BTreeMap::new();
-    let mut seen = std::collections::HashSet::new();
-    for role in arch::required_roles(&config) {
-        let name = Naming::Gguf.name(role).unwrap_or_default();
-        let Some(info) = g.tensor(&name) else {
-            return Err(SourceError::MissingTensor {
-                path: path.to_path_buf(),
-                name,
-                role,
-            });
-        };
-        let unpermute_heads = match role {
-            Role::Layer(_, LayerRole::Q) => Some(config.n_heads),
-            Role::Layer(_, LayerRole::K) => Some(config.n_kv_heads),
-            _ => None,
-        };
-        seen.insert(name.clone());
-        tensors.insert(role, TensorRef::gguf(name, info, unpermute_heads));
-    }
-    if let Some(extra) = g.tensors.iter().find(|t| !seen.contains(&t.name)) {
-        return Err(SourceError::UnexpectedTensor {
-            path: path.to_path_buf(),
-            name: extra.name.clone(),
-            family: "llama",
-        });
-    }
+    let config = keys.llama_config(tokens)?;
+    let tensors = GgufTensors::new(&g, path).llama(&config)?;
     gguf_source(path, config, tensors, g, tokens)
 }
 
@@ -668,211 +644,370 @@ fn open_gguf(path: &Path) -> Result<SourceModel, SourceError> {
 /// the fused `Qkv` and `GateUp` roles of the recurrent layout (see [`TensorRef::parts`]), so the
 /// model loads from it as from a Hugging Face recurrent checkpoint.
 fn open_recurrent_gguf(path: &Path, g: GgufFile) -> Result<SourceModel, SourceError> {
-    let bad = |reason: String| SourceError::NotAModel {
-        path: path.to_path_buf(),
-        reason,
+    let keys = GgufKeys {
+        g: &g,
+        path,
+        arch: spec::ARCH,
     };
-    let key = |k: &str| spec::key(spec::ARCH, k);
-    let get = |k: &str| -> Result<usize, SourceError> {
-        g.get_u64(k)
+    let config = keys.recurrent_config()?;
+    let tokens = g.get_array("tokenizer.ggml.tokens").map(|a| a.len());
+    let tensors = GgufTensors::new(&g, path).recurrent(&config)?;
+    gguf_source(path, config, tensors, g, tokens)
+}
+
+/// The keys of a GGUF being opened, read into a [`ModelConfig`]. `arch` is the prefix of the
+/// architecture's own keys (`llama.block_count`); both architectures share their spelling.
+struct GgufKeys<'a> {
+    g: &'a GgufFile,
+    path: &'a Path,
+    arch: &'a str,
+}
+
+impl GgufKeys<'_> {
+    /// The file is not a model we can read, for `reason`.
+    fn bad(&self, reason: String) -> SourceError {
+        SourceError::NotAModel {
+            path: self.path.to_path_buf(),
+            reason,
+        }
+    }
+
+    /// The full name of the architecture's key `suffix`.
+    fn key(&self, suffix: &str) -> String {
+        spec::key(self.arch, suffix)
+    }
+
+    /// Key `key` (a full name), which must be there and a non-negative integer.
+    fn int(&self, key: &str) -> Result<usize, SourceError> {
+        self.g
+            .get_u64(key)
             .and_then(|v| usize::try_from(v).ok())
-            .ok_or_else(|| bad(format!("missing or non-integer GGUF key {k}")))
-    };
-    let need = |k: &str| get(&key(k));
-    let family = match g.get_str(spec::KEY_BLOCK_TYPE) {
-        Some("llama") => Family::Llama,
-        Some("olmo2") => Family::Olmo2,
-        other => {
-            return Err(bad(format!(
+            .ok_or_else(|| self.bad(format!("missing or non-integer GGUF key {key}")))
+    }
+
+    /// The architecture's key `suffix`, which must be there and a non-negative integer.
+    fn need(&self, suffix: &str) -> Result<usize, SourceError> {
+        self.int(&self.key(suffix))
+    }
+
+    /// The architecture's key `suffix`, when it is there and a non-negative integer.
+    fn optional(&self, suffix: &str) -> Option<usize> {
+        self.g
+            .get_u64(&self.key(suffix))
+            .and_then(|v| usize::try_from(v).ok())
+    }
+
+    /// The architecture's float key `suffix` as the converter was given it ([`shortest_f32`]),
+    /// or `default` when it is absent.
+    fn float_or(&self, suffix: &str, default: f64) -> f64 {
+        self.g
+            .get_f64(&self.key(suffix))
+            .map_or(default, shortest_f32)
+    }
+
+    /// A token id key (`tokenizer.ggml.bos_token_id`), as config.json would give it.
+    fn token_id(&self, key: &str) -> Option<Value> {
+        self.g.get_u64(key).map(Value::from)
+    }
+
+    /// `config`, once [`ModelConfig::validated`] accepts it.
+    fn validated(&self, config: ModelConfig) -> Result<ModelConfig, SourceError> {
+        config.validated().map_err(|source| SourceError::Config {
+            path: self.path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// The config of a `llama` GGUF. `tokens`, the vocabulary's length, stands in for a missing
+    /// `llama.vocab_size`; a GGUF without `output.weight` is tied.
+    fn llama_config(&self, tokens: Option<usize>) -> Result<ModelConfig, SourceError> {
+        let hidden = self.need("embedding_length")?;
+        let n_heads = self.need("attention.head_count")?;
+        let vocab = self
+            .optional("vocab_size")
+            .or(tokens)
+            .ok_or_else(|| self.bad("no llama.vocab_size and no tokenizer.ggml.tokens".into()))?;
+        let tied = self.g.tensor("output.weight").is_none();
+        let config = ModelConfig {
+            family: Family::Llama,
+            n_layers: self.need("block_count")?,
+            hidden,
+            n_heads,
+            n_kv_heads: self.optional("attention.head_count_kv").unwrap_or(n_heads),
+            head_dim: match self.g.get_u64(&self.key("attention.key_length")) {
+                Some(d) => usize::try_from(d).map_err(|_| self.bad("head dim overflows".into()))?,
+                None if n_heads > 0 => hidden / n_heads,
+                None => 0,
+            },
+            ffn: self.need("feed_forward_length")?,
+            vocab,
+            rope_theta: self.float_or("rope.freq_base", 10000.0),
+            rope_scaling: None,
+            tied,
+            norm_eps: self.float_or("attention.layer_norm_rms_epsilon", 1e-5),
+            max_position: self.optional("context_length"),
+            bos_token_id: self.token_id("tokenizer.ggml.bos_token_id"),
+            eos_token_id: self.token_id("tokenizer.ggml.eos_token_id"),
+            torch_dtype: None,
+            recurrent: None,
+        };
+        self.validated(config)
+    }
+
+    /// The config of a recurrent GGUF: the block type, the recurrence keys and Llama-3 RoPE
+    /// scaling first, then the keys it shares with `llama` (which must be integers when present).
+    fn recurrent_config(&self) -> Result<ModelConfig, SourceError> {
+        let family = self.block_type()?;
+        let (n_layers, recurrent) = self.recurrent_shape()?;
+        let rope_scaling = self.llama3_scaling()?;
+        let hidden = self.need("embedding_length")?;
+        let n_heads = self.need("attention.head_count")?;
+        let config = ModelConfig {
+            family,
+            n_layers,
+            hidden,
+            n_heads,
+            n_kv_heads: match self.g.get(&self.key("attention.head_count_kv")) {
+                None => n_heads,
+                Some(_) => self.need("attention.head_count_kv")?,
+            },
+            head_dim: match self.g.get(&self.key("attention.key_length")) {
+                None if n_heads > 0 => hidden / n_heads,
+                _ => self.need("attention.key_length")?,
+            },
+            ffn: self.need("feed_forward_length")?,
+            vocab: self.need("vocab_size")?,
+            rope_theta: self.float_or("rope.freq_base", 10000.0),
+            rope_scaling,
+            tied: false,
+            norm_eps: self.float_or("attention.layer_norm_rms_epsilon", 1e-5),
+            max_position: self.optional("context_length"),
+            bos_token_id: self.token_id("tokenizer.ggml.bos_token_id"),
+            eos_token_id: self.token_id("tokenizer.ggml.eos_token_id"),
+            torch_dtype: None,
+            recurrent: Some(recurrent),
+        };
+        self.validated(config)
+    }
+
+    /// The family of a recurrent GGUF's blocks.
+    fn block_type(&self) -> Result<Family, SourceError> {
+        match self.g.get_str(spec::KEY_BLOCK_TYPE) {
+            Some("llama") => Ok(Family::Llama),
+            Some("olmo2") => Ok(Family::Olmo2),
+            other => Err(self.bad(format!(
                 "{} is {other:?}; expected \"llama\" or \"olmo2\"",
                 spec::KEY_BLOCK_TYPE
-            )))
+            ))),
         }
-    };
-    let adapter = match g.get_str(spec::KEY_INJECTION) {
-        Some("linear") => true,
-        Some("none") => false,
-        other => {
-            return Err(bad(format!(
-                "{} is {other:?}; expected \"linear\" or \"none\"",
-                spec::KEY_INJECTION
-            )))
-        }
-    };
-    let (prelude, core, coda) = (
-        get(spec::KEY_PRELUDE)?,
-        get(spec::KEY_CORE)?,
-        get(spec::KEY_CODA)?,
-    );
-    let n_layers = need("block_count")?;
-    if core == 0 || prelude.checked_add(core).and_then(|n| n.checked_add(coda)) != Some(n_layers) {
-        return Err(bad(format!(
-            "block counts prelude {prelude} + core {core} + coda {coda} must be block_count \
-             {n_layers}, with a core of at least one block"
-        )));
     }
-    let state_std = match g.get(spec::KEY_STATE_SIGMA) {
-        None => 0.0,
-        Some(v) => v
-            .as_f64()
-            .map(shortest_f32)
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .ok_or_else(|| bad(format!("{} must be a float >= 0", spec::KEY_STATE_SIGMA)))?,
-    };
-    // Llama-3 scaling is there when its factor is (spec section 2.2).
-    let rope_scaling = match g.get(spec::KEY_ROPE_LLAMA3_FACTOR) {
-        None => None,
-        Some(_) => {
-            let float = |k: &str| {
-                g.get_f64(k)
-                    .map(shortest_f32)
-                    .ok_or_else(|| bad(format!("missing or non-float GGUF key {k}")))
-            };
-            Some(RopeScaling {
-                factor: float(spec::KEY_ROPE_LLAMA3_FACTOR)?,
-                low_freq_factor: float(spec::KEY_ROPE_LLAMA3_LOW)?,
-                high_freq_factor: float(spec::KEY_ROPE_LLAMA3_HIGH)?,
-                original_max_position_embeddings: get(spec::KEY_ROPE_LLAMA3_ORIG_CTX)?,
-            })
+
+    /// The block count and recurrent shape of a recurrent GGUF: injection, prelude, core and
+    /// coda (which must add up to the block count, with a core), state noise and recurrence.
+    fn recurrent_shape(&self) -> Result<(usize, RecurrentShape), SourceError> {
+        let adapter = match self.g.get_str(spec::KEY_INJECTION) {
+            Some("linear") => true,
+            Some("none") => false,
+            other => {
+                return Err(self.bad(format!(
+                    "{} is {other:?}; expected \"linear\" or \"none\"",
+                    spec::KEY_INJECTION
+                )))
+            }
+        };
+        let (prelude, core, coda) = (
+            self.int(spec::KEY_PRELUDE)?,
+            self.int(spec::KEY_CORE)?,
+            self.int(spec::KEY_CODA)?,
+        );
+        let n_layers = self.need("block_count")?;
+        if core == 0
+            || prelude.checked_add(core).and_then(|n| n.checked_add(coda)) != Some(n_layers)
+        {
+            return Err(self.bad(format!(
+                "block counts prelude {prelude} + core {core} + coda {coda} must be block_count \
+                 {n_layers}, with a core of at least one block"
+            )));
         }
-    };
-    let hidden = need("embedding_length")?;
-    let n_heads = need("attention.head_count")?;
-    let tokens = g.get_array("tokenizer.ggml.tokens").map(|a| a.len());
-    let token_id = |k: &str| g.get_u64(k).map(Value::from);
-    let config = ModelConfig {
-        family,
-        n_layers,
-        hidden,
-        n_heads,
-        n_kv_heads: match g.get(&key("attention.head_count_kv")) {
-            None => n_heads,
-            Some(_) => need("attention.head_count_kv")?,
-        },
-        head_dim: match g.get(&key("attention.key_length")) {
-            None if n_heads > 0 => hidden / n_heads,
-            _ => need("attention.key_length")?,
-        },
-        ffn: need("feed_forward_length")?,
-        vocab: need("vocab_size")?,
-        rope_theta: g
-            .get_f64(&key("rope.freq_base"))
-            .map_or(10000.0, shortest_f32),
-        rope_scaling,
-        tied: false,
-        norm_eps: g
-            .get_f64(&key("attention.layer_norm_rms_epsilon"))
-            .map_or(1e-5, shortest_f32),
-        max_position: g
-            .get_u64(&key("context_length"))
-            .and_then(|v| usize::try_from(v).ok()),
-        bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
-        eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
-        torch_dtype: None,
-        recurrent: Some(crate::formats::hf_config::RecurrentShape {
+        let state_std = match self.g.get(spec::KEY_STATE_SIGMA) {
+            None => 0.0,
+            Some(v) => v
+                .as_f64()
+                .map(shortest_f32)
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .ok_or_else(|| {
+                    self.bad(format!("{} must be a float >= 0", spec::KEY_STATE_SIGMA))
+                })?,
+        };
+        let shape = RecurrentShape {
             prelude,
             core,
             coda,
-            mean_recurrence: g.get_u64(spec::KEY_RECURRENCE).map_or(32, |r| r as usize),
+            mean_recurrence: self
+                .g
+                .get_u64(spec::KEY_RECURRENCE)
+                .map_or(32, |r| r as usize),
             mean_backprop_depth: 8,
             adapter,
             state_std,
-        }),
+        };
+        Ok((n_layers, shape))
     }
-    .validated()
-    .map_err(|source| SourceError::Config {
-        path: path.to_path_buf(),
-        source,
-    })?;
 
-    // Llama blocks are stored with llama.cpp's Q/K row order; OLMo-2 blocks are not permuted
-    // (llama.cpp runs OLMo-2 with NEOX-style RoPE, which is the Hugging Face order).
-    let permuted = family == Family::Llama;
-    let mut seen = std::collections::HashSet::new();
-    let mut lookup =
-        |name: String, role: Role, unpermute_heads| -> Result<TensorRef, SourceError> {
-            let Some(info) = g.tensor(&name) else {
-                return Err(SourceError::MissingTensor {
-                    path: path.to_path_buf(),
-                    name,
-                    role,
-                });
+    /// Llama-3 RoPE scaling, which is there when its factor is (spec section 2.2).
+    fn llama3_scaling(&self) -> Result<Option<RopeScaling>, SourceError> {
+        if self.g.get(spec::KEY_ROPE_LLAMA3_FACTOR).is_none() {
+            return Ok(None);
+        }
+        let float = |k: &str| {
+            self.g
+                .get_f64(k)
+                .map(shortest_f32)
+                .ok_or_else(|| self.bad(format!("missing or non-float GGUF key {k}")))
+        };
+        Ok(Some(RopeScaling {
+            factor: float(spec::KEY_ROPE_LLAMA3_FACTOR)?,
+            low_freq_factor: float(spec::KEY_ROPE_LLAMA3_LOW)?,
+            high_freq_factor: float(spec::KEY_ROPE_LLAMA3_HIGH)?,
+            original_max_position_embeddings: self.int(spec::KEY_ROPE_LLAMA3_ORIG_CTX)?,
+        }))
+    }
+}
+
+/// The tensors of a GGUF being opened, taken one role at a time: a missing one is refused, and
+/// once every role has its tensor, so is any tensor that none took (dropping it silently would
+/// lose part of the model).
+struct GgufTensors<'a> {
+    g: &'a GgufFile,
+    path: &'a Path,
+    /// The names of the tensors taken so far.
+    seen: HashSet<String>,
+}
+
+impl<'a> GgufTensors<'a> {
+    /// None taken yet.
+    fn new(g: &'a GgufFile, path: &'a Path) -> GgufTensors<'a> {
+        GgufTensors {
+            g,
+            path,
+            seen: HashSet::new(),
+        }
+    }
+
+    /// Tensor `name` for `role`; `unpermute_heads` as in [`TensorRef::unpermute_heads`].
+    fn take(
+        &mut self,
+        name: String,
+        role: Role,
+        unpermute_heads: Option<usize>,
+    ) -> Result<TensorRef, SourceError> {
+        let Some(info) = self.g.tensor(&name) else {
+            return Err(SourceError::MissingTensor {
+                path: self.path.to_path_buf(),
+                name,
+                role,
+            });
+        };
+        self.seen.insert(name.clone());
+        Ok(TensorRef::gguf(name, info, unpermute_heads))
+    }
+
+    /// Refuses the first tensor of the file that no role took, other than `allowed`; `family`
+    /// names the architecture in the error.
+    fn refuse_untaken(
+        &self,
+        allowed: Option<&str>,
+        family: &'static str,
+    ) -> Result<(), SourceError> {
+        let untaken = |name: &String| !self.seen.contains(name) && Some(name.as_str()) != allowed;
+        match self.g.tensors.iter().find(|t| untaken(&t.name)) {
+            Some(extra) => Err(SourceError::UnexpectedTensor {
+                path: self.path.to_path_buf(),
+                name: extra.name.clone(),
+                family,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The tensors of a `llama` GGUF: each role under llama.cpp's name, Q and K rows in
+    /// llama.cpp's order (undone when read).
+    fn llama(mut self, config: &ModelConfig) -> Result<BTreeMap<Role, TensorRef>, SourceError> {
+        let mut tensors = BTreeMap::new();
+        for role in arch::required_roles(config) {
+            let name = Naming::Gguf.name(role).unwrap_or_default();
+            let unpermute_heads = match role {
+                Role::Layer(_, LayerRole::Q) => Some(config.n_heads),
+                Role::Layer(_, LayerRole::K) => Some(config.n_kv_heads),
+                _ => None,
             };
-            seen.insert(name.clone());
-            Ok(TensorRef::gguf(name, info, unpermute_heads))
-        };
-    let mut tensors = BTreeMap::new();
-    for role in arch::required_roles(&config) {
-        let t = match role {
-            Role::Embed => lookup(spec::TOKEN_EMBD.into(), role, None)?,
-            Role::FinalNorm => lookup(spec::OUTPUT_NORM.into(), role, None)?,
-            Role::Adapter => lookup(spec::ADAPTER.into(), role, None)?,
-            // No output.weight: the output shares token_embd (tied), as in llama.cpp.
-            Role::LmHead if g.tensor(spec::OUTPUT).is_none() => {
-                lookup(spec::TOKEN_EMBD.into(), role, None)?
-            }
-            Role::LmHead => lookup(spec::OUTPUT.into(), role, None)?,
-            Role::Layer(i, fused @ (LayerRole::Qkv | LayerRole::GateUp)) => {
-                let mut parts = Vec::new();
-                for part in fused.parts() {
-                    let heads = match part {
-                        LayerRole::Q if permuted => Some(config.n_heads),
-                        LayerRole::K if permuted => Some(config.n_kv_heads),
-                        _ => None,
-                    };
-                    let name = spec::block_tensor(i, part).unwrap_or_default();
-                    let t = lookup(name, Role::Layer(i, part), heads)?;
-                    let want = arch::expected_shape(&config, Role::Layer(i, part));
-                    if t.shape != want {
-                        return Err(SourceError::ShapeMismatch {
-                            path: path.to_path_buf(),
-                            name: t.name,
-                            got: t.shape,
-                            want,
-                        });
-                    }
-                    parts.push(t);
-                }
-                let cols = parts
-                    .first()
-                    .and_then(|p| p.shape.get(1))
-                    .copied()
-                    .unwrap_or(0);
-                let rows = parts
-                    .iter()
-                    .map(|p| p.shape.first().copied().unwrap_or(0))
-                    .sum();
-                TensorRef {
-                    name: parts
-                        .iter()
-                        .map(|p| p.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join("+"),
-                    file: 0,
-                    dtype: parts.first().map_or(DType::F32, |p| p.dtype),
-                    shape: vec![rows, cols],
-                    start: 0,
-                    end: 0,
-                    unpermute_heads: None,
-                    parts,
-                }
-            }
-            Role::Layer(i, r) => lookup(spec::block_tensor(i, r).unwrap_or_default(), role, None)?,
-        };
-        tensors.insert(role, t);
+            tensors.insert(role, self.take(name, role, unpermute_heads)?);
+        }
+        self.refuse_untaken(None, "llama")?;
+        Ok(tensors)
     }
-    let known = |name: &String| {
-        seen.contains(name) || (name == spec::ROPE_FREQS && config.rope_scaling.is_some())
-    };
-    let extra = g.tensors.iter().find(|t| !known(&t.name));
-    if let Some(extra) = extra {
-        return Err(SourceError::UnexpectedTensor {
-            path: path.to_path_buf(),
-            name: extra.name.clone(),
-            family: spec::ARCH,
-        });
+
+    /// The tensors of a recurrent GGUF (see [`open_recurrent_gguf`]); `rope_freqs` is allowed
+    /// beside them when the config has Llama-3 RoPE scaling, which the reader computes.
+    fn recurrent(mut self, config: &ModelConfig) -> Result<BTreeMap<Role, TensorRef>, SourceError> {
+        let mut tensors = BTreeMap::new();
+        for role in arch::required_roles(config) {
+            let t = match role {
+                Role::Embed => self.take(spec::TOKEN_EMBD.into(), role, None)?,
+                Role::FinalNorm => self.take(spec::OUTPUT_NORM.into(), role, None)?,
+                Role::Adapter => self.take(spec::ADAPTER.into(), role, None)?,
+                // No output.weight: the output shares token_embd (tied), as in llama.cpp.
+                Role::LmHead if self.g.tensor(spec::OUTPUT).is_none() => {
+                    self.take(spec::TOKEN_EMBD.into(), role, None)?
+                }
+                Role::LmHead => self.take(spec::OUTPUT.into(), role, None)?,
+                Role::Layer(i, fused @ (LayerRole::Qkv | LayerRole::GateUp)) => {
+                    self.fused(config, i, fused)?
+                }
+                Role::Layer(i, r) => {
+                    self.take(spec::block_tensor(i, r).unwrap_or_default(), role, None)?
+                }
+            };
+            tensors.insert(role, t);
+        }
+        let rope_freqs = config.rope_scaling.is_some().then_some(spec::ROPE_FREQS);
+        self.refuse_untaken(rope_freqs, spec::ARCH)?;
+        Ok(tensors)
     }
-    gguf_source(path, config, tensors, g, tokens)
+
+    /// Fused role `fused` of block `i`: its parts' tensors (q, k, v or gate, up), each of the
+    /// shape the config implies, as one tensor of their rows.
+    fn fused(
+        &mut self,
+        config: &ModelConfig,
+        i: usize,
+        fused: LayerRole,
+    ) -> Result<TensorRef, SourceError> {
+        // Llama blocks are stored with llama.cpp's Q/K row order; OLMo-2 blocks are not permuted
+        // (llama.cpp runs OLMo-2 with NEOX-style RoPE, which is the Hugging Face order).
+        let permuted = config.family == Family::Llama;
+        let mut parts = Vec::new();
+        for part in fused.parts() {
+            let heads = match part {
+                LayerRole::Q if permuted => Some(config.n_heads),
+                LayerRole::K if permuted => Some(config.n_kv_heads),
+                _ => None,
+            };
+            let name = spec::block_tensor(i, part).unwrap_or_default();
+            let t = self.take(name, Role::Layer(i, part), heads)?;
+            let want = arch::expected_shape(config, Role::Layer(i, part));
+            if t.shape != want {
+                return Err(SourceError::ShapeMismatch {
+                    path: self.path.to_path_buf(),
+                    name: t.name,
+                    got: t.shape,
+                    want,
+                });
+            }
+            parts.push(t);
+        }
+        Ok(TensorRef::rows_of(parts))
+    }
 }
 
 /// The SourceModel of a GGUF file whose config and tensor index are built and checked.

@@ -199,14 +199,45 @@ pub fn from_tokenizer_json(
     ids: ConfigIds,
     n_rows: usize,
 ) -> Result<Vec<(String, Value)>, VocabError> {
-    let invalid = |reason: String| VocabError::Invalid {
+    let sentencepiece = is_sentencepiece(tokenizer)?;
+    let vocab = Vocab::read(tokenizer, n_rows)?;
+    let special = SpecialTokens::new(tokenizer, config, ids, &vocab.tokens);
+    let mut keys = if sentencepiece {
+        vocab.sentencepiece_keys(tokenizer)
+    } else {
+        vocab.gpt2_keys(tokenizer, config)?
+    };
+    keys.extend(special.keys());
+    if let Some(template) = config["chat_template"].as_str() {
+        keys.push((KEY_CHAT_TEMPLATE.to_string(), string(template)));
+    }
+    Ok(keys)
+}
+
+/// A tokenizer.json that is not what it should be (its real path is put in by the caller).
+fn invalid(reason: String) -> VocabError {
+    VocabError::Invalid {
         path: "tokenizer.json".into(),
         reason,
-    };
-    let unsupported = |reason: String| VocabError::Unsupported {
+    }
+}
+
+/// A tokenizer.json that is valid but not exported (its real path is put in by the caller).
+fn unsupported(reason: String) -> VocabError {
+    VocabError::Unsupported {
         path: "tokenizer.json".into(),
         reason,
-    };
+    }
+}
+
+/// A GGUF string value.
+fn string(s: &str) -> Value {
+    Value::String(s.to_string())
+}
+
+/// Whether a tokenizer.json is a SentencePiece-style BPE vocabulary (byte fallback, no ByteLevel
+/// pre-tokenizer) rather than a byte-level one; any other vocabulary is refused.
+fn is_sentencepiece(tokenizer: &Json) -> Result<bool, VocabError> {
     let model = &tokenizer["model"];
     let kind = model["type"].as_str().unwrap_or("");
     if kind != "BPE" {
@@ -223,34 +254,38 @@ pub fn from_tokenizer_json(
                 .into(),
         ));
     }
-    let (tokens, mut types) = tokens_and_types(tokenizer, n_rows).map_err(invalid)?;
-    let merges = merges(model).map_err(invalid)?;
+    Ok(sentencepiece)
+}
 
-    let index: BTreeMap<&str, usize> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.as_str(), i))
-        .collect();
-    let special = |name: &str| -> Option<u64> {
-        let text = match &config[name] {
-            Json::String(s) => Some(s.as_str()),
-            Json::Object(o) => o.get("content").and_then(Json::as_str),
-            _ => None,
-        }?;
-        index.get(text).map(|&i| i as u64)
-    };
-    let in_range = |id: Option<u64>| id.filter(|&i| (i as usize) < tokens.len());
-    let bos = in_range(special("bos_token").or(ids.bos));
-    let eos = in_range(special("eos_token").or(ids.eos));
-    let unk = in_range(special("unk_token"));
-    let pad = in_range(special("pad_token"));
-    let (inserts_bos, inserts_eos) = post_processor_inserts(&tokenizer["post_processor"]);
-    let add_bos = config["add_bos_token"].as_bool().unwrap_or(inserts_bos);
-    let add_eos = config["add_eos_token"].as_bool().unwrap_or(inserts_eos);
+/// A BPE vocabulary: token texts by id with their llama.cpp types, padded to the embedding's
+/// rows, and the merges in rank order.
+struct Vocab {
+    tokens: Vec<String>,
+    types: Vec<i32>,
+    merges: Vec<(String, String)>,
+}
 
-    let string = |s: &str| Value::String(s.to_string());
-    let mut keys = if sentencepiece {
-        let unk_text = model["unk_token"].as_str();
+impl Vocab {
+    /// The vocabulary of a tokenizer.json for an embedding of `n_rows` rows.
+    fn read(tokenizer: &Json, n_rows: usize) -> Result<Vocab, VocabError> {
+        let (tokens, types) = tokens_and_types(tokenizer, n_rows).map_err(invalid)?;
+        let merges = merges(&tokenizer["model"]).map_err(invalid)?;
+        Ok(Vocab {
+            tokens,
+            types,
+            merges,
+        })
+    }
+
+    /// The keys of llama.cpp's SentencePiece tokenizer (`llama`), as `_set_vocab_sentencepiece`
+    /// writes them: BYTE and UNKNOWN types, scores from the merge ranks, no merges.
+    fn sentencepiece_keys(self, tokenizer: &Json) -> Metadata {
+        let Vocab {
+            tokens,
+            mut types,
+            merges,
+        } = self;
+        let unk_text = tokenizer["model"]["unk_token"].as_str();
         for (text, kind) in tokens.iter().zip(&mut types) {
             if Some(text.as_str()) == unk_text {
                 *kind = UNKNOWN;
@@ -287,42 +322,89 @@ pub fn from_tokenizer_json(
                 Value::Bool(adds_space_prefix(tokenizer)),
             ),
         ]
-    } else {
+    }
+
+    /// The keys of llama.cpp's byte-level BPE tokenizer (`gpt2`), as `_set_vocab_gpt2` writes
+    /// them; a pre-tokenizer whose llama.cpp name is not known is refused.
+    fn gpt2_keys(self, tokenizer: &Json, config: &Json) -> Result<Metadata, VocabError> {
         let clean_spaces = config["clean_up_tokenization_spaces"].as_bool();
         let pre = pre_name(&tokenizer["pre_tokenizer"], clean_spaces).map_err(unsupported)?;
-        let merges = merges
+        let merges = self
+            .merges
             .into_iter()
             .map(|(l, r)| Value::String(format!("{l} {r}")));
-        vec![
+        Ok(vec![
             (KEY_MODEL.to_string(), string("gpt2")),
             (KEY_PRE.to_string(), string(pre)),
             (
                 KEY_TOKENS.to_string(),
-                Value::Array(tokens.into_iter().map(Value::String).collect()),
+                Value::Array(self.tokens.into_iter().map(Value::String).collect()),
             ),
             (
                 KEY_TOKEN_TYPE.to_string(),
-                Value::Array(types.into_iter().map(Value::I32).collect()),
+                Value::Array(self.types.into_iter().map(Value::I32).collect()),
             ),
             (KEY_MERGES.to_string(), Value::Array(merges.collect())),
-        ]
-    };
-    for (key, id) in [
-        (KEY_BOS_ID, bos),
-        (KEY_EOS_ID, eos),
-        (KEY_UNK_ID, unk),
-        (KEY_PAD_ID, pad),
-    ] {
-        if let Some(id) = id {
-            keys.push((key.to_string(), Value::U32(id as u32)));
+        ])
+    }
+}
+
+/// The special tokens' ids (none past the vocabulary) and whether BOS and EOS are added:
+/// tokenizer_config.json's token texts and flags, else config.json's ids and what the
+/// post-processor inserts.
+struct SpecialTokens {
+    bos: Option<u64>,
+    eos: Option<u64>,
+    unk: Option<u64>,
+    pad: Option<u64>,
+    add_bos: bool,
+    add_eos: bool,
+}
+
+impl SpecialTokens {
+    /// The special tokens of a vocabulary of `tokens`.
+    fn new(tokenizer: &Json, config: &Json, ids: ConfigIds, tokens: &[String]) -> SpecialTokens {
+        let index: BTreeMap<&str, usize> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i))
+            .collect();
+        let special = |name: &str| -> Option<u64> {
+            let text = match &config[name] {
+                Json::String(s) => Some(s.as_str()),
+                Json::Object(o) => o.get("content").and_then(Json::as_str),
+                _ => None,
+            }?;
+            index.get(text).map(|&i| i as u64)
+        };
+        let in_range = |id: Option<u64>| id.filter(|&i| (i as usize) < tokens.len());
+        let (inserts_bos, inserts_eos) = post_processor_inserts(&tokenizer["post_processor"]);
+        SpecialTokens {
+            bos: in_range(special("bos_token").or(ids.bos)),
+            eos: in_range(special("eos_token").or(ids.eos)),
+            unk: in_range(special("unk_token")),
+            pad: in_range(special("pad_token")),
+            add_bos: config["add_bos_token"].as_bool().unwrap_or(inserts_bos),
+            add_eos: config["add_eos_token"].as_bool().unwrap_or(inserts_eos),
         }
     }
-    keys.push((KEY_ADD_BOS.to_string(), Value::Bool(add_bos)));
-    keys.push((KEY_ADD_EOS.to_string(), Value::Bool(add_eos)));
-    if let Some(template) = config["chat_template"].as_str() {
-        keys.push((KEY_CHAT_TEMPLATE.to_string(), string(template)));
+
+    /// Their keys: the ids that are known, then the two flags.
+    fn keys(&self) -> Metadata {
+        let ids = [
+            (KEY_BOS_ID, self.bos),
+            (KEY_EOS_ID, self.eos),
+            (KEY_UNK_ID, self.unk),
+            (KEY_PAD_ID, self.pad),
+        ];
+        let mut keys: Metadata = ids
+            .into_iter()
+            .filter_map(|(key, id)| Some((key.to_string(), Value::U32(id? as u32))))
+            .collect();
+        keys.push((KEY_ADD_BOS.to_string(), Value::Bool(self.add_bos)));
+        keys.push((KEY_ADD_EOS.to_string(), Value::Bool(self.add_eos)));
+        keys
     }
-    Ok(keys)
 }
 
 /// True when the pre-tokenizer (or one step of a Sequence) is ByteLevel.
