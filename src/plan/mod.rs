@@ -327,13 +327,55 @@ pub struct PlanRequest {
 /// Builds and validates the plan for `source`. `hashes` are the sha256 of `source.files`, in order.
 pub fn make(source: &SourceModel, req: &PlanRequest, hashes: &[String]) -> Result<Plan, PlanError> {
     let cfg = &source.config;
-    if cfg.recurrent.is_some() {
+    let opts = &req.options;
+    check_request(source, opts)?;
+    let layers = req.layers.resolve(cfg.n_layers)?;
+    let shape = layers.shape();
+    let adapter = opts.injection == Injection::Linear;
+    let (tensors, embed_dtype) = tensor_specs(source, &layers, opts, adapter)?;
+    let plan_source = plan_source(source, hashes);
+    let config = output_config(source, &plan_source, &layers, opts, embed_dtype);
+    let mut notes = Vec::new();
+    let files = output_files(source, &mut notes);
+    let output_tensor_bytes = tensors
+        .iter()
+        .map(|t| {
+            let n: u64 = t.shape.iter().map(|&d| d as u64).product();
+            t.dtype.0.size_of(n).unwrap_or(0)
+        })
+        .sum();
+    let costs = cost::Costs::new(
+        cfg,
+        shape,
+        adapter,
+        req.context,
+        embed_dtype.type_size() as u64,
+        output_tensor_bytes,
+    );
+    Ok(Plan {
+        plan_version: PLAN_VERSION,
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        source: plan_source,
+        options: opts.clone(),
+        layers,
+        config,
+        tensors,
+        files,
+        notes,
+        costs,
+        calibration: None,
+    })
+}
+
+/// Refuses a source that is already recurrent, and an `--adapter-noise` that is not a usable f32
+/// scale or has no adapter to apply to.
+fn check_request(source: &SourceModel, opts: &PlanOptions) -> Result<(), PlanError> {
+    if source.config.recurrent.is_some() {
         return Err(PlanError::Invalid(
             "the model is already recurrent (huginn_raven); plan from its static source instead"
                 .into(),
         ));
     }
-    let opts = &req.options;
     if !f32_scale(opts.adapter_noise) {
         return Err(PlanError::Invalid(format!(
             "--adapter-noise {} must be a finite number >= 0 and at most f32's {:e}",
@@ -346,9 +388,19 @@ pub fn make(source: &SourceModel, req: &PlanRequest, hashes: &[String]) -> Resul
             "--adapter-noise needs an adapter, but --injection none has none".into(),
         ));
     }
-    let layers = req.layers.resolve(cfg.n_layers)?;
+    Ok(())
+}
+
+/// Every output tensor, in output order: the embeddings, each layer's tensors (the `adapter`
+/// before the core's first), the final norm and lm_head; and the embeddings' output dtype.
+fn tensor_specs(
+    source: &SourceModel,
+    layers: &Layers,
+    opts: &PlanOptions,
+    adapter: bool,
+) -> Result<(Vec<TensorSpec>, DType), PlanError> {
+    let cfg = &source.config;
     let shape = layers.shape();
-    let adapter = opts.injection == Injection::Linear;
     let out_shape = RecurrentShape {
         prelude: shape.prelude,
         core: shape.core,
@@ -409,7 +461,13 @@ pub fn make(source: &SourceModel, req: &PlanRequest, hashes: &[String]) -> Resul
         &[head],
         opts.dtype,
     ));
+    Ok((tensors, embed_dtype))
+}
 
+/// The source's identity as the plan records it: its absolute paths, format, family, layer
+/// count, and each file with its size and `hashes`' sha256.
+fn plan_source(source: &SourceModel, hashes: &[String]) -> PlanSource {
+    let cfg = &source.config;
     let files = source
         .files
         .iter()
@@ -420,7 +478,7 @@ pub fn make(source: &SourceModel, req: &PlanRequest, hashes: &[String]) -> Resul
             sha256: sha.clone(),
         })
         .collect();
-    let plan_source = PlanSource {
+    PlanSource {
         path: absolute(&source.path),
         root: absolute(&source.root),
         format: match source.format {
@@ -430,38 +488,7 @@ pub fn make(source: &SourceModel, req: &PlanRequest, hashes: &[String]) -> Resul
         family: cfg.family,
         n_layers: cfg.n_layers,
         files,
-    };
-    let config = output_config(source, &plan_source, &layers, opts, embed_dtype);
-    let mut notes = Vec::new();
-    let files = output_files(source, &mut notes);
-    let output_tensor_bytes = tensors
-        .iter()
-        .map(|t| {
-            let n: u64 = t.shape.iter().map(|&d| d as u64).product();
-            t.dtype.0.size_of(n).unwrap_or(0)
-        })
-        .sum();
-    let costs = cost::Costs::new(
-        cfg,
-        shape,
-        adapter,
-        req.context,
-        embed_dtype.type_size() as u64,
-        output_tensor_bytes,
-    );
-    Ok(Plan {
-        plan_version: PLAN_VERSION,
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-        source: plan_source,
-        options: opts.clone(),
-        layers,
-        config,
-        tensors,
-        files,
-        notes,
-        costs,
-        calibration: None,
-    })
+    }
 }
 
 /// The tokenizer files the output gets: copies of the source's, or built from a GGUF's vocabulary
