@@ -99,6 +99,14 @@ fn notes(notes: &[String], global: Global) {
     }
 }
 
+/// An export's report as JSON, with the seconds it took.
+fn print_json(report: &impl serde::Serialize, seconds: f64) -> anyhow::Result<()> {
+    let mut value = serde_json::to_value(report)?;
+    value["seconds"] = serde_json::json!(seconds);
+    outln!("{}", serde_json::to_string_pretty(&value)?)?;
+    Ok(())
+}
+
 fn gguf(args: GgufArgs, global: Global) -> anyhow::Result<()> {
     surgery::paths::check_new_output(&args.out, std::slice::from_ref(&args.model), args.force)?;
     let source = SourceModel::open(&args.model)?;
@@ -113,10 +121,7 @@ fn gguf(args: GgufArgs, global: Global) -> anyhow::Result<()> {
     let seconds = started.elapsed().as_secs_f64();
     notes(&report.notes, global);
     if global.json {
-        let mut value = serde_json::to_value(&report)?;
-        value["seconds"] = serde_json::json!(seconds);
-        outln!("{}", serde_json::to_string_pretty(&value)?)?;
-        return Ok(());
+        return print_json(&report, seconds);
     }
     let types: Vec<String> = report
         .types
@@ -152,10 +157,7 @@ fn safetensors(args: SafetensorsArgs, global: Global) -> anyhow::Result<()> {
     let seconds = started.elapsed().as_secs_f64();
     notes(&report.notes, global);
     if global.json {
-        let mut value = serde_json::to_value(&report)?;
-        value["seconds"] = serde_json::json!(seconds);
-        outln!("{}", serde_json::to_string_pretty(&value)?)?;
-        return Ok(());
+        return print_json(&report, seconds);
     }
     outln!(
         "wrote {} ({}, {}): {} tensors in {} shard(s), {} of tensor data in {seconds:.1} s",

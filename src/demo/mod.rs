@@ -180,6 +180,24 @@ pub struct Artifacts {
     pub summary: &'static str,
 }
 
+impl Artifacts {
+    /// The demo's layout in `dir`.
+    fn in_dir(dir: &Path) -> Artifacts {
+        Artifacts {
+            dir: dir.display().to_string(),
+            model: "tiny",
+            train_text: "text/train.txt",
+            heldout_text: "text/heldout.txt",
+            plan: "plan.json",
+            recurrent: "recurrent",
+            healed: "healed",
+            metrics: "healed/metrics.jsonl",
+            gguf: "healed-q8_0.gguf",
+            summary: "summary.json",
+        }
+    }
+}
+
 /// Runs every stage in `dir` (which becomes `shown` once published) and writes summary.json.
 pub fn run(
     dir: &Path,
@@ -191,21 +209,21 @@ pub fn run(
         return Err(DemoError::NoHealSteps);
     }
     let started = Instant::now();
-    let device = Device::Cpu;
+    let files = Artifacts::in_dir(shown);
     let fixture = write_fixture(dir).map_err(io("writing the embedded fixture"))?;
 
     let (source, facts) = inspect(&fixture.model, narrator)?;
     let tokenizer = TextTokenizer::for_model(&source)?;
     let held = held_out(&fixture, &tokenizer)?;
     let full = {
-        let model = Model::load(&source, &device)?;
+        let model = Model::load(&source, &Device::Cpu)?;
         eval_rows(&model, &held, &[1], narrator, "full model")?[0].perplexity
     };
 
     let (plan, plan_bytes, layers) = make_plan(&source, narrator)?;
-    std::fs::write(dir.join("plan.json"), &plan_bytes).map_err(io("writing plan.json"))?;
+    std::fs::write(dir.join(files.plan), &plan_bytes).map_err(io("writing plan.json"))?;
 
-    let recurrent = dir.join("recurrent");
+    let recurrent = dir.join(files.recurrent);
     let before = apply_and_eval(
         &plan,
         &plan_bytes,
@@ -215,10 +233,10 @@ pub fn run(
         narrator,
     )?;
 
-    let healed = dir.join("healed");
+    let healed = dir.join(files.healed);
     let (after, heal) = heal(&recurrent, &fixture, &healed, heal_steps, &held, narrator)?;
 
-    let gguf = dir.join("healed-q8_0.gguf");
+    let gguf = dir.join(files.gguf);
     let (gguf_facts, text) = export_and_generate(&healed, &gguf, &held, narrator)?;
 
     let summary = Summary {
@@ -243,23 +261,13 @@ pub fn run(
             r: HEALED_R,
             text,
         },
-        artifacts: Artifacts {
-            dir: shown.display().to_string(),
-            model: "tiny",
-            train_text: "text/train.txt",
-            heldout_text: "text/heldout.txt",
-            plan: "plan.json",
-            recurrent: "recurrent",
-            healed: "healed",
-            metrics: "healed/metrics.jsonl",
-            gguf: "healed-q8_0.gguf",
-            summary: "summary.json",
-        },
+        artifacts: files,
         seconds: started.elapsed().as_secs_f64(),
     };
     let mut bytes = serde_json::to_vec_pretty(&summary)?;
     bytes.push(b'\n');
-    std::fs::write(dir.join("summary.json"), bytes).map_err(io("writing summary.json"))?;
+    let summary_path = dir.join(summary.artifacts.summary);
+    std::fs::write(summary_path, bytes).map_err(io("writing summary.json"))?;
     Ok(summary)
 }
 

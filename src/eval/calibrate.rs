@@ -171,12 +171,9 @@ pub fn calibrate(
     let started = Instant::now();
     let mut timings = Timings::default();
     let n = model.n_blocks();
-    let all: Vec<View> = text
-        .windows
-        .windows
-        .iter()
+    // Every window whole, then the first `subset` tokens of them.
+    let all: Vec<View> = (text.windows.windows.iter().map(|w| w.targets.len()))
         .enumerate()
-        .map(|(i, w)| (i, w.targets.len()))
         .collect();
     let tokens: usize = all.iter().map(|v| v.1).sum();
     let subset = prefix(&all, opts.subset);
@@ -186,70 +183,35 @@ pub fn calibrate(
     let mut clock = Instant::now();
     let (cache, sums) = base_passes(model, &text.windows.windows, progress)?;
     let mut scores = Scores::new(model, &cache);
-    let source: Vec<usize> = (0..n).collect();
-    let source = [source];
+    let source = [(0..n).collect::<Vec<usize>>()];
     let source_perplexity = scores.perplexities(&source, &all, &mut |_| {})?[0];
     let source_subset_perplexity = scores.perplexities(&source, &subset, &mut |_| {})?[0];
     timings.base_pass = clock.elapsed().as_secs_f64();
 
     // 2. Single-layer removal on the subset: layers i+1.. from the cached input of layer i.
     clock = Instant::now();
-    progress.start(
-        "calibration: single-layer removal (windows)",
-        (n * subset.len()) as u64,
-    );
-    let removed: Vec<Vec<usize>> = (0..n)
-        .map(|i| (0..n).filter(|&l| l != i).collect())
-        .collect();
-    let removal = scores.perplexities(&removed, &subset, &mut |k| progress.advance(k as u64))?;
-    progress.finish();
-    let layers: Vec<LayerScore> = (0..n)
-        .zip(&sums)
-        .zip(removal)
-        .map(|((i, s), removal)| s.score(i, removal))
-        .collect();
+    let (layers, drop_order) = layer_scores(&mut scores, &sums, &subset, progress)?;
     timings.removal = clock.elapsed().as_secs_f64();
-    let mut drop_order: Vec<usize> = (0..n).collect();
-    drop_order.sort_by(|&a, &b| {
-        layers[a]
-            .block_influence
-            .total_cmp(&layers[b].block_influence)
-    });
 
     // 3. Every candidate on the subset, from the longest cached prefix of its layer list.
     clock = Instant::now();
     let mut candidates = candidates;
-    progress.start(
-        "calibration: ranking (windows)",
-        (candidates.len() * subset.len()) as u64,
-    );
     let lists: Vec<Vec<usize>> = candidates.iter().map(Candidate::layers).collect();
-    let ranked = scores.perplexities(&lists, &subset, &mut |k| progress.advance(k as u64))?;
+    let what = "calibration: ranking (windows)";
+    let ranked = scores.reported(what, &lists, &subset, progress)?;
     for (c, p) in candidates.iter_mut().zip(ranked) {
         c.subset_perplexity = p;
     }
-    progress.finish();
     timings.ranking = clock.elapsed().as_secs_f64();
 
-    // 4. The best placements of each shape again on all tokens (the subset may be all of them;
-    // the subset's whole windows are not run again).
+    // 4. The best placements of each shape again on all tokens (the subset may be all of them).
     clock = Instant::now();
     let rescore = if subset_tokens == tokens {
         candidates.len()
     } else {
         opts.rescore
     };
-    let chosen = best_per_shape(&candidates, rescore);
-    progress.start(
-        "calibration: re-scoring on all tokens (windows)",
-        (chosen.len() * all.len()) as u64,
-    );
-    let lists: Vec<Vec<usize>> = chosen.iter().map(|&k| candidates[k].layers()).collect();
-    let rescored = scores.perplexities(&lists, &all, &mut |k| progress.advance(k as u64))?;
-    for (&k, p) in chosen.iter().zip(rescored) {
-        candidates[k].perplexity = Some(p);
-    }
-    progress.finish();
+    rescore_best(&mut scores, &mut candidates, rescore, &all, progress)?;
     timings.rescoring = clock.elapsed().as_secs_f64();
 
     rank(&mut candidates);
@@ -272,6 +234,53 @@ pub fn calibrate(
         },
         timings,
     ))
+}
+
+/// Measures the best `rescore` candidates of each shape and the rule placements on `all` windows
+/// (the subset's whole windows are not run again).
+fn rescore_best(
+    scores: &mut Scores,
+    candidates: &mut [Candidate],
+    rescore: usize,
+    all: &[View],
+    progress: &mut dyn Progress,
+) -> Result<()> {
+    let chosen = best_per_shape(candidates, rescore);
+    let lists: Vec<Vec<usize>> = chosen.iter().map(|&k| candidates[k].layers()).collect();
+    let what = "calibration: re-scoring on all tokens (windows)";
+    let rescored = scores.reported(what, &lists, all, progress)?;
+    for (&k, p) in chosen.iter().zip(rescored) {
+        candidates[k].perplexity = Some(p);
+    }
+    Ok(())
+}
+
+/// Each layer's scores: its similarity sums over all tokens and the perplexity without it on
+/// `subset`, and the layers in ShortGPT's drop order (lowest block influence first).
+fn layer_scores(
+    scores: &mut Scores,
+    sums: &[LayerSums],
+    subset: &[View],
+    progress: &mut dyn Progress,
+) -> Result<(Vec<LayerScore>, Vec<usize>)> {
+    let n = sums.len();
+    let removed: Vec<Vec<usize>> = (0..n)
+        .map(|i| (0..n).filter(|&l| l != i).collect())
+        .collect();
+    let what = "calibration: single-layer removal (windows)";
+    let removal = scores.reported(what, &removed, subset, progress)?;
+    let layers: Vec<LayerScore> = (0..n)
+        .zip(sums)
+        .zip(removal)
+        .map(|((i, s), removal)| s.score(i, removal))
+        .collect();
+    let mut drop_order: Vec<usize> = (0..n).collect();
+    drop_order.sort_by(|&a, &b| {
+        layers[a]
+            .block_influence
+            .total_cmp(&layers[b].block_influence)
+    });
+    Ok((layers, drop_order))
 }
 
 /// The windows' first `tokens` targets: whole windows, the last one cut (causal attention makes
@@ -409,6 +418,21 @@ impl<'a> Scores<'a> {
             cache,
             known: HashMap::new(),
         }
+    }
+
+    /// [`Scores::perplexities`] as one step of `progress`, named `what`, counted in (list, window)
+    /// pairs.
+    fn reported(
+        &mut self,
+        what: &str,
+        lists: &[Vec<usize>],
+        views: &[View],
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<f64>> {
+        progress.start(what, (lists.len() * views.len()) as u64);
+        let out = self.perplexities(lists, views, &mut |k| progress.advance(k as u64))?;
+        progress.finish();
+        Ok(out)
     }
 
     /// The perplexity over `views` of each pruned static model `lists` names (source layers in
