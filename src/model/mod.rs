@@ -556,44 +556,17 @@ impl Model {
         for (i, block) in self.prelude.iter().enumerate() {
             x = block.forward(&x, &ctx, slot_at(&mut cache, i))?;
         }
-        let mut iterations = 0;
-        if self.is_recurrent() {
-            let e = x;
-            let (p, c) = (self.prelude.len(), self.core.len());
-            let mut s = match (&self.adapter, state) {
-                // No adapter: the state starts as e and the core is applied to it r times.
-                (None, _) => e.clone(),
-                (Some(_), InitialState::Given(s0)) => s0.clone(),
-                (Some(_), InitialState::Seeded(seed)) => self.initial_state(e.dims(), seed)?,
-            };
-            for k in 0..r {
-                let previous = s.clone();
-                if let Some(adapter) = &self.adapter {
-                    // concat on the hidden axis, state first: (B, T, 2h) @ (2h, h) -> (B, T, h)
-                    s = adapter.forward(&Tensor::cat(&[&s, &e], D::Minus1)?)?;
-                }
-                for (j, block) in self.core.iter().enumerate() {
-                    s = block.forward(&s, &ctx, slot_at(&mut cache, p + k * c + j))?;
-                }
-                if k < run.without_grad {
-                    s = s.detach();
-                }
-                iterations = k + 1;
-                // s_0 is noise, not a computed state: the first comparison is s_2 with s_1.
-                if let Exit::LatentDiff(eps) = run.exit {
-                    if iterations >= 2
-                        && iterations < r
-                        && generate::relative_change(&s, &previous)? < eps
-                    {
-                        break;
-                    }
-                }
-            }
+        let iterations = if self.is_recurrent() {
+            let (s, iterations) = self.recur(&x, run, state, &ctx, &mut cache)?;
             if let Some(cache) = cache.as_deref_mut() {
+                let (p, c) = (self.prelude.len(), self.core.len());
                 generate::fill_skipped(cache, p, c, iterations, r, past, t)?;
             }
             x = s;
-        }
+            iterations
+        } else {
+            0
+        };
         let coda_start = self.block_runs(r) - self.coda.len();
         for (i, block) in self.coda.iter().enumerate() {
             x = block.forward(&x, &ctx, slot_at(&mut cache, coda_start + i))?;
@@ -604,6 +577,51 @@ impl Model {
             c.len += t;
         }
         Ok((x, iterations))
+    }
+
+    /// The core looped as `run` says on the prelude's output `e`, from the initial state `state`
+    /// (e itself without an adapter): the last state and the iterations run, fewer than r when
+    /// the latent-difference exit stops early.
+    fn recur(
+        &self,
+        e: &Tensor,
+        run: Run,
+        state: InitialState,
+        ctx: &block::Context,
+        cache: &mut Option<&mut KvCache>,
+    ) -> Result<(Tensor, usize)> {
+        let (p, c) = (self.prelude.len(), self.core.len());
+        let mut s = match (&self.adapter, state) {
+            // No adapter: the state starts as e and the core is applied to it r times.
+            (None, _) => e.clone(),
+            (Some(_), InitialState::Given(s0)) => s0.clone(),
+            (Some(_), InitialState::Seeded(seed)) => self.initial_state(e.dims(), seed)?,
+        };
+        let mut iterations = 0;
+        for k in 0..run.r {
+            let previous = s.clone();
+            if let Some(adapter) = &self.adapter {
+                // concat on the hidden axis, state first: (B, T, 2h) @ (2h, h) -> (B, T, h)
+                s = adapter.forward(&Tensor::cat(&[&s, e], D::Minus1)?)?;
+            }
+            for (j, block) in self.core.iter().enumerate() {
+                s = block.forward(&s, ctx, slot_at(cache, p + k * c + j))?;
+            }
+            if k < run.without_grad {
+                s = s.detach();
+            }
+            iterations = k + 1;
+            // s_0 is noise, not a computed state: the first comparison is s_2 with s_1.
+            if let Exit::LatentDiff(eps) = run.exit {
+                if iterations >= 2
+                    && iterations < run.r
+                    && generate::relative_change(&s, &previous)? < eps
+                {
+                    break;
+                }
+            }
+        }
+        Ok((s, iterations))
     }
 
     /// s_0: a normal of the model's sigma truncated at +-3 sigma (resampled beyond), or zeros.
