@@ -291,7 +291,8 @@ pub struct Plan {
 
 impl Plan {
     /// Reads a plan file: its version first (so an old or new plan says so), then every field,
-    /// refusing unknown ones.
+    /// refusing unknown ones, then [`Plan::validate`]: a plan edited by hand is either
+    /// consistent, and applied as edited, or refused here naming the entry that disagrees.
     pub fn from_json(bytes: &[u8]) -> Result<Plan, PlanError> {
         let value: Value = serde_json::from_slice(bytes)
             .map_err(|e| PlanError::Invalid(format!("plan is not JSON: {e}")))?;
@@ -311,7 +312,10 @@ impl Plan {
             }
             None => return Err(PlanError::Invalid("plan has no plan_version".into())),
         }
-        serde_json::from_value(value).map_err(|e| PlanError::Invalid(format!("plan: {e}")))
+        let plan: Plan =
+            serde_json::from_value(value).map_err(|e| PlanError::Invalid(format!("plan: {e}")))?;
+        plan.validate()?;
+        Ok(plan)
     }
 }
 
