@@ -192,30 +192,9 @@ fn layout(source: &SourceModel, opts: &GgufOptions) -> Result<Layout, ExportErro
             "--recurrence 0 is not a recurrence: the core runs r >= 1 times".into(),
         ));
     }
-    let mut notes = Vec::new();
     let Some(shape) = c.recurrent else {
-        if arch == GgufArch::Recurrent {
-            return Err(ExportError::Refused(format!(
-                "{} is a static model; --arch recurrent needs a recurrent checkpoint (make one \
-                 with `surgery apply`), and --arch llama exports this one as it is",
-                source.path.display()
-            )));
-        }
-        refuse_non_llama(c, "a static")?;
-        if opts.recurrence.is_some() {
-            notes.push("a static model has no recurrence; --recurrence is ignored".into());
-        }
-        return Ok(Layout {
-            arch,
-            blocks: (0..c.n_layers).collect(),
-            fused: false,
-            recurrent: None,
-            notes,
-        });
+        return static_layout(source, arch, opts.recurrence);
     };
-    let (p, k) = (shape.prelude, shape.coda);
-    let core = p..p + shape.core;
-    let coda = p + shape.core..p + shape.core + k;
     if arch == GgufArch::Recurrent {
         let r = opts.recurrence.unwrap_or(shape.mean_recurrence);
         return Ok(Layout {
@@ -223,13 +202,62 @@ fn layout(source: &SourceModel, opts: &GgufOptions) -> Result<Layout, ExportErro
             blocks: (0..c.n_layers).collect(),
             fused: true,
             recurrent: Some((shape, r)),
-            notes,
+            notes: Vec::new(),
         });
     }
     refuse_non_llama(c, "this recurrent")?;
+    let (blocks, notes) = llama_blocks(source, shape, opts.recurrence)?;
+    Ok(Layout {
+        arch,
+        blocks,
+        fused: true,
+        recurrent: None,
+        notes,
+    })
+}
+
+/// A static model's blocks, all of them: only `llama` can hold them.
+fn static_layout(
+    source: &SourceModel,
+    arch: GgufArch,
+    recurrence: Option<usize>,
+) -> Result<Layout, ExportError> {
+    let c = &source.config;
+    if arch == GgufArch::Recurrent {
+        return Err(ExportError::Refused(format!(
+            "{} is a static model; --arch recurrent needs a recurrent checkpoint (make one \
+             with `surgery apply`), and --arch llama exports this one as it is",
+            source.path.display()
+        )));
+    }
+    refuse_non_llama(c, "a static")?;
+    let mut notes = Vec::new();
+    if recurrence.is_some() {
+        notes.push("a static model has no recurrence; --recurrence is ignored".into());
+    }
+    Ok(Layout {
+        arch,
+        blocks: (0..c.n_layers).collect(),
+        fused: false,
+        recurrent: None,
+        notes,
+    })
+}
+
+/// The static stack of blocks that computes a recurrent model of `shape` exactly, as `llama`
+/// needs, and notes for the user; refused where there is none.
+fn llama_blocks(
+    source: &SourceModel,
+    shape: RecurrentShape,
+    recurrence: Option<usize>,
+) -> Result<(Vec<usize>, Vec<String>), ExportError> {
+    let (p, k) = (shape.prelude, shape.coda);
+    let core = p..p + shape.core;
+    let coda = p + shape.core..p + shape.core + k;
+    let mut notes = Vec::new();
     let blocks: Vec<usize> = if !shape.adapter {
         // No injection: s_0 = e and s_i = core(s_{i-1}), a plain stack of P + r C + K blocks.
-        let Some(r) = opts.recurrence else {
+        let Some(r) = recurrence else {
             return Err(ExportError::Refused(
                 "--arch llama unrolls a core without injection into a static stack: give \
                  --recurrence R, the number of core passes to write"
@@ -251,7 +279,7 @@ fn layout(source: &SourceModel, opts: &GgufOptions) -> Result<Layout, ExportErro
             )));
         }
         // [0 | I] ignores the state: s_i = core(e) for every i >= 1, whatever r is.
-        if opts.recurrence.is_some() {
+        if recurrence.is_some() {
             notes.push(
                 "the adapter is exactly [0 | I], so every r computes the same model; the core \
                  is written once and --recurrence is ignored"
@@ -260,13 +288,7 @@ fn layout(source: &SourceModel, opts: &GgufOptions) -> Result<Layout, ExportErro
         }
         (0..p).chain(core).chain(coda).collect()
     };
-    Ok(Layout {
-        arch,
-        blocks,
-        fused: true,
-        recurrent: None,
-        notes,
-    })
+    Ok((blocks, notes))
 }
 
 fn refuse_non_llama(c: &ModelConfig, what: &str) -> Result<(), ExportError> {
@@ -332,104 +354,25 @@ fn output_is_tied(source: &SourceModel) -> bool {
     embed.dtype == head.dtype && embed.shape == head.shape && !a.is_empty() && a == b
 }
 
+/// The output tensors, in llama.cpp's order, each with where its rows come from.
 fn jobs(source: &SourceModel, layout: &Layout, quant: QuantType) -> Result<Vec<Job>, ExportError> {
     let c = &source.config;
     let tied = output_is_tied(source);
-    let mut jobs = Vec::new();
-    let mut push = |name: String, role: Role, shape: Vec<usize>, kind: TensorKind, start, order| {
-        let (_, cols) = rows_cols(&shape);
-        let dtype = if shape.len() == 1 {
-            DType::F32
-        } else {
-            quant.tensor_type(kind, cols)
-        };
-        jobs.push(Job {
-            header: TensorHeader { name, dtype, shape },
-            src: JobSource::Rows { role, start, order },
-        });
+    let mut list = JobList {
+        c,
+        quant,
+        jobs: Vec::new(),
     };
-    let embed_shape = expected_shape(c, Role::Embed);
-    push(
-        spec::TOKEN_EMBD.into(),
-        Role::Embed,
-        embed_shape,
-        TensorKind::Embed { tied },
-        0,
-        RowOrder::Hf,
-    );
-    let n_blocks = layout.blocks.len();
-    // llama.cpp's RoPE rotates adjacent pairs; Llama blocks are permuted into that order.
-    let permute = c.family == Family::Llama;
-    let head_order = RowOrder::Gguf {
-        head_rows: c.head_dim,
-    };
-    for (out, &src) in layout.blocks.iter().enumerate() {
-        for &role in block_roles(c.family) {
-            use LayerRole::*;
-            let shape = expected_shape(c, Role::Layer(src, role));
-            let (source_role, start) = match (layout.fused, role) {
-                (true, Q) => (Qkv, 0),
-                (true, K) => (Qkv, c.q_dim()),
-                (true, V) => (Qkv, c.q_dim() + c.kv_dim()),
-                (true, Gate) => (GateUp, 0),
-                (true, Up) => (GateUp, c.ffn),
-                (_, r) => (r, 0),
-            };
-            let order = match role {
-                Q | K if permute => head_order,
-                _ => RowOrder::Hf,
-            };
-            let kind = match role {
-                V => TensorKind::AttnV {
-                    block: out,
-                    n_blocks,
-                },
-                Down => TensorKind::FfnDown {
-                    block: out,
-                    n_blocks,
-                },
-                _ => TensorKind::Matrix,
-            };
-            let name = spec::block_tensor(out, role).unwrap_or_default();
-            push(
-                name,
-                Role::Layer(src, source_role),
-                shape,
-                kind,
-                start,
-                order,
-            );
-        }
-    }
+    list.whole(spec::TOKEN_EMBD, Role::Embed, TensorKind::Embed { tied });
+    list.blocks(layout);
     if layout.recurrent.is_some_and(|(s, _)| s.adapter) {
-        let shape = expected_shape(c, Role::Adapter);
-        push(
-            spec::ADAPTER.into(),
-            Role::Adapter,
-            shape,
-            TensorKind::Adapter,
-            0,
-            RowOrder::Hf,
-        );
+        list.whole(spec::ADAPTER, Role::Adapter, TensorKind::Adapter);
     }
-    push(
-        spec::OUTPUT_NORM.into(),
-        Role::FinalNorm,
-        expected_shape(c, Role::FinalNorm),
-        TensorKind::Vector,
-        0,
-        RowOrder::Hf,
-    );
+    list.whole(spec::OUTPUT_NORM, Role::FinalNorm, TensorKind::Vector);
     if !tied {
-        push(
-            spec::OUTPUT.into(),
-            Role::LmHead,
-            expected_shape(c, Role::LmHead),
-            TensorKind::Output,
-            0,
-            RowOrder::Hf,
-        );
+        list.whole(spec::OUTPUT, Role::LmHead, TensorKind::Output);
     }
+    let mut jobs = list.jobs;
     if let Some(factors) = llama3_rope_factors(c) {
         // After token_embd, where llama.cpp's converter puts it.
         jobs.insert(
@@ -454,6 +397,88 @@ fn jobs(source: &SourceModel, layout: &Layout, quant: QuantType) -> Result<Vec<J
         }
     }
     Ok(jobs)
+}
+
+/// The output tensors read from source rows, as they are listed.
+struct JobList<'a> {
+    c: &'a ModelConfig,
+    quant: QuantType,
+    jobs: Vec<Job>,
+}
+
+impl JobList<'_> {
+    /// Adds tensor `name` of `shape`, read from `src`: a vector stays f32, a matrix gets the type
+    /// `quant` picks for its `kind` and width.
+    fn push(&mut self, name: String, shape: Vec<usize>, kind: TensorKind, src: JobSource) {
+        let (_, cols) = rows_cols(&shape);
+        let dtype = if shape.len() == 1 {
+            DType::F32
+        } else {
+            self.quant.tensor_type(kind, cols)
+        };
+        self.jobs.push(Job {
+            header: TensorHeader { name, dtype, shape },
+            src,
+        });
+    }
+
+    /// Adds tensor `name`: the whole tensor of `role`, rows in the Hugging Face order.
+    fn whole(&mut self, name: &str, role: Role, kind: TensorKind) {
+        let src = JobSource::Rows {
+            role,
+            start: 0,
+            order: RowOrder::Hf,
+        };
+        self.push(name.into(), expected_shape(self.c, role), kind, src);
+    }
+
+    /// Adds the tensors of the output blocks, each read from its source block (from the rows of
+    /// a fused `Qkv` / `GateUp` in the recurrent layout).
+    fn blocks(&mut self, layout: &Layout) {
+        use LayerRole::*;
+        let c = self.c;
+        let n_blocks = layout.blocks.len();
+        // llama.cpp's RoPE rotates adjacent pairs; Llama blocks are permuted into that order.
+        let permute = c.family == Family::Llama;
+        let head_order = RowOrder::Gguf {
+            head_rows: c.head_dim,
+        };
+        for (out, &src) in layout.blocks.iter().enumerate() {
+            for &role in block_roles(c.family) {
+                let shape = expected_shape(c, Role::Layer(src, role));
+                let (source_role, start) = match (layout.fused, role) {
+                    (true, Q) => (Qkv, 0),
+                    (true, K) => (Qkv, c.q_dim()),
+                    (true, V) => (Qkv, c.q_dim() + c.kv_dim()),
+                    (true, Gate) => (GateUp, 0),
+                    (true, Up) => (GateUp, c.ffn),
+                    (_, r) => (r, 0),
+                };
+                let order = match role {
+                    Q | K if permute => head_order,
+                    _ => RowOrder::Hf,
+                };
+                let kind = match role {
+                    V => TensorKind::AttnV {
+                        block: out,
+                        n_blocks,
+                    },
+                    Down => TensorKind::FfnDown {
+                        block: out,
+                        n_blocks,
+                    },
+                    _ => TensorKind::Matrix,
+                };
+                let name = spec::block_tensor(out, role).unwrap_or_default();
+                let rows = JobSource::Rows {
+                    role: Role::Layer(src, source_role),
+                    start,
+                    order,
+                };
+                self.push(name, shape, kind, rows);
+            }
+        }
+    }
 }
 
 /// Llama-3 RoPE scaling as llama.cpp applies it: one divisor per rotary frequency
@@ -554,14 +579,33 @@ fn metadata(
 ) -> Vec<(String, Value)> {
     let c = &source.config;
     let arch = arch_name(layout.arch);
-    let u32v = |n: usize| Value::U32(u32::try_from(n).unwrap_or(u32::MAX));
-    let string = |s: &str| Value::String(s.to_string());
+    let mut m = general_metadata(source, arch, quant);
+    m.extend(hyperparameters(c, arch, layout.blocks.len()));
+    if let Some((shape, r)) = layout.recurrent {
+        m.extend(recurrent_metadata(c, shape, r));
+    }
+    m.extend(tokenizer);
+    m
+}
+
+/// A count as GGUF stores it (u32, saturating).
+fn u32v(n: usize) -> Value {
+    Value::U32(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+/// A GGUF string value.
+fn string(s: &str) -> Value {
+    Value::String(s.to_string())
+}
+
+/// The `general.*` keys: ours, and a GGUF source's own description (author, license, ...), which
+/// travels with it.
+fn general_metadata(source: &SourceModel, arch: &str, quant: QuantType) -> Vec<(String, Value)> {
     let mut m: Vec<(String, Value)> = vec![
         ("general.architecture".into(), string(arch)),
         ("general.type".into(), string("model")),
         ("general.name".into(), string(&model_name(source))),
     ];
-    // The source's own description (author, license, ...) travels with it.
     if let Some(g) = source.gguf() {
         const OURS: &[&str] = &[
             "general.architecture",
@@ -583,15 +627,20 @@ fn metadata(
         "general.quantization_version".into(),
         Value::U32(QUANTIZATION_VERSION),
     ));
+    m
+}
+
+/// The hyperparameters both architectures share, under `arch`'s prefix, for `n_blocks` blocks.
+fn hyperparameters(c: &ModelConfig, arch: &str, n_blocks: usize) -> [(String, Value); 12] {
     let k = |suffix: &str| spec::key(arch, suffix);
-    m.extend([
+    [
         (k("vocab_size"), u32v(c.vocab)),
         (
             k("context_length"),
             u32v(c.max_position.unwrap_or(DEFAULT_CONTEXT)),
         ),
         (k("embedding_length"), u32v(c.hidden)),
-        (k("block_count"), u32v(layout.blocks.len())),
+        (k("block_count"), u32v(n_blocks)),
         (k("feed_forward_length"), u32v(c.ffn)),
         (k("attention.head_count"), u32v(c.n_heads)),
         (k("attention.head_count_kv"), u32v(c.n_kv_heads)),
@@ -603,45 +652,47 @@ fn metadata(
             k("attention.layer_norm_rms_epsilon"),
             Value::F32(c.norm_eps as f32),
         ),
-    ]);
-    if let Some((shape, r)) = layout.recurrent {
+    ]
+}
+
+/// The recurrent architecture's own keys (schemas/gguf-recurrent.md): the block type, the
+/// recurrent shape with default recurrence `r`, and Llama-3 RoPE scaling when there is some.
+fn recurrent_metadata(c: &ModelConfig, shape: RecurrentShape, r: usize) -> Vec<(String, Value)> {
+    let mut m = vec![
+        (spec::KEY_BLOCK_TYPE.into(), string(c.family.name())),
+        (spec::KEY_PRELUDE.into(), u32v(shape.prelude)),
+        (spec::KEY_CORE.into(), u32v(shape.core)),
+        (spec::KEY_CODA.into(), u32v(shape.coda)),
+        (spec::KEY_RECURRENCE.into(), u32v(r)),
+        (
+            spec::KEY_INJECTION.into(),
+            string(if shape.adapter { "linear" } else { "none" }),
+        ),
+        (
+            spec::KEY_STATE_SIGMA.into(),
+            Value::F32(shape.state_std as f32),
+        ),
+    ];
+    if let Some(s) = c.rope_scaling {
         m.extend([
-            (spec::KEY_BLOCK_TYPE.into(), string(c.family.name())),
-            (spec::KEY_PRELUDE.into(), u32v(shape.prelude)),
-            (spec::KEY_CORE.into(), u32v(shape.core)),
-            (spec::KEY_CODA.into(), u32v(shape.coda)),
-            (spec::KEY_RECURRENCE.into(), u32v(r)),
             (
-                spec::KEY_INJECTION.into(),
-                string(if shape.adapter { "linear" } else { "none" }),
+                spec::KEY_ROPE_LLAMA3_FACTOR.into(),
+                Value::F32(s.factor as f32),
             ),
             (
-                spec::KEY_STATE_SIGMA.into(),
-                Value::F32(shape.state_std as f32),
+                spec::KEY_ROPE_LLAMA3_LOW.into(),
+                Value::F32(s.low_freq_factor as f32),
+            ),
+            (
+                spec::KEY_ROPE_LLAMA3_HIGH.into(),
+                Value::F32(s.high_freq_factor as f32),
+            ),
+            (
+                spec::KEY_ROPE_LLAMA3_ORIG_CTX.into(),
+                u32v(s.original_max_position_embeddings),
             ),
         ]);
-        if let Some(s) = c.rope_scaling {
-            m.extend([
-                (
-                    spec::KEY_ROPE_LLAMA3_FACTOR.into(),
-                    Value::F32(s.factor as f32),
-                ),
-                (
-                    spec::KEY_ROPE_LLAMA3_LOW.into(),
-                    Value::F32(s.low_freq_factor as f32),
-                ),
-                (
-                    spec::KEY_ROPE_LLAMA3_HIGH.into(),
-                    Value::F32(s.high_freq_factor as f32),
-                ),
-                (
-                    spec::KEY_ROPE_LLAMA3_ORIG_CTX.into(),
-                    u32v(s.original_max_position_embeddings),
-                ),
-            ]);
-        }
     }
-    m.extend(tokenizer);
     m
 }
 

@@ -131,6 +131,7 @@ fn out_tensors(source: &SourceModel) -> Result<Vec<OutTensor>, ExportError> {
         .collect()
 }
 
+/// Writes the shards, then the files that describe them ([`write_small_files`]), into `dir`.
 fn write_dir(
     source: &SourceModel,
     tensors: &[OutTensor],
@@ -156,9 +157,54 @@ fn write_dir(
         })
         .collect();
     let shards = Shards::new(entries, opts.max_shard_bytes);
+    let mut writer = ShardWriter {
+        source,
+        dtype,
+        progress,
+        done: 0,
+    };
     let mut files = Vec::new();
-    let mut done = 0u64;
     for i in 0..shards.len() {
+        files.push(writer.shard(dir, &shards, i, &tensors[shards.range(i)])?);
+    }
+    progress.finish();
+    let notes = write_small_files(source, dtype, &shards, dir, &mut files)?;
+    let model_type = match source.config.recurrent {
+        Some(_) => "huginn_raven",
+        None => source.config.family.name(),
+    };
+    Ok(SafetensorsReport {
+        out: dir.to_path_buf(),
+        model_type: model_type.into(),
+        dtype: dtype.name().into(),
+        shards: shards.len(),
+        tensors: tensors.len(),
+        tensor_bytes: shards.total_bytes(),
+        source_bytes: total_source,
+        files,
+        notes,
+    })
+}
+
+/// Streams tensors into shard files as `dtype`, with the progress of the source bytes read.
+struct ShardWriter<'a> {
+    source: &'a SourceModel,
+    dtype: DType,
+    progress: &'a mut dyn Progress,
+    /// Source bytes read so far, over all shards.
+    done: u64,
+}
+
+impl ShardWriter<'_> {
+    /// Writes shard `i` of `shards`, which holds `tensors`, into `dir`; returns its manifest
+    /// entry (hashed as it is written, not read back).
+    fn shard(
+        &mut self,
+        dir: &Path,
+        shards: &Shards,
+        i: usize,
+        tensors: &[OutTensor],
+    ) -> Result<ManifestEntry, ExportError> {
         let name = shards.name(i);
         let path = dir.join(&name);
         let io = |source| ExportError::Io {
@@ -167,49 +213,78 @@ fn write_dir(
         };
         let file = File::create(&path).map_err(io)?;
         let mut w = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
-        let part = &tensors[shards.range(i)];
         w.write_all(&shards.header(i)).map_err(io)?;
-        for t in part {
-            let s = source.tensor(t.role).ok_or_else(|| {
-                ExportError::Convert(format!("the checkpoint has no tensor for {}", t.role))
-            })?;
-            let (rows, cols) = rows_cols(&s.shape);
-            let unit = s
-                .unpermute_heads
-                .map_or(1, |heads| rows / heads.max(1))
-                .max(if s.parts.is_empty() {
-                    1
-                } else {
-                    source.config.head_dim
-                });
-            let ranges = chunks(rows, cols, unit);
-            stream_rows(source, s, &ranges, dtype, RowOrder::Hf, &mut |bytes, n| {
-                w.write_all(bytes).map_err(io)?;
-                done += n;
-                progress.advance(done);
-                Ok::<(), ExportError>(())
-            })
-            .map_err(|e| match e {
-                ExportError::Gguf(e) => {
-                    ExportError::Convert(format!("tensor {} (from {}): {e}", t.name, s.name))
-                }
-                other => other,
-            })?;
+        for t in tensors {
+            self.tensor(t, &mut w, &path)?;
         }
         let (buf, bytes, sha256) = w.finish();
         buf.into_inner()
             .map_err(|e| io(e.into_error()))?
             .sync_all()
             .map_err(io)?;
-        files.push(ManifestEntry {
+        Ok(ManifestEntry {
             path: name,
             bytes,
             sha256,
-        });
+        })
     }
-    progress.finish();
 
-    let tensor_bytes = shards.total_bytes();
+    /// Streams tensor `t` into `w`, the shard at `path`, a chunk of whole heads (or rows) at a
+    /// time: rows permuted per head, or parts of a fused tensor, are never split.
+    fn tensor(
+        &mut self,
+        t: &OutTensor,
+        w: &mut impl Write,
+        path: &Path,
+    ) -> Result<(), ExportError> {
+        let s = self.source.tensor(t.role).ok_or_else(|| {
+            ExportError::Convert(format!("the checkpoint has no tensor for {}", t.role))
+        })?;
+        let (rows, cols) = rows_cols(&s.shape);
+        let unit = s
+            .unpermute_heads
+            .map_or(1, |heads| rows / heads.max(1))
+            .max(if s.parts.is_empty() {
+                1
+            } else {
+                self.source.config.head_dim
+            });
+        let ranges = chunks(rows, cols, unit);
+        stream_rows(
+            self.source,
+            s,
+            &ranges,
+            self.dtype,
+            RowOrder::Hf,
+            &mut |bytes, n| {
+                w.write_all(bytes).map_err(|source| ExportError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                self.done += n;
+                self.progress.advance(self.done);
+                Ok::<(), ExportError>(())
+            },
+        )
+        .map_err(|e| match e {
+            ExportError::Gguf(e) => {
+                ExportError::Convert(format!("tensor {} (from {}): {e}", t.name, s.name))
+            }
+            other => other,
+        })
+    }
+}
+
+/// The files written after the tensors they describe: the shard index (when sharded),
+/// config.json and the tokenizer files, then, last, the manifest of all files. Their entries
+/// join `files`, which ends sorted by path; returns notes for the user.
+fn write_small_files(
+    source: &SourceModel,
+    dtype: DType,
+    shards: &Shards,
+    dir: &Path,
+    files: &mut Vec<ManifestEntry>,
+) -> Result<Vec<String>, ExportError> {
     if let Some(index) = shards.index() {
         files.push(write_small(dir, INDEX_NAME, &pretty(&index))?);
     }
@@ -230,21 +305,7 @@ fn write_dir(
         MANIFEST_NAME,
         &pretty(&serde_json::to_value(&manifest).unwrap_or_default()),
     )?;
-    let model_type = match source.config.recurrent {
-        Some(_) => "huginn_raven",
-        None => source.config.family.name(),
-    };
-    Ok(SafetensorsReport {
-        out: dir.to_path_buf(),
-        model_type: model_type.into(),
-        dtype: dtype.name().into(),
-        shards: shards.len(),
-        tensors: tensors.len(),
-        tensor_bytes,
-        source_bytes: total_source,
-        files,
-        notes,
-    })
+    Ok(notes)
 }
 
 fn pretty(v: &serde_json::Value) -> Vec<u8> {

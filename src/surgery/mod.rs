@@ -124,6 +124,7 @@ fn entry(t: &TensorSpec) -> Entry {
     }
 }
 
+/// Writes the shards, then the files that describe them ([`write_small_files`]), into `dir`.
 fn write_all(
     plan: &Plan,
     plan_bytes: &[u8],
@@ -139,17 +140,59 @@ fn write_all(
     let total = shards.total_bytes();
     let mut files = Vec::new();
     progress.start("writing", total);
-    let mut done = 0u64;
-    let mut nonfinite = Vec::new();
+    let mut writer = ShardWriter {
+        sources,
+        strict: opts.strict,
+        progress,
+        done: 0,
+        nonfinite: Vec::new(),
+    };
     for i in 0..shards.len() {
+        files.push(writer.shard(dir, &shards, i, &plan.tensors[shards.range(i)])?);
+    }
+    let nonfinite = writer.nonfinite;
+    progress.finish();
+    write_small_files(plan, plan_bytes, &shards, dir, &mut files)?;
+    Ok(ApplyReport {
+        out: dir.to_path_buf(),
+        shards: shards.len(),
+        tensors: plan.tensors.len(),
+        tensor_bytes: total,
+        files,
+        nonfinite,
+    })
+}
+
+/// Writes the shards of the output, each hashed on another thread as it is written, with the
+/// progress of the bytes written and the tensors that received NaN or Inf.
+struct ShardWriter<'a> {
+    sources: &'a SourceFiles,
+    /// Refuse NaN or Inf from the source rather than report it.
+    strict: bool,
+    progress: &'a mut dyn Progress,
+    /// Tensor bytes written so far, over all shards.
+    done: u64,
+    nonfinite: Vec<NonFinite>,
+}
+
+impl<'a> ShardWriter<'a> {
+    /// Writes shard `i` of `shards`, which holds `tensors`, into `dir`; returns its manifest
+    /// entry.
+    fn shard(
+        &mut self,
+        dir: &Path,
+        shards: &Shards,
+        i: usize,
+        tensors: &'a [TensorSpec],
+    ) -> Result<ManifestEntry, ApplyError> {
         let name = shards.name(i);
         let path = dir.join(&name);
-        let tensors = &plan.tensors[shards.range(i)];
         let io = |source| ApplyError::Io {
             path: path.clone(),
             source,
         };
         let file = File::create(&path).map_err(io)?;
+        let sources = self.sources;
         let (bytes, sha256) = std::thread::scope(|scope| -> Result<(u64, String), ApplyError> {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(4);
             let hasher = scope.spawn(move || hash_chunks(rx, sources));
@@ -160,28 +203,10 @@ fn write_all(
             };
             sink.owned(shards.header(i)).map_err(io)?;
             for t in tensors {
-                let before = sink.written;
-                let bad = write_tensor(t, sources, &mut sink, &mut |n| progress.advance(done + n))
-                    .map_err(|e| match e {
-                        ApplyError::Io { source, .. } => io(source),
-                        other => other,
-                    })?;
-                if bad > 0 {
-                    let tensor = t.name.clone();
-                    if opts.strict {
-                        return Err(ApplyError::NonFinite { tensor, count: bad });
-                    }
-                    nonfinite.push(NonFinite { tensor, count: bad });
-                }
-                let wrote = sink.written - before;
-                if wrote != tensor_bytes(t) {
-                    return Err(ApplyError::Convert(format!(
-                        "tensor {:?}: wrote {wrote} bytes, expected {}",
-                        t.name,
-                        tensor_bytes(t)
-                    )));
-                }
-                done += wrote;
+                self.tensor(t, &mut sink).map_err(|e| match e {
+                    ApplyError::Io { source, .. } => io(source),
+                    other => other,
+                })?;
             }
             let Sink {
                 file,
@@ -198,15 +223,51 @@ fn write_all(
                 .map_err(|_| ApplyError::Convert("the output hashing thread panicked".into()))?;
             Ok((written, sha))
         })?;
-        files.push(ManifestEntry {
+        Ok(ManifestEntry {
             path: name,
             bytes,
             sha256,
-        });
+        })
     }
-    progress.finish();
 
-    // Indexes and configs are written after the tensors they describe (STYLE.md principle 5).
+    /// Writes tensor `t` into `sink`, and checks that it wrote the bytes `t` takes. NaN or Inf
+    /// taken from the source is refused under `strict`, else reported.
+    fn tensor(&mut self, t: &'a TensorSpec, sink: &mut Sink<'a>) -> Result<(), ApplyError> {
+        let before = sink.written;
+        let bad = write_tensor(t, self.sources, sink, &mut |n| {
+            self.progress.advance(self.done + n)
+        })?;
+        if bad > 0 {
+            let tensor = t.name.clone();
+            if self.strict {
+                return Err(ApplyError::NonFinite { tensor, count: bad });
+            }
+            self.nonfinite.push(NonFinite { tensor, count: bad });
+        }
+        let wrote = sink.written - before;
+        if wrote != tensor_bytes(t) {
+            return Err(ApplyError::Convert(format!(
+                "tensor {:?}: wrote {wrote} bytes, expected {}",
+                t.name,
+                tensor_bytes(t)
+            )));
+        }
+        self.done += wrote;
+        Ok(())
+    }
+}
+
+/// Writes the files that describe the tensors, after them (STYLE.md principle 5): the shard
+/// index (when sharded), config.json recording the plan's sha256, the plan's other files and
+/// plan.json, then, last, the manifest of all files. Their entries join `files`, which ends
+/// sorted by path.
+fn write_small_files(
+    plan: &Plan,
+    plan_bytes: &[u8],
+    shards: &Shards,
+    dir: &Path,
+    files: &mut Vec<ManifestEntry>,
+) -> Result<(), ApplyError> {
     if let Some(index) = shards.index() {
         files.push(write_small(dir, INDEX_NAME, &pretty(&index))?);
     }
@@ -228,14 +289,7 @@ fn write_all(
         MANIFEST_NAME,
         &pretty(&serde_json::to_value(&manifest).unwrap_or_default()),
     )?;
-    Ok(ApplyReport {
-        out: dir.to_path_buf(),
-        shards: shards.len(),
-        tensors: plan.tensors.len(),
-        tensor_bytes: total,
-        files,
-        nonfinite,
-    })
+    Ok(())
 }
 
 fn pretty(v: &serde_json::Value) -> Vec<u8> {
@@ -329,82 +383,120 @@ fn write_tensor<'a>(
     sink: &mut Sink<'a>,
     advance: &mut dyn FnMut(u64),
 ) -> Result<u64, ApplyError> {
-    let io = |source| ApplyError::Io {
+    match t.transform {
+        None => write_init(t, sink, advance).map(|()| 0),
+        Some(Transform::Copy | Transform::ConcatRows) => copy_sources(t, sources, sink, advance),
+        Some(Transform::Convert | Transform::Dequantize) => {
+            convert_sources(t, sources, sink, advance)
+        }
+    }
+}
+
+/// A failed write into the sink; the caller names the shard.
+fn sink_io(source: std::io::Error) -> ApplyError {
+    ApplyError::Io {
         path: PathBuf::new(),
         source,
-    };
+    }
+}
+
+/// Writes a new tensor (no source) from its init, computed here.
+fn write_init(
+    t: &TensorSpec,
+    sink: &mut Sink<'_>,
+    advance: &mut dyn FnMut(u64),
+) -> Result<(), ApplyError> {
+    let out = t.dtype.0;
+    let start = sink.written;
+    let init = t
+        .init
+        .as_ref()
+        .ok_or_else(|| ApplyError::Convert(format!("tensor {:?} has no init", t.name)))?;
+    let (rows, cols) = (
+        t.shape.first().copied().unwrap_or(0),
+        t.shape.get(1).copied().unwrap_or(1),
+    );
+    let values = init::values(init, rows, cols).map_err(ApplyError::Convert)?;
+    let encoded = encode(out, &values)?;
+    // A computed tensor is never written with NaN or Inf: an init scale that overflows
+    // the output type is refused, not warned about (issue 18).
+    let bad = count_nonfinite(out, &encoded);
+    if bad > 0 {
+        return Err(ApplyError::Convert(format!(
+            "tensor {:?}: init scale {} gives {bad} values that are NaN or Inf as {out}",
+            t.name,
+            crate::formats::hf_config::show(init.scale)
+        )));
+    }
+    sink.owned(encoded).map_err(sink_io)?;
+    advance(sink.written - start);
+    Ok(())
+}
+
+/// Copies the bytes of `t`'s sources, in order, out of their maps; returns the NaN and Inf
+/// values among them.
+fn copy_sources<'a>(
+    t: &'a TensorSpec,
+    sources: &'a SourceFiles,
+    sink: &mut Sink<'a>,
+    advance: &mut dyn FnMut(u64),
+) -> Result<u64, ApplyError> {
+    let start = sink.written;
+    let mut nonfinite = 0;
+    for s in &t.sources {
+        let base = SourceFiles::offset(s);
+        for (k, chunk) in sources.bytes(s).chunks(CHUNK_BYTES).enumerate() {
+            nonfinite += count_nonfinite(s.dtype.0, chunk);
+            sink.mapped(s, base + k * CHUNK_BYTES, chunk)
+                .map_err(sink_io)?;
+            advance(sink.written - start);
+        }
+    }
+    Ok(nonfinite)
+}
+
+/// Converts `t`'s sources, in order, to its dtype, a chunk of whole rows at a time; returns the
+/// NaN and Inf values the source held. Finite values that the conversion overflows are refused.
+fn convert_sources<'a>(
+    t: &'a TensorSpec,
+    sources: &'a SourceFiles,
+    sink: &mut Sink<'a>,
+    advance: &mut dyn FnMut(u64),
+) -> Result<u64, ApplyError> {
     let out = t.dtype.0;
     let start = sink.written;
     let mut nonfinite = 0;
-    match t.transform {
-        None => {
-            let init = t
-                .init
-                .as_ref()
-                .ok_or_else(|| ApplyError::Convert(format!("tensor {:?} has no init", t.name)))?;
-            let (rows, cols) = (
-                t.shape.first().copied().unwrap_or(0),
-                t.shape.get(1).copied().unwrap_or(1),
-            );
-            let values = init::values(init, rows, cols).map_err(ApplyError::Convert)?;
+    for s in &t.sources {
+        let bytes = sources.bytes(s);
+        let rows = s.shape.first().copied().unwrap_or(1).max(1);
+        let row_bytes = (bytes.len() / rows).max(1);
+        // Whole heads per chunk, so the per-head un-permutation stays within a chunk.
+        let unit = s.unpermute_heads.map_or(1, |heads| rows / heads.max(1));
+        let per_chunk = (CHUNK_BYTES / row_bytes / unit).max(1) * unit;
+        let base = SourceFiles::offset(s);
+        for (k, chunk) in bytes.chunks(per_chunk * row_bytes).enumerate() {
+            let chunk_rows = chunk.len() / row_bytes;
+            let heads = s.unpermute_heads.map(|_| chunk_rows / unit);
+            let values = decode_rows(s.dtype.0, chunk, chunk_rows, heads)
+                .map_err(|e| ApplyError::Convert(format!("tensor {:?}: {e}", s.tensor)))?;
+            let before = values.iter().filter(|v| !v.is_finite()).count() as u64;
             let encoded = encode(out, &values)?;
-            // A computed tensor is never written with NaN or Inf: an init scale that overflows
-            // the output type is refused, not warned about (issue 18).
-            let bad = count_nonfinite(out, &encoded);
-            if bad > 0 {
+            // Values the source already held as NaN or Inf are counted (a warning, or a
+            // refusal under --strict); finite ones the conversion overflows are refused.
+            let after = count_nonfinite(out, &encoded);
+            if after > before {
                 return Err(ApplyError::Convert(format!(
-                    "tensor {:?}: init scale {} gives {bad} values that are NaN or Inf as {out}",
+                    "tensor {:?}: {} finite values of {} become NaN or Inf as {out} (out \
+                     of its range)",
                     t.name,
-                    crate::formats::hf_config::show(init.scale)
+                    after - before,
+                    s.tensor
                 )));
             }
-            sink.owned(encoded).map_err(io)?;
+            nonfinite += before;
+            sink.owned(encoded).map_err(sink_io)?;
+            sources.release(s, base + k * per_chunk * row_bytes, chunk.len());
             advance(sink.written - start);
-        }
-        Some(Transform::Copy | Transform::ConcatRows) => {
-            for s in &t.sources {
-                let base = SourceFiles::offset(s);
-                for (k, chunk) in sources.bytes(s).chunks(CHUNK_BYTES).enumerate() {
-                    nonfinite += count_nonfinite(s.dtype.0, chunk);
-                    sink.mapped(s, base + k * CHUNK_BYTES, chunk).map_err(io)?;
-                    advance(sink.written - start);
-                }
-            }
-        }
-        Some(Transform::Convert | Transform::Dequantize) => {
-            for s in &t.sources {
-                let bytes = sources.bytes(s);
-                let rows = s.shape.first().copied().unwrap_or(1).max(1);
-                let row_bytes = (bytes.len() / rows).max(1);
-                // Whole heads per chunk, so the per-head un-permutation stays within a chunk.
-                let unit = s.unpermute_heads.map_or(1, |heads| rows / heads.max(1));
-                let per_chunk = (CHUNK_BYTES / row_bytes / unit).max(1) * unit;
-                let base = SourceFiles::offset(s);
-                for (k, chunk) in bytes.chunks(per_chunk * row_bytes).enumerate() {
-                    let chunk_rows = chunk.len() / row_bytes;
-                    let heads = s.unpermute_heads.map(|_| chunk_rows / unit);
-                    let values = decode_rows(s.dtype.0, chunk, chunk_rows, heads)
-                        .map_err(|e| ApplyError::Convert(format!("tensor {:?}: {e}", s.tensor)))?;
-                    let before = values.iter().filter(|v| !v.is_finite()).count() as u64;
-                    let encoded = encode(out, &values)?;
-                    // Values the source already held as NaN or Inf are counted (a warning, or a
-                    // refusal under --strict); finite ones the conversion overflows are refused.
-                    let after = count_nonfinite(out, &encoded);
-                    if after > before {
-                        return Err(ApplyError::Convert(format!(
-                            "tensor {:?}: {} finite values of {} become NaN or Inf as {out} (out \
-                             of its range)",
-                            t.name,
-                            after - before,
-                            s.tensor
-                        )));
-                    }
-                    nonfinite += before;
-                    sink.owned(encoded).map_err(io)?;
-                    sources.release(s, base + k * per_chunk * row_bytes, chunk.len());
-                    advance(sink.written - start);
-                }
-            }
         }
     }
     Ok(nonfinite)
