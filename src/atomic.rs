@@ -15,12 +15,12 @@ use std::path::{Path, PathBuf};
 const NAME_MAX: usize = 255;
 
 /// `OUT.partial-<pid>` beside OUT (shortened to fit a file name).
-pub fn partial_dir(out: &Path) -> PathBuf {
+pub(crate) fn partial_dir(out: &Path) -> PathBuf {
     sibling(out, "partial")
 }
 
 /// `FILE.partial-<pid>` beside FILE (shortened to fit a file name).
-pub fn partial_file(out: &Path) -> PathBuf {
+pub(crate) fn partial_file(out: &Path) -> PathBuf {
     sibling(out, "partial")
 }
 
@@ -61,7 +61,7 @@ fn partial_pid(name: &str) -> Option<u32> {
 /// Removes the `*.partial-<pid>` entries of `dir` whose process is gone. Only where `/proc`
 /// lists processes (Linux); elsewhere nothing is removed, since a live run cannot be told from
 /// a dead one. Best effort: an entry that cannot be removed is left for the next run.
-pub fn remove_stale_partials(dir: &Path) {
+pub(crate) fn remove_stale_partials(dir: &Path) {
     let proc = Path::new("/proc");
     if !proc.join("self").exists() {
         return;
@@ -166,7 +166,7 @@ impl Staging {
     }
 
     /// Renames the finished partial output to `out` (see [`publish`]).
-    pub fn publish(&self, out: &Path, force: bool) -> Result<(), (PathBuf, io::Error)> {
+    pub(crate) fn publish(&self, out: &Path, force: bool) -> Result<(), (PathBuf, io::Error)> {
         publish(&self.partial, out, force)
     }
 
@@ -224,7 +224,7 @@ fn make_parents(dir: &Path) -> Result<Vec<PathBuf>, (PathBuf, io::Error)> {
 
 /// Renames the finished `partial` directory or file to `out`. On failure, the path that failed
 /// and why.
-pub fn publish(partial: &Path, out: &Path, force: bool) -> Result<(), (PathBuf, io::Error)> {
+pub(crate) fn publish(partial: &Path, out: &Path, force: bool) -> Result<(), (PathBuf, io::Error)> {
     let at = |p: &Path| {
         let p = p.to_path_buf();
         move |e| (p, e)

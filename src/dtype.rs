@@ -36,7 +36,7 @@ impl DType {
 
     /// `config.json`'s `torch_dtype` for weights stored in this type: bfloat16, float16, or
     /// float32 for every other (f32, and quantized weights, which load as f32).
-    pub fn torch_name(self) -> &'static str {
+    pub(crate) fn torch_name(self) -> &'static str {
         match self {
             DType::BF16 => "bfloat16",
             DType::F16 => "float16",
@@ -84,12 +84,12 @@ impl DType {
         }
     }
 
-    pub fn from_ggml_id(id: u32) -> Option<DType> {
+    pub(crate) fn from_ggml_id(id: u32) -> Option<DType> {
         DType::ALL.into_iter().find(|d| d.ggml_id() == id)
     }
 
     /// Elements per block (1 for plain float types).
-    pub fn block_size(self) -> usize {
+    pub(crate) fn block_size(self) -> usize {
         match self {
             DType::F32 | DType::F16 | DType::BF16 => 1,
             DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => 32,

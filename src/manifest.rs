@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub const MANIFEST_NAME: &str = "manifest.json";
-pub const MANIFEST_VERSION: u32 = 1;
+pub(crate) const MANIFEST_NAME: &str = "manifest.json";
+pub(crate) const MANIFEST_VERSION: u32 = 1;
 
 /// Size and sha256 of every file of a directory but the manifest itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Manifest {
+pub(crate) struct Manifest {
     pub manifest_version: u32,
     pub tool_version: String,
     pub files: Vec<ManifestEntry>,
@@ -54,14 +54,14 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// `v` as pretty JSON with a final newline, the form of every small JSON file we write.
-pub fn pretty_json(v: &serde_json::Value) -> Vec<u8> {
+pub(crate) fn pretty_json(v: &serde_json::Value) -> Vec<u8> {
     let mut bytes = serde_json::to_vec_pretty(v).unwrap_or_default();
     bytes.push(b'\n');
     bytes
 }
 
 /// Writes a small file into `dir`, fsynced, and returns its manifest entry; on failure, the path.
-pub fn write_entry(
+pub(crate) fn write_entry(
     dir: &Path,
     name: &str,
     bytes: &[u8],
@@ -83,7 +83,7 @@ pub fn write_entry(
 
 /// A writer that hashes and counts what passes through it, so outputs are hashed as they are
 /// written instead of read back.
-pub struct HashingWriter<W: Write> {
+pub(crate) struct HashingWriter<W: Write> {
     inner: W,
     hasher: Sha256,
     written: u64,
@@ -96,10 +96,6 @@ impl<W: Write> HashingWriter<W> {
             hasher: Sha256::new(),
             written: 0,
         }
-    }
-
-    pub fn written(&self) -> u64 {
-        self.written
     }
 
     /// The inner writer, the byte count and the hex sha256.

@@ -76,7 +76,7 @@ fn not_regular(t: FileType) -> io::Error {
 }
 
 /// Ok when `path` (after symlinks) is a regular file; else the refusal, without opening it.
-pub fn require_file(path: &Path) -> io::Result<()> {
+pub(crate) fn require_file(path: &Path) -> io::Result<()> {
     let t = std::fs::metadata(path)?.file_type();
     if t.is_file() {
         Ok(())
@@ -86,7 +86,7 @@ pub fn require_file(path: &Path) -> io::Result<()> {
 }
 
 /// Ok when `path` (after symlinks) is a directory.
-pub fn require_dir(path: &Path) -> io::Result<()> {
+pub(crate) fn require_dir(path: &Path) -> io::Result<()> {
     let t = std::fs::metadata(path)?.file_type();
     if t.is_dir() {
         Ok(())
@@ -104,7 +104,7 @@ pub fn require_dir(path: &Path) -> io::Result<()> {
 /// Opens `path` for reading if it is a regular file. The type is checked before opening (for
 /// the message) and again on the open handle (the path may have been swapped in between); the
 /// open itself does not block, since opening a FIFO that has no writer waits for one.
-pub fn open_file(path: &Path) -> io::Result<File> {
+pub(crate) fn open_file(path: &Path) -> io::Result<File> {
     require_file(path)?;
     let mut opts = std::fs::OpenOptions::new();
     opts.read(true);
@@ -165,7 +165,7 @@ pub fn resolve(path: &Path) -> io::Result<PathBuf> {
 /// exception is the Hugging Face cache, whose `snapshots/<revision>/` folders hold symlinks into
 /// the repository's `blobs/`: a root named `<repo>/snapshots/<revision>` may also read
 /// `<repo>/blobs/`.
-pub fn file_inside(root: &Path, rel: &str) -> Result<PathBuf, PathError> {
+pub(crate) fn file_inside(root: &Path, rel: &str) -> Result<PathBuf, PathError> {
     let relative = Path::new(rel);
     let plain = !rel.is_empty()
         && relative

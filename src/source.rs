@@ -172,7 +172,7 @@ pub struct TokenizerInfo {
 }
 
 /// A stored tensor and its bytes, rows in the Hugging Face order.
-pub type StoredRows<'a> = (&'a TensorRef, std::borrow::Cow<'a, [u8]>);
+pub(crate) type StoredRows<'a> = (&'a TensorRef, std::borrow::Cow<'a, [u8]>);
 
 enum Storage {
     /// `first_file`: the index in [`SourceModel::files`] of the checkpoint's first weight file.
@@ -199,7 +199,7 @@ pub struct SourceModel {
 }
 
 /// The tokenizer files a Hugging Face checkpoint may have (copied into outputs).
-pub const TOKENIZER_FILES: [&str; 5] = [
+pub(crate) const TOKENIZER_FILES: [&str; 5] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -297,7 +297,7 @@ impl SourceModel {
     /// A tensor's stored bytes with its rows in the Hugging Face order (llama.cpp's Q/K row
     /// permutation undone: rows are whole blocks), with its reference; a fused role gives one
     /// per part, in order.
-    pub fn stored_rows<'a>(
+    pub(crate) fn stored_rows<'a>(
         &'a self,
         t: &'a TensorRef,
     ) -> Result<Vec<StoredRows<'a>>, gguf::GgufError> {
@@ -344,7 +344,7 @@ impl SourceModel {
     }
 
     /// The most common dtype by element count.
-    pub fn main_dtype(&self) -> DType {
+    pub(crate) fn main_dtype(&self) -> DType {
         self.dtype_histogram()
             .into_iter()
             .max_by_key(|(_, (_, n))| *n)
@@ -355,7 +355,7 @@ impl SourceModel {
 /// Decodes whole rows of any supported dtype to f32, undoing llama.cpp's per-head Q/K row
 /// permutation first when `unpermute_heads` is set (rows are whole blocks, so the permutation
 /// applies to the stored bytes).
-pub fn decode_rows(
+pub(crate) fn decode_rows(
     dtype: DType,
     bytes: &[u8],
     n_rows: usize,

@@ -68,7 +68,7 @@ impl fmt::Display for Role {
 }
 
 /// The tensors of one block of a source (non-recurrent) model, in the order they are stored.
-pub fn source_layer_roles(family: Family) -> &'static [LayerRole] {
+pub(crate) fn source_layer_roles(family: Family) -> &'static [LayerRole] {
     use LayerRole::*;
     match family {
         Family::Llama => &[AttnNorm, Q, K, V, O, MlpNorm, Gate, Up, Down],
@@ -89,7 +89,7 @@ pub fn source_layer_roles(family: Family) -> &'static [LayerRole] {
 }
 
 /// The tensors of one block in the recurrent layout, in output order.
-pub fn recurrent_layer_roles(family: Family) -> &'static [LayerRole] {
+pub(crate) fn recurrent_layer_roles(family: Family) -> &'static [LayerRole] {
     use LayerRole::*;
     match family {
         Family::Llama => &[AttnNorm, Qkv, O, MlpNorm, GateUp, Down],
@@ -107,7 +107,7 @@ pub fn recurrent_layer_roles(family: Family) -> &'static [LayerRole] {
 }
 
 /// The row-major shape a tensor of `role` has under `config`.
-pub fn expected_shape(config: &ModelConfig, role: Role) -> Vec<usize> {
+pub(crate) fn expected_shape(config: &ModelConfig, role: Role) -> Vec<usize> {
     use LayerRole::*;
     let (h, q, kv, f) = (config.hidden, config.q_dim(), config.kv_dim(), config.ffn);
     match role {
@@ -205,7 +205,7 @@ fn gguf_name(role: Role) -> Option<String> {
 }
 
 /// The part ("prelude", "core_block", "coda") and the index within it of global block `i`.
-pub fn raven_part(shape: &RecurrentShape, i: usize) -> Option<(&'static str, usize)> {
+pub(crate) fn raven_part(shape: &RecurrentShape, i: usize) -> Option<(&'static str, usize)> {
     if i < shape.prelude {
         Some(("prelude", i))
     } else if i < shape.prelude + shape.core {
@@ -246,7 +246,7 @@ fn raven_name(family: Family, shape: RecurrentShape, role: Role) -> Option<Strin
 }
 
 /// Every tensor a model of `config` must have under its own layout, with its role.
-pub fn required_roles(config: &ModelConfig) -> Vec<Role> {
+pub(crate) fn required_roles(config: &ModelConfig) -> Vec<Role> {
     let recurrent = config.recurrent.is_some();
     let per_layer = if recurrent {
         recurrent_layer_roles(config.family)

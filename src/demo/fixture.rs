@@ -40,7 +40,7 @@ pub fn unigram_perplexity(train: &[u32], heldout: &[u32], vocab: usize) -> f64 {
 }
 
 /// The fixture model's files (fixtures/tiny/model/), embedded so the demo needs no checkout.
-pub const TINY_MODEL_FILES: [(&str, &[u8]); 3] = [
+pub(crate) const TINY_MODEL_FILES: [(&str, &[u8]); 3] = [
     (
         "config.json",
         include_bytes!("../../fixtures/tiny/model/config.json"),
@@ -56,14 +56,14 @@ pub const TINY_MODEL_FILES: [(&str, &[u8]); 3] = [
 ];
 
 /// The books the fixture was trained on (fixtures/tiny/text/train.txt): the demo heals on them.
-pub const TINY_TRAIN_TEXT: &[u8] = include_bytes!("../../fixtures/tiny/text/train.txt");
+pub(crate) const TINY_TRAIN_TEXT: &[u8] = include_bytes!("../../fixtures/tiny/text/train.txt");
 
 /// The held-out books (fixtures/tiny/text/heldout.txt): the demo evaluates on them.
-pub const TINY_HELDOUT_TEXT: &[u8] = include_bytes!("../../fixtures/tiny/text/heldout.txt");
+pub(crate) const TINY_HELDOUT_TEXT: &[u8] = include_bytes!("../../fixtures/tiny/text/heldout.txt");
 
 /// Where [`write_fixture`] put the fixture.
 #[derive(Debug, Clone)]
-pub struct FixturePaths {
+pub(crate) struct FixturePaths {
     pub model: PathBuf,
     pub train: PathBuf,
     pub heldout: PathBuf,
@@ -71,7 +71,7 @@ pub struct FixturePaths {
 
 /// Writes the embedded fixture under `dir`: `tiny/` (the model) and `text/` (train.txt,
 /// heldout.txt).
-pub fn write_fixture(dir: &Path) -> std::io::Result<FixturePaths> {
+pub(crate) fn write_fixture(dir: &Path) -> std::io::Result<FixturePaths> {
     let model = dir.join("tiny");
     let text = dir.join("text");
     std::fs::create_dir_all(&model)?;

@@ -90,11 +90,11 @@ pub enum DataError {
 }
 
 /// A file is read this many bytes at a time.
-pub const READ_BYTES: usize = 64 << 10;
+pub(crate) const READ_BYTES: usize = 64 << 10;
 /// A document longer than this is tokenized in pieces of at most this many bytes.
-pub const PIECE_BYTES: usize = 64 << 10;
+pub(crate) const PIECE_BYTES: usize = 64 << 10;
 /// A `.jsonl` line up to this long is parsed whole; a longer one is scanned as a stream.
-pub const LINE_BYTES: usize = 1 << 20;
+pub(crate) const LINE_BYTES: usize = 1 << 20;
 /// Whitespace held back (a `.txt` paragraph's possible trailing whitespace, a `.jsonl` text's
 /// possibly all-blank start) is passed on as text past this many bytes, to stay bounded.
 const HOLD_BYTES: usize = 64 << 10;

@@ -338,7 +338,7 @@ fn draw<DB: DrawingBackend>(
 
 /// Writes a PNG of curves on linear axes: `series` holds `(name, [(x, y)])` (e.g. training and
 /// held-out loss against the step). Non-finite points are left out.
-pub fn plot_curves(
+pub(crate) fn plot_curves(
     path: &Path,
     title: &str,
     (x_desc, y_desc): (&str, &str),

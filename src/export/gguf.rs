@@ -485,7 +485,7 @@ impl JobList<'_> {
 /// (convert_hf_to_gguf.py `LlamaModel.generate_extra_tensors`): 1 for short wavelengths,
 /// `factor` for long ones, and the smooth interpolation between, `1 / ((1 - s) / factor + s)`.
 /// The frequencies are transformers' `_compute_llama3_parameters`, in f32.
-pub fn llama3_rope_factors(c: &ModelConfig) -> Option<Vec<f32>> {
+pub(crate) fn llama3_rope_factors(c: &ModelConfig) -> Option<Vec<f32>> {
     let s = c.rope_scaling?;
     let dim = c.head_dim;
     let old = s.original_max_position_embeddings as f32;

@@ -8,9 +8,9 @@ pub mod safetensors;
 
 use std::path::PathBuf;
 
-pub use gguf::{export_gguf, GgufArch, GgufOptions, GgufReport};
+pub use gguf::{export_gguf, GgufArch, GgufOptions};
 pub use mix::QuantType;
-pub use safetensors::{export_safetensors, SafetensorsOptions, SafetensorsReport};
+pub use safetensors::{export_safetensors, SafetensorsOptions};
 
 /// Why an export failed.
 #[derive(Debug, thiserror::Error)]

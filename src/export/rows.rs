@@ -12,10 +12,10 @@ use crate::source::{decode_rows, SourceModel, TensorRef};
 
 /// Rows per chunk are chosen so that a chunk holds about this many f32 values (1 MiB): small
 /// enough that even a small model's tensors split into chunks for every core.
-pub const CHUNK_VALUES: usize = 1 << 18;
+pub(crate) const CHUNK_VALUES: usize = 1 << 18;
 
 /// (rows, elements per row) of a tensor: a 1-D tensor is one row.
-pub fn rows_cols(shape: &[usize]) -> (usize, usize) {
+pub(crate) fn rows_cols(shape: &[usize]) -> (usize, usize) {
     match shape {
         [] => (0, 0),
         [n] => (1, *n),
@@ -26,7 +26,7 @@ pub fn rows_cols(shape: &[usize]) -> (usize, usize) {
 /// Row order of a Q or K matrix: Hugging Face's (rotate-half), or llama.cpp's, which interleaves
 /// the two halves of every head of `head_rows` rows (see [`gguf::permute_rows_hf_to_gguf`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RowOrder {
+pub(crate) enum RowOrder {
     Hf,
     Gguf { head_rows: usize },
 }
@@ -101,12 +101,12 @@ pub fn source_bytes(t: &TensorRef, rows: &Range<usize>) -> u64 {
 }
 
 /// Where [`stream_rows`] hands each chunk: its bytes and the source bytes it was read from.
-pub type Sink<'a, E> = dyn FnMut(&[u8], u64) -> Result<(), E> + 'a;
+pub(crate) type Sink<'a, E> = dyn FnMut(&[u8], u64) -> Result<(), E> + 'a;
 
 /// Streams rows `ranges` of `t` as `want` in `order` into `sink`, in order, with the bytes of
 /// source data each chunk read. Chunks that need decoding and encoding are converted on all
 /// cores, a group of chunks at a time, so memory stays at a few chunks per core.
-pub fn stream_rows<E: From<GgufError>>(
+pub(crate) fn stream_rows<E: From<GgufError>>(
     source: &SourceModel,
     t: &TensorRef,
     ranges: &[Range<usize>],
@@ -160,7 +160,7 @@ pub fn stream_rows<E: From<GgufError>>(
 
 /// Rows `rows` of `t` as `want` in row order `order`. When `order` is llama.cpp's, `rows` must be
 /// whole heads (and so must any stored permutation).
-pub fn read_rows<'a>(
+pub(crate) fn read_rows<'a>(
     source: &'a SourceModel,
     t: &'a TensorRef,
     rows: Range<usize>,

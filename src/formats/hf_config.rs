@@ -9,7 +9,7 @@ pub const REFERENCE_STATE_STD: f64 = 0.008703882797784892;
 
 /// Whether `v` can scale values drawn in f32 (an init's noise, the initial state's std): finite,
 /// not negative, and not past f32's largest number, which would make every draw Inf.
-pub fn f32_scale(v: f64) -> bool {
+pub(crate) fn f32_scale(v: f64) -> bool {
     v.is_finite() && v >= 0.0 && v <= f64::from(f32::MAX)
 }
 
@@ -420,12 +420,12 @@ impl ModelConfig {
     }
 
     /// Width of the concatenated query heads.
-    pub fn q_dim(&self) -> usize {
+    pub(crate) fn q_dim(&self) -> usize {
         self.n_heads * self.head_dim
     }
 
     /// Width of the concatenated key (or value) heads.
-    pub fn kv_dim(&self) -> usize {
+    pub(crate) fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
     }
 }

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::dtype::DType;
 
 /// Name of the index of a sharded checkpoint.
-pub const INDEX_NAME: &str = "model.safetensors.index.json";
+pub(crate) const INDEX_NAME: &str = "model.safetensors.index.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SafetensorsError {
@@ -97,7 +97,7 @@ impl SafetensorsFile {
     }
 
     /// Bytes `start..end` of the file; empty when the range is not within it.
-    pub fn bytes_at(&self, start: u64, end: u64) -> &[u8] {
+    pub(crate) fn bytes_at(&self, start: u64, end: u64) -> &[u8] {
         usize::try_from(start)
             .ok()
             .zip(usize::try_from(end).ok())
@@ -182,7 +182,7 @@ pub fn parse(
 
 /// The most entries a header may list (tensors and `__metadata__`): 16 times the tensors of the
 /// largest published checkpoints in one file.
-pub const MAX_HEADER_ENTRIES: usize = 1 << 16;
+pub(crate) const MAX_HEADER_ENTRIES: usize = 1 << 16;
 
 /// The header's JSON text when its length prefix is plausible (the crate checks it properly).
 fn header_json(buf: &[u8]) -> Option<&[u8]> {
@@ -251,7 +251,7 @@ fn describe(e: &safetensors::SafeTensorError) -> String {
 
 /// The tensors of a checkpoint, from one file or from the shards an index names.
 #[derive(Debug)]
-pub struct Checkpoint {
+pub(crate) struct Checkpoint {
     pub files: Vec<SafetensorsFile>,
     /// Tensor name -> (file index, tensor index in that file).
     by_name: HashMap<String, (usize, usize)>,
@@ -285,7 +285,7 @@ pub fn parse_index(bytes: &[u8]) -> Result<RawIndex, String> {
 impl Checkpoint {
     /// Opens `model.safetensors.index.json` and its shards if `dir` has one, else
     /// `model.safetensors`, else the only `*.safetensors` file in `dir`.
-    pub fn open_dir(dir: &Path) -> Result<Checkpoint, SafetensorsError> {
+    pub(crate) fn open_dir(dir: &Path) -> Result<Checkpoint, SafetensorsError> {
         let index = dir.join(INDEX_NAME);
         if index.is_file() {
             return Checkpoint::open_index(&index);
@@ -362,7 +362,7 @@ impl Checkpoint {
     }
 
     /// A checkpoint over already opened files; a tensor name in two files is an error.
-    pub fn from_files(files: Vec<SafetensorsFile>) -> Result<Checkpoint, SafetensorsError> {
+    pub(crate) fn from_files(files: Vec<SafetensorsFile>) -> Result<Checkpoint, SafetensorsError> {
         let mut by_name: HashMap<String, (usize, usize)> = HashMap::new();
         for (fi, file) in files.iter().enumerate() {
             for (ti, t) in file.tensors.iter().enumerate() {
@@ -387,7 +387,7 @@ impl Checkpoint {
     }
 
     /// Index of the file holding `name` in `files`.
-    pub fn file_index(&self, name: &str) -> Option<usize> {
+    pub(crate) fn file_index(&self, name: &str) -> Option<usize> {
         self.by_name.get(name).map(|&(fi, _)| fi)
     }
 
@@ -398,7 +398,7 @@ impl Checkpoint {
 
 /// A tensor of a safetensors file about to be written: its name, dtype and shape.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Entry {
+pub(crate) struct Entry {
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<usize>,
@@ -417,7 +417,7 @@ impl Entry {
 /// order, at most `max_bytes` of data a file, a bigger tensor alone), the files' names
 /// (`model.safetensors`, or `model-00001-of-0000N.safetensors`), their headers and the index. A
 /// writer streams each file's header, then its tensors' data in order.
-pub struct Shards {
+pub(crate) struct Shards {
     entries: Vec<Entry>,
     ranges: Vec<std::ops::Range<usize>>,
 }
@@ -442,7 +442,7 @@ impl Shards {
 
     /// `n` files (at least 1) of about as many tensors each, in order: the synthetic sharded
     /// checkpoints of the tests.
-    pub fn by_count(entries: Vec<Entry>, n: usize) -> Shards {
+    pub(crate) fn by_count(entries: Vec<Entry>, n: usize) -> Shards {
         let per = entries.len().div_ceil(n.max(1)).max(1);
         let ranges = (0..entries.len())
             .step_by(per)
@@ -454,10 +454,6 @@ impl Shards {
     /// How many files.
     pub fn len(&self) -> usize {
         self.ranges.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ranges.is_empty()
     }
 
     /// The indices (in the entries given) of file `i`'s tensors.
@@ -520,7 +516,7 @@ impl Shards {
 }
 
 /// A tensor held in memory for [`write_file`] and [`write_sharded`]: name, dtype, shape, bytes.
-pub type InMemory = (String, DType, Vec<usize>, Vec<u8>);
+pub(crate) type InMemory = (String, DType, Vec<usize>, Vec<u8>);
 
 /// Writes one safetensors file from in-memory tensors, in the given order, with `__metadata__
 /// {"format": "pt"}`; through `PATH.partial-<pid>`, renamed at the end.
@@ -531,7 +527,11 @@ pub fn write_file(path: &Path, tensors: &[InMemory]) -> Result<(), SafetensorsEr
 
 /// Writes in-memory tensors into `dir` as `n` files of about as many tensors each and their
 /// index, each through a partial name.
-pub fn write_sharded(dir: &Path, tensors: &[InMemory], n: usize) -> Result<(), SafetensorsError> {
+pub(crate) fn write_sharded(
+    dir: &Path,
+    tensors: &[InMemory],
+    n: usize,
+) -> Result<(), SafetensorsError> {
     let shards = Shards::by_count(entries(dir, tensors)?, n);
     for i in 0..shards.len() {
         write_part(&dir.join(shards.name(i)), &shards, i, tensors)?;

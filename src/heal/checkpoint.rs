@@ -96,7 +96,7 @@ pub fn clear(root: &Path) -> Result<()> {
 
 /// Reads a checkpoint's state (the run's configuration and position) without loading tensors,
 /// and validates it with [`parse_state`].
-pub fn read_state(dir: &Path) -> Result<CheckpointState> {
+pub(crate) fn read_state(dir: &Path) -> Result<CheckpointState> {
     let path = dir.join("state.json");
     let bytes = std::fs::read(&path).map_err(io(&path))?;
     parse_state(&bytes).map_err(|e| HealError::Invalid(format!("{}: {e}", path.display())))
@@ -158,7 +158,7 @@ pub fn load(
 }
 
 /// Appends one step's metrics to `root/metrics.jsonl`.
-pub fn append_metrics(root: &Path, line: &StepMetrics) -> Result<()> {
+pub(crate) fn append_metrics(root: &Path, line: &StepMetrics) -> Result<()> {
     std::fs::create_dir_all(root).map_err(io(root))?;
     let path = root.join("metrics.jsonl");
     let mut f = std::fs::OpenOptions::new()
@@ -172,7 +172,7 @@ pub fn append_metrics(root: &Path, line: &StepMetrics) -> Result<()> {
 
 /// The metrics of steps before `step`, and the file cut back to them (a resumed run appends the
 /// lines of the steps it redoes).
-pub fn read_metrics(root: &Path, step: u64) -> Result<Vec<StepMetrics>> {
+pub(crate) fn read_metrics(root: &Path, step: u64) -> Result<Vec<StepMetrics>> {
     let path = root.join("metrics.jsonl");
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,

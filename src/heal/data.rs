@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::eval::data::{Window, Windows};
 
 /// Packed training windows and the held-out ones.
-pub struct TrainData {
+pub(crate) struct TrainData {
     train: Vec<Vec<u32>>,
     pub held_out: Windows,
     seed: u64,
@@ -55,19 +55,17 @@ impl TrainData {
 
     /// Keeps the first held-out windows that score at least `tokens` tokens (all of them if
     /// fewer): the rest stay out of training, but are not scored at every evaluation.
-    pub fn limit_held_out(&mut self, tokens: usize) {
+    pub(crate) fn limit_held_out(&mut self, tokens: usize) {
         let seq_len = self.held_out.seq_len.max(1);
         self.held_out
             .windows
             .truncate(tokens.div_ceil(seq_len).max(1));
     }
 
-    pub fn len(&self) -> usize {
+    /// Training windows (the tests' view of an epoch).
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.train.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.train.is_empty()
     }
 
     /// The window read at position `cursor` of the run: epoch `cursor / len` is a permutation of

@@ -56,7 +56,7 @@ impl DistillConfig {
 /// tokenizer or vocabulary is not the student's, or that cannot run a pass of `window` (micro
 /// batch, sequence length). `note` hears when the teacher is not the source the student was cut
 /// from, as its config.json records it.
-pub fn load_teacher(
+pub(crate) fn load_teacher(
     cfg: &DistillConfig,
     student: &SourceModel,
     tokenizer: &TextTokenizer,

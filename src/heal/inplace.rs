@@ -15,7 +15,7 @@ use rayon::prelude::*;
 const CHUNK: usize = 1 << 15;
 
 /// True when `t` is a contiguous f32 tensor on the CPU: what these kernels update or read.
-pub fn applies(t: &Tensor) -> bool {
+pub(crate) fn applies(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous()
 }
 
@@ -42,7 +42,7 @@ fn same_len(name: &str, a: usize, b: usize) -> Result<()> {
 
 /// `dst = (dst * keep + 0) + (f(src) * take + 0)` with f the identity or the square: the moment
 /// updates `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2` and Muon's momentum buffer.
-pub struct Blend {
+pub(crate) struct Blend {
     pub keep: f32,
     pub take: f32,
     pub square: bool,
@@ -78,7 +78,7 @@ impl InplaceOp2 for Blend {
 
 /// The decoupled-weight-decay step `w = (w - (w * lr_wd + 0)) - (u * lr + 0)` with the update u
 /// read from a tensor (Muon's orthogonalized momentum).
-pub struct DecayedStep {
+pub(crate) struct DecayedStep {
     pub lr: f32,
     pub lr_wd: f32,
 }
@@ -118,7 +118,7 @@ impl InplaceOp2 for DecayedStep {
 
 /// AdamW's weight step from updated moments m and v:
 /// `u = (m / (sqrt(v) * inv_bias2_sqrt + eps)) * inv_bias1 + 0`, then [`DecayedStep`].
-pub struct AdamWStep {
+pub(crate) struct AdamWStep {
     pub inv_bias1: f32,
     pub inv_bias2_sqrt: f32,
     pub eps: f32,
@@ -161,7 +161,7 @@ impl InplaceOp3 for AdamWStep {
 /// chunks' sums are added in order, so the result does not depend on the thread count or on
 /// scheduling (a resumed run must clip exactly as the uninterrupted one). `None` when `t` is not a
 /// contiguous f32 CPU tensor.
-pub fn sum_of_squares(t: &Tensor) -> Option<f64> {
+pub(crate) fn sum_of_squares(t: &Tensor) -> Option<f64> {
     if !applies(t) {
         return None;
     }

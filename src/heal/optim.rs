@@ -15,31 +15,31 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::inplace;
 
 /// Muon's learning rate (REFERENCE.md).
-pub const MUON_LR: f64 = 1e-3;
+pub(crate) const MUON_LR: f64 = 1e-3;
 /// Muon's decoupled weight decay.
-pub const MUON_WEIGHT_DECAY: f64 = 1e-4;
+pub(crate) const MUON_WEIGHT_DECAY: f64 = 1e-4;
 /// Muon's momentum (always Nesterov, as the reference runs it).
-pub const MUON_MOMENTUM: f64 = 0.95;
+pub(crate) const MUON_MOMENTUM: f64 = 0.95;
 /// Newton-Schulz iterations per Muon step.
 pub const NS_STEPS: usize = 5;
 /// Keller Jordan's quintic coefficients (a, b, c): X <- a X + (b A + c A^2) X with A = X X^T.
 /// Tuned for speed, not convergence: the singular values land in roughly [0.68, 1.13] instead of
 /// exactly 1, which does not hurt training (Jordan, "Muon: An optimizer for hidden layers").
-pub const NS_COEFFS: (f64, f64, f64) = (3.4445, -4.7750, 2.0315);
+pub(crate) const NS_COEFFS: (f64, f64, f64) = (3.4445, -4.7750, 2.0315);
 /// Added to the Frobenius norm before the Newton-Schulz iteration (a zero update stays zero).
-pub const NS_EPS: f64 = 1e-7;
+pub(crate) const NS_EPS: f64 = 1e-7;
 /// AdamW's learning rate (REFERENCE.md).
-pub const ADAMW_LR: f64 = 5e-5;
+pub(crate) const ADAMW_LR: f64 = 5e-5;
 /// AdamW's (beta1, beta2).
 pub const ADAMW_BETAS: (f64, f64) = (0.9, 0.95);
 /// AdamW's epsilon, added to the bias-corrected sqrt(v).
 pub const ADAMW_EPS: f64 = 1e-8;
 /// AdamW's decoupled weight decay.
-pub const ADAMW_WEIGHT_DECAY: f64 = 1e-4;
+pub(crate) const ADAMW_WEIGHT_DECAY: f64 = 1e-4;
 
 /// Key of the optimizer step counter in [`Optimizer::state_tensors`]. It has no `.`, so it never
 /// collides with a per-variable key, which is always `{var}.{suffix}`.
-pub const STEP_KEY: &str = "step";
+pub(crate) const STEP_KEY: &str = "step";
 const EXP_AVG: &str = "exp_avg";
 const EXP_AVG_SQ: &str = "exp_avg_sq";
 const ADAM_STEPS: &str = "steps";

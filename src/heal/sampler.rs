@@ -25,7 +25,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, LogNormal, Poisson};
 
 /// sigma of the log-normal rate (the reference's constant).
-pub const SIGMA: f64 = 0.5;
+pub(crate) const SIGMA: f64 = 0.5;
 
 /// Domain tag mixed into the seed, so this stream never coincides with another ChaCha8 stream of
 /// the crate seeded from the same user seed (the adapter init, the initial state s_0).

@@ -151,7 +151,7 @@ pub struct HealConfig {
 /// Corpora of up to this many tokens (16 MiB of token ids, about 16 MB of English text) are read
 /// whole by `heal`, however few windows the run needs: its windows are then drawn from the whole
 /// corpus, not from its first pages.
-pub const READ_WHOLE: usize = 1 << 22;
+pub(crate) const READ_WHOLE: usize = 1 << 22;
 
 impl HealConfig {
     /// Where checkpoints of this run go: `OUT.checkpoints/` beside OUT.
@@ -169,7 +169,7 @@ impl HealConfig {
     /// held-out share of them. Reading stops there, so a corpus larger than the run needs costs
     /// neither the time nor the memory of tokenizing all of it (issue 18), and is read as a
     /// stream is: from its start. A smaller one is read whole and repeated in epochs.
-    pub fn data_tokens(&self, holdout: f64) -> usize {
+    pub(crate) fn data_tokens(&self, holdout: f64) -> usize {
         let train = (self.steps as f64) * (self.batch as f64);
         // With N windows read, ceil(N * holdout) <= N * holdout + 1 are held out, leaving at
         // least N (1 - holdout) - 1 >= train to train on.

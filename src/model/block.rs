@@ -24,7 +24,7 @@ pub enum Norms {
     },
 }
 
-pub struct Block {
+pub(crate) struct Block {
     pub norms: Norms,
     /// [q + 2 kv, h]: rows of q, then k, then v.
     pub wqkv: Weight,
@@ -66,7 +66,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor>
 }
 
 /// softmax over the last axis from exp and sum (candle's fused version records no gradient).
-pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
     let e = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
@@ -87,7 +87,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// `f` applied to `x` (..., in) flattened to rows (n, in), giving (n, out): (..., out).
-pub fn on_rows(
+pub(crate) fn on_rows(
     x: &Tensor,
     out: usize,
     f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,

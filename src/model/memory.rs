@@ -21,7 +21,7 @@ const F32: u128 = 4;
 /// the (B, 1, T, T) mask, and the logits with the shifted copy and exponentials the loss makes,
 /// (B, T, V) three times. Fused: one block's gate and up projections and its output, (B, T, 2 FFN
 /// + h), and one block of lm_head's logits (`fused::xent`).
-pub fn pass_bytes(c: &ModelConfig, b: usize, t: usize, fused: bool) -> u128 {
+pub(crate) fn pass_bytes(c: &ModelConfig, b: usize, t: usize, fused: bool) -> u128 {
     let (b, t) = (b as u128, t as u128);
     let vocab = c.vocab as u128;
     if fused {
@@ -36,7 +36,7 @@ pub fn pass_bytes(c: &ModelConfig, b: usize, t: usize, fused: bool) -> u128 {
 }
 
 /// The memory the system can still give (Linux's MemAvailable); None where it is not known.
-pub fn available_bytes() -> Option<u64> {
+pub(crate) fn available_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

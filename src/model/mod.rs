@@ -24,7 +24,7 @@ use crate::arch::{LayerRole, Role};
 use crate::formats::hf_config::{Family, ModelConfig};
 use crate::source::SourceModel;
 
-pub use block::Block;
+pub(crate) use block::Block;
 
 /// The composed differentiable ops the fused ones are proved against (tests, benchmarks).
 pub mod composed {
@@ -32,7 +32,8 @@ pub mod composed {
     pub use super::rope::apply as rope;
     pub use super::{mean_cross_entropy, mean_distillation};
 }
-pub use fused::xent::{Mix, Parts, Teacher};
+pub(crate) use fused::xent::Parts;
+pub use fused::xent::{Mix, Teacher};
 pub use fused::Kernels;
 pub use generate::{generate, sample, Exit, GenerateOptions, GenerateReport};
 pub use rope::Rope;
@@ -786,7 +787,7 @@ fn bias_of(mask: &fused::attention::Mask, b: usize, t: usize, device: &Device) -
 
 /// Mean next-token cross-entropy (natural log) of `logits` [B, T, V] against `targets` [B, T]
 /// (u32) where `weights` [B, T] (f32) is 1, and the number of such tokens.
-pub fn cross_entropy_sum(
+pub(crate) fn cross_entropy_sum(
     logits: &Tensor,
     targets: &Tensor,
     weights: &Tensor,

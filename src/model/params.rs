@@ -274,7 +274,7 @@ impl Model {
     /// for norms, from a ChaCha8 generator seeded with `seed` (the paper's random-init baseline).
     /// `keep_adapter` leaves the adapter as loaded: the static model runs with it frozen, and an
     /// identity adapter is what makes r = 1 the plain stack of its blocks.
-    pub fn reinitialize(&mut self, seed: u64, keep_adapter: bool) -> Result<()> {
+    pub(crate) fn reinitialize(&mut self, seed: u64, keep_adapter: bool) -> Result<()> {
         use rand::SeedableRng;
         use rand_distr::{Distribution, Normal};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);

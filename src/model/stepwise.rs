@@ -13,14 +13,14 @@ const HEAD_ROWS: usize = 512;
 
 impl Model {
     /// Number of blocks of a static model (its layers, in the order it was loaded).
-    pub fn n_blocks(&self) -> usize {
+    pub(crate) fn n_blocks(&self) -> usize {
         self.prelude.len()
     }
 
     /// Runs the blocks `blocks` (indices into a static model's layers, in the given order) on the
     /// hidden states `x` (B, T, h) of tokens at positions 0..T, causal, no padding:
     /// (B, T, h) -> (B, T, h). No blocks: `x` itself.
-    pub fn run_blocks(&self, x: &Tensor, blocks: &[usize]) -> Result<Tensor> {
+    pub(crate) fn run_blocks(&self, x: &Tensor, blocks: &[usize]) -> Result<Tensor> {
         if self.is_recurrent() {
             return Err(ModelError::Invalid(
                 "run_blocks runs the layers of a static model".into(),
@@ -49,7 +49,7 @@ impl Model {
     /// each row's log-sum-exp on every core (candle's elementwise ops run on one thread, and over
     /// a 49k vocabulary they would cost more than the matmul). Rows are summed in order in f64,
     /// so the result does not depend on the thread count.
-    pub fn head_nll(&self, x: &Tensor, targets: &Tensor) -> Result<(f64, usize)> {
+    pub(crate) fn head_nll(&self, x: &Tensor, targets: &Tensor) -> Result<(f64, usize)> {
         let h = x.dim(D::Minus1)?;
         let x = x.reshape(((), h))?;
         let targets = targets.flatten_all()?.to_vec1::<u32>()?;

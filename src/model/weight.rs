@@ -178,7 +178,7 @@ impl Weight {
     }
 
     /// Rows (out, axis 0) or columns (in, axis 1) of the matrix.
-    pub fn dim(&self, axis: usize) -> candle_core::Result<usize> {
+    pub(crate) fn dim(&self, axis: usize) -> candle_core::Result<usize> {
         match self {
             Weight::Dense(w) => w.dim(axis),
             Weight::Quantized(parts) if axis == 0 => Ok(parts.iter().map(Part::rows).sum()),

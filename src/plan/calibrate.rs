@@ -149,7 +149,7 @@ pub struct Calibration {
 
 impl Calibration {
     /// The best candidate a plan can hold (a contiguous core).
-    pub fn best_plannable(&self) -> Option<&Candidate> {
+    pub(crate) fn best_plannable(&self) -> Option<&Candidate> {
         self.candidates.iter().find(|c| c.core_range.is_some())
     }
 }
@@ -159,7 +159,7 @@ impl Calibration {
 mod score {
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
         if v.is_finite() {
             s.serialize_f64(*v)
         } else {
@@ -176,7 +176,7 @@ mod score {
 mod opt_score {
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
         match v {
             Some(x) if x.is_finite() => s.serialize_f64(*x),
             _ => s.serialize_none(),

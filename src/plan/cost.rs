@@ -59,7 +59,7 @@ pub fn effective_params(c: &ModelConfig, s: Shape, r: u64) -> u64 {
 /// Forward FLOPs per token at recurrence r over a context of `context` tokens: 2 per weight
 /// multiply-add (layers run, adapter r times, lm_head) plus attention scores and values,
 /// 2 * context * q_dim per layer run (the causal average of 4 * position * q_dim).
-pub fn forward_flops(c: &ModelConfig, s: Shape, adapter: bool, r: u64, context: u64) -> u64 {
+pub(crate) fn forward_flops(c: &ModelConfig, s: Shape, adapter: bool, r: u64, context: u64) -> u64 {
     let runs = s.prelude as u64 + r * s.core as u64 + s.coda as u64;
     let weights = effective_params(c, s, r)
         + if adapter { r * adapter_params(c) } else { 0 }
@@ -72,7 +72,7 @@ pub fn forward_flops(c: &ModelConfig, s: Shape, adapter: bool, r: u64, context: 
 }
 
 /// The static source model's forward FLOPs per token, by the same accounting.
-pub fn source_forward_flops(c: &ModelConfig, context: u64) -> u64 {
+pub(crate) fn source_forward_flops(c: &ModelConfig, context: u64) -> u64 {
     let shape = Shape {
         prelude: c.n_layers,
         core: 0,
@@ -84,7 +84,7 @@ pub fn source_forward_flops(c: &ModelConfig, context: u64) -> u64 {
 /// The reference's training FLOPs per token at mean recurrence m with backprop depth k:
 /// 6 (N_prelude + min(m, k) N_core + N_coda) + 2 max(m - k, 0) N_core, non-embedding parameters.
 /// The adapter runs with every core pass, so it is counted in N_core.
-pub fn train_flops(c: &ModelConfig, s: Shape, adapter: bool, m: u64, k: u64) -> u64 {
+pub(crate) fn train_flops(c: &ModelConfig, s: Shape, adapter: bool, m: u64, k: u64) -> u64 {
     let per = layer_params(c);
     let n_core = s.core as u64 * per + if adapter { adapter_params(c) } else { 0 };
     let n_outer = (s.prelude + s.coda) as u64 * per;
@@ -93,13 +93,13 @@ pub fn train_flops(c: &ModelConfig, s: Shape, adapter: bool, m: u64, k: u64) -> 
 
 /// KV-cache bytes per token at recurrence r: one slot per (recurrence, core layer), so
 /// P + r C + K slots of keys and values.
-pub fn kv_bytes(c: &ModelConfig, s: Shape, r: u64, element_bytes: u64) -> u64 {
+pub(crate) fn kv_bytes(c: &ModelConfig, s: Shape, r: u64, element_bytes: u64) -> u64 {
     let slots = s.prelude as u64 + r * s.core as u64 + s.coda as u64;
     slots * 2 * c.kv_dim() as u64 * element_bytes
 }
 
 /// The recurrence counts every cost table reports.
-pub const REPORTED_R: [u64; 5] = [1, 4, 8, 16, 32];
+pub(crate) const REPORTED_R: [u64; 5] = [1, 4, 8, 16, 32];
 
 /// The costs `surgery plan` reports and records in the plan.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

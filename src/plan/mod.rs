@@ -21,7 +21,7 @@ use crate::source::{SourceFile, SourceFormat, SourceModel, TensorRef};
 pub use range::{LayerRange, LayerRequest, Layers, Shape};
 
 /// Version of the plan format; bumped on any incompatible change.
-pub const PLAN_VERSION: u32 = 1;
+pub(crate) const PLAN_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {

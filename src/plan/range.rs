@@ -131,7 +131,7 @@ impl Layers {
     }
 
     /// Source layers in output order: prelude, core, coda.
-    pub fn output_order(&self) -> impl Iterator<Item = usize> {
+    pub(crate) fn output_order(&self) -> impl Iterator<Item = usize> {
         self.prelude
             .iter()
             .chain(self.core.iter())
@@ -139,7 +139,7 @@ impl Layers {
     }
 
     /// The parts that use `layer`, by name.
-    pub fn roles_of(&self, layer: usize) -> Vec<&'static str> {
+    pub(crate) fn roles_of(&self, layer: usize) -> Vec<&'static str> {
         self.named()
             .into_iter()
             .filter(|(_, r)| r.contains(layer))

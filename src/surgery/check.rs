@@ -156,7 +156,7 @@ pub fn source(plan: &Plan) -> Result<SourceFiles, ApplyError> {
 
 /// Re-hashes every source file against the sha256 the plan recorded. `apply` runs this on its
 /// second core while it writes, and discards the output on a mismatch.
-pub fn source_hashes(plan: &Plan) -> Result<(), ApplyError> {
+pub(crate) fn source_hashes(plan: &Plan) -> Result<(), ApplyError> {
     let root = PathBuf::from(&plan.source.root);
     for f in &plan.source.files {
         let path = root.join(&f.path);

@@ -37,29 +37,29 @@ use crate::formats::gguf::{GgufFile, Value};
 use crate::tokenizer::spm::{merges_from_scores, KEY_ADD_SPACE_PREFIX, KEY_SCORES, SPACE};
 
 /// `tokenizer.ggml.model`: the tokenizer family (llama-vocab.cpp `LLM_KV_TOKENIZER_MODEL`).
-pub const KEY_MODEL: &str = "tokenizer.ggml.model";
+pub(crate) const KEY_MODEL: &str = "tokenizer.ggml.model";
 /// `tokenizer.ggml.pre`: the pre-tokenizer type of a BPE vocabulary.
-pub const KEY_PRE: &str = "tokenizer.ggml.pre";
+pub(crate) const KEY_PRE: &str = "tokenizer.ggml.pre";
 /// `tokenizer.ggml.tokens`: token texts, indexed by id.
-pub const KEY_TOKENS: &str = "tokenizer.ggml.tokens";
+pub(crate) const KEY_TOKENS: &str = "tokenizer.ggml.tokens";
 /// `tokenizer.ggml.token_type`: llama.cpp's `llama_token_type` per token.
-pub const KEY_TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
+pub(crate) const KEY_TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
 /// `tokenizer.ggml.merges`: BPE merges as `"left right"`, highest priority first.
-pub const KEY_MERGES: &str = "tokenizer.ggml.merges";
+pub(crate) const KEY_MERGES: &str = "tokenizer.ggml.merges";
 /// `tokenizer.ggml.add_bos_token`.
 pub const KEY_ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
 /// `tokenizer.ggml.add_eos_token`.
-pub const KEY_ADD_EOS: &str = "tokenizer.ggml.add_eos_token";
+pub(crate) const KEY_ADD_EOS: &str = "tokenizer.ggml.add_eos_token";
 /// `tokenizer.ggml.bos_token_id`.
-pub const KEY_BOS_ID: &str = "tokenizer.ggml.bos_token_id";
+pub(crate) const KEY_BOS_ID: &str = "tokenizer.ggml.bos_token_id";
 /// `tokenizer.ggml.eos_token_id`.
-pub const KEY_EOS_ID: &str = "tokenizer.ggml.eos_token_id";
+pub(crate) const KEY_EOS_ID: &str = "tokenizer.ggml.eos_token_id";
 /// `tokenizer.ggml.unknown_token_id`.
-pub const KEY_UNK_ID: &str = "tokenizer.ggml.unknown_token_id";
+pub(crate) const KEY_UNK_ID: &str = "tokenizer.ggml.unknown_token_id";
 /// `tokenizer.ggml.padding_token_id`.
-pub const KEY_PAD_ID: &str = "tokenizer.ggml.padding_token_id";
+pub(crate) const KEY_PAD_ID: &str = "tokenizer.ggml.padding_token_id";
 /// `tokenizer.chat_template`: a Jinja template, copied as is.
-pub const KEY_CHAT_TEMPLATE: &str = "tokenizer.chat_template";
+pub(crate) const KEY_CHAT_TEMPLATE: &str = "tokenizer.chat_template";
 
 /// llama.h `LLAMA_TOKEN_TYPE_UNKNOWN`.
 const TOKEN_TYPE_UNKNOWN: i64 = 2;

@@ -8,6 +8,6 @@
 //! - [`text`]: text to token ids for any model `surgery` reads (eval, heal, generate, calibrate).
 
 pub mod gguf;
-pub mod spm;
+pub(crate) mod spm;
 pub mod text;
 pub mod vocab;

@@ -20,19 +20,19 @@
 use std::collections::HashMap;
 
 /// The character SentencePiece writes for a space.
-pub const SPACE: &str = "\u{2581}";
+pub(crate) const SPACE: &str = "\u{2581}";
 
 /// `tokenizer.ggml.scores`: one f32 per token.
-pub const KEY_SCORES: &str = "tokenizer.ggml.scores";
+pub(crate) const KEY_SCORES: &str = "tokenizer.ggml.scores";
 /// `tokenizer.ggml.add_space_prefix`: a space is put before the text (and after each special
 /// token) before it is split; llama.cpp's default for SPM is true.
-pub const KEY_ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
+pub(crate) const KEY_ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
 
 /// The score given to tokens no merge makes: below every merge's, so their order is irrelevant.
-pub const UNMERGED_SCORE: f32 = -1e9;
+pub(crate) const UNMERGED_SCORE: f32 = -1e9;
 
 /// True for SentencePiece's byte tokens, `<0x00>` to `<0xFF>` (llama.cpp types them BYTE).
-pub fn is_byte_token(text: &str) -> bool {
+pub(crate) fn is_byte_token(text: &str) -> bool {
     let b = text.as_bytes();
     b.len() == 6
         && text.starts_with("<0x")
@@ -43,7 +43,7 @@ pub fn is_byte_token(text: &str) -> bool {
 /// The merges that make byte-fallback BPE tokenize as llama.cpp's SPM session does with these
 /// tokens and scores: every split of a token into two tokens, ranked by the token's score
 /// (highest first; equal scores by token id, then by split position).
-pub fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
+pub(crate) fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
     let ids: HashMap<&str, usize> = tokens
         .iter()
         .enumerate()
@@ -70,7 +70,7 @@ pub fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, Str
 
 /// Scores for a vocabulary whose merges are given in rank order: the negated rank of the first
 /// merge that makes a token, [`UNMERGED_SCORE`] for tokens no merge makes.
-pub fn scores_from_merges(tokens: &[String], merges: &[(String, String)]) -> Vec<f32> {
+pub(crate) fn scores_from_merges(tokens: &[String], merges: &[(String, String)]) -> Vec<f32> {
     let mut first: HashMap<String, usize> = HashMap::with_capacity(merges.len());
     for (rank, (left, right)) in merges.iter().enumerate() {
         first.entry(format!("{left}{right}")).or_insert(rank);

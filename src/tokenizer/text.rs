@@ -132,7 +132,7 @@ impl TextTokenizer {
 
     /// Token ids of `text` without the special tokens of the post-processor: for the pieces of a
     /// document too long to encode at once (the data reader adds them around the whole).
-    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, TextTokenizerError> {
+    pub(crate) fn encode_plain(&self, text: &str) -> Result<Vec<u32>, TextTokenizerError> {
         self.inner
             .encode(text, false)
             .map(|e| e.get_ids().to_vec())
@@ -152,7 +152,7 @@ impl TextTokenizer {
     }
 
     /// Whether `other` maps the same token texts to the same ids, added tokens included.
-    pub fn same_vocabulary(&self, other: &TextTokenizer) -> bool {
+    pub(crate) fn same_vocabulary(&self, other: &TextTokenizer) -> bool {
         self.inner.get_vocab(true) == other.inner.get_vocab(true)
     }
 

@@ -58,10 +58,10 @@ pub enum VocabError {
 }
 
 /// GGUF key/value pairs, in file order.
-pub type Metadata = Vec<(String, Value)>;
+pub(crate) type Metadata = Vec<(String, Value)>;
 
 /// The tokenizer keys for a model whose embedding has `n_rows` rows, and notes for the user.
-pub fn tokenizer_metadata(
+pub(crate) fn tokenizer_metadata(
     source: &SourceModel,
     n_rows: usize,
 ) -> Result<(Metadata, Vec<String>), VocabError> {
@@ -164,7 +164,7 @@ fn first_id(v: Option<&Json>) -> Option<u64> {
 
 /// BOS and EOS ids from config.json, used when tokenizer_config.json does not name them.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ConfigIds {
+pub(crate) struct ConfigIds {
     pub bos: Option<u64>,
     pub eos: Option<u64>,
 }
@@ -193,7 +193,7 @@ fn pad_gguf_arrays(mut keys: Vec<(String, Value)>, n_rows: usize) -> Vec<(String
 }
 
 /// The tokenizer keys from a parsed tokenizer.json and tokenizer_config.json (Null when absent).
-pub fn from_tokenizer_json(
+pub(crate) fn from_tokenizer_json(
     tokenizer: &Json,
     config: &Json,
     ids: ConfigIds,

@@ -16,26 +16,27 @@ use std::path::PathBuf;
 
 use crate::dtype::DType;
 
-pub use quant::{
-    cpu_blocks, dequantize, permute_rows_hf_to_gguf, qtensor, quantize, unpermute_rows_gguf_to_hf,
-};
-pub use reader::{GgufFile, TensorInfo, Value};
-pub use writer::{write_gguf, GgufWriter, TensorData, TensorHeader};
+pub(crate) use quant::{cpu_blocks, permute_rows_hf_to_gguf, qtensor};
+pub use quant::{dequantize, quantize, unpermute_rows_gguf_to_hf};
+pub(crate) use reader::TensorInfo;
+pub use reader::{GgufFile, Value};
+pub use writer::{write_gguf, TensorData};
+pub(crate) use writer::{GgufWriter, TensorHeader};
 
 /// The magic bytes every GGUF file starts with.
-pub const MAGIC: [u8; 4] = *b"GGUF";
+pub(crate) const MAGIC: [u8; 4] = *b"GGUF";
 
 /// The version [`write_gguf`] writes.
-pub const VERSION: u32 = 3;
+pub(crate) const VERSION: u32 = 3;
 
 /// The data alignment when `general.alignment` is absent (gguf.cpp `GGUF_DEFAULT_ALIGNMENT`).
-pub const DEFAULT_ALIGNMENT: u64 = 32;
+pub(crate) const DEFAULT_ALIGNMENT: u64 = 32;
 
 /// The metadata key that overrides [`DEFAULT_ALIGNMENT`].
-pub const ALIGNMENT_KEY: &str = "general.alignment";
+pub(crate) const ALIGNMENT_KEY: &str = "general.alignment";
 
 /// ggml's `GGML_MAX_DIMS`: a tensor has 1 to 4 dimensions.
-pub const MAX_DIMS: usize = 4;
+pub(crate) const MAX_DIMS: usize = 4;
 
 /// Everything that can go wrong reading, writing or converting GGUF data.
 #[derive(Debug, thiserror::Error)]

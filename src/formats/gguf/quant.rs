@@ -73,7 +73,7 @@ pub fn quantize(dtype: DType, values: &[f32]) -> Result<Vec<u8>, GgufError> {
 ///
 /// Rows are whole blocks, so this works on any dtype's raw bytes. For K, `n_heads` is the number
 /// of KV heads.
-pub fn permute_rows_hf_to_gguf(
+pub(crate) fn permute_rows_hf_to_gguf(
     bytes: &[u8],
     n_rows: usize,
     n_heads: usize,
@@ -220,7 +220,7 @@ fn aligned<'a>(bytes: &'a [u8], align: usize, scratch: &'a mut Vec<u8>) -> &'a [
 
 /// The blocks of a block-quantized tensor of row-major `shape`, as candle's quantized tensor on
 /// `device`.
-pub fn qtensor(
+pub(crate) fn qtensor(
     dtype: DType,
     bytes: &[u8],
     shape: &[usize],
@@ -234,7 +234,7 @@ pub fn qtensor(
 
 /// The blocks of `n_elements` values of a block-quantized type, as candle's CPU block storage
 /// (whose `matmul_t` is ggml's `vec_dot` rule).
-pub fn cpu_blocks(
+pub(crate) fn cpu_blocks(
     dtype: DType,
     bytes: &[u8],
     n_elements: usize,

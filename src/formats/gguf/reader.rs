@@ -47,7 +47,7 @@ const KEPT_ARRAY_PREFIXES: [&str; 2] = ["tokenizer.", "general."];
 /// The most elements of an array that is kept: 4M, 16 times the largest vocabulary published
 /// (Gemma's 262k) and above any SentencePiece charsmap seen. A kept element takes 32 bytes (plus
 /// its text for a string), so this bounds one array at about 130 MB plus its strings.
-pub const MAX_KEPT_ARRAY: usize = 1 << 22;
+pub(crate) const MAX_KEPT_ARRAY: usize = 1 << 22;
 
 /// gguf's type id of arrays (`GGUF_TYPE_ARRAY`).
 pub(crate) const ARRAY_TYPE_ID: u32 = 9;
@@ -110,7 +110,7 @@ impl Value {
         }
     }
 
-    pub fn as_bool(&self) -> Option<bool> {
+    pub(crate) fn as_bool(&self) -> Option<bool> {
         match *self {
             Value::Bool(v) => Some(v),
             _ => None,
@@ -227,7 +227,7 @@ impl GgufFile {
         self.get(key)?.as_u64()
     }
 
-    pub fn get_f64(&self, key: &str) -> Option<f64> {
+    pub(crate) fn get_f64(&self, key: &str) -> Option<f64> {
         self.get(key)?.as_f64()
     }
 

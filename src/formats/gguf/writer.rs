@@ -70,7 +70,7 @@ pub fn write_gguf(
 /// A GGUF file being written: the header is on disk, tensor data is appended with
 /// [`GgufWriter::write`] in header order, and [`GgufWriter::finish`] publishes the file.
 #[derive(Debug)]
-pub struct GgufWriter {
+pub(crate) struct GgufWriter {
     path: PathBuf,
     partial: PathBuf,
     out: Option<BufWriter<File>>,
@@ -89,7 +89,7 @@ impl GgufWriter {
     /// Validates `metadata` and `tensors` (unique keys and names, flat one-type arrays, a valid
     /// alignment, shapes ggml accepts for each type), then creates `<path>.partial-<pid>` and writes
     /// the header. Nothing is created when validation fails.
-    pub fn create(
+    pub(crate) fn create(
         path: impl AsRef<Path>,
         metadata: &[(String, Value)],
         tensors: &[TensorHeader],
@@ -118,7 +118,8 @@ impl GgufWriter {
     }
 
     /// The tensor the next bytes belong to, or None once every tensor is complete.
-    pub fn next_tensor(&self) -> Option<&TensorHeader> {
+    #[cfg(test)]
+    fn next_tensor(&self) -> Option<&TensorHeader> {
         self.tensors.get(self.current)
     }
 
@@ -227,7 +228,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> GgufError + '_ {
 
 /// `<path>.partial-<pid>` (shortened to fit a file name), next to the final file so that the
 /// rename stays on one filesystem.
-pub fn partial_path(path: &Path) -> PathBuf {
+pub(crate) fn partial_path(path: &Path) -> PathBuf {
     crate::atomic::partial_file(path)
 }
 

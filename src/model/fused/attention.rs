@@ -52,7 +52,7 @@ pub enum Mask {
 }
 
 /// Whether the fused op serves tensors like `q`: on the CPU, in f32 or f64.
-pub fn applies(q: &Tensor) -> bool {
+pub(crate) fn applies(q: &Tensor) -> bool {
     q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64)
 }
 

@@ -34,18 +34,20 @@ crate::named::named! {
 impl Kernels {
     /// Whether the fused ops serve `x`: fused kernels chosen, `x` on the CPU, in f32 or f64.
     /// Everything else (CUDA, other dtypes) takes the composed ops.
-    pub fn fused_for(self, x: &Tensor) -> bool {
+    pub(crate) fn fused_for(self, x: &Tensor) -> bool {
         self.fused_on(x.device(), x.dtype())
     }
 
     /// Whether the fused ops serve tensors on `device` in `dtype`.
-    pub fn fused_on(self, device: &candle_core::Device, dtype: DType) -> bool {
+    pub(crate) fn fused_on(self, device: &candle_core::Device, dtype: DType) -> bool {
         self == Kernels::Fused && device.is_cpu() && matches!(dtype, DType::F32 | DType::F64)
     }
 }
 
 /// The float types the fused ops run in: f32, and f64 for finite-difference checks.
-pub trait Float: WithDType + Copy + Send + Sync + std::ops::Neg<Output = Self> {
+pub(crate) trait Float:
+    WithDType + Copy + Send + Sync + std::ops::Neg<Output = Self>
+{
     const NEG_INFINITY: Self;
     fn exp(self) -> Self;
     /// e^x for the x <= 0 of a softmax (a score less the row's max), in straight-line arithmetic
@@ -212,7 +214,7 @@ pub(crate) struct Mat<'a, T> {
 
 impl<'a, T> Mat<'a, T> {
     /// A row-major (rows, cols) matrix at the start of `data`.
-    pub fn row_major(data: &'a [T], rows: usize, cols: usize) -> Self {
+    pub(crate) fn row_major(data: &'a [T], rows: usize, cols: usize) -> Self {
         Mat {
             data,
             offset: 0,
@@ -224,7 +226,7 @@ impl<'a, T> Mat<'a, T> {
     }
 
     /// The 2-D tensor of `layout` over `data`, any strides.
-    pub fn of_layout(data: &'a [T], layout: &Layout) -> candle_core::Result<Self> {
+    pub(crate) fn of_layout(data: &'a [T], layout: &Layout) -> candle_core::Result<Self> {
         let (rows, cols) = layout.shape().dims2()?;
         let &[row_stride, col_stride] = layout.stride() else {
             bail!("a matrix has two strides");
@@ -240,7 +242,7 @@ impl<'a, T> Mat<'a, T> {
     }
 
     /// Rows `start..start + n`.
-    pub fn narrow_rows(self, start: usize, n: usize) -> Self {
+    pub(crate) fn narrow_rows(self, start: usize, n: usize) -> Self {
         Mat {
             offset: self.offset + start * self.row_stride,
             rows: n,
