@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::formats::safetensors::{Shards, INDEX_NAME};
+
 pub(crate) const MANIFEST_NAME: &str = "manifest.json";
 pub(crate) const MANIFEST_VERSION: u32 = 1;
 
@@ -79,6 +81,33 @@ pub(crate) fn write_entry(
         bytes: bytes.len() as u64,
         sha256: sha256_bytes(bytes),
     })
+}
+
+/// Writes the files that describe a folder's weights, after them (STYLE.md principle 5): the
+/// index of `shards` when there are several, then `small` in order, then, last, the manifest of
+/// all files. `files` holds the entries of the shards already written; every new entry joins it,
+/// and it ends sorted by path, as the manifest lists them.
+pub(crate) fn write_described(
+    dir: &Path,
+    shards: &Shards,
+    small: Vec<(String, Vec<u8>)>,
+    files: &mut Vec<ManifestEntry>,
+) -> Result<(), (PathBuf, std::io::Error)> {
+    if let Some(index) = shards.index() {
+        files.push(write_entry(dir, INDEX_NAME, &pretty_json(&index))?);
+    }
+    for (name, bytes) in small {
+        files.push(write_entry(dir, &name, &bytes)?);
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    let manifest = Manifest {
+        manifest_version: MANIFEST_VERSION,
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        files: files.clone(),
+    };
+    let json = serde_json::to_value(&manifest).unwrap_or_default();
+    write_entry(dir, MANIFEST_NAME, &pretty_json(&json))?;
+    Ok(())
 }
 
 /// A writer that hashes and counts what passes through it, so outputs are hashed as they are

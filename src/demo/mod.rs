@@ -53,11 +53,13 @@ pub enum DemoError {
     /// `heal_steps` is 0.
     #[error("--heal-steps must be at least 1")]
     NoHealSteps,
+    /// Writing the fixture, the plan or the summary.
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
         source: std::io::Error,
     },
+    /// Serializing the plan or the summary.
     #[error("{0}")]
     Json(#[from] serde_json::Error),
     #[error(transparent)]
@@ -116,6 +118,7 @@ pub struct Summary {
     pub seconds: f64,
 }
 
+/// The source model's size.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelFacts {
     pub family: Family,
@@ -134,6 +137,7 @@ pub struct LayerMap {
     pub dropped: Vec<String>,
 }
 
+/// What the heal ran.
 #[derive(Debug, Clone, Serialize)]
 pub struct HealFacts {
     pub steps: u64,
@@ -142,6 +146,7 @@ pub struct HealFacts {
     pub seconds: f64,
 }
 
+/// One r of the perplexity table.
 #[derive(Debug, Clone, Serialize)]
 pub struct TableRow {
     pub r: usize,
@@ -149,6 +154,7 @@ pub struct TableRow {
     pub after: f64,
 }
 
+/// The exported GGUF and its perplexity at the healed r.
 #[derive(Debug, Clone, Serialize)]
 pub struct GgufFacts {
     #[serde(rename = "type")]
@@ -158,6 +164,7 @@ pub struct GgufFacts {
     pub perplexity: f64,
 }
 
+/// The greedy continuation of the prompt by the GGUF.
 #[derive(Debug, Clone, Serialize)]
 pub struct Generated {
     pub prompt: &'static str,

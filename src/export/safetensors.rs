@@ -22,8 +22,8 @@ use crate::dtype::DType;
 use crate::export::rows::{chunks, rows_cols, source_bytes, stream_rows, RowOrder};
 use crate::export::ExportError;
 use crate::formats::hf_config::{Family, ModelConfig};
-use crate::formats::safetensors::{Entry, Shards, INDEX_NAME};
-use crate::manifest::{self, HashingWriter, Manifest, ManifestEntry, MANIFEST_NAME};
+use crate::formats::safetensors::{Entry, Shards};
+use crate::manifest::{self, HashingWriter, ManifestEntry};
 use crate::progress::Progress;
 use crate::source::{SourceFormat, SourceModel};
 use crate::tokenizer::gguf::{tokenizer_config_json_from_gguf, tokenizer_json_from_gguf};
@@ -275,9 +275,8 @@ impl ShardWriter<'_> {
     }
 }
 
-/// The files written after the tensors they describe: the shard index (when sharded),
-/// config.json and the tokenizer files, then, last, the manifest of all files. Their entries
-/// join `files`, which ends sorted by path; returns notes for the user.
+/// The files written after the tensors they describe ([`manifest::write_described`]):
+/// config.json and the tokenizer files. Their entries join `files`; returns notes for the user.
 fn write_small_files(
     source: &SourceModel,
     dtype: DType,
@@ -285,36 +284,13 @@ fn write_small_files(
     dir: &Path,
     files: &mut Vec<ManifestEntry>,
 ) -> Result<Vec<String>, ExportError> {
-    if let Some(index) = shards.index() {
-        files.push(write_small(dir, INDEX_NAME, &pretty(&index))?);
-    }
-    let config = config_json(&source.config, dtype);
-    files.push(write_small(dir, "config.json", &pretty(&config))?);
+    let config = manifest::pretty_json(&config_json(&source.config, dtype));
+    let mut small = vec![("config.json".to_string(), config)];
     let mut notes = Vec::new();
-    for (name, bytes) in tokenizer_files(source, &mut notes)? {
-        files.push(write_small(dir, &name, &bytes)?);
-    }
-    files.sort_by(|a, b| a.path.cmp(&b.path));
-    let manifest = Manifest {
-        manifest_version: manifest::MANIFEST_VERSION,
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-        files: files.clone(),
-    };
-    write_small(
-        dir,
-        MANIFEST_NAME,
-        &pretty(&serde_json::to_value(&manifest).unwrap_or_default()),
-    )?;
+    small.extend(tokenizer_files(source, &mut notes)?);
+    manifest::write_described(dir, shards, small, files)
+        .map_err(|(path, source)| ExportError::Io { path, source })?;
     Ok(notes)
-}
-
-fn pretty(v: &serde_json::Value) -> Vec<u8> {
-    manifest::pretty_json(v)
-}
-
-fn write_small(dir: &Path, name: &str, bytes: &[u8]) -> Result<ManifestEntry, ExportError> {
-    manifest::write_entry(dir, name, bytes)
-        .map_err(|(path, source)| ExportError::Io { path, source })
 }
 
 /// The tokenizer files: copied from a Hugging Face source, built from a GGUF's vocabulary.
@@ -345,10 +321,10 @@ fn tokenizer_files(
             }
             match tokenizer_json_from_gguf(g) {
                 Ok(t) => Ok(vec![
-                    ("tokenizer.json".into(), pretty(&t)),
+                    ("tokenizer.json".into(), manifest::pretty_json(&t)),
                     (
                         "tokenizer_config.json".into(),
-                        pretty(&tokenizer_config_json_from_gguf(g)),
+                        manifest::pretty_json(&tokenizer_config_json_from_gguf(g)),
                     ),
                 ]),
                 Err(e) => {

@@ -14,8 +14,8 @@ use serde_json::json;
 
 use crate::dtype::DType;
 use crate::formats::gguf::GgufFile;
-use crate::formats::safetensors::{Entry, Shards, INDEX_NAME};
-use crate::manifest::{self, HashingWriter, Manifest, ManifestEntry, MANIFEST_NAME};
+use crate::formats::safetensors::{Entry, Shards};
+use crate::manifest::{self, HashingWriter, ManifestEntry};
 use crate::plan::{OutputFile, Plan, PlanError, SourceRef, TensorSpec, Transform};
 use crate::progress::Progress;
 use crate::source::decode_rows;
@@ -257,10 +257,9 @@ impl<'a> ShardWriter<'a> {
     }
 }
 
-/// Writes the files that describe the tensors, after them (STYLE.md principle 5): the shard
-/// index (when sharded), config.json recording the plan's sha256, the plan's other files and
-/// plan.json, then, last, the manifest of all files. Their entries join `files`, which ends
-/// sorted by path.
+/// Writes the files that describe the tensors, after them ([`manifest::write_described`]):
+/// config.json recording the plan's sha256, the plan's other files and plan.json. Their entries
+/// join `files`.
 fn write_small_files(
     plan: &Plan,
     plan_bytes: &[u8],
@@ -268,36 +267,14 @@ fn write_small_files(
     dir: &Path,
     files: &mut Vec<ManifestEntry>,
 ) -> Result<(), ApplyError> {
-    if let Some(index) = shards.index() {
-        files.push(write_small(dir, INDEX_NAME, &pretty(&index))?);
-    }
     let mut config = plan.config.clone();
     config["surgery"]["plan_sha256"] = json!(manifest::sha256_bytes(plan_bytes));
-    files.push(write_small(dir, "config.json", &pretty(&config))?);
+    let mut small = vec![("config.json".to_string(), manifest::pretty_json(&config))];
     for f in &plan.files {
-        files.push(write_small(dir, f.name(), &output_file(plan, f)?)?);
+        small.push((f.name().to_string(), output_file(plan, f)?));
     }
-    files.push(write_small(dir, "plan.json", plan_bytes)?);
-    files.sort_by(|a, b| a.path.cmp(&b.path));
-    let manifest = Manifest {
-        manifest_version: manifest::MANIFEST_VERSION,
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-        files: files.clone(),
-    };
-    write_small(
-        dir,
-        MANIFEST_NAME,
-        &pretty(&serde_json::to_value(&manifest).unwrap_or_default()),
-    )?;
-    Ok(())
-}
-
-fn pretty(v: &serde_json::Value) -> Vec<u8> {
-    manifest::pretty_json(v)
-}
-
-fn write_small(dir: &Path, name: &str, bytes: &[u8]) -> Result<ManifestEntry, ApplyError> {
-    manifest::write_entry(dir, name, bytes)
+    small.push(("plan.json".into(), plan_bytes.to_vec()));
+    manifest::write_described(dir, shards, small, files)
         .map_err(|(path, source)| ApplyError::Io { path, source })
 }
 
@@ -320,7 +297,7 @@ fn output_file(plan: &Plan, f: &OutputFile) -> Result<Vec<u8>, ApplyError> {
                 }
                 _ => crate::tokenizer::gguf::tokenizer_config_json_from_gguf(&g),
             };
-            Ok(pretty(&value))
+            Ok(manifest::pretty_json(&value))
         }
     }
 }
