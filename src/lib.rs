@@ -10,6 +10,7 @@ pub mod eval;
 pub mod export;
 pub mod formats;
 pub mod heal;
+pub mod hub;
 pub mod manifest;
 pub mod model;
 pub mod named;

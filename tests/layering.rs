@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 /// or strictly lower otherwise.
 const LAYERS: &[&[&str]] = &[
     &["dtype", "paths", "atomic", "progress", "named", "units"],
-    &["formats"],
+    &["formats", "hub"],
     &["arch"],
     &["source"],
     &["tokenizer", "manifest", "model"],

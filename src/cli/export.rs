@@ -29,6 +29,16 @@ pub enum ExportFormat {
     Safetensors(SafetensorsArgs),
 }
 
+impl ExportFormat {
+    /// The MODEL argument, whichever the format.
+    pub fn model(&mut self) -> &mut PathBuf {
+        match self {
+            ExportFormat::Gguf(a) => &mut a.model,
+            ExportFormat::Safetensors(a) => &mut a.model,
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct GgufArgs {
     /// Any checkpoint: Hugging Face directory, .safetensors, .gguf, or a recurrent checkpoint.

@@ -23,6 +23,7 @@ mod plan;
 mod verify;
 
 use std::io::IsTerminal;
+use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -38,6 +39,8 @@ pub use surgery::units::{si, thousands};
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
+    #[command(flatten)]
+    pub hub: Hub,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -67,6 +70,15 @@ impl Global {
     }
 }
 
+/// Which revision a hub MODEL is read at.
+#[derive(Args)]
+pub struct Hub {
+    /// The revision (branch, tag or commit hash) of every MODEL given as a hub id (ORG/NAME) or a
+    /// cache folder (models--ORG--NAME), read from the local Hugging Face cache [default: main].
+    #[arg(long, global = true, value_name = "REV")]
+    pub revision: Option<String>,
+}
+
 #[derive(Subcommand)]
 pub enum Command {
     /// What is this checkpoint: family, layers, sizes, dtypes, parameters, tokenizer.
@@ -90,7 +102,9 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+    let mut command = cli.command;
+    resolve_models(&mut command, cli.hub.revision.as_deref(), cli.global)?;
+    match command {
         Command::Inspect(args) => inspect::run(args, cli.global),
         Command::Plan(args) => plan::run(args, cli.global),
         Command::Apply(args) => apply::run(args, cli.global),
@@ -101,6 +115,50 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Heal(args) => heal::run_cli(args, cli.global),
         Command::Demo(args) => demo::run(args, cli.global),
     }
+}
+
+/// Every model argument of `command` (MODEL, heal's --distill teacher) that names a hub model
+/// replaced by its snapshot folder in the local Hugging Face cache, each noted on stderr. A
+/// local path that exists is kept; `--revision` is refused when no argument is a hub model.
+fn resolve_models(
+    command: &mut Command,
+    revision: Option<&str>,
+    global: Global,
+) -> anyhow::Result<()> {
+    let models: Vec<&mut PathBuf> = match command {
+        Command::Inspect(a) => vec![&mut a.model],
+        Command::Plan(a) => vec![&mut a.model],
+        Command::Apply(a) => vec![&mut a.input],
+        Command::Verify(a) => vec![&mut a.dir],
+        Command::Eval(a) => vec![&mut a.model],
+        Command::Export(a) => vec![a.format.model()],
+        Command::Generate(a) => vec![&mut a.model],
+        Command::Heal(a) => a.model.iter_mut().chain(a.distill.iter_mut()).collect(),
+        Command::Demo(_) => vec![],
+    };
+    let mut any_hub = false;
+    for model in models {
+        let resolved = surgery::hub::resolve(model, revision)?;
+        if resolved != *model {
+            any_hub = true;
+            if !global.quiet {
+                let at = revision.unwrap_or(surgery::hub::DEFAULT_REVISION);
+                eprintln!(
+                    "note: {} at revision {at} is {}",
+                    model.display(),
+                    resolved.display()
+                );
+            }
+            *model = resolved;
+        }
+    }
+    if let (Some(rev), false) = (revision, any_hub) {
+        anyhow::bail!(
+            "--revision {rev} picks the revision of a hub model (ORG/NAME or a models--ORG--NAME \
+             cache folder); this command names none"
+        );
+    }
+    Ok(())
 }
 
 /// The reader of stdout has gone: the output ends here, which is not a failure.
