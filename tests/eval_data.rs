@@ -5,7 +5,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use surgery::eval::data::{read_documents, token_stream, windows, DataError, Documents};
+use surgery::eval::data::{
+    read_documents, read_tokens, token_stream, windows, DataError, Documents,
+};
 use surgery::eval::plot::{plot_perplexity, PlotError};
 use surgery::source::SourceModel;
 use surgery::tokenizer::text::TextTokenizer;
@@ -224,12 +226,12 @@ fn one_empty_file_among_good_ones_is_refused() {
 #[test]
 fn unknown_extension_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    for name in ["a.csv", "a", "a.json"] {
+    for name in ["a.csv", "a", "a.gz", "a.parquet.gz", "a.jsonl.zip"] {
         let (path, err) = read_err(dir.path(), name, b"text", None);
         assert_eq!(
             err.to_string(),
             format!(
-                "{}: unknown data format (expected a .txt or .jsonl file)",
+                "{}: unknown data format (expected .txt, .jsonl, .json or .parquet; the first three may be .gz)",
                 path.display()
             )
         );
@@ -481,4 +483,189 @@ fn plot_into_a_missing_directory_is_an_io_error() {
     let path = dir.path().join("no/such/dir/p.png");
     let err = plot_perplexity(&path, "t", &[("a".into(), vec![(1, 3.0)])]).unwrap_err();
     assert!(matches!(err, PlotError::Io { .. }), "{err}");
+}
+
+/// tests/data/: Parquet tables written by pyarrow (tests/data/make_parquet.py) and docs.jsonl, the
+/// same documents as JSON Lines.
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+#[test]
+fn parquet_json_and_gzip_give_the_documents_and_tokens_of_the_jsonl() {
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = data("docs.jsonl");
+    let want = read_documents(std::slice::from_ref(&jsonl), None).unwrap();
+    assert_eq!(want.texts.len(), 5);
+    let lines = std::fs::read(&jsonl).unwrap();
+    let values: Vec<serde_json::Value> = lines
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    let array = serde_json::to_vec_pretty(&values).unwrap();
+    let mut files = vec![
+        write(dir.path(), "docs.json", &array),
+        write(dir.path(), "docs.json.gz", &gzip(&array)),
+        write(dir.path(), "docs.jsonl.gz", &gzip(&lines)),
+    ];
+    for codec in ["snappy", "zstd", "gzip", "none"] {
+        files.push(data(&format!("docs-{codec}.parquet")));
+    }
+    let model =
+        SourceModel::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny/model"))
+            .unwrap();
+    let tok = TextTokenizer::for_model(&model).unwrap();
+    let tokens = read_tokens(std::slice::from_ref(&jsonl), None, &tok, None).unwrap();
+    assert!(tokens.tokens.len() > 3000, "{}", tokens.tokens.len());
+    for file in &files {
+        let docs = read_documents(std::slice::from_ref(file), None).unwrap();
+        assert_eq!(docs.texts, want.texts, "{}", file.display());
+        let got = read_tokens(std::slice::from_ref(file), None, &tok, None).unwrap();
+        assert_eq!(got, tokens, "{}", file.display());
+        // Reading stops at a limit inside the long fourth document, as for the jsonl.
+        let limited = read_tokens(std::slice::from_ref(file), None, &tok, Some(40)).unwrap();
+        let want = read_tokens(std::slice::from_ref(&jsonl), None, &tok, Some(40)).unwrap();
+        assert_eq!(limited, want, "{}", file.display());
+    }
+    // A .txt.gz reads as its .txt.
+    let txt = b"First.\n\nSecond paragraph,\ntwo lines.\n";
+    let gz = write(dir.path(), "a.txt.gz", &gzip(txt));
+    let plain = write(dir.path(), "a.txt", txt);
+    assert_eq!(
+        read_documents(&[gz], None).unwrap().texts,
+        read_documents(&[plain], None).unwrap().texts
+    );
+}
+
+#[test]
+fn parquet_skips_nulls_and_refuses_a_missing_or_non_text_column() {
+    let docs = read_documents(&[data("docs-null.parquet")], None).unwrap();
+    let all = read_documents(&[data("docs.jsonl")], None).unwrap();
+    assert_eq!(docs.texts, [all.texts[0].clone(), all.texts[4].clone()]);
+
+    let path = data("docs-snappy.parquet");
+    let err = read_documents(std::slice::from_ref(&path), Some("body")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: no column `body` (columns: id, text; choose one with --field)",
+            path.display()
+        )
+    );
+    let path = data("numbers.parquet");
+    let err = read_documents(std::slice::from_ref(&path), None).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: row 1: column `text` holds numbers, not text",
+            path.display()
+        )
+    );
+    // Not Parquet at all, and a Parquet file cut short.
+    let dir = tempfile::tempdir().unwrap();
+    let (path, err) = read_err(dir.path(), "a.parquet", b"text, not a table", None);
+    assert!(
+        err.to_string()
+            .starts_with(&format!("{}: ", path.display())),
+        "{err}"
+    );
+    let whole = std::fs::read(data("docs-snappy.parquet")).unwrap();
+    let (path, err) = read_err(dir.path(), "cut.parquet", &whole[..whole.len() / 2], None);
+    assert!(
+        err.to_string()
+            .starts_with(&format!("{}: ", path.display())),
+        "{err}"
+    );
+}
+
+#[test]
+fn json_array_errors_name_the_element_or_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, err) = read_err(
+        dir.path(),
+        "a.json",
+        br#"[{"text": "a"}, {"body": "b"}]"#,
+        None,
+    );
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}:2: no field `text` (choose the text field with --field)",
+            path.display()
+        )
+    );
+    let (path, err) = read_err(dir.path(), "b.json", b"[{\"text\": \"a\"},\n  \"b\"]", None);
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}:2: expected a JSON object, found a string",
+            path.display()
+        )
+    );
+    let (path, err) = read_err(
+        dir.path(),
+        "c.json",
+        b"[{\"text\": \"a\"},\n {\"text\": ]",
+        None,
+    );
+    assert!(
+        err.to_string()
+            .starts_with(&format!("{}:2: not valid JSON", path.display())),
+        "{err}"
+    );
+    let (path, err) = read_err(dir.path(), "d.json", br#"{"text": "not an array"}"#, None);
+    assert!(
+        err.to_string()
+            .starts_with(&format!("{}:1: not valid JSON", path.display())),
+        "{err}"
+    );
+    let (path, err) = read_err(dir.path(), "e.json", b"[{\"text\": \"a\"}] trailing", None);
+    assert!(
+        err.to_string()
+            .starts_with(&format!("{}:1: not valid JSON", path.display())),
+        "{err}"
+    );
+    let (path, err) = read_err(dir.path(), "f.json", b"[{\"text\": \"a\0\"}]", None);
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: not a text file (NUL byte at offset 12)",
+            path.display()
+        )
+    );
+}
+
+#[test]
+fn globs_expand_sorted_and_one_matching_nothing_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "b.txt", b"second");
+    write(dir.path(), "a.txt", b"first");
+    write(dir.path(), "c.jsonl", b"{\"text\": \"third\"}\n");
+    let pattern = dir.path().join("*.txt");
+    let docs = read_documents(std::slice::from_ref(&pattern), None).unwrap();
+    assert_eq!(
+        (docs.texts.as_slice(), docs.files),
+        (&["first".to_string(), "second".to_string()][..], 2)
+    );
+    let both = [pattern, dir.path().join("c.json?")];
+    assert_eq!(
+        read_documents(&both, None).unwrap().texts,
+        ["first", "second", "third"]
+    );
+    let none = dir.path().join("*.parquet");
+    let err = read_documents(std::slice::from_ref(&none), None).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("{}: no file matches", none.display())
+    );
 }

@@ -6,6 +6,13 @@
 //!   trimmed; empty ones dropped.
 //! - `.jsonl`: one JSON object per line, the document in a string field (`text` unless told);
 //!   blank lines skipped; the text kept as written, dropped only when it is all whitespace.
+//! - `.json`: an array of such objects ([`super::records`]); errors name the element as its line.
+//! - `.parquet`: a table whose column (`text` unless told) holds the documents, one a row, nulls
+//!   skipped ([`super::records`]); snappy, gzip, lz4 and zstd pages are read.
+//! - `.txt.gz`, `.jsonl.gz`, `.json.gz`: the same, gzip-compressed (decompressed as read).
+//!
+//! A path that does not exist and holds `*`, `?` or `[` is a glob (`shards/train-*.parquet`),
+//! expanded in sorted order; a glob that matches nothing is refused.
 //!
 //! Invalid UTF-8: a document (a `.txt` paragraph or a `.jsonl` line) that is not valid UTF-8 is
 //! skipped and counted in [`Documents::skipped_invalid_utf8`], for the caller to report. Scraped
@@ -28,6 +35,8 @@ use serde_json::Value as Json;
 
 use crate::tokenizer::text::{TextTokenizer, TextTokenizerError};
 
+use super::records::read_parquet;
+
 /// Why data could not be read or prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -40,9 +49,15 @@ pub enum DataError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// The extension is neither `.txt` nor `.jsonl`.
-    #[error("{path}: unknown data format (expected a .txt or .jsonl file)")]
+    /// The extension is none of the formats read.
+    #[error("{path}: unknown data format (expected .txt, .jsonl, .json or .parquet; the first three may be .gz)")]
     UnknownExtension { path: PathBuf },
+    /// A glob matches no file.
+    #[error("{pattern}: no file matches")]
+    NoMatch { pattern: String },
+    /// A Parquet file could not be read, or has no such text column.
+    #[error("{path}: {reason}")]
+    Parquet { path: PathBuf, reason: String },
     /// The file holds a NUL byte, or no valid UTF-8 document at all.
     #[error("{path}: not a text file ({reason})")]
     NotText { path: PathBuf, reason: String },
@@ -131,8 +146,8 @@ pub(crate) trait Sink {
     fn full(&self) -> bool;
 }
 
-/// Reads documents from `.txt` and `.jsonl` files; `field` names the `.jsonl` text field
-/// (default `text`). Every file must yield at least one document. Holds every text in memory:
+/// Reads documents from data files (see the formats above); `field` names the records' text
+/// field (default `text`). Every file must yield at least one document. Holds every text in memory:
 /// for inspecting data; evaluation and training read with [`read_tokens`].
 pub fn read_documents(paths: &[PathBuf], field: Option<&str>) -> Result<Documents, DataError> {
     let mut sink = Collect::default();
@@ -140,11 +155,11 @@ pub fn read_documents(paths: &[PathBuf], field: Option<&str>) -> Result<Document
     Ok(Documents {
         texts: sink.texts,
         skipped_invalid_utf8: report.skipped_invalid_utf8,
-        files: paths.len(),
+        files: report.files,
     })
 }
 
-/// Reads and tokenizes `.txt` and `.jsonl` files into one stream (see [`token_stream`] for its
+/// Reads and tokenizes data files into one stream (see [`token_stream`] for its
 /// layout), in bounded memory: reading stops once the stream holds `limit` tokens. Every file
 /// read to its end must yield at least one document; fewer than 2 tokens in all is an error.
 pub fn read_tokens(
@@ -182,6 +197,8 @@ pub fn token_stream(
 
 /// What reading found besides the documents.
 struct Report {
+    /// Files, globs expanded.
+    files: usize,
     skipped_invalid_utf8: usize,
 }
 
@@ -196,38 +213,41 @@ fn read_into(
     let field = field.unwrap_or("text");
     // Every file is checked and opened first, so a wrong name is found even when the data
     // before it is enough.
+    let paths = expand(paths)?;
     let mut files = Vec::with_capacity(paths.len());
-    for path in paths {
-        let ext = path.extension().and_then(|e| e.to_str());
-        let jsonl = match ext {
-            Some("txt") => false,
-            Some("jsonl") => true,
-            _ => {
-                return Err(DataError::UnknownExtension {
-                    path: path.to_path_buf(),
-                })
-            }
-        };
+    for path in &paths {
+        let format = Format::of(path)?;
         let file = crate::paths::open_file(path).map_err(|source| DataError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        files.push((path, file, jsonl));
+        files.push((path, file, format));
     }
     let mut report = Report {
+        files: files.len(),
         skipped_invalid_utf8: 0,
     };
-    for (path, file, jsonl) in files {
-        let mut reader = Reader::new(path, file);
+    for (path, file, format) in files {
         let mut counted = Counted {
             sink: &mut *sink,
             documents: 0,
             skipped: 0,
         };
-        if jsonl {
-            read_jsonl(&mut reader, field, &mut counted)?;
-        } else {
-            read_txt(&mut reader, &mut counted)?;
+        match format {
+            Format::Text(text, gzip) => {
+                let input: Box<dyn std::io::Read> = if gzip {
+                    Box::new(flate2::read::MultiGzDecoder::new(file))
+                } else {
+                    Box::new(file)
+                };
+                let mut reader = Reader::new(path, input);
+                match text {
+                    Text::Txt => read_txt(&mut reader, &mut counted)?,
+                    Text::Jsonl => read_jsonl(&mut reader, field, &mut counted)?,
+                    Text::Json => read_json(&mut reader, field, &mut counted)?,
+                }
+            }
+            Format::Parquet => read_parquet(path, file, field, &mut counted)?,
         }
         let (documents, skipped) = (counted.documents, counted.skipped);
         report.skipped_invalid_utf8 += skipped;
@@ -258,17 +278,20 @@ pub(crate) struct Counted<'a> {
 /// A file read in pieces of [`READ_BYTES`]: the byte-order mark dropped, NUL bytes refused.
 struct Reader<'a> {
     path: &'a Path,
-    inner: std::io::BufReader<std::fs::File>,
+    inner: std::io::BufReader<Box<dyn std::io::Read>>,
+    /// Why the last [`std::io::Read::read`] failed, when it was the data, not the file.
+    failed: Option<DataError>,
     /// Bytes of the file consumed so far (for the offset of a NUL byte).
     offset: u64,
     started: bool,
 }
 
 impl<'a> Reader<'a> {
-    fn new(path: &'a Path, file: std::fs::File) -> Reader<'a> {
+    fn new(path: &'a Path, input: Box<dyn std::io::Read>) -> Reader<'a> {
         Reader {
             path,
-            inner: std::io::BufReader::with_capacity(READ_BYTES, file),
+            inner: std::io::BufReader::with_capacity(READ_BYTES, input),
+            failed: None,
             offset: 0,
             started: false,
         }
@@ -308,6 +331,99 @@ impl<'a> Reader<'a> {
         use std::io::BufRead;
         self.inner.consume(n);
         self.offset += n as u64;
+    }
+}
+
+/// The reader's bytes for a parser that reads (a JSON array), with the same checks.
+impl std::io::Read for Reader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let buf = match self.fill() {
+            Ok(buf) => buf,
+            Err(e) => {
+                self.failed = Some(e);
+                return Err(std::io::Error::other("the data file could not be read"));
+            }
+        };
+        let n = buf.len().min(out.len());
+        out[..n].copy_from_slice(&buf[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+/// The data formats, by extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// A text format, and whether it is gzip-compressed.
+    Text(Text, bool),
+    /// Parquet (which compresses its own pages).
+    Parquet,
+}
+
+/// The formats read as a stream of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Text {
+    Txt,
+    Jsonl,
+    Json,
+}
+
+impl Format {
+    /// The format of `path`: `.txt`, `.jsonl`, `.json` (each possibly `.gz`) or `.parquet`.
+    fn of(path: &Path) -> Result<Format, DataError> {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let (name, gzip) = match name.strip_suffix(".gz") {
+            Some(inner) => (inner, true),
+            None => (name, false),
+        };
+        Ok(match name.rsplit_once('.').map(|(_, ext)| ext) {
+            Some("txt") => Format::Text(Text::Txt, gzip),
+            Some("jsonl") => Format::Text(Text::Jsonl, gzip),
+            Some("json") => Format::Text(Text::Json, gzip),
+            Some("parquet") if !gzip => Format::Parquet,
+            _ => {
+                return Err(DataError::UnknownExtension {
+                    path: path.to_path_buf(),
+                })
+            }
+        })
+    }
+}
+
+/// `paths` with each glob (a path that does not exist and holds `*`, `?` or `[`) replaced by the
+/// files it matches, sorted.
+fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {
+    let mut out = Vec::with_capacity(paths.len());
+    for path in paths {
+        let text = path.to_string_lossy();
+        if path.exists() || !text.contains(['*', '?', '[']) {
+            out.push(path.clone());
+            continue;
+        }
+        let bad = |reason: String| DataError::NotText {
+            path: path.clone(),
+            reason,
+        };
+        let matches = glob::glob(&text).map_err(|e| bad(format!("not a valid glob: {e}")))?;
+        let mut found: Vec<PathBuf> = matches.filter_map(Result::ok).collect();
+        if found.is_empty() {
+            return Err(DataError::NoMatch {
+                pattern: text.into_owned(),
+            });
+        }
+        found.sort();
+        out.extend(found);
+    }
+    Ok(out)
+}
+
+/// A `.json` array, read through `reader`'s checks (a NUL byte is refused as in any text file).
+fn read_json(reader: &mut Reader, field: &str, sink: &mut Counted) -> Result<(), DataError> {
+    let path = reader.path;
+    let read = super::records::read_json_array(path, &mut *reader, field, sink);
+    match reader.failed.take() {
+        Some(e) => Err(e),
+        None => read,
     }
 }
 
@@ -447,6 +563,18 @@ fn jsonl_line(
         line: number,
         reason: json_reason(&e),
     })?;
+    object_text(path, number, value, field, sink)
+}
+
+/// A record's text field as one document: `value` (from line or element `number`) must be an
+/// object whose `field` is a string.
+pub(crate) fn object_text(
+    path: &Path,
+    number: usize,
+    value: Json,
+    field: &str,
+    sink: &mut Counted,
+) -> Result<(), DataError> {
     let Json::Object(object) = value else {
         return Err(DataError::NotAnObject {
             path: path.to_path_buf(),
@@ -789,7 +917,7 @@ fn cut_point(text: &str, max: usize) -> usize {
 
 /// serde_json's message with the column, without its "at line 1" (each line is parsed alone;
 /// the file's line number is in the error already).
-fn json_reason(e: &serde_json::Error) -> String {
+pub(crate) fn json_reason(e: &serde_json::Error) -> String {
     let message = e.to_string();
     let message = message
         .rsplit_once(" at line ")

@@ -6,3 +6,4 @@ mod jsonl;
 pub mod perplexity;
 pub mod plan_calibrated;
 pub mod plot;
+mod records;
