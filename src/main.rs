@@ -13,21 +13,7 @@ fn main() -> ExitCode {
     park_idle_candle_workers();
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                let _ = e.print();
-                return ExitCode::SUCCESS;
-            }
-            // clap's message ends with usage lines; the first line says what is wrong.
-            let rendered = e.render().to_string();
-            let first = rendered
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("error: invalid arguments");
-            eprintln!("{first}");
-            return ExitCode::from(1);
-        }
+        Err(e) => return usage_error(&e),
     };
     let json = cli.global.json;
     cli.global.set_threads();
@@ -46,6 +32,52 @@ fn main() -> ExitCode {
             }
             ExitCode::from(code)
         }
+    }
+}
+
+/// Help and --version on stdout with exit code 0, bare `surgery` too (its help, as `cargo` does);
+/// any other parse error as clap's whole message on one line (the missing argument named, the
+/// usage, the advice), with exit code 1: invalid input, as every refusal here (2 is an I/O error).
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            use clap::CommandFactory;
+            let _ = cli::Cli::command().print_help();
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("{}", one_line_usage(&e.render().to_string()));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// clap's message, its lines joined: the indented lines after one ending in `:` are a list (the
+/// missing arguments), joined by `, `; other lines are separated by `; `.
+fn one_line_usage(rendered: &str) -> String {
+    let mut line = String::new();
+    let mut in_list = false;
+    for raw in rendered.lines().filter(|l| !l.trim().is_empty()) {
+        let part = raw.trim();
+        let item = raw.starts_with(char::is_whitespace);
+        if line.ends_with(':') {
+            line.push(' ');
+            in_list = item;
+        } else if !line.is_empty() {
+            in_list &= item;
+            line.push_str(if in_list { ", " } else { "; " });
+        }
+        line.push_str(part);
+    }
+    if line.is_empty() {
+        "error: invalid arguments".into()
+    } else {
+        line
     }
 }
 

@@ -34,6 +34,7 @@ pub use surgery::units::{si, thousands};
 #[command(
     name = "surgery",
     version,
+    arg_required_else_help = true,
     about = "Retrofit recurrence into pretrained language models: cut a model into prelude, looped core and coda; heal, evaluate, export"
 )]
 pub struct Cli {
