@@ -20,7 +20,7 @@ pub struct ApplyArgs {
     #[command(flatten)]
     pub layout: LayoutArgs,
     /// The output directory (Hugging Face layout, model_type huginn_raven).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, short = 'o', value_name = "DIR")]
     pub out: PathBuf,
     /// Replace an existing DIR (the old one is removed only after the new one is in place).
     #[arg(long)]

@@ -14,7 +14,7 @@ use super::{BarProgress, Global};
 #[derive(clap::Args)]
 pub struct DemoArgs {
     /// Keep the artifacts in DIR (written atomically); default: a new temporary folder.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, short = 'o', value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Replace an existing DIR.
     #[arg(long)]

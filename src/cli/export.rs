@@ -44,7 +44,7 @@ pub struct GgufArgs {
     /// Any checkpoint: Hugging Face directory, .safetensors, .gguf, or a recurrent checkpoint.
     pub model: PathBuf,
     /// The output file.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, short = 'o', value_name = "FILE")]
     pub out: PathBuf,
     /// Tensor types: f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q5_k, q4_k, q5_1, q5_0, q4_1,
     /// q4_0 (the mixes follow llama-quantize; norms stay F32).
@@ -68,7 +68,7 @@ pub struct SafetensorsArgs {
     /// Any checkpoint: a .gguf (llama or huginn_raven), a Hugging Face directory, ...
     pub model: PathBuf,
     /// The output directory.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, short = 'o', value_name = "DIR")]
     pub out: PathBuf,
     /// auto (the source's float type; F32 for quantized GGUF weights), f32, f16 or bf16.
     #[arg(long, default_value = "auto", value_parser = parse_dtype)]

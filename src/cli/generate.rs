@@ -18,13 +18,14 @@ pub struct GenerateArgs {
     /// A recurrent checkpoint or GGUF, or any static model (then r is ignored).
     pub model: PathBuf,
     /// The text to continue (special tokens such as <|im_start|> are recognized).
-    #[arg(long)]
+    #[arg(long, short = 'p')]
     pub prompt: String,
-    /// Core iterations per token (the most, with --exit); default: the model's own default.
+    /// Core iterations per token (the most, with --exit); default: the mean recurrence the model
+    /// was healed at when `heal` wrote it, else its config's mean_recurrence.
     #[arg(long, value_name = "R")]
     pub recurrence: Option<usize>,
     /// Tokens to generate at most.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, short = 'n', default_value_t = 128)]
     pub max_tokens: usize,
     /// Sampling temperature; 0 is greedy (deterministic).
     #[arg(long, default_value_t = 0.0)]
@@ -99,7 +100,10 @@ pub fn run(args: GenerateArgs, global: Global) -> anyhow::Result<()> {
     let mut model = Model::load_as(&source, None, &device, super::weights(args.dequantize))?;
     model.set_kernels(args.runtime.kernels);
     let r = match source.config.recurrent {
-        Some(shape) => args.recurrence.unwrap_or(shape.mean_recurrence),
+        Some(shape) => match args.recurrence {
+            Some(r) => r,
+            None => default_recurrence(&source, shape.mean_recurrence, global)?,
+        },
         None => {
             if args.recurrence.is_some() && !global.quiet {
                 eprintln!("note: a static model has no recurrence; --recurrence is ignored");
@@ -140,6 +144,29 @@ pub fn run(args: GenerateArgs, global: Global) -> anyhow::Result<()> {
     let text = tokenizer.decode(&report.tokens)?;
     let r = source.config.recurrent.map(|_| r);
     print_result(&args, global, r, &text, &report, streamer.printed)
+}
+
+/// The recurrence a recurrent model runs at without --recurrence: the one it was healed at when
+/// `heal` wrote it (its config.json records the run; noted on stderr), else its config's
+/// `mean_recurrence`.
+fn default_recurrence(
+    source: &SourceModel,
+    mean_recurrence: usize,
+    global: Global,
+) -> anyhow::Result<usize> {
+    if source.gguf().is_some() {
+        return Ok(mean_recurrence);
+    }
+    let Some(healed) = surgery::heal::checkpoint::healed_recurrence(&source.root)? else {
+        return Ok(mean_recurrence);
+    };
+    if !global.quiet {
+        eprintln!(
+            "note: r = {healed}, the mean recurrence this model was healed at (config.json's \
+             surgery.heal); pass --recurrence R for another"
+        );
+    }
+    Ok(healed)
 }
 
 /// The JSON, or the rest of the text after the `streamed` bytes already printed and the run's

@@ -33,7 +33,7 @@ pub struct HealArgs {
     #[arg(long, default_value_t = 0.05)]
     pub holdout: f64,
     /// The output directory.
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long, short = 'o', required_unless_present = "resume")]
     pub out: Option<PathBuf>,
     /// Replace an existing output.
     #[arg(long)]
@@ -42,7 +42,7 @@ pub struct HealArgs {
     #[arg(long, default_value_t = 100)]
     pub steps: u64,
     /// Tokens per training sequence (windows of seq-len + 1 packed from documents + EOS).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, short = 'c', default_value_t = 1024)]
     pub seq_len: usize,
     /// Sequences per optimizer step.
     #[arg(long, default_value_t = 8)]

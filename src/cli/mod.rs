@@ -56,7 +56,7 @@ pub struct Global {
     #[arg(long, short, global = true)]
     pub quiet: bool,
     /// CPU threads (default: all cores).
-    #[arg(long, global = true, value_name = "N")]
+    #[arg(long, short = 't', global = true, value_name = "N")]
     pub threads: Option<usize>,
 }
 

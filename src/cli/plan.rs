@@ -24,7 +24,7 @@ pub struct PlanArgs {
     #[command(flatten)]
     pub layout: LayoutArgs,
     /// Write the plan here (nothing is written without it).
-    #[arg(long, value_name = "plan.json")]
+    #[arg(long, short = 'o', value_name = "plan.json")]
     pub out: Option<PathBuf>,
     /// Overwrite an existing --out file.
     #[arg(long)]
@@ -133,7 +133,7 @@ pub struct LayoutArgs {
     #[arg(long, value_parser = named::<DtypeChoice>())]
     pub dtype: Option<DtypeChoice>,
     /// Context length for the attention term of the FLOPs [default: 2048].
-    #[arg(long)]
+    #[arg(long, short = 'c', value_name = "T")]
     pub context: Option<u64>,
 }
 

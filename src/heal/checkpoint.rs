@@ -192,3 +192,36 @@ pub(crate) fn read_metrics(root: &Path, step: u64) -> Result<Vec<StepMetrics>> {
     std::fs::write(&path, out).map_err(io(&path))?;
     Ok(kept)
 }
+
+/// The most recurrence a heal record may name (what a config's `mean_recurrence` may be).
+const MAX_HEALED_RECURRENCE: u64 = 1 << 16;
+
+/// The mean recurrence the heal output in `dir` was trained at, from the run `heal` records in
+/// its config.json (`surgery.heal.config`, written by `super::output`): the curriculum's
+/// `max_mean_recurrence`, or 1 for a `--static` run. None when the config holds no heal record
+/// (an `apply` output, a published checkpoint); refused when the record is not what heal writes.
+pub fn healed_recurrence(dir: &Path) -> Result<Option<usize>> {
+    let path = dir.join("config.json");
+    let bytes = crate::paths::read(&path).map_err(io(&path))?;
+    let config: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| HealError::Invalid(format!("{}: {e}", path.display())))?;
+    let Some(run) = config.pointer("/surgery/heal/config") else {
+        return Ok(None);
+    };
+    if run.get("static_baseline") == Some(&serde_json::Value::Bool(true)) {
+        return Ok(Some(1));
+    }
+    let m = run
+        .get("max_mean_recurrence")
+        .and_then(serde_json::Value::as_u64)
+        .filter(|m| (1..=MAX_HEALED_RECURRENCE).contains(m))
+        .ok_or_else(|| {
+            HealError::Invalid(format!(
+                "{}: surgery.heal.config.max_mean_recurrence is not a recurrence in \
+                 1..={MAX_HEALED_RECURRENCE}",
+                path.display()
+            ))
+        })?;
+    // At most 2^16: fits any usize.
+    Ok(Some(m as usize))
+}
