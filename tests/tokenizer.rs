@@ -189,3 +189,42 @@ fn smollm2_tokenizer_config_names_the_special_tokens_and_template() {
     let template = c["chat_template"].as_str().expect("a chat template");
     assert!(template.contains("<|im_start|>"), "{template}");
 }
+
+#[test]
+fn smollm2_chat_template_renders_as_jinja2_does() {
+    let Some(gguf) = common::smollm2() else {
+        return;
+    };
+    let model = surgery::source::SourceModel::open(&gguf).unwrap();
+    let tok = surgery::tokenizer::text::TextTokenizer::for_model(&model).unwrap();
+    let turns = [
+        ("user", "What is 2+2?"),
+        ("assistant", "4."),
+        ("user", "And 3+3?"),
+    ];
+    let messages: Vec<_> = turns
+        .iter()
+        .map(|(role, content)| surgery::tokenizer::chat::Message {
+            role: role.to_string(),
+            content: content.to_string(),
+        })
+        .collect();
+    // jinja2 3.1.4 in transformers' environment (trim_blocks, lstrip_blocks) on the GGUF's
+    // tokenizer.chat_template: the system turn the template adds, then the conversation.
+    assert_eq!(
+        tok.chat().unwrap().render(&messages, true).unwrap(),
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // The fixture's tokenizer has no template.
+    let tiny =
+        surgery::source::SourceModel::open(&common::root().join("fixtures/tiny/model")).unwrap();
+    let err = surgery::tokenizer::text::TextTokenizer::for_model(&tiny)
+        .unwrap()
+        .chat()
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("the model has no chat template"),
+        "{err}"
+    );
+}

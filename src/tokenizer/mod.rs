@@ -5,8 +5,10 @@
 //!   to safetensors);
 //! - [`vocab`]: `tokenizer.json` to GGUF metadata (export to GGUF);
 //! - [`spm`]: SentencePiece's scores and merges, which both directions convert;
-//! - [`text`]: text to token ids for any model `surgery` reads (eval, heal, generate, calibrate).
+//! - [`text`]: text to token ids for any model `surgery` reads (eval, heal, generate, calibrate);
+//! - [`chat`]: the model's chat template, rendering a conversation as transformers does.
 
+pub mod chat;
 pub mod gguf;
 pub(crate) mod spm;
 pub mod text;

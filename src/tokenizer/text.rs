@@ -18,6 +18,7 @@ use std::str::FromStr;
 use serde_json::Value as Json;
 
 use crate::source::{SourceFormat, SourceModel};
+use crate::tokenizer::chat::{ChatError, ChatTemplate};
 use crate::tokenizer::gguf::{
     tokenizer_config_json_from_gguf, tokenizer_json_from_gguf, TokenizerError, KEY_BOS_ID,
     KEY_EOS_ID, KEY_TOKENS,
@@ -73,6 +74,8 @@ pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
+    /// The model's chat template, when its tokenizer config has one.
+    chat: Option<ChatTemplate>,
 }
 
 /// Where a special token is declared, in the order they are consulted.
@@ -104,7 +107,14 @@ impl TextTokenizer {
         };
         let bos = sources.resolve(&inner, Special::Bos)?;
         let eos = sources.resolve(&inner, Special::Eos)?;
-        Ok(TextTokenizer { inner, bos, eos })
+        let chat =
+            (sources.tokenizer_config.as_ref()).and_then(|(c, _)| ChatTemplate::from_config(c));
+        Ok(TextTokenizer {
+            inner,
+            bos,
+            eos,
+            chat,
+        })
     }
 
     /// Builds a tokenizer from a tokenizer.json document, for callers that already hold one.
@@ -118,7 +128,17 @@ impl TextTokenizer {
                 path: PathBuf::from("tokenizer.json"),
                 reason: e.to_string(),
             })?;
-        Ok(TextTokenizer { inner, bos, eos })
+        Ok(TextTokenizer {
+            inner,
+            bos,
+            eos,
+            chat: None,
+        })
+    }
+
+    /// The model's chat template.
+    pub fn chat(&self) -> Result<&ChatTemplate, ChatError> {
+        self.chat.as_ref().ok_or(ChatError::NoTemplate)
     }
 
     /// Token ids of `text`, with the special tokens the tokenizer's own post-processor adds
