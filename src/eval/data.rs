@@ -936,11 +936,21 @@ pub(crate) fn json_type(value: &Json) -> &'static str {
     }
 }
 
-/// One window of a token stream: `targets[j]` is the token that follows `inputs[j]`.
+/// One window of a token stream, scoring the next tokens of its last `targets.len()` inputs:
+/// `targets[j]` is the token that follows `inputs[context() + j]`. The first [`Window::context`]
+/// inputs are context only (strided windows, a task's context); in [`windows`]' windows there are
+/// none, and `targets[j]` follows `inputs[j]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
     pub inputs: Vec<u32>,
     pub targets: Vec<u32>,
+}
+
+impl Window {
+    /// The number of leading inputs whose next token is not scored.
+    pub fn context(&self) -> usize {
+        self.inputs.len().saturating_sub(self.targets.len())
+    }
 }
 
 /// Non-overlapping windows over a token stream.
@@ -990,6 +1000,43 @@ pub fn windows(stream: &[u32], seq_len: usize, max_tokens: Option<usize>) -> Win
     Windows { windows, seq_len }
 }
 
+/// Strided windows (`eval --stride`), the standard strided perplexity: windows of `seq_len`
+/// inputs starting every `stride` tokens, each scoring only the targets no earlier window scored,
+/// with the tokens before them as context. Window `k` reads `stream[k*S .. k*S+T]` (shorter at
+/// the end) and scores the targets after `stream[(k-1)*S+T ..]`, so every token after the first
+/// is scored exactly once, as by [`windows`], but with at least `T - S` tokens of context after
+/// the first window (which scores all of its `T`). `stride == seq_len` gives [`windows`]'
+/// windows; `stride` is clamped to `1..=seq_len` (callers refuse other values first).
+/// `max_tokens` caps the scored tokens.
+///
+/// llama.cpp's `llama-perplexity --ppl-stride S -c T` scores the same targets with the same
+/// context, except that its first window scores only its last S targets; its default mode (no
+/// `--ppl-stride`) is not a stride: non-overlapping chunks of T tokens whose second half is
+/// scored with the first half as context.
+pub fn strided_windows(
+    stream: &[u32],
+    seq_len: usize,
+    stride: usize,
+    max_tokens: Option<usize>,
+) -> Windows {
+    let available = stream.len().saturating_sub(1);
+    let n_targets = max_tokens.map_or(available, |m| m.min(available));
+    let stride = stride.clamp(1, seq_len.max(1));
+    let mut windows = Vec::new();
+    // Targets after stream[..scored] have not been scored yet.
+    let (mut start, mut scored) = (0, 0);
+    while seq_len > 0 && scored < n_targets {
+        let end = (start + seq_len).min(n_targets);
+        windows.push(Window {
+            inputs: stream[start..end].to_vec(),
+            targets: stream[scored + 1..end + 1].to_vec(),
+        });
+        scored = end;
+        start += stride;
+    }
+    Windows { windows, seq_len }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1021,6 +1068,35 @@ mod tests {
         assert_eq!(w.n_targets(), 9);
         assert_eq!(w.windows[2].inputs, [8]);
         assert_eq!(w.windows[2].targets, [9]);
+    }
+
+    #[test]
+    fn strided_windows_score_each_target_once_with_context() {
+        let stream: Vec<u32> = (0..10).collect();
+        let w = strided_windows(&stream, 4, 2, None);
+        let parts: Vec<(&[u32], &[u32])> = w
+            .windows
+            .iter()
+            .map(|w| (&w.inputs[..], &w.targets[..]))
+            .collect();
+        // Window 0 scores all of its 4 targets; each later one its last 2, after 2 of context;
+        // the last one is cut short where the stream ends.
+        assert_eq!(
+            parts,
+            [
+                (&[0, 1, 2, 3][..], &[1, 2, 3, 4][..]),
+                (&[2, 3, 4, 5][..], &[5, 6][..]),
+                (&[4, 5, 6, 7][..], &[7, 8][..]),
+                (&[6, 7, 8][..], &[9][..]),
+            ]
+        );
+        assert_eq!(w.windows[1].context(), 2);
+        assert_eq!(w.n_targets(), 9);
+        assert_eq!(
+            strided_windows(&stream, 4, 4, None),
+            windows(&stream, 4, None)
+        );
+        assert_eq!(strided_windows(&stream, 4, 1, Some(5)).n_targets(), 5);
     }
 
     #[test]

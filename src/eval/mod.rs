@@ -1,5 +1,7 @@
-//! Evaluation: data, perplexity over recurrences, plots, and `plan --calibrate`'s measuring.
+//! Evaluation: data, perplexity over recurrences, multiple-choice tasks, baselines, plots, and
+//! `plan --calibrate`'s measuring.
 
+pub mod baseline;
 pub mod calibrate;
 pub mod data;
 mod jsonl;
@@ -7,3 +9,4 @@ pub mod perplexity;
 pub mod plan_calibrated;
 pub mod plot;
 mod records;
+pub mod task;

@@ -22,7 +22,8 @@ pub struct EvalRow {
     pub tokens_per_second: f64,
 }
 
-/// Scores every window at recurrence `r`, `batch` windows at a time (right-padded, masked). The
+/// Scores every window at recurrence `r`, `batch` windows at a time (right-padded, masked); a
+/// window's context inputs ([`super::data::Window::context`]) are run but not scored. The
 /// initial state of batch i is drawn with seed `seed + i`, so a run is reproducible.
 pub fn perplexity(
     model: &Model,
@@ -44,14 +45,21 @@ pub fn perplexity(
             Vec::with_capacity(b * t),
         );
         for w in group {
-            let pad = t - w.inputs.len();
+            // Row: context (not scored), scored targets, right padding.
+            let (context, pad) = (w.context(), t - w.inputs.len());
             ids.extend(w.inputs.iter().copied().chain(std::iter::repeat_n(0, pad)));
-            targets.extend(w.targets.iter().copied().chain(std::iter::repeat_n(0, pad)));
+            targets.extend(
+                std::iter::repeat_n(0, context)
+                    .chain(w.targets.iter().copied())
+                    .chain(std::iter::repeat_n(0, pad)),
+            );
             mask.extend(
                 std::iter::repeat_n(1u32, w.inputs.len()).chain(std::iter::repeat_n(0, pad)),
             );
             weights.extend(
-                std::iter::repeat_n(1f32, w.targets.len()).chain(std::iter::repeat_n(0.0, pad)),
+                std::iter::repeat_n(0f32, context)
+                    .chain(std::iter::repeat_n(1.0, w.targets.len()))
+                    .chain(std::iter::repeat_n(0.0, pad)),
             );
         }
         let device = model.device();
