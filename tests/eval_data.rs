@@ -669,3 +669,61 @@ fn globs_expand_sorted_and_one_matching_nothing_is_refused() {
         format!("{}: no file matches", none.display())
     );
 }
+
+#[test]
+fn chat_records_are_rendered_with_the_model_template_in_jsonl_and_parquet() {
+    let Some(gguf) = common::smollm2() else {
+        return;
+    };
+    let model = SourceModel::open(&gguf).unwrap();
+    let tok = TextTokenizer::for_model(&model).unwrap();
+    // jinja2 3.1.4's renderings of tests/data/chat.jsonl with SmolLM2's template, in
+    // transformers' environment; tokenized without the post-processor's specials (as
+    // apply_chat_template(tokenize=True) does; SmolLM2 adds none anyway), EOS after each.
+    let rendered = [
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n",
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n",
+    ];
+    let mut want = Vec::new();
+    for text in rendered {
+        want.extend(tok.encode(text).unwrap());
+        want.extend(tok.eos);
+    }
+    assert!(want.len() > 40);
+    for name in ["chat.jsonl", "chat.parquet"] {
+        let got = read_tokens(&[data(name)], Some("messages"), &tok, None).unwrap();
+        assert_eq!(
+            (got.tokens.as_slice(), got.documents),
+            (want.as_slice(), 2),
+            "{name}"
+        );
+    }
+    // Without a tokenizer the documents cannot be read as text; a malformed turn is named.
+    let err = read_documents(&[data("chat.jsonl")], Some("messages")).unwrap_err();
+    assert!(
+        err.to_string()
+            .ends_with("chat.jsonl:1: a conversation, which only a model's tokenizer can render"),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(
+        dir.path(),
+        "bad.jsonl",
+        br#"{"messages": [{"role": "user"}]}"#,
+    );
+    let err = read_tokens(std::slice::from_ref(&bad), Some("messages"), &tok, None).unwrap_err();
+    assert!(
+        err.to_string().starts_with(&format!(
+            "{}:1: field `messages` is not a list of",
+            bad.display()
+        )),
+        "{err}"
+    );
+    // A model without a chat template says so.
+    let tiny =
+        SourceModel::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny/model"))
+            .unwrap();
+    let tiny = TextTokenizer::for_model(&tiny).unwrap();
+    let err = read_tokens(&[data("chat.parquet")], Some("messages"), &tiny, None).unwrap_err();
+    assert!(err.to_string().ends_with("chat.parquet: row 1: the model has no chat template (tokenizer_config.json's chat_template, or a GGUF's tokenizer.chat_template)"), "{err}");
+}

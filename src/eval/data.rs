@@ -11,6 +11,13 @@
 //!   skipped ([`super::records`]); snappy, gzip, lz4 and zstd pages are read.
 //! - `.txt.gz`, `.jsonl.gz`, `.json.gz`: the same, gzip-compressed (decompressed as read).
 //!
+//! Chat data: a record whose text field is a list of `{"role", "content"}` turns (in `.jsonl` or
+//! `.json`, or a Parquet list of such structs, as chat datasets store `messages`) is one
+//! document: the conversation rendered with the model's chat template and tokenized as
+//! transformers' `apply_chat_template(tokenize=True)` does. Only a reader with the model's
+//! tokenizer can do that ([`read_tokens`]); every token of it is a target (there is no
+//! assistant-only loss yet).
+//!
 //! A path that does not exist and holds `*`, `?` or `[` is a glob (`shards/train-*.parquet`),
 //! expanded in sorted order; a glob that matches nothing is refused.
 //!
@@ -33,6 +40,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value as Json;
 
+use crate::tokenizer::chat::Message;
 use crate::tokenizer::text::{TextTokenizer, TextTokenizerError};
 
 use super::records::read_parquet;
@@ -90,6 +98,13 @@ pub enum DataError {
         field: String,
         found: &'static str,
     },
+    /// A record's conversation could not be rendered or tokenized.
+    #[error("{path}:{line}: {reason}")]
+    Chat {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
     /// A file yields no document.
     #[error("no documents in {path}")]
     NoDocuments { path: PathBuf },
@@ -144,6 +159,17 @@ pub(crate) trait Sink {
     fn discard(&mut self);
     /// Enough has been read; the reader stops.
     fn full(&self) -> bool;
+    /// A conversation as one whole document (see [`Conversation`]).
+    fn conversation(&mut self, messages: &[Message]) -> Result<(), Conversation>;
+}
+
+/// Why a conversation could not become a document.
+#[derive(Debug)]
+pub(crate) enum Conversation {
+    /// Rendering or tokenizing it failed.
+    Failed(String),
+    /// The reader has no tokenizer (documents are read as text alone).
+    NoTokenizer,
 }
 
 /// Reads documents from data files (see the formats above); `field` names the records' text
@@ -575,14 +601,14 @@ pub(crate) fn object_text(
     field: &str,
     sink: &mut Counted,
 ) -> Result<(), DataError> {
-    let Json::Object(object) = value else {
+    let Json::Object(mut object) = value else {
         return Err(DataError::NotAnObject {
             path: path.to_path_buf(),
             line: number,
             found: json_type(&value),
         });
     };
-    match object.get(field) {
+    match object.remove(field) {
         None => Err(DataError::MissingField {
             path: path.to_path_buf(),
             line: number,
@@ -593,12 +619,50 @@ pub(crate) fn object_text(
             doc.feed(text.as_bytes(), sink)?;
             doc.finish(sink)
         }
+        Some(turns @ Json::Array(_)) => conversation(path, number, field, turns, sink),
         Some(other) => Err(DataError::NotAString {
             path: path.to_path_buf(),
             line: number,
             field: field.to_string(),
-            found: json_type(other),
+            found: json_type(&other),
         }),
+    }
+}
+
+/// A record's list of `{"role", "content"}` turns as one document, rendered with the model's chat
+/// template.
+fn conversation(
+    path: &Path,
+    number: usize,
+    field: &str,
+    turns: Json,
+    sink: &mut Counted,
+) -> Result<(), DataError> {
+    let chat = |reason: String| DataError::Chat {
+        path: path.to_path_buf(),
+        line: number,
+        reason,
+    };
+    let messages: Vec<Message> = serde_json::from_value(turns).map_err(|e| {
+        chat(format!(
+            "field `{field}` is not a list of {{\"role\", \"content\"}} turns with text content ({})",
+            json_reason(&e)
+        ))
+    })?;
+    send_conversation(&messages, sink).map_err(chat)
+}
+
+/// `messages` to the sink as one document, counted; the reason when it cannot be.
+pub(crate) fn send_conversation(messages: &[Message], sink: &mut Counted) -> Result<(), String> {
+    match sink.sink.conversation(messages) {
+        Ok(()) => {
+            sink.documents += 1;
+            Ok(())
+        }
+        Err(Conversation::Failed(reason)) => Err(reason),
+        Err(Conversation::NoTokenizer) => {
+            Err("a conversation, which only a model's tokenizer can render".into())
+        }
     }
 }
 
@@ -749,6 +813,10 @@ impl Sink for Collect {
     fn full(&self) -> bool {
         false
     }
+
+    fn conversation(&mut self, _: &[Message]) -> Result<(), Conversation> {
+        Err(Conversation::NoTokenizer)
+    }
 }
 
 /// Tokenizes documents into one stream as their text arrives, in pieces of at most
@@ -891,6 +959,24 @@ impl Sink for Tokens<'_> {
 
     fn full(&self) -> bool {
         self.limit.is_some_and(|l| self.stream.len() >= l)
+    }
+
+    /// Rendered with the model's chat template and tokenized as transformers'
+    /// `apply_chat_template(tokenize=True)` does: the template places its own special tokens,
+    /// the post-processor adds none. EOS follows, as after every document.
+    fn conversation(&mut self, messages: &[Message]) -> Result<(), Conversation> {
+        if self.full() {
+            return Ok(());
+        }
+        let failed = |e: &dyn std::fmt::Display| Conversation::Failed(e.to_string());
+        let chat = self.tok.chat().map_err(|e| failed(&e))?;
+        let text = chat.render(messages, false).map_err(|e| failed(&e))?;
+        let ids = self.tok.encode_plain(&text).map_err(|e| failed(&e))?;
+        self.stream.extend_from_slice(&ids);
+        self.stream.extend(self.tok.eos);
+        self.documents += 1;
+        self.doc_start = self.stream.len();
+        Ok(())
     }
 }
 

@@ -16,7 +16,8 @@ use parquet::schema::types::Type;
 use serde::de::{Deserializer as _, Error as _, SeqAccess, Visitor};
 use serde_json::Value as Json;
 
-use super::data::{json_reason, object_text, Counted, DataError, Doc};
+use super::data::{json_reason, object_text, send_conversation, Counted, DataError, Doc};
+use crate::tokenizer::chat::Message;
 
 /// Reads the objects of a JSON array from `reader`; element i (from 1) is reported as line i.
 pub(crate) fn read_json_array(
@@ -131,6 +132,14 @@ pub(crate) fn read_parquet(
             Some(Field::Str(s)) => s.as_bytes(),
             Some(Field::Bytes(b)) => b.data(),
             Some(Field::Null) | None => continue,
+            Some(Field::ListInternal(turns)) => {
+                conversation(turns.elements(), sink)
+                    .map_err(|e| fail(format!("row {row}: {e}")))?;
+                if sink.sink.full() {
+                    break;
+                }
+                continue;
+            }
             Some(other) => {
                 return Err(fail(format!(
                     "row {row}: column `{field}` holds {}, not text",
@@ -146,6 +155,30 @@ pub(crate) fn read_parquet(
         }
     }
     Ok(())
+}
+
+/// A list of `{role, content}` structs (a chat dataset's `messages` column) as one document.
+fn conversation(turns: &[Field], sink: &mut Counted) -> Result<(), String> {
+    let mut messages = Vec::with_capacity(turns.len());
+    for turn in turns {
+        let Field::Group(turn) = turn else {
+            return Err("a list of turns must hold {role, content} records".into());
+        };
+        let text = |name: &str| {
+            turn.get_column_iter()
+                .find(|(n, _)| n.as_str() == name)
+                .and_then(|(_, v)| match v {
+                    Field::Str(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .ok_or_else(|| format!("a turn has no text `{name}`"))
+        };
+        messages.push(Message {
+            role: text("role")?,
+            content: text("content")?,
+        });
+    }
+    send_conversation(&messages, sink)
 }
 
 /// `f()`, or None when it panics, without the panic's message on stderr.

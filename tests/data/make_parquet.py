@@ -44,3 +44,23 @@ with_null = pa.table({"text": pa.array([DOCS[0], None, DOCS[4]], pa.string())})
 pq.write_table(with_null, os.path.join(HERE, "docs-null.parquet"))
 numbers = pa.table({"text": pa.array([1, 2, 3], pa.int64())})
 pq.write_table(numbers, os.path.join(HERE, "numbers.parquet"))
+
+# A chat dataset shard, as HuggingFaceH4's (messages: list<struct<content, role>>), and its jsonl.
+CHATS = [
+    [
+        {"content": "What is 2+2?", "role": "user"},
+        {"content": "4.", "role": "assistant"},
+        {"content": "And 3+3?", "role": "user"},
+    ],
+    [
+        {"content": "Be brief.", "role": "system"},
+        {"content": "Hi", "role": "user"},
+        {"content": "Hello.", "role": "assistant"},
+    ],
+]
+with open(os.path.join(HERE, "chat.jsonl"), "w", encoding="utf-8") as f:
+    for turns in CHATS:
+        f.write(json.dumps({"messages": turns}, ensure_ascii=False) + "\n")
+turn = pa.struct([("content", pa.string()), ("role", pa.string())])
+chat = pa.table({"messages": pa.array(CHATS, pa.list_(turn))})
+pq.write_table(chat, os.path.join(HERE, "chat.parquet"))
