@@ -21,7 +21,7 @@ use crate::atomic::Staging;
 use crate::dtype::DType;
 use crate::export::rows::{chunks, rows_cols, source_bytes, stream_rows, RowOrder};
 use crate::export::ExportError;
-use crate::formats::hf_config::{Family, ModelConfig};
+use crate::formats::hf_config::{self, Family, ModelConfig};
 use crate::formats::safetensors::{Entry, Shards};
 use crate::manifest::{self, HashingWriter, ManifestEntry};
 use crate::progress::Progress;
@@ -276,7 +276,9 @@ impl ShardWriter<'_> {
 }
 
 /// The files written after the tensors they describe ([`manifest::write_described`]):
-/// config.json and the tokenizer files. Their entries join `files`; returns notes for the user.
+/// config.json, for a recurrent model the Python files that load it in transformers (named by
+/// its `auto_map`), and the tokenizer files. Their entries join `files`; returns notes for the
+/// user.
 fn write_small_files(
     source: &SourceModel,
     dtype: DType,
@@ -284,8 +286,10 @@ fn write_small_files(
     dir: &Path,
     files: &mut Vec<ManifestEntry>,
 ) -> Result<Vec<String>, ExportError> {
-    let config = manifest::pretty_json(&config_json(&source.config, dtype));
-    let mut small = vec![("config.json".to_string(), config)];
+    let mut config = config_json(&source.config, dtype);
+    hf_config::publishable(&mut config);
+    let mut small = vec![("config.json".to_string(), manifest::pretty_json(&config))];
+    small.extend(hf_config::transformers_files(&config));
     let mut notes = Vec::new();
     small.extend(tokenizer_files(source, &mut notes)?);
     manifest::write_described(dir, shards, small, files)

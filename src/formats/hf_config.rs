@@ -1,5 +1,7 @@
 //! `config.json` of the source families (Llama, OLMo-2) and of the recurrent layout
-//! (`model_type: huginn_raven`): raw serde structs, then one validated [`ModelConfig`].
+//! (`model_type: huginn_raven`): raw serde structs, then one validated [`ModelConfig`]; and what a
+//! recurrent checkpoint's config.json needs to be loaded by Hugging Face transformers and
+//! published: the Python files beside it (`auto_map`), no local paths (issue 20).
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -11,6 +13,98 @@ pub const REFERENCE_STATE_STD: f64 = 0.008703882797784892;
 /// not negative, and not past f32's largest number, which would make every draw Inf.
 pub(crate) fn f32_scale(v: f64) -> bool {
     v.is_finite() && v >= 0.0 && v <= f64::from(f32::MAX)
+}
+
+/// The Python files (integrations/transformers/) that let transformers load a recurrent
+/// checkpoint with `trust_remote_code=True`: written beside every recurrent output's config.json,
+/// which names their classes in [`auto_map`]. Embedded, so the binary is all a user needs.
+pub const TRANSFORMERS_FILES: [(&str, &str); 2] = [
+    (
+        "configuration_huginn_raven.py",
+        include_str!("../../integrations/transformers/configuration_huginn_raven.py"),
+    ),
+    (
+        "modeling_huginn_raven.py",
+        include_str!("../../integrations/transformers/modeling_huginn_raven.py"),
+    ),
+];
+
+/// config.json's `auto_map`: where transformers' Auto classes find ours in [`TRANSFORMERS_FILES`].
+pub fn auto_map() -> Value {
+    serde_json::json!({
+        "AutoConfig": "configuration_huginn_raven.RavenConfig",
+        "AutoModelForCausalLM": "modeling_huginn_raven.RavenForCausalLM",
+    })
+}
+
+/// The files a checkpoint with this config.json gets beside it for transformers, as (name, bytes):
+/// [`TRANSFORMERS_FILES`] for a recurrent one, none for a family transformers knows.
+pub fn transformers_files(config: &Value) -> Vec<(String, Vec<u8>)> {
+    if !is_recurrent_json(config) {
+        return vec![];
+    }
+    TRANSFORMERS_FILES
+        .iter()
+        .map(|(name, text)| (name.to_string(), text.as_bytes().to_vec()))
+        .collect()
+}
+
+/// Whether a config.json (as JSON) is a recurrent checkpoint's: one that gets [`TRANSFORMERS_FILES`].
+pub fn is_recurrent_json(config: &Value) -> bool {
+    config.get("model_type").and_then(Value::as_str) == Some("huginn_raven")
+}
+
+/// Makes a config.json fit to publish (issue 20): a recurrent one gets [`auto_map`], and no string
+/// anywhere in it stays an absolute local path (they would leak the machine's folders into a Hub
+/// upload), each becoming its last component. `surgery.source` keeps the source's name, format,
+/// family, layer count and files (relative paths, sizes, sha256): its `root` is dropped and its
+/// `path` becomes `name`. plan.json keeps the full paths: `apply` reads its source from there.
+pub fn publishable(config: &mut Value) {
+    if is_recurrent_json(config) {
+        if let Some(map) = config.as_object_mut() {
+            map.insert("auto_map".into(), auto_map());
+        }
+    }
+    if let Some(source) = config
+        .pointer_mut("/surgery/source")
+        .and_then(Value::as_object_mut)
+    {
+        source.shift_remove("root");
+        if let Some(path) = source.shift_remove("path") {
+            // First, where `path` was.
+            let rest = std::mem::take(source);
+            source.insert("name".into(), path);
+            source.extend(rest);
+        }
+    }
+    local_paths_to_names(config);
+}
+
+/// Every string in `v` that is an absolute path (Unix, Windows drive or UNC) becomes its last
+/// component.
+fn local_paths_to_names(v: &mut Value) {
+    match v {
+        Value::String(s) if is_absolute_path(s) => {
+            let name = s
+                .trim_end_matches(['/', '\\'])
+                .rsplit(['/', '\\'])
+                .next()
+                .unwrap_or_default();
+            *s = name.to_string();
+        }
+        Value::Array(items) => items.iter_mut().for_each(local_paths_to_names),
+        Value::Object(map) => map.values_mut().for_each(local_paths_to_names),
+        _ => {}
+    }
+}
+
+/// An absolute path on any system: `/...`, `\\...` (UNC), or a drive letter (`C:\\`, `C:/`).
+pub fn is_absolute_path(s: &str) -> bool {
+    match s.as_bytes() {
+        [b'/' | b'\\', ..] => true,
+        [drive, b':', b'/' | b'\\', ..] => drive.is_ascii_alphabetic(),
+        _ => false,
+    }
 }
 
 /// Largest sizes we accept. Far above any real model, far below anything that overflows the
@@ -460,6 +554,100 @@ mod tests {
         assert_eq!(c.family, Family::Olmo2);
         assert_eq!((c.head_dim, c.n_kv_heads, c.norm_eps), (128, 16, 1e-6));
         assert!(!c.tied);
+    }
+
+    #[test]
+    fn publishable_configs_name_files_instead_of_local_paths() {
+        let mut config = serde_json::json!({
+            "model_type": "huginn_raven",
+            "_name_or_path": "C:\\Users\\me\\models\\cut",
+            "surgery": {
+                "source": {
+                    "path": "/home/me/models/tiny/",
+                    "root": "/home/me/models/tiny",
+                    "format": "safetensors",
+                    "files": [{"path": "model.safetensors", "bytes": 3, "sha256": "ab"}],
+                },
+                "layers": {"core": "7..9"},
+                "heal": {"config": {"data": ["/data/kjv.txt", "rel/x.txt"], "out": "healed"}},
+            },
+        });
+        publishable(&mut config);
+        assert_eq!(
+            config,
+            serde_json::json!({
+                "model_type": "huginn_raven",
+                "_name_or_path": "cut",
+                "surgery": {
+                    "source": {
+                        "name": "tiny",
+                        "format": "safetensors",
+                        "files": [{"path": "model.safetensors", "bytes": 3, "sha256": "ab"}],
+                    },
+                    "layers": {"core": "7..9"},
+                    "heal": {"config": {"data": ["kjv.txt", "rel/x.txt"], "out": "healed"}},
+                },
+                "auto_map": auto_map(),
+            })
+        );
+        let keys: Vec<&String> = config["surgery"]["source"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect();
+        assert_eq!(keys, ["name", "format", "files"], "name where path was");
+    }
+
+    #[test]
+    fn only_recurrent_configs_get_auto_map() {
+        let mut config = serde_json::json!({"model_type": "llama", "x": "/tmp/a"});
+        publishable(&mut config);
+        assert_eq!(config, serde_json::json!({"model_type": "llama", "x": "a"}));
+    }
+
+    #[test]
+    fn absolute_paths_of_every_system() {
+        for s in ["/", "/a", "\\\\server\\share", "C:\\x", "c:/x", "Z:\\"] {
+            assert!(is_absolute_path(s), "{s}");
+        }
+        for s in [
+            "",
+            "a/b",
+            "./a",
+            "../a",
+            "C:",
+            "C:x",
+            "1:/x",
+            "model.safetensors",
+            "7..9",
+        ] {
+            assert!(!is_absolute_path(s), "{s}");
+        }
+    }
+
+    #[test]
+    fn embedded_transformers_files_are_the_integrations() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("integrations/transformers");
+        for (name, text) in TRANSFORMERS_FILES {
+            assert_eq!(
+                std::fs::read_to_string(dir.join(name)).unwrap(),
+                text,
+                "{name}"
+            );
+        }
+        let map = auto_map();
+        for class in map.as_object().unwrap().values() {
+            let (module, class) = class.as_str().unwrap().split_once('.').unwrap();
+            let (_, text) = TRANSFORMERS_FILES
+                .iter()
+                .find(|(name, _)| *name == format!("{module}.py"))
+                .unwrap();
+            assert!(
+                text.contains(&format!("class {class}(")),
+                "{module}.{class}"
+            );
+        }
     }
 
     #[test]

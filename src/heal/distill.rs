@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::manifest::sha256_file;
 use crate::model::{Kernels, Mix, Model};
-use crate::plan::PlanSource;
+use crate::plan::HashedFile;
 use crate::source::SourceModel;
 use crate::tokenizer::text::TextTokenizer;
 
@@ -88,7 +88,7 @@ pub(crate) fn load_teacher(
             note(&format!(
                 "the teacher {path} is not the source this checkpoint was cut from ({}, as its \
                  config.json records it): their files' sizes or sha256 differ",
-                recorded.path
+                recorded.name
             ));
         }
     }
@@ -98,9 +98,19 @@ pub(crate) fn load_teacher(
     Ok(model)
 }
 
-/// The source a recurrent checkpoint records in its config.json (`surgery.source`), if any.
-/// Only compared with, never opened: the config is a file anyone can edit.
-fn recorded_source(root: &Path) -> Option<PlanSource> {
+/// The source a recurrent checkpoint's config.json records (`surgery.source`): its name and its
+/// files, relative to it (issue 20: config.json holds no local path, which a published copy
+/// would leak). Checkpoints written before then record `path` (absolute) instead of `name`.
+#[derive(Debug, Deserialize)]
+struct RecordedSource {
+    #[serde(alias = "path")]
+    name: String,
+    files: Vec<HashedFile>,
+}
+
+/// The source a recurrent checkpoint records in its config.json, if any. Only compared with,
+/// never opened: the config is a file anyone can edit.
+fn recorded_source(root: &Path) -> Option<RecordedSource> {
     let bytes = crate::paths::read(&root.join("config.json")).ok()?;
     let config: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     serde_json::from_value(config.get("surgery")?.get("source")?.clone()).ok()
@@ -108,7 +118,7 @@ fn recorded_source(root: &Path) -> Option<PlanSource> {
 
 /// Whether `teacher`'s files are those of `recorded`: the same relative paths and sizes, and then
 /// the same sha256 (hashed only when everything else agrees).
-fn same_files(teacher: &SourceModel, recorded: &PlanSource) -> bool {
+fn same_files(teacher: &SourceModel, recorded: &RecordedSource) -> bool {
     let (ours, theirs) = (&teacher.files, &recorded.files);
     if ours.len() != theirs.len()
         || ours

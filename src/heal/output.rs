@@ -1,6 +1,7 @@
 //! The healed checkpoint: the input's layout and tokenizer, the trained weights (in the input's
 //! dtype), a config recording the whole heal configuration, metrics.jsonl, a PNG of the curves and
-//! a manifest, written into `OUT.partial-<pid>/` and renamed at the end.
+//! a manifest, written into `OUT.partial-<pid>/` and renamed at the end. A recurrent one also gets
+//! the Python files that load it in transformers, named by its config's `auto_map` (issue 20).
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +9,7 @@ use serde_json::json;
 
 use crate::dtype::DType;
 use crate::eval::plot::plot_curves;
+use crate::formats::hf_config;
 use crate::formats::safetensors::write_file;
 use crate::manifest::{self, Manifest, ManifestEntry, MANIFEST_NAME};
 use crate::model::Model;
@@ -65,7 +67,8 @@ fn write_weights(model: &mut Model, source: &SourceModel, dir: &Path) -> Result<
 }
 
 /// Writes the input's config.json with the weights' `dtype` and the heal run recorded under
-/// `surgery.heal`.
+/// `surgery.heal`, made publishable ([`hf_config::publishable`]: `auto_map`, no local paths);
+/// for a recurrent model, the transformers files it names beside it.
 fn write_config(trained: &Trained, dtype: DType, dir: &Path) -> Result<()> {
     let cfg = &trained.config;
     let config_path = cfg.model.join("config.json");
@@ -81,6 +84,10 @@ fn write_config(trained: &Trained, dtype: DType, dir: &Path) -> Result<()> {
         "final_eval": last.map(|m| &m.eval),
     });
     config["torch_dtype"] = json!(dtype.torch_name());
+    hf_config::publishable(&mut config);
+    for (name, bytes) in hf_config::transformers_files(&config) {
+        std::fs::write(dir.join(name), bytes).map_err(io(dir))?;
+    }
     let mut pretty =
         serde_json::to_vec_pretty(&config).map_err(|e| HealError::Invalid(e.to_string()))?;
     pretty.push(b'\n');

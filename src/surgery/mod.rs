@@ -14,6 +14,7 @@ use serde_json::json;
 
 use crate::dtype::DType;
 use crate::formats::gguf::GgufFile;
+use crate::formats::hf_config;
 use crate::formats::safetensors::{Entry, Shards};
 use crate::manifest::{self, HashingWriter, ManifestEntry};
 use crate::plan::{OutputFile, Plan, PlanError, SourceRef, TensorSpec, Transform};
@@ -258,8 +259,9 @@ impl<'a> ShardWriter<'a> {
 }
 
 /// Writes the files that describe the tensors, after them ([`manifest::write_described`]):
-/// config.json recording the plan's sha256, the plan's other files and plan.json. Their entries
-/// join `files`.
+/// config.json recording the plan's sha256 (made publishable: `auto_map`, no local paths, which
+/// plan.json keeps), the Python files that load it in transformers, the plan's other files and
+/// plan.json. Their entries join `files`.
 fn write_small_files(
     plan: &Plan,
     plan_bytes: &[u8],
@@ -269,7 +271,9 @@ fn write_small_files(
 ) -> Result<(), ApplyError> {
     let mut config = plan.config.clone();
     config["surgery"]["plan_sha256"] = json!(manifest::sha256_bytes(plan_bytes));
+    hf_config::publishable(&mut config);
     let mut small = vec![("config.json".to_string(), manifest::pretty_json(&config))];
+    small.extend(hf_config::transformers_files(&config));
     for f in &plan.files {
         small.push((f.name().to_string(), output_file(plan, f)?));
     }
