@@ -400,3 +400,40 @@ fn refuses_bad_options() {
         "no such file or directory",
     );
 }
+
+#[test]
+fn chat_prompts_are_the_user_turn_in_the_model_template() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let m = model.to_str().unwrap();
+    let question = "What is the capital of France?";
+    let run = |extra: &[&str]| -> Json {
+        let mut args = vec!["generate", m, "-p", question, "-n", "8", "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&ok(d, &args)).unwrap()
+    };
+    let chat = run(&["--chat"]);
+    let plain = run(&[]);
+    // jinja2's rendering of SmolLM2's template with add_generation_prompt, tokenized.
+    let source = SourceModel::open(&model).unwrap();
+    let tok = surgery::tokenizer::text::TextTokenizer::for_model(&source).unwrap();
+    let rendered = format!("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n");
+    let want = tok.encode(&rendered).unwrap().len();
+    assert_eq!(chat["report"]["prompt_tokens"], want);
+    assert_eq!(
+        plain["report"]["prompt_tokens"],
+        tok.encode(question).unwrap().len()
+    );
+    assert!(want > 25, "{want}");
+    assert!(!chat["text"].as_str().unwrap().trim().is_empty(), "{chat}");
+    // A model without a chat template says so.
+    setup(d);
+    assert_refused(
+        d,
+        &["generate", "m", "-p", "hi", "--chat"],
+        "the model has no chat template",
+    );
+}

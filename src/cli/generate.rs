@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 
 use surgery::model::{generate, Exit, GenerateOptions, GenerateReport, Model};
 use surgery::source::SourceModel;
+use surgery::tokenizer::chat::Message;
 use surgery::tokenizer::text::TextTokenizer;
 
 use super::Global;
@@ -20,6 +21,10 @@ pub struct GenerateArgs {
     /// The text to continue (special tokens such as <|im_start|> are recognized).
     #[arg(long, short = 'p')]
     pub prompt: String,
+    /// The prompt is a user's turn: rendered with the model's chat template, the assistant's
+    /// turn opened after it (as transformers' apply_chat_template with add_generation_prompt).
+    #[arg(long)]
+    pub chat: bool,
     /// Core iterations per token (the most, with --exit); default: the mean recurrence the model
     /// was healed at when `heal` wrote it, else its config's mean_recurrence.
     #[arg(long, value_name = "R")]
@@ -93,7 +98,15 @@ pub fn run(args: GenerateArgs, global: Global) -> anyhow::Result<()> {
     let device = args.runtime.device()?;
     let source = SourceModel::open(&args.model)?;
     let tokenizer = TextTokenizer::for_model(&source)?;
-    let prompt = tokenizer.encode(&args.prompt)?;
+    let prompt = if args.chat {
+        let turn = Message {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        };
+        tokenizer.encode_chat(&[turn], true)?
+    } else {
+        tokenizer.encode(&args.prompt)?
+    };
     if prompt.is_empty() {
         bail!("the prompt tokenizes to nothing: give some text");
     }

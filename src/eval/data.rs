@@ -961,17 +961,13 @@ impl Sink for Tokens<'_> {
         self.limit.is_some_and(|l| self.stream.len() >= l)
     }
 
-    /// Rendered with the model's chat template and tokenized as transformers'
-    /// `apply_chat_template(tokenize=True)` does: the template places its own special tokens,
-    /// the post-processor adds none. EOS follows, as after every document.
+    /// Tokenized as [`TextTokenizer::encode_chat`] does; EOS follows, as after every document.
     fn conversation(&mut self, messages: &[Message]) -> Result<(), Conversation> {
         if self.full() {
             return Ok(());
         }
-        let failed = |e: &dyn std::fmt::Display| Conversation::Failed(e.to_string());
-        let chat = self.tok.chat().map_err(|e| failed(&e))?;
-        let text = chat.render(messages, false).map_err(|e| failed(&e))?;
-        let ids = self.tok.encode_plain(&text).map_err(|e| failed(&e))?;
+        let ids = (self.tok.encode_chat(messages, false))
+            .map_err(|e| Conversation::Failed(e.to_string()))?;
         self.stream.extend_from_slice(&ids);
         self.stream.extend(self.tok.eos);
         self.documents += 1;

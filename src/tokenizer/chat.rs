@@ -10,6 +10,8 @@ use minijinja::{Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
+use super::text::{TextTokenizer, TextTokenizerError};
+
 /// Instructions one rendering may run: far above any real template on a long conversation
 /// (SmolLM2's spends about 40 a message), far below a minute.
 const FUEL: u64 = 50_000_000;
@@ -31,6 +33,9 @@ pub enum ChatError {
     /// The template does not parse, raised an exception, or ran out of its budget.
     #[error("chat template: {0}")]
     Template(String),
+    /// The rendered conversation could not be tokenized.
+    #[error(transparent)]
+    Encode(#[from] TextTokenizerError),
 }
 
 /// A model's chat template and the special tokens it may name.
@@ -93,6 +98,20 @@ impl ChatTemplate {
             eos_token => self.eos_token,
         };
         template.render(context).map_err(fail)
+    }
+}
+
+impl TextTokenizer {
+    /// The token ids of `messages` rendered with the model's chat template, as transformers'
+    /// `apply_chat_template(tokenize=True)` gives them: the template places its own special
+    /// tokens, the post-processor adds none.
+    pub fn encode_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, ChatError> {
+        let text = self.chat()?.render(messages, add_generation_prompt)?;
+        Ok(self.encode_plain(&text)?)
     }
 }
 
