@@ -118,7 +118,10 @@ class RavenConfig(PretrainedConfig):
         self.block_type = block_type
         self.injection_type = injection_type
         self.init_values = dict(init_values or {"std": REFERENCE_STATE_STD, "embed_scale": 1.0})
-        self.max_position_embeddings = max_position_embeddings
+        # Left unset when unknown (null), so that tools reading it (lm-evaluation-harness's
+        # max_length) fall back to the tokenizer's limit instead of taking None.
+        if max_position_embeddings is not None:
+            self.max_position_embeddings = max_position_embeddings
         # No KV cache: generate() runs the whole prefix at every new token (see the README).
         kwargs.setdefault("use_cache", False)
         super().__init__(
