@@ -370,13 +370,15 @@ fn plot(
         .iter()
         .map(|row| (row.r.unwrap_or(1) as u32, row.perplexity))
         .collect();
-    let mut series = vec![(name.to_string(), points)];
+    let mut series = Vec::with_capacity(baselines.len() + 1);
     for b in baselines {
         if let Some(row) = b.rows.text().first() {
-            let points = rs.iter().map(|&r| (r as u32, row.perplexity)).collect();
-            series.push((b.name.to_string(), points));
+            let flat = rs.iter().map(|&r| (r as u32, row.perplexity)).collect();
+            series.push((b.name.to_string(), flat));
         }
     }
+    // The model last, drawn over a baseline it equals (the pruned source, before healing).
+    series.push((name.to_string(), points));
     plot_perplexity(
         path,
         &format!("{name}: perplexity against test-time recurrence"),
