@@ -49,8 +49,9 @@ pub struct EvalArgs {
     /// Strided perplexity: windows of --seq-len tokens start every S tokens (1 <= S <= seq-len),
     /// each scoring only the tokens no earlier window scored, the rest being context. Every token
     /// is still scored once; after the first window each has at least seq-len - S tokens of
-    /// context. S = seq-len is the default windows. (llama-perplexity --ppl-stride S -c T scores
-    /// the same windows, except that its first one scores only its last S tokens.)
+    /// context. S = seq-len is the default windows. llama-perplexity --ppl-stride S -c T scores
+    /// the same windows, except that its first one scores only its last S tokens; its default
+    /// (no --ppl-stride) is no stride: the second half of non-overlapping chunks of -c tokens.
     #[arg(long, value_name = "S", conflicts_with = "task")]
     pub stride: Option<usize>,
     /// Score at most this many tokens.
