@@ -147,8 +147,8 @@ def windows(folder, data, eos):
     for line in data.read_text().splitlines():
         stream += tokenizer.encode(json.loads(line)["text"]).ids + [eos]
     n = min(MAX_TOKENS, len(stream) - 1)
-    starts = range(0, n, SEQ_LEN)
-    return [(stream[a : min(a + SEQ_LEN, n)], stream[a + 1 : min(a + SEQ_LEN, n) + 1]) for a in starts]
+    ends = [(a, min(a + SEQ_LEN, n)) for a in range(0, n, SEQ_LEN)]
+    return [(stream[a:end], stream[a + 1 : end + 1]) for a, end in ends]
 
 
 def load(folder):
@@ -208,7 +208,8 @@ def main():
     checkpoints = build(surgery, args.work)
     data = held_out(args.work)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"{'checkpoint':<12} {'r':>2} {'surgery eval':>14} {'transformers':>14} {'rel. diff':>10} {'tokens':>6}")
+    head = ("checkpoint", "r", "surgery eval", "transformers", "rel. diff", "tokens")
+    print("{:<12} {:>2} {:>14} {:>14} {:>10} {:>6}".format(*head))
     worst = 0.0
     for name, folder in checkpoints:
         model = load(folder)
