@@ -226,3 +226,232 @@ fn generate_runs_at_the_recurrence_the_model_was_healed_at() {
         "surgery.heal.config.max_mean_recurrence is not a recurrence",
     );
 }
+
+/// Runs the binary in `d` with SURGERY_PROGRESS_SECONDS set to `seconds` (None: unset).
+fn with_progress(d: &Path, seconds: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_surgery"));
+    cmd.args(args)
+        .current_dir(d)
+        .env_remove("SURGERY_PROGRESS_SECONDS");
+    if let Some(s) = seconds {
+        cmd.env("SURGERY_PROGRESS_SECONDS", s);
+    }
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    o
+}
+
+#[test]
+fn off_a_terminal_long_commands_print_progress_lines() {
+    let d = tempfile::tempdir().unwrap();
+    let d = d.path();
+    recurrent(d);
+    // stderr is a pipe here. With an interval of 0 every update is a line; heal's name the step.
+    let o = with_progress(
+        d,
+        Some("0"),
+        &[
+            "heal",
+            "rec",
+            "--data",
+            "train.txt",
+            "-o",
+            "healed",
+            "--steps",
+            "3",
+            "-c",
+            "16",
+            "--batch",
+            "2",
+            "--eval-every",
+            "2",
+        ],
+    );
+    let err = stderr(&o);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("healing:")).collect();
+    assert_eq!(lines.len(), 5, "the start, three steps and the end: {err}");
+    assert_eq!(lines[0], "healing: step 0/3 (0%)");
+    for (i, line) in lines[1..4].iter().enumerate() {
+        let step = format!("healing: step {}/3 ({}%), loss ", i + 1, (i + 1) * 100 / 3);
+        assert!(line.starts_with(&step), "{line}");
+    }
+    assert!(lines[1].contains(", ETA "), "{}", lines[1]);
+    assert!(lines[4].contains(", done in "), "{}", lines[4]);
+    // The held-out losses reach the log too (a hidden bar used to swallow them).
+    assert!(err.contains("step 2: held-out loss r=1: "), "{err}");
+    // apply: bytes hashed and written, in decimal units.
+    let o = with_progress(
+        d,
+        Some("0"),
+        &["apply", "src", "--shape", "1,2,1", "-o", "rec2"],
+    );
+    let err = stderr(&o);
+    assert!(err.contains("hashing source: "), "{err}");
+    let done = err
+        .lines()
+        .rfind(|l| l.starts_with("writing: "))
+        .unwrap_or_else(|| panic!("no writing line: {err}"));
+    assert!(
+        done.contains(" kB of 854.27 kB (100%), ") && done.contains(" MB/s, done in "),
+        "{done}"
+    );
+    // With the default interval (10 s) a command that ends sooner prints no progress at all,
+    // and --quiet none whatever the interval.
+    let o = with_progress(d, None, &["apply", "src", "--shape", "1,2,1", "-o", "rec3"]);
+    assert_eq!(stderr(&o), "");
+    let o = with_progress(
+        d,
+        Some("0"),
+        &["apply", "src", "--shape", "1,2,1", "-o", "r4", "-q"],
+    );
+    assert_eq!(stderr(&o), "");
+}
+
+#[test]
+fn heal_estimates_its_wall_time_from_its_first_step() {
+    let d = tempfile::tempdir().unwrap();
+    let d = d.path();
+    recurrent(d);
+    let args = [
+        "heal",
+        "rec",
+        "--data",
+        "train.txt",
+        "-o",
+        "healed",
+        "--steps",
+        "3",
+        "-c",
+        "16",
+        "--batch",
+        "2",
+    ];
+    let o = with_progress(d, Some("0"), &args);
+    let err = stderr(&o);
+    let lines: Vec<&str> = err.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("note: estimated wall time "))
+        .unwrap_or_else(|| panic!("no estimate: {err}"));
+    // Once the first step is measured, before the second starts.
+    assert!(lines[at - 1].starts_with("healing: step 0/3"), "{err}");
+    assert!(lines[at + 1].starts_with("healing: step 1/3"), "{err}");
+    let note = lines[at];
+    assert!(
+        note.contains(" for 3 steps (measured: the first step's ")
+            && note.ends_with(
+                " s, scaled by each step's training FLOPs at the curriculum's mean recurrence; \
+                 held-out evaluation and checkpoints not included)"
+            ),
+        "{note}"
+    );
+    let seconds = note.split("the first step's ").nth(1).unwrap();
+    let seconds: f64 = seconds.split(' ').next().unwrap().parse().unwrap();
+    assert!(seconds > 0.0, "{note}");
+    // --quiet: no note.
+    let o = heal(d, "quiet", &["-q"]);
+    assert_eq!(stderr(&o), "");
+}
+
+#[test]
+fn no_checkpoints_folder_is_left_without_checkpoints() {
+    let d = tempfile::tempdir().unwrap();
+    let d = d.path();
+    recurrent(d);
+    heal(d, "none", &["--checkpoint-every", "0", "-q"]);
+    assert!(
+        d.join("none/metrics.jsonl").is_file(),
+        "the output keeps the metrics"
+    );
+    assert_eq!(common::metrics(&d.join("none")).len(), 3);
+    assert!(!d.join("none.checkpoints").exists());
+    // A run with checkpoints keeps them (for --resume), with their metrics.
+    heal(d, "kept", &["--checkpoint-every", "2", "-q"]);
+    assert_eq!(
+        common::listing(&d.join("kept.checkpoints")),
+        ["metrics.jsonl", "step-000002"]
+    );
+}
+
+#[test]
+fn plans_summary_names_the_dropped_ranges() {
+    let d = tempfile::tempdir().unwrap();
+    let model = fixture();
+    let shape_line = |args: &[&str]| {
+        let o = surgery(d.path(), &[&["plan", &model][..], args].concat());
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        let out = stdout(&o);
+        out.lines()
+            .find(|l| l.starts_with("shape "))
+            .unwrap_or_else(|| panic!("no shape line: {out}"))
+            .to_string()
+    };
+    assert_eq!(
+        shape_line(&["--shape", "2,2,2"]),
+        "shape   (2,2,2): prelude 0..2, core 6..8, coda 8..10, dropped 2..6"
+    );
+    let ranges = ["--prelude", "0..3", "--core", "5..7", "--coda", "8..10"];
+    assert_eq!(
+        shape_line(&ranges),
+        "shape   (3,2,2): prelude 0..3, core 5..7, coda 8..10, dropped 3..5, 7..8"
+    );
+    assert_eq!(
+        shape_line(&["--shape", "4,2,4"]),
+        "shape   (4,2,4): prelude 0..4, core 4..6, coda 6..10, nothing dropped"
+    );
+}
+
+/// `n` bytes as the tool prints sizes: decimal units, three significant decimals.
+fn decimal(n: u64) -> String {
+    let units = ["B", "kB", "MB", "GB"];
+    let (mut v, mut i) = (n as f64, 0);
+    while v >= 1000.0 && i + 1 < units.len() {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{v:.0} B")
+    } else {
+        format!("{v:.2} {}", units[i])
+    }
+}
+
+#[test]
+fn sizes_are_decimal_megabytes_in_every_message() {
+    let d = tempfile::tempdir().unwrap();
+    let d = d.path();
+    let model = fixture();
+    // inspect: the files' total.
+    let total: u64 = std::fs::read_dir(&model)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    let out = stdout(&surgery(d, &["inspect", &model]));
+    let want = format!("format      safetensors, 3 file(s), {}\n", decimal(total));
+    assert!(out.contains(&want), "want {want:?} in {out}");
+    // apply: the summary, each file, and the progress lines off a terminal, in the same units.
+    let o = with_progress(
+        d,
+        Some("0"),
+        &["apply", &model, "--shape", "2,2,2", "-o", "rec"],
+    );
+    let (out, err) = (stdout(&o), stderr(&o));
+    let weights = std::fs::metadata(d.join("rec/model.safetensors"))
+        .unwrap()
+        .len();
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("model.safetensors "))
+        .unwrap_or_else(|| panic!("no weights line: {out}"));
+    assert!(
+        line.contains(&format!(" {}  sha256 ", decimal(weights))),
+        "{line}"
+    );
+    let data = out.split(" of tensor data").next().unwrap();
+    let data = data.rsplit(", ").next().unwrap();
+    let written = format!("writing: {data} of {data} (100%), ");
+    assert!(err.contains(&written), "want {written:?} in {err}");
+    for text in [&out, &err] {
+        assert!(!text.contains("MiB") && !text.contains("KiB"), "{text}");
+    }
+}

@@ -81,7 +81,7 @@ impl Narrator for Terminal {
     }
 
     fn heal_finished(&mut self) {
-        self.heal.bar.finish_and_clear();
+        self.heal.bar.finish();
     }
 }
 

@@ -4,16 +4,15 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use surgery::heal::distill::DistillConfig;
 use surgery::heal::train::{
-    run, CurriculumKind, HealConfig, Observer, OptimizerKind, SamplerKind, StepMetrics,
+    run, CurriculumKind, Estimate, HealConfig, Observer, OptimizerKind, SamplerKind, StepMetrics,
 };
 use surgery::heal::{output, place};
 use surgery::model::params::{Lora, Train};
 
-use super::{named, Global};
+use super::{named, Global, Meter, Unit};
 
 #[derive(clap::Args)]
 pub struct HealArgs {
@@ -181,22 +180,15 @@ impl HealArgs {
     }
 }
 
-/// The progress bar: step, loss, LR, m, tokens/s, ETA (also `demo`'s).
+/// The progress display: step, loss, LR, m, tokens/s, ETA (also `demo`'s).
 pub(super) struct Bar {
-    pub(super) bar: ProgressBar,
-    quiet: bool,
+    pub(super) bar: Meter,
 }
 
 impl Bar {
     pub(super) fn new(global: Global, steps: u64) -> Bar {
-        let bar = super::byte_progress(global, steps, "healing");
-        bar.set_style(
-            ProgressStyle::with_template("healing [{bar:30}] step {pos}/{len} {msg} {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
         Bar {
-            bar,
-            quiet: global.quiet,
+            bar: Meter::new(global, steps, "healing", Unit::Steps),
         }
     }
 }
@@ -208,22 +200,23 @@ impl Observer for Bar {
     }
 
     fn step(&mut self, m: &StepMetrics) {
-        self.bar.set_position(m.step + 1);
         let parts = match (m.ce, m.kl) {
             (Some(ce), Some(kl)) => format!(" (ce {ce:.4} kl {kl:.4})"),
             _ => String::new(),
         };
+        // The message first: a progress line off a terminal is printed by set_position.
         self.bar.set_message(format!(
             "loss {:.4}{parts} lr {:.2e} m {} {:.0} tok/s",
             m.loss, m.lr, m.mean_recurrence, m.tokens_per_second
         ));
-        if !m.eval.is_empty() && !self.quiet {
+        self.bar.set_position(m.step + 1);
+        if !m.eval.is_empty() {
             let evals: Vec<String> = m
                 .eval
                 .iter()
                 .map(|e| format!("r={}: {:.4}", e.r, e.loss))
                 .collect();
-            self.bar.println(format!(
+            self.bar.println(&format!(
                 "step {}: held-out loss {}",
                 m.step + 1,
                 evals.join(", ")
@@ -232,15 +225,22 @@ impl Observer for Bar {
     }
 
     fn note(&mut self, text: &str) {
-        // A hidden bar (stderr not a terminal) prints nothing, notes included.
-        if self.quiet {
-            return;
-        }
-        if self.bar.is_hidden() {
-            eprintln!("note: {text}");
-        } else {
-            self.bar.println(format!("note: {text}"));
-        }
+        self.bar.println(&format!("note: {text}"));
+    }
+
+    fn estimate(&mut self, e: &Estimate) {
+        use std::time::Duration;
+        let time = |s: f64| {
+            super::progress::clock(Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX))
+        };
+        self.bar.println(&format!(
+            "note: estimated wall time {} for {} steps (measured: the first step's {:.2} s, \
+             scaled by each step's training FLOPs at the curriculum's mean recurrence; held-out \
+             evaluation and checkpoints not included)",
+            time(e.seconds),
+            e.steps,
+            e.first_step_seconds
+        ));
     }
 }
 
@@ -270,8 +270,9 @@ pub fn run_cli(args: HealArgs, global: Global) -> anyhow::Result<()> {
     }
     let mut observer = Bar::new(global, config.steps);
     let mut trained = run(&config, resume, &device, &mut observer)?;
-    observer.bar.finish_and_clear();
+    observer.bar.finish();
     let files = output::write(&mut trained, args.force)?;
+    surgery::heal::checkpoint::tidy(&config.checkpoint_root())?;
     let last = trained.metrics.last();
     if global.json {
         outln!(

@@ -20,13 +20,13 @@ mod generate;
 mod heal;
 mod inspect;
 mod plan;
+mod progress;
 mod verify;
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+pub use progress::{BarProgress, Meter, Unit};
 use surgery::named::Named;
 pub use surgery::units::{si, thousands};
 
@@ -198,83 +198,6 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         )
         | None => 1,
         Some(_) => 2,
-    }
-}
-
-/// A progress bar over `len` bytes on stderr, hidden with --quiet or when stderr is not a terminal.
-pub fn byte_progress(global: Global, len: u64, message: &str) -> ProgressBar {
-    if global.quiet || !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(len).with_message(message.to_string());
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar
-}
-
-/// The library's progress reports drawn as one bar per step, in bytes, plain counts or tokens.
-pub struct BarProgress {
-    global: Global,
-    bar: Option<ProgressBar>,
-    /// The bar's template; None: bytes.
-    template: Option<&'static str>,
-}
-
-impl BarProgress {
-    /// Progress in bytes.
-    pub fn new(global: Global) -> Self {
-        BarProgress {
-            global,
-            bar: None,
-            template: None,
-        }
-    }
-
-    /// Progress in plain counts (windows, candidates).
-    pub fn counting(global: Global) -> Self {
-        BarProgress {
-            template: Some("{msg} [{bar:30}] {pos}/{len} {eta}"),
-            ..BarProgress::new(global)
-        }
-    }
-
-    /// Progress in scored tokens, with their rate.
-    pub fn tokens(global: Global) -> Self {
-        BarProgress {
-            template: Some("{msg} [{bar:30}] {pos}/{len} tokens {per_sec} {eta}"),
-            ..BarProgress::new(global)
-        }
-    }
-}
-
-impl surgery::progress::Progress for BarProgress {
-    fn start(&mut self, what: &str, total: u64) {
-        let bar = byte_progress(self.global, total, what);
-        if let Some(template) = self.template {
-            bar.set_style(
-                ProgressStyle::with_template(template)
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-            );
-        }
-        self.bar = Some(bar);
-    }
-
-    fn advance(&mut self, done: u64) {
-        if let Some(bar) = &self.bar {
-            bar.set_position(done);
-        }
-    }
-
-    fn finish(&mut self) {
-        if let Some(bar) = self.bar.take() {
-            bar.finish_and_clear();
-        }
     }
 }
 

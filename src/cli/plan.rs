@@ -15,7 +15,7 @@ use surgery::plan::{
 };
 use surgery::source::SourceModel;
 
-use super::{byte_progress, named, si, thousands, Global};
+use super::{named, si, thousands, Global, Meter, Unit};
 
 #[derive(clap::Args)]
 pub struct PlanArgs {
@@ -247,7 +247,7 @@ fn plan_only(args: &PlanArgs, global: Global) -> anyhow::Result<()> {
 }
 
 fn hash_files(model: &SourceModel, global: Global) -> anyhow::Result<Vec<String>> {
-    let bar = byte_progress(global, model.total_bytes(), "hashing source");
+    let bar = Meter::new(global, model.total_bytes(), "hashing source", Unit::Bytes);
     let mut done = 0;
     let mut hashes = Vec::new();
     for f in &model.files {
@@ -257,7 +257,7 @@ fn hash_files(model: &SourceModel, global: Global) -> anyhow::Result<Vec<String>
         done += f.bytes;
         hashes.push(sha);
     }
-    bar.finish_and_clear();
+    bar.finish();
     Ok(hashes)
 }
 
@@ -283,6 +283,20 @@ fn write_atomically(out: &Path, plan: &Plan, inputs: &[PathBuf]) -> anyhow::Resu
         .with_context(|| format!("writing {}", out.display()))
 }
 
+/// `dropped 2..6, 9..10`: the source layers no part uses, as ranges; or `nothing dropped`.
+fn dropped(layers: &plan::Layers, n_layers: usize) -> String {
+    let ranges: Vec<String> = layers
+        .dropped(n_layers)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    if ranges.is_empty() {
+        "nothing dropped".into()
+    } else {
+        format!("dropped {}", ranges.join(", "))
+    }
+}
+
 fn print_plan(plan: &Plan, model: &SourceModel) -> anyhow::Result<()> {
     let layers = &plan.layers;
     let shape = layers.shape();
@@ -293,10 +307,11 @@ fn print_plan(plan: &Plan, model: &SourceModel) -> anyhow::Result<()> {
         model.config.n_layers
     )?;
     outln!(
-        "shape   ({shape}): prelude {}, core {}, coda {}\n",
+        "shape   ({shape}): prelude {}, core {}, coda {}, {}\n",
         layers.prelude,
         layers.core,
-        layers.coda
+        layers.coda,
+        dropped(layers, model.config.n_layers)
     )?;
     outln!("{:<7} {:<8} slot", "layer", "role")?;
     for l in 0..model.config.n_layers {

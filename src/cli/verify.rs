@@ -14,12 +14,12 @@ pub struct VerifyArgs {
 }
 
 pub fn run(args: VerifyArgs, global: Global) -> anyhow::Result<()> {
-    let bar = super::byte_progress(global, 0, "verifying");
+    let bar = super::Meter::new(global, 0, "verifying", super::Unit::Bytes);
     let report = verify(&args.dir, |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })?;
-    bar.finish_and_clear();
+    bar.finish();
     if global.json {
         let mut value = serde_json::to_value(&report)?;
         value["ok"] = serde_json::json!(true);

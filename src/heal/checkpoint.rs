@@ -94,6 +94,34 @@ pub fn clear(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// After a run's output is written: removes `root` when it holds no checkpoint (a run with
+/// `--checkpoint-every 0`, or one shorter than its interval), so that no `OUT.checkpoints/` is
+/// left holding only the metrics.jsonl the output has a copy of. A folder holding anything else
+/// is left as it is.
+pub fn tidy(root: &Path) -> Result<()> {
+    if !step_dirs(root)?.is_empty() {
+        return Ok(());
+    }
+    let metrics = root.join("metrics.jsonl");
+    match std::fs::remove_file(&metrics) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&metrics)(e)),
+    }
+    match std::fs::remove_dir(root) {
+        // Gone already, or holding something of the user's: nothing more to do.
+        Err(e)
+            if !matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::DirectoryNotEmpty
+            ) =>
+        {
+            Err(io(root)(e))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Reads a checkpoint's state (the run's configuration and position) without loading tensors,
 /// and validates it with [`parse_state`].
 pub(crate) fn read_state(dir: &Path) -> Result<CheckpointState> {

@@ -302,8 +302,9 @@ pub struct StepSeconds {
 fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    // The kernel's "kB" are KiB; the field is in decimal MB, as every size the tool prints.
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024.0 / 1e6)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -328,6 +329,78 @@ pub trait Observer {
     fn start(&mut self, steps: u64, first: u64);
     fn step(&mut self, m: &StepMetrics);
     fn note(&mut self, text: &str);
+    /// The run's wall time, estimated once its first step is measured.
+    fn estimate(&mut self, _estimate: &Estimate) {}
+}
+
+/// heal's wall time, estimated after its first step ([`estimate`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimate {
+    /// Seconds the steps this process runs will take, the first one included.
+    pub seconds: f64,
+    /// The first step's measured seconds.
+    pub first_step_seconds: f64,
+    /// The steps this process runs (all of them, or those left after --resume).
+    pub steps: u64,
+}
+
+/// The wall time of steps `first..cfg.steps` from the measured `seconds` of step `first`
+/// (`line`): each step costs the training FLOPs per token of its iterations
+/// ([`crate::plan::cost::train_flops`], plus lm_head's forward and backward), the first at the
+/// iterations it drew, the others at the curriculum's mean recurrence m with min(m, k) of them
+/// carrying gradient. Held-out evaluation, checkpoints and a distillation teacher's pass are
+/// not in it: they do not grow with m.
+pub fn estimate(
+    cfg: &HealConfig,
+    source: &SourceModel,
+    line: &StepMetrics,
+    first: u64,
+    seconds: f64,
+) -> Option<Estimate> {
+    let c = &source.config;
+    let s = c.recurrent?;
+    let shape = crate::plan::Shape {
+        prelude: s.prelude,
+        core: s.core,
+        coda: s.coda,
+    };
+    let lm_head = 6 * crate::plan::cost::embedding_params(c);
+    let flops = |iterations: usize, with_grad: usize| {
+        let (m, k) = (iterations as u64, with_grad as u64);
+        (crate::plan::cost::train_flops(c, shape, s.adapter, m, k) + lm_head) as f64
+    };
+    let drawn = line
+        .iterations_without_grad
+        .iter()
+        .zip(&line.iterations_with_grad);
+    let micro = line.iterations_with_grad.len().max(1) as f64;
+    let measured = drawn.map(|(&w, &g)| flops(w + g, g)).sum::<f64>() / micro;
+    let later: f64 = (first + 1..cfg.steps)
+        .map(|step| {
+            let m = step_recurrence(cfg, step);
+            flops(m, m.min(cfg.backprop_depth))
+        })
+        .sum();
+    (measured > 0.0).then(|| Estimate {
+        seconds: seconds * (1.0 + later / measured),
+        first_step_seconds: seconds,
+        steps: cfg.steps.saturating_sub(first),
+    })
+}
+
+/// The mean recurrence of step `step`: the curriculum's, or 1 for the static baseline.
+fn step_recurrence(cfg: &HealConfig, step: u64) -> usize {
+    if cfg.static_baseline {
+        return 1;
+    }
+    mean_recurrence(
+        cfg.curriculum.into(),
+        step,
+        cfg.steps,
+        cfg.curriculum_warmup,
+        cfg.max_mean_recurrence,
+        cfg.curriculum_start,
+    )
 }
 
 /// The trained model, its run's metrics, and where the checkpoints are.
@@ -421,8 +494,16 @@ pub fn run(
     // the earlier run's lines.
     let mut metrics = super::checkpoint::read_metrics(&cfg.checkpoint_root(), training.step)?;
     observer.start(cfg.steps, training.step);
+    let first = training.step;
     while training.step < cfg.steps {
+        let started = Instant::now();
         let mut line = training.train_step()?;
+        if training.step == first {
+            let seconds = started.elapsed().as_secs_f64();
+            if let Some(e) = estimate(cfg, &source, &line, first, seconds) {
+                observer.estimate(&e);
+            }
+        }
         training.step += 1;
         let last = training.step == cfg.steps;
         training.evaluate(&mut line, last)?;
@@ -597,18 +678,7 @@ impl<'a> Training<'a> {
     fn train_step(&mut self) -> Result<StepMetrics> {
         let cfg = self.cfg;
         let started = Instant::now();
-        let m = if cfg.static_baseline {
-            1
-        } else {
-            mean_recurrence(
-                cfg.curriculum.into(),
-                self.step,
-                cfg.steps,
-                cfg.curriculum_warmup,
-                cfg.max_mean_recurrence,
-                cfg.curriculum_start,
-            )
-        };
+        let m = step_recurrence(cfg, self.step);
         let lr_scale = learning_rate(self.step, cfg.steps, 1.0, cfg.warmup, cfg.cooldown);
         let mut tally = Tally::default();
         for micro in 0..self.n_micro {
