@@ -455,3 +455,33 @@ fn sizes_are_decimal_megabytes_in_every_message() {
         assert!(!text.contains("MiB") && !text.contains("KiB"), "{text}");
     }
 }
+
+#[test]
+fn requantizing_a_quantized_source_says_so() {
+    let d = tempfile::tempdir().unwrap();
+    let d = d.path();
+    let export = |from: &str, to: &str, out: &str| {
+        let o = surgery(d, &["export", "gguf", from, "--type", to, "-o", out]);
+        assert!(o.status.success(), "{to}: {}", stderr(&o));
+        stderr(&o)
+    };
+    assert_eq!(
+        export(&fixture(), "q8_0", "q8.gguf"),
+        "",
+        "a float source: no note"
+    );
+    assert_eq!(
+        export("q8.gguf", "q4_0", "q4.gguf"),
+        "note: the source is already quantized: 72 tensors are requantized (72 Q8_0 to Q4_0), \
+         each dequantized and rounded again, so their error adds to the source's; export from \
+         an unquantized checkpoint where there is one\n"
+    );
+    // The same type is copied as stored, and a float type is not a requantization.
+    assert_eq!(export("q8.gguf", "q8_0", "again.gguf"), "");
+    assert_eq!(export("q8.gguf", "f16", "f16.gguf"), "");
+    assert_eq!(
+        std::fs::read(d.join("again.gguf")).unwrap(),
+        std::fs::read(d.join("q8.gguf")).unwrap(),
+        "copied as stored"
+    );
+}

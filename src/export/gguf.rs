@@ -126,6 +126,7 @@ pub fn export_gguf(
     let jobs = jobs(source, &layout, opts.quant)?;
     let (tokenizer, mut notes) = tokenizer_metadata(source, c.vocab)?;
     notes.splice(0..0, layout.notes.iter().cloned());
+    notes.extend(requantize_note(source, &jobs));
     if c.max_position.is_none() {
         notes.push(format!(
             "the source does not give its context length; {DEFAULT_CONTEXT} is written"
@@ -171,6 +172,49 @@ pub fn export_gguf(
         source_bytes: total,
         notes,
     })
+}
+
+/// The note for a source whose quantized tensors are quantized again to another type (a
+/// quantized GGUF exported with `--type q8_0`): each is dequantized and rounded anew, so the
+/// output's error is the source's plus the new type's. Tensors already of the wanted type are
+/// copied as stored and not counted.
+fn requantize_note(source: &SourceModel, jobs: &[Job]) -> Option<String> {
+    let mut pairs: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    for job in jobs {
+        let want = job.header.dtype;
+        let JobSource::Rows { role, .. } = &job.src else {
+            continue;
+        };
+        let Some(t) = source.tensor(*role) else {
+            continue;
+        };
+        let leaves = if t.parts.is_empty() {
+            std::slice::from_ref(t)
+        } else {
+            &t.parts[..]
+        };
+        let from = leaves
+            .iter()
+            .map(|p| p.dtype)
+            .find(|&d| d.is_quantized() && d != want);
+        if let (Some(from), true) = (from, want.is_quantized()) {
+            *pairs.entry((from.name(), want.name())).or_insert(0) += 1;
+        }
+    }
+    if pairs.is_empty() {
+        return None;
+    }
+    let total: usize = pairs.values().sum();
+    let each: Vec<String> = pairs
+        .iter()
+        .map(|((from, to), n)| format!("{n} {from} to {to}"))
+        .collect();
+    Some(format!(
+        "the source is already quantized: {total} tensors are requantized ({}), each \
+         dequantized and rounded again, so their error adds to the source's; export from an \
+         unquantized checkpoint where there is one",
+        each.join(", ")
+    ))
 }
 
 fn arch_name(arch: GgufArch) -> &'static str {
