@@ -302,6 +302,35 @@ fn commands_read_the_fixture_from_the_cache() {
     assert_eq!(out.status.code(), Some(0), "{}", common::stderr(&out));
     let weights = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
     assert_eq!(weights(&from_cache), weights(&direct));
+    // eval --baseline names the source by its hub id too: the same rows as by its folder.
+    let text = d.path().join("t.txt");
+    std::fs::write(
+        &text,
+        "And God said, Let there be light: and there was light.\n",
+    )
+    .unwrap();
+    let rows = |baseline: &str| {
+        let args = [
+            "eval",
+            "direct",
+            "--data",
+            "t.txt",
+            "--recurrence",
+            "1",
+            "--json",
+            "--baseline",
+            baseline,
+        ];
+        let out = run(d.path(), &vars, &args);
+        assert_eq!(out.status.code(), Some(0), "{}", common::stderr(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let losses: Vec<Value> = (v["baselines"].as_array().unwrap().iter())
+            .map(|r| r["loss"].clone())
+            .collect();
+        assert_eq!(losses.len(), 2, "{v}");
+        losses
+    };
+    assert_eq!(rows("org/tiny"), rows(fixture.to_str().unwrap()));
 }
 
 #[test]

@@ -131,7 +131,9 @@ fn resolve_models(
         Command::Plan(a) => vec![&mut a.model],
         Command::Apply(a) => vec![&mut a.input],
         Command::Verify(a) => vec![&mut a.dir],
-        Command::Eval(a) => vec![&mut a.model],
+        Command::Eval(a) => std::iter::once(&mut a.model)
+            .chain(a.baseline.iter_mut())
+            .collect(),
         Command::Export(a) => vec![a.format.model()],
         Command::Generate(a) => vec![&mut a.model],
         Command::Heal(a) => a.model.iter_mut().chain(a.distill.iter_mut()).collect(),
