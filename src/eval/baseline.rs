@@ -51,7 +51,7 @@ pub fn open(checkpoint: &SourceModel, source: &Path) -> Result<Baseline, Baselin
         path: source.to_path_buf(),
         reason,
     };
-    same_files(&opened, &recorded).map_err(not_it)?;
+    same_files(&opened, &recorded.files).map_err(not_it)?;
     if opened.config.vocab != checkpoint.config.vocab {
         return Err(not_it(format!(
             "it predicts over {} token ids, the checkpoint over {}",
@@ -109,10 +109,11 @@ fn record(checkpoint: &SourceModel) -> Result<(Recorded, Layers), BaselineError>
 }
 
 /// Whether `source`'s files are the `recorded` ones: the same names and sizes, then the same
-/// sha256 (hashed only when everything else agrees); why not, if not.
-fn same_files(source: &SourceModel, recorded: &Recorded) -> Result<(), String> {
+/// sha256 (hashed only when everything else agrees); why not, if not. Shared with heal's check of
+/// a distillation teacher.
+pub(crate) fn same_files(source: &SourceModel, recorded: &[HashedFile]) -> Result<(), String> {
     let names = |files: &mut dyn Iterator<Item = &str>| files.collect::<Vec<_>>().join(", ");
-    let (ours, theirs) = (&source.files, &recorded.files);
+    let (ours, theirs) = (&source.files, recorded);
     if ours.len() != theirs.len() || ours.iter().zip(theirs).any(|(a, b)| a.path != b.path) {
         return Err(format!(
             "its files are {}; the checkpoint records {}",

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::sha256_file;
+use crate::eval::baseline::same_files;
 use crate::model::{Kernels, Mix, Model};
 use crate::plan::HashedFile;
 use crate::source::SourceModel;
@@ -84,7 +84,7 @@ pub(crate) fn load_teacher(
         )));
     }
     if let Some(recorded) = recorded_source(&student.root) {
-        if !same_files(&teacher, &recorded) {
+        if same_files(&teacher, &recorded.files).is_err() {
             note(&format!(
                 "the teacher {path} is not the source this checkpoint was cut from ({}, as its \
                  config.json records it): their files' sizes or sha256 differ",
@@ -114,21 +114,4 @@ fn recorded_source(root: &Path) -> Option<RecordedSource> {
     let bytes = crate::paths::read(&root.join("config.json")).ok()?;
     let config: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     serde_json::from_value(config.get("surgery")?.get("source")?.clone()).ok()
-}
-
-/// Whether `teacher`'s files are those of `recorded`: the same relative paths and sizes, and then
-/// the same sha256 (hashed only when everything else agrees).
-fn same_files(teacher: &SourceModel, recorded: &RecordedSource) -> bool {
-    let (ours, theirs) = (&teacher.files, &recorded.files);
-    if ours.len() != theirs.len()
-        || ours
-            .iter()
-            .zip(theirs)
-            .any(|(a, b)| a.path != b.path || a.bytes != b.bytes)
-    {
-        return false;
-    }
-    ours.iter().zip(theirs).all(|(a, b)| {
-        sha256_file(&teacher.root.join(&a.path), |_| {}).is_ok_and(|sha| sha == b.sha256)
-    })
 }
