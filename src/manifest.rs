@@ -99,11 +99,19 @@ pub(crate) fn write_described(
     for (name, bytes) in small {
         files.push(write_entry(dir, &name, &bytes)?);
     }
+    write_manifest(dir, files)
+}
+
+/// Writes `dir`'s manifest.json listing `files`, which it sorts by path first.
+pub(crate) fn write_manifest(
+    dir: &Path,
+    files: &mut [ManifestEntry],
+) -> Result<(), (PathBuf, std::io::Error)> {
     files.sort_by(|a, b| a.path.cmp(&b.path));
     let manifest = Manifest {
         manifest_version: MANIFEST_VERSION,
         tool_version: env!("CARGO_PKG_VERSION").into(),
-        files: files.clone(),
+        files: files.to_vec(),
     };
     let json = serde_json::to_value(&manifest).unwrap_or_default();
     write_entry(dir, MANIFEST_NAME, &pretty_json(&json))?;

@@ -11,7 +11,7 @@ use crate::dtype::DType;
 use crate::eval::plot::plot_curves;
 use crate::formats::hf_config;
 use crate::formats::safetensors::write_file;
-use crate::manifest::{self, Manifest, ManifestEntry, MANIFEST_NAME};
+use crate::manifest::{self, ManifestEntry};
 use crate::model::Model;
 use crate::source::SourceModel;
 
@@ -172,13 +172,7 @@ fn manifest_of(dir: &Path) -> Result<Vec<ManifestEntry>> {
             sha256,
         });
     }
-    let m = Manifest {
-        manifest_version: manifest::MANIFEST_VERSION,
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-        files: files.clone(),
-    };
-    let mut text = serde_json::to_vec_pretty(&m).map_err(|e| HealError::Invalid(e.to_string()))?;
-    text.push(b'\n');
-    std::fs::write(dir.join(MANIFEST_NAME), text).map_err(io(dir))?;
+    manifest::write_manifest(dir, &mut files)
+        .map_err(|(path, source)| HealError::Io { path, source })?;
     Ok(files)
 }
