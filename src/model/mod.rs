@@ -11,6 +11,7 @@ pub mod fused;
 mod generate;
 pub mod memory;
 pub mod params;
+pub mod qkernels;
 mod rope;
 mod stepwise;
 mod weight;
