@@ -6,7 +6,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use surgery::eval::data::{
-    read_documents, read_tokens, token_stream, windows, DataError, Documents,
+    read_documents, read_tokens, read_training_tokens, token_stream, windows, DataError, Documents,
+    LossOn,
 };
 use surgery::eval::plot::{plot_perplexity, PlotError};
 use surgery::source::SourceModel;
@@ -726,4 +727,55 @@ fn chat_records_are_rendered_with_the_model_template_in_jsonl_and_parquet() {
     let tiny = TextTokenizer::for_model(&tiny).unwrap();
     let err = read_tokens(&[data("chat.parquet")], Some("messages"), &tiny, None).unwrap_err();
     assert!(err.to_string().ends_with("chat.parquet: row 1: the model has no chat template (tokenizer_config.json's chat_template, or a GGUF's tokenizer.chat_template)"), "{err}");
+}
+
+#[test]
+fn loss_on_assistant_marks_the_assistant_turns_of_chat_data_and_every_token_of_text() {
+    let Some(gguf) = common::smollm2() else {
+        return;
+    };
+    let model = SourceModel::open(&gguf).unwrap();
+    let tok = TextTokenizer::for_model(&model).unwrap();
+    // Conversations: the tokens marked are exactly the assistant turns with the template's
+    // end-of-turn text, in JSONL and in Parquet alike; the stream is the one `all` reads.
+    for name in ["chat.jsonl", "chat.parquet"] {
+        let paths = [data(name)];
+        let all = read_tokens(&paths, Some("messages"), &tok, None).unwrap();
+        assert_eq!(all.trained, None);
+        let got =
+            read_training_tokens(&paths, Some("messages"), &tok, None, LossOn::Assistant).unwrap();
+        assert_eq!(got.tokens, all.tokens, "{name}");
+        let trained = got.trained.unwrap();
+        assert_eq!(trained.len(), got.tokens.len());
+        let mut runs = Vec::new();
+        let mut run: Vec<u32> = Vec::new();
+        for (&id, &on) in got.tokens.iter().zip(&trained) {
+            if on {
+                run.push(id);
+            } else if !run.is_empty() {
+                runs.push(tok.decode(&std::mem::take(&mut run)).unwrap());
+            }
+        }
+        assert!(
+            run.is_empty(),
+            "{name}: the EOS after a conversation is not trained"
+        );
+        // decode leaves out the special <|im_end|>; its id is checked below.
+        assert_eq!(runs, ["4.\n", "Hello.\n"], "{name}");
+        let im_end = tok.token_to_id("<|im_end|>").unwrap();
+        let marked_ends = got
+            .tokens
+            .iter()
+            .zip(&trained)
+            .filter(|&(&id, &on)| on && id == im_end)
+            .count();
+        assert_eq!(
+            marked_ends, 2,
+            "{name}: each assistant turn ends with its <|im_end|>"
+        );
+    }
+    // Plain text has no roles: every token carries the loss.
+    let text =
+        read_training_tokens(&[data("docs.jsonl")], None, &tok, None, LossOn::Assistant).unwrap();
+    assert_eq!(text.trained, Some(vec![true; text.tokens.len()]));
 }

@@ -391,6 +391,111 @@ fn linear_distillation_equals_the_composed_loss_and_finite_differences() {
     }
 }
 
+/// Targets 1, 4, 5 and 8 of 9 ignored (`heal --loss-on assistant` outside the assistant's turns).
+fn partly_ignored(v: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut tg = targets(9, v, 50);
+    for i in [1, 4, 5, 8] {
+        tg[i] = xent::IGNORED;
+    }
+    let kept = (0..9u32)
+        .filter(|&i| tg[i as usize] != xent::IGNORED)
+        .collect();
+    (tg, kept)
+}
+
+#[test]
+fn ignored_targets_add_no_loss_and_no_gradient_fused_and_composed() {
+    let (n, h, v) = (9, 5, 11);
+    let (tg, kept) = partly_ignored(v);
+    let scale = 1.0 / kept.len() as f64;
+    let kept = Tensor::new(kept.as_slice(), &Device::Cpu).unwrap();
+    let kept_tg: Vec<u32> = tg.iter().copied().filter(|&t| t != xent::IGNORED).collect();
+    let hidden =
+        Var::from_tensor(&(random(&[n, h], 51, DType::F32).as_tensor() * 3.0).unwrap()).unwrap();
+    let w = random(&[v, h], 52, DType::F32);
+    // The loss over all rows, ignored ones included, is the loss over the kept rows alone; the
+    // ignored rows get a zero gradient and the kept ones theirs.
+    let all = xent::linear_cross_entropy(hidden.as_tensor(), w.as_tensor(), &tg, scale).unwrap();
+    let only = xent::linear_cross_entropy(
+        &hidden.as_tensor().index_select(&kept, 0).unwrap(),
+        w.as_tensor(),
+        &kept_tg,
+        scale,
+    )
+    .unwrap();
+    assert_eq!(
+        all.to_scalar::<f32>().unwrap(),
+        only.to_scalar::<f32>().unwrap()
+    );
+    let grads = all.backward().unwrap();
+    let dh = grads.get(hidden.as_tensor()).unwrap();
+    for i in [1, 4, 5, 8] {
+        assert!(
+            values(&dh.get(i).unwrap()).iter().all(|&x| x == 0.0),
+            "row {i}"
+        );
+    }
+    let hidden_kept =
+        Var::from_tensor(&hidden.as_tensor().index_select(&kept, 0).unwrap()).unwrap();
+    let only = xent::linear_cross_entropy(hidden_kept.as_tensor(), w.as_tensor(), &kept_tg, scale)
+        .unwrap();
+    let only_grads = only.backward().unwrap();
+    assert_close(
+        "dh of the kept rows",
+        &dh.index_select(&kept, 0).unwrap(),
+        only_grads.get(hidden_kept.as_tensor()).unwrap(),
+    );
+    assert_close(
+        "dW",
+        grads.get(w.as_tensor()).unwrap(),
+        only_grads.get(w.as_tensor()).unwrap(),
+    );
+    // The composed references skip the same rows: cross-entropy, and distillation's both parts.
+    let tg_tensor = Tensor::from_vec(tg.clone(), n, &Device::Cpu).unwrap();
+    let inputs = [hidden, w];
+    let fused = |t: &[Tensor]| xent::linear_cross_entropy(&t[0], &t[1], &tg, scale);
+    let reference = |t: &[Tensor]| {
+        composed::mean_cross_entropy(
+            &t[0].matmul(&t[1].t()?)?.unsqueeze(0)?,
+            &tg_tensor.unsqueeze(0)?,
+        )
+    };
+    assert_same_op(
+        "cross-entropy, 4 of 9 ignored",
+        &fused,
+        &reference,
+        &inputs,
+        &[0, 1],
+    );
+    let teacher = Teacher {
+        h: random(&[n, 3], 53, DType::F32).as_tensor().clone(),
+        w: random(&[v, 3], 54, DType::F32).as_tensor().clone(),
+        mix: Mix {
+            alpha: 0.4,
+            temperature: 2.0,
+        },
+    };
+    let fused = |t: &[Tensor]| Ok(xent::linear_distillation(&t[0], &t[1], &teacher, &tg, scale)?.0);
+    let reference = |t: &[Tensor]| {
+        let teacher_logits = teacher.h.matmul(&teacher.w.t()?)?;
+        composed::mean_distillation(
+            &t[0].matmul(&t[1].t()?)?,
+            &teacher_logits,
+            &tg_tensor,
+            teacher.mix,
+        )
+        .map(|(loss, _)| loss)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    };
+    assert_same_op(
+        "distillation, 4 of 9 ignored",
+        &fused,
+        &reference,
+        &inputs,
+        &[0, 1],
+    );
+}
+
 #[test]
 fn distillation_with_alpha_one_is_the_cross_entropy_and_from_itself_is_zero() {
     let (n, h, v) = (37, 6, 53);

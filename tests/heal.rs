@@ -675,3 +675,107 @@ fn twenty_steps_on_the_tiny_fixture_match_the_composed_kernels() {
         assert_eq!(f["iterations_with_grad"], c["iterations_with_grad"]);
     }
 }
+
+/// SmolLM2's ChatML template, for the byte-level tokenizer of [`setup`]'s model.
+const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+#[test]
+fn loss_on_assistant_takes_the_mean_over_assistant_targets_whatever_the_micro_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    // A zero s_0 and exactly m iterations: micro-batches differ in nothing but their windows.
+    let o = surgery(
+        d,
+        &[
+            "apply",
+            "src",
+            "--shape",
+            "1,2,1",
+            "--adapter-noise",
+            "0.05",
+            "--state-init",
+            "zero",
+            "--out",
+            "zero",
+            "-q",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let config = serde_json::json!({ "chat_template": CHATML });
+    std::fs::write(d.join("zero/tokenizer_config.json"), config.to_string()).unwrap();
+    // Short user turns and long answers of varying length: micro-batches hold unequal numbers
+    // of assistant targets, so a mean of per-micro-batch means would differ.
+    let lines: Vec<String> = (0..40)
+        .map(|i| {
+            let answer = &TEXT[..20 + 7 * (i % 9)];
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("{i}?")},
+                {"role": "assistant", "content": answer},
+            ]})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(d.join("chat.jsonl"), lines.join("\n")).unwrap();
+    let run = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "heal",
+            "zero",
+            "--data",
+            "chat.jsonl",
+            "--field",
+            "messages",
+            "--out",
+            out,
+            "--seq-len",
+            "32",
+            "--batch",
+            "4",
+            "--steps",
+            "2",
+            "--holdout",
+            "0",
+            "--sampler",
+            "fixed",
+        ];
+        args.extend_from_slice(extra);
+        let o = surgery(d, &args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        (metrics(&d.join(out)), stderr(&o))
+    };
+    let (whole, said) = run("whole", &["--micro-batch", "4"]);
+    let (split, _) = run("split", &["--micro-batch", "1"]);
+    let (all, said_all) = run("all", &["--micro-batch", "4", "--loss-on", "all"]);
+    let loss = |m: &[Value], step: usize| m[step]["loss"].as_f64().unwrap();
+    // The first step's loss (before any update) is the mean over the same targets either way.
+    assert!(
+        (loss(&whole, 0) - loss(&split, 0)).abs() <= 1e-5 * loss(&whole, 0),
+        "{} vs {}",
+        loss(&whole, 0),
+        loss(&split, 0)
+    );
+    assert!(
+        (loss(&whole, 0) - loss(&all, 0)).abs() > 1e-3,
+        "other targets"
+    );
+    assert!(said.contains("--loss-on assistant: "), "{said}");
+    assert!(said.contains(" training targets ("), "{said}");
+    assert!(!said_all.contains("--loss-on"), "{said_all}");
+    let recorded: Value =
+        serde_json::from_slice(&std::fs::read(d.join("whole/config.json")).unwrap()).unwrap();
+    assert_eq!(
+        recorded["surgery"]["heal"]["config"]["loss_on"],
+        "assistant"
+    );
+    // Plain text has no assistant turn; a template that names none leaves nothing to train on.
+    let config = serde_json::json!({ "chat_template": "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}" });
+    std::fs::write(d.join("zero/tokenizer_config.json"), config.to_string()).unwrap();
+    assert_refused(
+        d,
+        &[
+            "heal", "zero", "--data", "chat.jsonl", "--field", "messages", "--out", "none",
+            "--seq-len", "32", "--batch", "4", "--steps", "2",
+        ],
+        "--loss-on assistant: no training token is in an assistant's turn; pass --loss-on all to train on every token",
+    );
+}

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
+use surgery::eval::data::LossOn;
 use surgery::heal::distill::DistillConfig;
 use surgery::heal::train::{
     run, CurriculumKind, Estimate, HealConfig, Observer, OptimizerKind, SamplerKind, StepMetrics,
@@ -130,6 +131,10 @@ pub struct HealArgs {
     /// adapter still trains whole); the written checkpoint has the updates merged in.
     #[arg(long, value_name = "RANK[:ALPHA]")]
     pub lora: Option<Lora>,
+    /// Which tokens carry the loss: a conversation's assistant turns only (as the paper's
+    /// trainer), or every token; plain-text documents train on every token either way.
+    #[arg(long, value_parser = named::<LossOn>(), default_value = "assistant")]
+    pub loss_on: LossOn,
 }
 
 impl HealArgs {
@@ -171,6 +176,7 @@ impl HealArgs {
             checkpoint_every: self.checkpoint_every,
             kernels: self.runtime.kernels,
             lora: self.lora,
+            loss_on: self.loss_on,
             distill: self.distill.clone().map(|teacher| DistillConfig {
                 teacher,
                 alpha: self.distill_alpha,

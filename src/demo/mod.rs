@@ -565,6 +565,7 @@ fn heal_config(model: &Path, fixture: &FixturePaths, out: &Path, steps: u64) -> 
         kernels: Default::default(),
         distill: None,
         lora: None,
+        loss_on: Default::default(),
     }
 }
 

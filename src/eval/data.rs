@@ -15,8 +15,9 @@
 //! `.json`, or a Parquet list of such structs, as chat datasets store `messages`) is one
 //! document: the conversation rendered with the model's chat template and tokenized as
 //! transformers' `apply_chat_template(tokenize=True)` does. Only a reader with the model's
-//! tokenizer can do that ([`read_tokens`]); every token of it is a target (there is no
-//! assistant-only loss yet).
+//! tokenizer can do that ([`read_tokens`]). Training reads with [`read_training_tokens`], which
+//! under [`LossOn::Assistant`] also marks which tokens are the assistant's turns (the paper's
+//! trainer takes its loss on those alone); evaluation scores every token.
 //!
 //! A path that does not exist and holds `*`, `?` or `[` is a glob (`shards/train-*.parquet`),
 //! expanded in sorted order; a glob that matches nothing is refused.
@@ -40,6 +41,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value as Json;
 
+use crate::named::named;
 use crate::tokenizer::chat::Message;
 use crate::tokenizer::text::{TextTokenizer, TextTokenizerError};
 
@@ -139,10 +141,26 @@ pub struct Documents {
     pub files: usize,
 }
 
+named! {
+    /// Which tokens of the training data carry the loss.
+    #[derive(Default)]
+    pub enum LossOn {
+        /// Every token (what runs recorded before the choice existed did).
+        [default]
+        All = "all",
+        /// A conversation's assistant turns only, as the paper's trainer; plain-text documents,
+        /// which have no roles, keep every token.
+        Assistant = "assistant",
+    }
+}
+
 /// The token stream of one or more files, and what reading them found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TokenStream {
     pub tokens: Vec<u32>,
+    /// Under [`LossOn::Assistant`], whether each token carries the loss (as a target); None when
+    /// every token does.
+    pub trained: Option<Vec<bool>>,
     /// Documents tokenized (the last one possibly in part, when the limit cut it).
     pub documents: usize,
     /// Documents left out because they were not valid UTF-8.
@@ -194,7 +212,23 @@ pub fn read_tokens(
     tok: &TextTokenizer,
     limit: Option<usize>,
 ) -> Result<TokenStream, DataError> {
+    read_training_tokens(paths, field, tok, limit, LossOn::All)
+}
+
+/// [`read_tokens`] for training: under [`LossOn::Assistant`], [`TokenStream::trained`] marks the
+/// tokens of the conversations' assistant turns and every token of plain-text documents (the EOS
+/// after a conversation is not trained: the template's own end-of-turn text is).
+pub fn read_training_tokens(
+    paths: &[PathBuf],
+    field: Option<&str>,
+    tok: &TextTokenizer,
+    limit: Option<usize>,
+    loss_on: LossOn,
+) -> Result<TokenStream, DataError> {
     let mut sink = Tokens::new(tok, limit);
+    if loss_on == LossOn::Assistant {
+        sink.trained = Some(Vec::new());
+    }
     let report = read_into(paths, field, &mut sink)?;
     sink.finish(report.skipped_invalid_utf8)
 }
@@ -834,6 +868,8 @@ struct Tokens<'a> {
     documents: usize,
     /// The special tokens the post-processor puts before and after a text, found on first need.
     specials: Option<(Vec<u32>, Vec<u32>)>,
+    /// Whether each token of `stream` carries the loss, when that is asked ([`LossOn::Assistant`]).
+    trained: Option<Vec<bool>>,
 }
 
 impl<'a> Tokens<'a> {
@@ -847,6 +883,15 @@ impl<'a> Tokens<'a> {
             pieces: 0,
             documents: 0,
             specials: None,
+            trained: None,
+        }
+    }
+
+    /// Marks the tokens added to the stream since the last mark as trained or not.
+    fn mark(&mut self, trained: bool) {
+        let len = self.stream.len();
+        if let Some(t) = &mut self.trained {
+            t.resize(len, trained);
         }
     }
 
@@ -889,6 +934,7 @@ impl<'a> Tokens<'a> {
             .encode_plain(&self.pending[..cut])
             .map_err(|e| self.encode_error(e))?;
         self.stream.extend_from_slice(&ids);
+        self.mark(true);
         self.pending.drain(..cut);
         self.pieces += 1;
         Ok(())
@@ -902,6 +948,7 @@ impl<'a> Tokens<'a> {
         }
         Ok(TokenStream {
             tokens: self.stream,
+            trained: self.trained,
             documents: self.documents + usize::from(self.pieces > 0),
             skipped_invalid_utf8,
         })
@@ -945,6 +992,7 @@ impl Sink for Tokens<'_> {
             self.stream.extend_from_slice(&after);
         }
         self.stream.extend(self.tok.eos);
+        self.mark(true);
         self.pieces = 0;
         self.documents += 1;
         self.doc_start = self.stream.len();
@@ -953,6 +1001,9 @@ impl Sink for Tokens<'_> {
 
     fn discard(&mut self) {
         self.stream.truncate(self.doc_start);
+        if let Some(t) = &mut self.trained {
+            t.truncate(self.doc_start);
+        }
         self.pending.clear();
         self.pieces = 0;
     }
@@ -966,10 +1017,17 @@ impl Sink for Tokens<'_> {
         if self.full() {
             return Ok(());
         }
-        let ids = (self.tok.encode_chat(messages, false))
-            .map_err(|e| Conversation::Failed(e.to_string()))?;
-        self.stream.extend_from_slice(&ids);
+        let failed = |e: crate::tokenizer::chat::ChatError| Conversation::Failed(e.to_string());
+        if let Some(trained) = &mut self.trained {
+            let (ids, assistant) = self.tok.encode_chat_assistant(messages).map_err(failed)?;
+            self.stream.extend_from_slice(&ids);
+            trained.extend(assistant);
+        } else {
+            let ids = self.tok.encode_chat(messages, false).map_err(failed)?;
+            self.stream.extend_from_slice(&ids);
+        }
         self.stream.extend(self.tok.eos);
+        self.mark(false);
         self.documents += 1;
         self.doc_start = self.stream.len();
         Ok(())

@@ -7,10 +7,14 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::eval::data::{Window, Windows};
+use crate::model::IGNORED;
 
 /// Packed training windows and the held-out ones.
 pub(crate) struct TrainData {
     train: Vec<Vec<u32>>,
+    /// Whether each token of each training window carries the loss as a target (`heal --loss-on
+    /// assistant`); None when every token does.
+    trained: Option<Vec<Vec<bool>>>,
     pub held_out: Windows,
     seed: u64,
     /// The order of the epoch read last, kept to avoid reshuffling on every read.
@@ -19,9 +23,16 @@ pub(crate) struct TrainData {
 
 impl TrainData {
     /// Cuts `stream` into windows of `seq_len + 1` tokens (the last partial one dropped); the last
-    /// `holdout` share of them (at least one when `holdout > 0`) is held out. Returns None when
-    /// there is not a single training window.
-    pub fn new(stream: &[u32], seq_len: usize, holdout: f64, seed: u64) -> Option<TrainData> {
+    /// `holdout` share of them (at least one when `holdout > 0`) is held out, and scored on every
+    /// token. `trained`, when given, marks the tokens of `stream` that carry the training loss.
+    /// Returns None when there is not a single training window.
+    pub fn new(
+        stream: &[u32],
+        trained: Option<&[bool]>,
+        seq_len: usize,
+        holdout: f64,
+        seed: u64,
+    ) -> Option<TrainData> {
         let mut windows: Vec<Vec<u32>> = stream
             .chunks_exact(seq_len + 1)
             .map(<[u32]>::to_vec)
@@ -35,6 +46,12 @@ impl TrainData {
         if windows.is_empty() {
             return None;
         }
+        let trained = trained.map(|t| {
+            t.chunks_exact(seq_len + 1)
+                .take(windows.len())
+                .map(<[bool]>::to_vec)
+                .collect()
+        });
         let held_out = Windows {
             windows: held_out
                 .into_iter()
@@ -47,6 +64,7 @@ impl TrainData {
         };
         Some(TrainData {
             train: windows,
+            trained,
             held_out,
             seed,
             order: std::cell::RefCell::new((u64::MAX, vec![])),
@@ -68,9 +86,41 @@ impl TrainData {
         self.train.len()
     }
 
+    /// The window read at position `cursor` of the run (see [`TrainData::window`]), its next-token
+    /// targets [`IGNORED`] where they carry no loss.
+    pub fn inputs_targets(&self, cursor: u64) -> (&[u32], Vec<u32>) {
+        let (w, index) = self.window_at(cursor);
+        let mut targets = w[1..].to_vec();
+        if let Some(trained) = &self.trained {
+            for (t, &on) in targets.iter_mut().zip(&trained[index][1..]) {
+                if !on {
+                    *t = IGNORED;
+                }
+            }
+        }
+        (&w[..w.len() - 1], targets)
+    }
+
+    /// Training tokens that carry the loss as targets, and all of them, over every window.
+    pub fn trained_targets(&self) -> (usize, usize) {
+        let all = self.train.iter().map(|w| w.len() - 1).sum();
+        let trained = self.trained.as_ref().map_or(all, |t| {
+            t.iter()
+                .map(|w| w[1..].iter().filter(|&&on| on).count())
+                .sum()
+        });
+        (trained, all)
+    }
+
     /// The window read at position `cursor` of the run: epoch `cursor / len` is a permutation of
     /// all windows drawn from (seed, epoch).
+    #[cfg(test)]
     pub fn window(&self, cursor: u64) -> &[u32] {
+        self.window_at(cursor).0
+    }
+
+    /// The window read at position `cursor`, and its index among the training windows.
+    fn window_at(&self, cursor: u64) -> (&[u32], usize) {
         let n = self.train.len() as u64;
         let (epoch, index) = (cursor / n, (cursor % n) as usize);
         let mut cached = self.order.borrow_mut();
@@ -81,7 +131,8 @@ impl TrainData {
             order.shuffle(&mut rng);
             *cached = (epoch, order);
         }
-        &self.train[cached.1[index]]
+        let at = cached.1[index];
+        (&self.train[at], at)
     }
 }
 
@@ -92,10 +143,10 @@ mod tests {
     #[test]
     fn packs_holds_out_and_shuffles_reproducibly() {
         let stream: Vec<u32> = (0..50).collect();
-        let d = TrainData::new(&stream, 4, 0.2, 7).unwrap();
+        let d = TrainData::new(&stream, None, 4, 0.2, 7).unwrap();
         // 10 windows of 5 tokens: 2 held out, 8 to train on.
         assert_eq!((d.len(), d.held_out.windows.len()), (8, 2));
-        let mut limited = TrainData::new(&stream, 4, 0.5, 0).unwrap();
+        let mut limited = TrainData::new(&stream, None, 4, 0.5, 0).unwrap();
         let held = limited.held_out.windows.len();
         limited.limit_held_out(5);
         assert_eq!(
@@ -106,7 +157,7 @@ mod tests {
         assert!(held > 2);
         assert_eq!(
             limited.len(),
-            TrainData::new(&stream, 4, 0.5, 0).unwrap().len()
+            TrainData::new(&stream, None, 4, 0.5, 0).unwrap().len()
         );
         assert_eq!(d.held_out.windows[0].inputs, [40, 41, 42, 43]);
         assert_eq!(d.held_out.windows[0].targets, [41, 42, 43, 44]);
@@ -118,10 +169,10 @@ mod tests {
         // The same cursor reads the same window; the next epoch is another order.
         assert_eq!(
             d.window(3),
-            TrainData::new(&stream, 4, 0.2, 7).unwrap().window(3)
+            TrainData::new(&stream, None, 4, 0.2, 7).unwrap().window(3)
         );
         let next: Vec<u32> = (8..16).map(|c| d.window(c)[0]).collect();
         assert_ne!(epoch, next);
-        assert!(TrainData::new(&stream[..4], 4, 0.0, 7).is_none());
+        assert!(TrainData::new(&stream[..4], None, 4, 0.0, 7).is_none());
     }
 }

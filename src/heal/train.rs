@@ -8,10 +8,10 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::eval::data::read_tokens;
+use crate::eval::data::{read_tokens, read_training_tokens, LossOn};
 use crate::eval::perplexity::perplexity;
 use crate::model::params::{Lora, Param, ParamKind, Train};
-use crate::model::{InitialState, Kernels, Mix, Model};
+use crate::model::{InitialState, Kernels, Mix, Model, IGNORED};
 use crate::named::named;
 use crate::source::SourceModel;
 use crate::tokenizer::text::TextTokenizer;
@@ -146,6 +146,9 @@ pub struct HealConfig {
     /// selected weights train whole.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<Lora>,
+    /// `--loss-on`: which tokens carry the loss; runs recorded before the choice trained on all.
+    #[serde(default)]
+    pub loss_on: LossOn,
 }
 
 /// Corpora of up to this many tokens (16 MiB of token ids, about 16 MB of English text) are read
@@ -548,11 +551,12 @@ fn read_data(
     } else {
         0.0
     };
-    let stream = read_tokens(
+    let stream = read_training_tokens(
         &cfg.data,
         Some(&cfg.field),
         tokenizer,
         Some(cfg.data_tokens(holdout)),
+        cfg.loss_on,
     )?;
     if stream.skipped_invalid_utf8 > 0 {
         observer.note(&format!(
@@ -560,15 +564,17 @@ fn read_data(
             stream.skipped_invalid_utf8
         ));
     }
-    let stream = stream.tokens;
-    let mut data = TrainData::new(&stream, cfg.seq_len, holdout, cfg.seed).ok_or_else(|| {
-        HealError::Invalid(format!(
-            "the data holds {} tokens, not enough for one training window of --seq-len {} + 1",
-            stream.len(),
-            cfg.seq_len
-        ))
-    })?;
+    let trained = stream.trained.as_deref();
+    let mut data = TrainData::new(&stream.tokens, trained, cfg.seq_len, holdout, cfg.seed)
+        .ok_or_else(|| {
+            HealError::Invalid(format!(
+                "the data holds {} tokens, not enough for one training window of --seq-len {} + 1",
+                stream.tokens.len(),
+                cfg.seq_len
+            ))
+        })?;
     drop(stream);
+    note_trained_share(&data, observer)?;
     data.limit_held_out(cfg.eval_tokens);
     if !cfg.eval_data.is_empty() {
         let limit = cfg.eval_tokens.saturating_add(1);
@@ -577,6 +583,27 @@ fn read_data(
             crate::eval::data::windows(&eval.tokens, cfg.seq_len, Some(cfg.eval_tokens));
     }
     Ok(data)
+}
+
+/// Under `--loss-on assistant`, says what share of the training targets carries the loss; none
+/// at all is an error (chat data whose template marks no assistant turn, say).
+fn note_trained_share(data: &TrainData, observer: &mut dyn Observer) -> Result<()> {
+    let (trained, all) = data.trained_targets();
+    if trained == all {
+        return Ok(());
+    }
+    if trained == 0 {
+        return Err(HealError::Invalid(
+            "--loss-on assistant: no training token is in an assistant's turn; \
+             pass --loss-on all to train on every token"
+                .into(),
+        ));
+    }
+    observer.note(&format!(
+        "--loss-on assistant: {trained} of {all} training targets ({:.1}%) carry the loss",
+        100.0 * trained as f64 / all as f64
+    ));
+    Ok(())
 }
 
 /// Refuses, before any weights load, a micro-batch window that cannot fit one pass and a
@@ -614,6 +641,14 @@ struct Training<'a> {
     /// Training windows read so far.
     cursor: u64,
     last_checkpoint: Option<PathBuf>,
+}
+
+/// One micro-step's windows: input ids and next-token targets [micro-batch, seq-len] (u32,
+/// [`IGNORED`] where no loss is taken), and how many targets are scored.
+struct Batch {
+    ids: Tensor,
+    targets: Tensor,
+    scored: usize,
 }
 
 /// What the micro-steps of one step add up: gradients, losses, tokens, draws and time.
@@ -681,8 +716,12 @@ impl<'a> Training<'a> {
         let m = step_recurrence(cfg, self.step);
         let lr_scale = learning_rate(self.step, cfg.steps, 1.0, cfg.warmup, cfg.cooldown);
         let mut tally = Tally::default();
-        for micro in 0..self.n_micro {
-            self.micro_step(m, micro, &mut tally)?;
+        let batches = (0..self.n_micro)
+            .map(|_| self.batch())
+            .collect::<Result<Vec<_>>>()?;
+        let step_scored: usize = batches.iter().map(|b| b.scored).sum();
+        for (micro, batch) in (0..).zip(batches) {
+            self.micro_step(m, micro, batch, step_scored, &mut tally)?;
         }
         let phase = Instant::now();
         let mut grads = tally
@@ -696,13 +735,12 @@ impl<'a> Training<'a> {
         self.optimizer.step(&grads, lr_scale)?;
         tally.seconds.optimizer = phase.elapsed().as_secs_f64();
         let elapsed = started.elapsed().as_secs_f64();
-        let n_micro = self.n_micro as f64;
         let distilled = self.teacher.is_some();
         Ok(StepMetrics {
             step: self.step,
-            loss: tally.loss / n_micro,
-            ce: distilled.then_some(tally.ce / n_micro),
-            kl: distilled.then_some(tally.kl / n_micro),
+            loss: tally.loss,
+            ce: distilled.then_some(tally.ce),
+            kl: distilled.then_some(tally.kl),
             lr: lr_scale * cfg.lr,
             mean_recurrence: m,
             iterations_without_grad: tally.without,
@@ -716,14 +754,27 @@ impl<'a> Training<'a> {
         })
     }
 
-    /// Runs micro-step `micro` of the current step at mean recurrence `m`: draws its
-    /// iterations, reads its windows, and adds its loss, gradients and time to `tally`.
-    fn micro_step(&mut self, m: usize, micro: u64, tally: &mut Tally) -> Result<()> {
+    /// Runs micro-step `micro` of the current step at mean recurrence `m` on `batch`: draws its
+    /// iterations and adds its loss, gradients and time to `tally`. Its mean loss weighs in by
+    /// its share of the step's `step_scored` targets, so the step's loss is the mean over all of
+    /// them (with every target scored, each micro-step weighs 1 / micro-steps).
+    fn micro_step(
+        &mut self,
+        m: usize,
+        micro: u64,
+        batch: Batch,
+        step_scored: usize,
+        tally: &mut Tally,
+    ) -> Result<()> {
         let cfg = self.cfg;
         let draw = self.draw(m, micro);
         tally.without.push(draw.without_grad);
         tally.with.push(draw.with_grad);
-        let (ids, targets) = self.batch()?;
+        let Batch {
+            ids,
+            targets,
+            scored,
+        } = batch;
         let phase = Instant::now();
         let r = draw.without_grad + draw.with_grad;
         let state = InitialState::Seeded(state_seed(cfg.seed, self.step, micro));
@@ -736,13 +787,18 @@ impl<'a> Training<'a> {
             self.model
                 .loss_parts(&ids, &targets, r, draw.without_grad, state, taught.as_ref())?;
         drop(taught);
+        // step_scored / scored is the micro-step count when every target is scored.
+        let divisor = if scored == 0 {
+            1.0
+        } else {
+            step_scored as f64 / scored as f64
+        };
         if let Some(parts) = parts {
-            tally.ce += parts.ce;
-            tally.kl += parts.kl;
+            tally.ce += parts.ce / divisor;
+            tally.kl += parts.kl / divisor;
         }
-        let n_micro = self.n_micro as f64;
-        let loss = (loss / n_micro)?;
-        let value = loss.to_scalar::<f32>()? as f64 * n_micro;
+        let loss = (loss / divisor)?;
+        let value = loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
             return Err(self.non_finite("loss"));
         }
@@ -774,20 +830,23 @@ impl<'a> Training<'a> {
         }
     }
 
-    /// The next `--micro-batch` training windows: their input ids and next-token targets.
-    fn batch(&mut self) -> Result<(Tensor, Tensor)> {
+    /// The next `--micro-batch` training windows.
+    fn batch(&mut self) -> Result<Batch> {
         let cfg = self.cfg;
         let (mut ids, mut targets) = (Vec::new(), Vec::new());
         for _ in 0..cfg.micro_batch {
-            let w = self.data.window(self.cursor);
-            ids.extend_from_slice(&w[..cfg.seq_len]);
-            targets.extend_from_slice(&w[1..]);
+            let (inputs, next) = self.data.inputs_targets(self.cursor);
+            ids.extend_from_slice(inputs);
+            targets.extend(next);
             self.cursor += 1;
         }
+        let scored = targets.iter().filter(|&&t| t != IGNORED).count();
         let shape = (cfg.micro_batch, cfg.seq_len);
-        let ids = Tensor::from_vec(ids, shape, self.device)?;
-        let targets = Tensor::from_vec(targets, shape, self.device)?;
-        Ok((ids, targets))
+        Ok(Batch {
+            ids: Tensor::from_vec(ids, shape, self.device)?,
+            targets: Tensor::from_vec(targets, shape, self.device)?,
+            scored,
+        })
     }
 
     /// On the last step and every `--eval-every` steps, adds the held-out loss at each evaluated

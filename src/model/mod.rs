@@ -34,7 +34,7 @@ pub mod composed {
     pub use super::{mean_cross_entropy, mean_distillation};
 }
 pub(crate) use fused::xent::Parts;
-pub use fused::xent::{Mix, Teacher};
+pub use fused::xent::{Mix, Teacher, IGNORED};
 pub use fused::Kernels;
 pub use generate::{generate, sample, Exit, GenerateOptions, GenerateReport};
 pub use rope::Rope;
@@ -428,7 +428,8 @@ impl Model {
         // (B, T, h) -> (B T, h)
         let rows = x.reshape(((), h))?;
         let targets = targets.flatten_all()?.to_vec1::<u32>()?;
-        let scale = 1.0 / targets.len().max(1) as f64;
+        let scored = targets.iter().filter(|&&t| t != IGNORED).count();
+        let scale = 1.0 / scored.max(1) as f64;
         // lm_head and the loss: (B T, h) -> ()
         Ok(match teacher {
             None => (
@@ -805,14 +806,33 @@ pub(crate) fn cross_entropy_sum(
 }
 
 /// Mean next-token cross-entropy of `logits` [B, T, V] against `targets` [B, T], differentiable
-/// (the max is detached: logsumexp's gradient does not depend on the shift). The composed
-/// reference of the fused loss in [`Model::loss`].
+/// (the max is detached: logsumexp's gradient does not depend on the shift), over the targets
+/// that are not [`IGNORED`]. The composed reference of the fused loss in [`Model::loss`].
 pub fn mean_cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let logsumexp = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let (targets, scored) = scored_targets(targets, logits.dtype())?;
     let picked = shifted.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?;
-    (logsumexp - picked)?.mean_all()
+    scored_mean(&(logsumexp - picked)?.squeeze(D::Minus1)?, &scored)
+}
+
+/// `targets` with every [`IGNORED`] one replaced by 0 (any index will do: its loss is weighted
+/// out), and a weight of 1 for each scored target and 0 for the others, in `dtype`.
+fn scored_targets(targets: &Tensor, dtype: CDType) -> candle_core::Result<(Tensor, Tensor)> {
+    let ignored = targets.eq(IGNORED)?;
+    let zeros = targets.zeros_like()?;
+    let scored = ignored.ones_like()?.sub(&ignored)?.to_dtype(dtype)?;
+    Ok((ignored.where_cond(&zeros, targets)?, scored))
+}
+
+/// The mean of `values` weighted by `scored` (0 or 1, same shape): over the scored entries.
+fn scored_mean(values: &Tensor, scored: &Tensor) -> candle_core::Result<Tensor> {
+    let count = scored
+        .sum_all()?
+        .to_dtype(CDType::F64)?
+        .to_scalar::<f64>()?;
+    (values * scored)?.sum_all()? / count.max(1.0)
 }
 
 /// The composed reference of the fused distillation loss: alpha CE + (1 - alpha) T^2
@@ -835,10 +855,9 @@ pub fn mean_distillation(
     };
     let log_q = at_t(logits)?;
     let log_p = at_t(&teacher_logits.detach())?;
-    // sum_v p (log p - log q), mean over rows
-    let kl = (log_p.exp()? * (log_p - log_q)?)?
-        .sum(D::Minus1)?
-        .mean_all()?;
+    // sum_v p (log p - log q), mean over the scored rows
+    let (_, scored) = scored_targets(targets, logits.dtype())?;
+    let kl = scored_mean(&(log_p.exp()? * (log_p - log_q)?)?.sum(D::Minus1)?, &scored)?;
     let loss = ((&ce * mix.alpha)? + (&kl * ((1.0 - mix.alpha) * t * t))?)?;
     let value = |x: &Tensor| -> candle_core::Result<f64> { x.to_dtype(CDType::F64)?.to_scalar() };
     let parts = Parts {

@@ -6,6 +6,8 @@
 //! A template comes with the model, so it is untrusted: minijinja has no file or network access,
 //! and rendering runs on a budget of instructions ([`FUEL`]) so a template cannot loop forever.
 
+use std::ops::Range;
+
 use minijinja::{Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
@@ -33,6 +35,10 @@ pub enum ChatError {
     /// The template does not parse, raised an exception, or ran out of its budget.
     #[error("chat template: {0}")]
     Template(String),
+    /// The template does not render a conversation as the renderings of its beginnings
+    /// followed by more text, so the assistant's turns cannot be located in it.
+    #[error("the chat template does not render the conversation turn by turn (message {0} changes what came before it), so its assistant turns cannot be located; train on every token with --loss-on all")]
+    NotIncremental(usize),
     /// The rendered conversation could not be tokenized.
     #[error(transparent)]
     Encode(#[from] TextTokenizerError),
@@ -101,6 +107,53 @@ impl ChatTemplate {
     }
 }
 
+impl ChatTemplate {
+    /// `messages` rendered, and the byte ranges of the rendering that are the assistant's turns:
+    /// for assistant message i, the text that rendering messages 0..=i ends with after the
+    /// template's generation prompt (what `add_generation_prompt` adds to messages 0..i), that
+    /// is its content and the template's end-of-turn text. The prompt is looked for from where
+    /// the rendering of messages 0..i stops matching, so a system turn a template adds in front
+    /// of a conversation is passed over. A template that rewrites earlier turns as more follow
+    /// (dropping past reasoning, say) is refused.
+    pub fn assistant_spans(
+        &self,
+        messages: &[Message],
+    ) -> Result<(String, Vec<Range<usize>>), ChatError> {
+        let whole = self.render(messages, false)?;
+        let mut spans = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            if m.role != "assistant" {
+                continue;
+            }
+            let not_incremental = || ChatError::NotIncremental(i + 1);
+            let before = self.render(&messages[..i], false)?;
+            let prompted = self.render(&messages[..i], true)?;
+            let opening = prompted
+                .strip_prefix(before.as_str())
+                .ok_or_else(not_incremental)?;
+            let through = self.render(&messages[..=i], false)?;
+            if !whole.starts_with(&through) {
+                return Err(not_incremental());
+            }
+            let from = common_prefix(&before, &through);
+            let at = through[from..].find(opening).ok_or_else(not_incremental)?;
+            let start = from + at + opening.len();
+            if start < through.len() {
+                spans.push(start..through.len());
+            }
+        }
+        Ok((whole, spans))
+    }
+}
+
+/// The length in bytes of the longest common prefix of `a` and `b`, at a character boundary.
+fn common_prefix(a: &str, b: &str) -> usize {
+    a.char_indices()
+        .zip(b.chars())
+        .find(|((_, x), y)| x != y)
+        .map_or(a.len().min(b.len()), |((at, _), _)| at)
+}
+
 impl TextTokenizer {
     /// The token ids of `messages` rendered with the model's chat template, as transformers'
     /// `apply_chat_template(tokenize=True)` gives them: the template places its own special
@@ -112,6 +165,26 @@ impl TextTokenizer {
     ) -> Result<Vec<u32>, ChatError> {
         let text = self.chat()?.render(messages, add_generation_prompt)?;
         Ok(self.encode_plain(&text)?)
+    }
+
+    /// [`TextTokenizer::encode_chat`] of a whole conversation, and for each token whether it is
+    /// part of an assistant's turn ([`ChatTemplate::assistant_spans`]): a token is when its text
+    /// overlaps one.
+    pub fn encode_chat_assistant(
+        &self,
+        messages: &[Message],
+    ) -> Result<(Vec<u32>, Vec<bool>), ChatError> {
+        let (text, spans) = self.chat()?.assistant_spans(messages)?;
+        let (ids, offsets) = self.encode_plain_offsets(&text)?;
+        let assistant = offsets
+            .iter()
+            .map(|&(start, end)| {
+                // A token trimmed to nothing (a bare space) is taken at its start.
+                let end = end.max(start + 1);
+                spans.iter().any(|s| start < s.end && end > s.start)
+            })
+            .collect();
+        Ok((ids, assistant))
     }
 }
 
@@ -168,6 +241,29 @@ mod tests {
             err.to_string(),
             "chat template: Conversation roles must be system, user or assistant"
         );
+    }
+
+    #[test]
+    fn assistant_turns_are_what_each_turn_adds_after_the_generation_prompt() {
+        // SmolLM2's ChatML, with the default system turn it adds when there is none.
+        let chatml = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nBe kind.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+        let chat = ChatTemplate::from_config(&json!({ "chat_template": chatml })).unwrap();
+        let turns = messages(&[
+            ("assistant", "Welcome."),
+            ("user", "Hi"),
+            ("assistant", "Hello."),
+            ("user", "Bye"),
+        ]);
+        let (text, spans) = chat.assistant_spans(&turns).unwrap();
+        assert_eq!(text, chat.render(&turns, false).unwrap());
+        let parts: Vec<&str> = spans.iter().map(|s| &text[s.clone()]).collect();
+        assert_eq!(parts, ["Welcome.<|im_end|>\n", "Hello.<|im_end|>\n"]);
+        // A template that rewrites a past turn once another follows cannot be split in turns.
+        let rewriting = "{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}[past]{% else %}{{ m.content }}{% endif %}{% endfor %}";
+        let chat = ChatTemplate::from_config(&json!({ "chat_template": rewriting })).unwrap();
+        let err = chat.assistant_spans(&turns).unwrap_err();
+        assert!(matches!(err, ChatError::NotIncremental(1)), "{err}");
+        assert!(err.to_string().ends_with("--loss-on all"), "{err}");
     }
 
     #[test]

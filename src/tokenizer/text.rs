@@ -69,6 +69,9 @@ pub enum TextTokenizerError {
     Decode(String),
 }
 
+/// Token ids and each one's byte range (start, end) in the text encoded.
+pub(crate) type Offsets = (Vec<u32>, Vec<(usize, usize)>);
+
 /// A loaded tokenizer and the model's BOS and EOS ids.
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
@@ -156,6 +159,14 @@ impl TextTokenizer {
         self.inner
             .encode(text, false)
             .map(|e| e.get_ids().to_vec())
+            .map_err(|e| TextTokenizerError::Encode(e.to_string()))
+    }
+
+    /// [`TextTokenizer::encode_plain`], with each token's byte range (start, end) in `text`.
+    pub(crate) fn encode_plain_offsets(&self, text: &str) -> Result<Offsets, TextTokenizerError> {
+        self.inner
+            .encode(text, false)
+            .map(|e| (e.get_ids().to_vec(), e.get_offsets().to_vec()))
             .map_err(|e| TextTokenizerError::Encode(e.to_string()))
     }
 

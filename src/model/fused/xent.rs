@@ -24,6 +24,11 @@ const LOGITS_BUDGET: usize = 1 << 23;
 /// The fewest rows per block, so that a block's matmuls stay wide for any vocabulary.
 const MIN_BLOCK_ROWS: usize = 16;
 
+/// A target that is not scored (PyTorch's `ignore_index`): its row adds nothing to the loss and
+/// gets no gradient, as the positions outside the assistant's turns under `heal --loss-on
+/// assistant`. The caller's `scale` counts the scored rows only.
+pub const IGNORED: u32 = u32::MAX;
+
 /// `scale` x the summed cross-entropy of the logits h @ w^T against `targets`: h (N, d) hidden
 /// states after the final norm, w (V, d) lm_head -> a scalar. With `scale` 1 / N it is the mean
 /// that `mean_cross_entropy` gives on the full logits. Differentiable in h and w.
@@ -115,7 +120,10 @@ fn operands<'a, T>(
             h.rows
         );
     }
-    if let Some(&t) = targets.iter().find(|&&t| t as usize >= w.rows) {
+    if let Some(&t) = targets
+        .iter()
+        .find(|&&t| t != IGNORED && t as usize >= w.rows)
+    {
         bail!("target {t} is outside the vocabulary of {}", w.rows);
     }
     Ok((h, w))
@@ -179,7 +187,10 @@ fn pass<T: Float>(
                 .par_chunks_mut(v)
                 .zip(rows)
                 .for_each(|(row, (nll, &t))| {
-                    *nll = (row_loss(row, t as usize, coef.map(T::from_f64)), 0.0)
+                    *nll = match t {
+                        IGNORED => ignored(row),
+                        t => (row_loss(row, t as usize, coef.map(T::from_f64)), 0.0),
+                    }
                 }),
             Some((th, tw, mix)) => {
                 let teacher_logits = &mut teacher_buf[..nr * v];
@@ -190,7 +201,10 @@ fn pass<T: Float>(
                     .zip(teacher_logits.par_chunks_mut(v))
                     .zip(rows)
                     .for_each(|((row, teacher_row), (nll, &t))| {
-                        *nll = row_distill(row, teacher_row, t as usize, coef, mix)
+                        *nll = match t {
+                            IGNORED => ignored(row),
+                            t => row_distill(row, teacher_row, t as usize, coef, mix),
+                        }
                     });
             }
         }
@@ -206,6 +220,12 @@ fn pass<T: Float>(
         }
     }
     Ok((nll, grads))
+}
+
+/// The losses of a row whose target is [`IGNORED`]: none; its logits become a zero gradient.
+fn ignored<T: Float>(row: &mut [T]) -> (f64, f64) {
+    row.fill(T::zero());
+    (0.0, 0.0)
 }
 
 /// Rows of logits per block for `n` rows and a vocabulary of `v`.
