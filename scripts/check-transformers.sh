@@ -5,7 +5,7 @@
 # minutes and 5.6 GB the first time): outside the repository, so that every clone (CI's fresh
 # one included) shares one install instead of 5.6 GB each. Then it builds the binary, and
 # scripts/check_transformers.py builds recurrent checkpoints from fixtures/tiny/ (apply, heal,
-# export, OLMo-2 blocks, Llama-3 RoPE), loads each with
+# export, OLMo-2, Qwen2 and Qwen3 blocks, Llama-3 RoPE), loads each with
 # AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) and compares its next-token
 # losses at r = 1, 2, 4 with `surgery eval --json` (1e-5 relative). Prints the table; exit 1 on a
 # difference. About a minute once the venv exists.

@@ -11,6 +11,10 @@ From the tiny fixture (fixtures/tiny/) it builds, with the binary:
   olmo2          the fixture's weights as OLMo-2 blocks (post-norms, q/k norms; no language
                  model, but both runtimes must compute the same function), reference adapter
   llama3-rope    the fixture with Llama-3 RoPE scaling, reference adapter
+  qwen2          the fixture's weights as Qwen2 blocks (random q/k/v biases added, embeddings
+                 tied), reference adapter
+  qwen3          the fixture's weights as Qwen3 blocks (random per-head q/k norms added),
+                 reference adapter
 
 Each is loaded with AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) and scored
 at r = 1, 2, 4 on the same windows `surgery eval` reads (the held-out chapters as JSONL, windows
@@ -95,6 +99,41 @@ def olmo2_tensors(tensors):
     return out
 
 
+def as_qwen2(config):
+    config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], tie_word_embeddings=True)
+
+
+def qwen2_tensors(tensors):
+    """Random q/k/v biases added (a bias added to the wrong rows shows), lm_head dropped (tied)."""
+    g = torch.Generator().manual_seed(1)
+    out = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+    for name, t in tensors.items():
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            if name.endswith(f"self_attn.{proj}.weight"):
+                bias = 0.5 * torch.randn(t.shape[0], generator=g)
+                out[name.removesuffix("weight") + "bias"] = bias.to(t.dtype)
+    return out
+
+
+def as_qwen3(config):
+    config.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], attention_bias=False)
+
+
+def qwen3_tensors(tensors):
+    """Per-head q/k norms added ([head_dim] each), of random scale."""
+    g = torch.Generator().manual_seed(2)
+    config = json.loads((TINY / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    out = dict(tensors)
+    for name, t in tensors.items():
+        if name.endswith("input_layernorm.weight"):
+            prefix = name.removesuffix("input_layernorm.weight")
+            for norm in ("self_attn.q_norm", "self_attn.k_norm"):
+                scale = 1 + 0.3 * torch.randn(head_dim, generator=g)
+                out[f"{prefix}{norm}.weight"] = scale.to(t.dtype)
+    return out
+
+
 def with_llama3_rope(config):
     # A short original context, so that all three bands of the rule (kept, interpolated,
     # divided by the factor) hold some of head_dim 32's frequencies.
@@ -127,7 +166,12 @@ def build(surgery, work):
     surgery("apply", olmo2, *shape, *reference, "--out", "olmo2")
     rope = variant_source(work, "llama3-source", with_llama3_rope, lambda t: t)
     surgery("apply", rope, *shape, *reference, "--out", "llama3-rope")
+    qwen2 = variant_source(work, "qwen2-source", as_qwen2, qwen2_tensors)
+    surgery("apply", qwen2, *shape, *reference, "--out", "qwen2")
+    qwen3 = variant_source(work, "qwen3-source", as_qwen3, qwen3_tensors)
+    surgery("apply", qwen3, *shape, *reference, "--out", "qwen3")
     names = ["apply", "healed", "healed-gguf", "no-adapter", "olmo2", "llama3-rope"]
+    names += ["qwen2", "qwen3"]
     return [(name, work / name) for name in names]
 
 

@@ -1,4 +1,5 @@
-//! Tiny synthetic checkpoints, built deterministically from a seed: Llama and OLMo-2 in Hugging Face
+//! Tiny synthetic checkpoints, built deterministically from a seed: Llama, OLMo-2, Qwen2 and Qwen3
+//! in Hugging Face
 //! layout (single or sharded safetensors, F32/F16/BF16, tied or untied) and Llama as GGUF (any
 //! supported tensor type, Q/K rows permuted as llama.cpp's converter does). For tests, the demo's
 //! scaffolding and benchmarks; the values are random, not trained.
@@ -60,17 +61,36 @@ impl SynthSpec {
         }
     }
 
+    /// A small Qwen2 of the same size, tied as the small Qwen2.5 releases are.
+    pub fn qwen2(n_layers: usize) -> SynthSpec {
+        SynthSpec {
+            family: Family::Qwen2,
+            tied: true,
+            ..SynthSpec::llama(n_layers)
+        }
+    }
+
+    /// A small Qwen3 of the same size.
+    pub fn qwen3(n_layers: usize) -> SynthSpec {
+        SynthSpec {
+            family: Family::Qwen3,
+            ..SynthSpec::llama(n_layers)
+        }
+    }
+
     /// The Hugging Face config.json.
     pub fn config_json(&self) -> Value {
         let (model_type, arch) = match self.family {
             Family::Llama => ("llama", "LlamaForCausalLM"),
             Family::Olmo2 => ("olmo2", "Olmo2ForCausalLM"),
+            Family::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+            Family::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
         };
         let rope_scaling = self.llama3_rope.then(|| {
             json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                    "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
         });
-        json!({
+        let mut config = json!({
             "architectures": [arch],
             "model_type": model_type,
             "hidden_size": self.hidden,
@@ -88,7 +108,13 @@ impl SynthSpec {
             "bos_token_id": 1,
             "eos_token_id": 2,
             "torch_dtype": self.dtype.torch_name(),
-        })
+        });
+        // The keys the Qwen releases write (the others' fixtures stay byte for byte as they were).
+        if let (Family::Qwen2 | Family::Qwen3, Some(map)) = (self.family, config.as_object_mut()) {
+            map.insert("attention_bias".into(), json!(false));
+            map.insert("use_sliding_window".into(), json!(false));
+        }
+        config
     }
 
     pub fn config(&self) -> ModelConfig {
@@ -108,7 +134,13 @@ impl SynthSpec {
             .map(|role| {
                 let shape = arch::expected_shape(&config, role);
                 let n: usize = shape.iter().product();
-                let values = if shape.len() == 1 {
+                let bias = matches!(
+                    role,
+                    Role::Layer(_, LayerRole::QBias | LayerRole::KBias | LayerRole::VBias)
+                );
+                let values = if bias {
+                    (0..n).map(|_| 0.1 * rng.uniform()).collect()
+                } else if shape.len() == 1 {
                     // Norm weights: around 1, as trained models have.
                     (0..n).map(|_| 1.0 + 0.1 * rng.uniform()).collect()
                 } else {

@@ -21,7 +21,7 @@ DEFAULT_ROPE_THETA = 10000.0
 # sigma of the initial state when `init_values.std` is absent (the reference's, from Huginn).
 REFERENCE_STATE_STD = 0.008703882797784892
 
-BLOCK_TYPES = ("llama", "olmo2")
+BLOCK_TYPES = ("llama", "olmo2", "qwen2", "qwen3")
 INJECTION_TYPES = ("linear", "none")
 
 

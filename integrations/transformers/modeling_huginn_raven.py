@@ -14,13 +14,16 @@ The forward is the one of surgery's runtime (src/model/ in the surgery repositor
     logits = lm_head(ln_f(coda(s)))                         # (B, T, V)
 
 r is `num_steps` (default: the config's `mean_recurrence`). Without an adapter (`injection_type:
-none`) s starts as e and the core is applied to it r times. Blocks are Llama's (pre-norm) or
-OLMo-2's (norms on the attention and MLP outputs, RMSNorm over the whole projected q and k);
-grouped-query attention, rotate-half RoPE (with Llama-3 frequency scaling), SwiGLU. Tensor names
-are the checkpoint's: transformer.wte, transformer.{prelude,core_block,coda}.{i}.{attn.Wqkv (rows
-of q, k, v), attn.proj, mlp.fc (rows of gate, up), mlp.proj, norm_1, norm_2 | attn.q_norm,
-attn.k_norm, post_attn_norm, post_mlp_norm}, transformer.adapter [h, 2h] (columns 0..h read the
-state, h..2h the prelude output), transformer.ln_f, lm_head.
+none`) s starts as e and the core is applied to it r times. Blocks are Llama's (pre-norm),
+OLMo-2's (norms on the attention and MLP outputs, RMSNorm over the whole projected q and k),
+Qwen2's (Llama's with a bias on the fused q, k, v projection) or Qwen3's (Llama's with RMSNorm
+over each head of q and k, one [head_dim] weight shared by the heads, before RoPE); grouped-query
+attention, rotate-half RoPE (with Llama-3 frequency scaling), SwiGLU. Tensor names are the
+checkpoint's: transformer.wte, transformer.{prelude,core_block,coda}.{i}.{attn.Wqkv (rows of q,
+k, v; Qwen2: with attn.Wqkv.bias), attn.proj, mlp.fc (rows of gate, up), mlp.proj, norm_1, norm_2
+(Qwen3: and attn.q_norm, attn.k_norm) | attn.q_norm, attn.k_norm, post_attn_norm,
+post_mlp_norm}, transformer.adapter [h, 2h] (columns 0..h read the state, h..2h the prelude
+output), transformer.ln_f, lm_head.
 
 No KV cache: `generate` runs the whole sequence again for every new token (correct, and slow for
 long outputs; `surgery generate` and llama.cpp with surgery's patch keep a cache per recurrence).
@@ -93,11 +96,16 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.widths = (q, kv, kv)
-        self.Wqkv = nn.Linear(config.n_embd, q + 2 * kv, bias=False)
+        self.Wqkv = nn.Linear(config.n_embd, q + 2 * kv, bias=config.block_type == "qwen2")
+        # OLMo-2 norms the whole projected q and k; Qwen3 each head of them.
         self.qk_norm = config.block_type == "olmo2"
+        self.head_norm = config.block_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(q, config.norm_eps)
             self.k_norm = RMSNorm(kv, config.norm_eps)
+        if self.head_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
         self.proj = nn.Linear(q, config.n_embd, bias=False)
 
     def forward(self, x, cos, sin, bias):
@@ -107,8 +115,11 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         # (B, T, heads * D) -> (B, heads, T, D)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        if self.head_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -138,7 +149,7 @@ class MLP(nn.Module):
 
 
 class RavenBlock(nn.Module):
-    """Llama: x += attn(norm_1(x)); x += mlp(norm_2(x)).
+    """Llama, Qwen2, Qwen3: x += attn(norm_1(x)); x += mlp(norm_2(x)).
     OLMo-2: x += post_attn_norm(attn(x)); x += post_mlp_norm(mlp(x))."""
 
     def __init__(self, config):
@@ -173,6 +184,8 @@ class RavenPreTrainedModel(PreTrainedModel):
         # Only for tensors a checkpoint lacks; surgery's outputs have every one.
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
 

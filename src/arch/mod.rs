@@ -1,5 +1,5 @@
 //! Canonical tensor roles and the naming schemes that map them to tensor names: Hugging Face
-//! (Llama, OLMo-2), llama.cpp's GGUF names, and the published recurrent layout (`huginn_raven`).
+//! (Llama, OLMo-2, Qwen2, Qwen3), llama.cpp's GGUF names, and the published recurrent layout (`huginn_raven`).
 
 pub mod spec;
 
@@ -17,7 +17,8 @@ pub enum LayerRole {
     V,
     /// Attention output projection.
     O,
-    /// OLMo-2: RMSNorm over the full projected queries / keys, before RoPE.
+    /// OLMo-2: RMSNorm over the full projected queries / keys, before RoPE ([q], [kv]). Qwen3:
+    /// RMSNorm over each head of the queries / keys, before RoPE ([head_dim], shared by heads).
     QNorm,
     KNorm,
     /// OLMo-2: RMSNorm applied to the attention output, inside the residual.
@@ -33,6 +34,12 @@ pub enum LayerRole {
     Qkv,
     /// Recurrent layout: rows of gate, then up.
     GateUp,
+    /// Qwen2: the biases of the q, k and v projections.
+    QBias,
+    KBias,
+    VBias,
+    /// Recurrent layout: the q, k and v biases, concatenated as `Qkv`'s rows are.
+    QkvBias,
 }
 
 impl LayerRole {
@@ -42,6 +49,7 @@ impl LayerRole {
         match self {
             LayerRole::Qkv => vec![LayerRole::Q, LayerRole::K, LayerRole::V],
             LayerRole::GateUp => vec![LayerRole::Gate, LayerRole::Up],
+            LayerRole::QkvBias => vec![LayerRole::QBias, LayerRole::KBias, LayerRole::VBias],
             role => vec![role],
         }
     }
@@ -85,6 +93,10 @@ pub(crate) fn source_layer_roles(family: Family) -> &'static [LayerRole] {
             Down,
             PostMlpNorm,
         ],
+        Family::Qwen2 => &[
+            AttnNorm, Q, QBias, K, KBias, V, VBias, O, MlpNorm, Gate, Up, Down,
+        ],
+        Family::Qwen3 => &[AttnNorm, Q, K, V, O, QNorm, KNorm, MlpNorm, Gate, Up, Down],
     }
 }
 
@@ -103,6 +115,8 @@ pub(crate) fn recurrent_layer_roles(family: Family) -> &'static [LayerRole] {
             Down,
             PostMlpNorm,
         ],
+        Family::Qwen2 => &[AttnNorm, Qkv, QkvBias, O, MlpNorm, GateUp, Down],
+        Family::Qwen3 => &[AttnNorm, Qkv, QNorm, KNorm, O, MlpNorm, GateUp, Down],
     }
 }
 
@@ -110,14 +124,19 @@ pub(crate) fn recurrent_layer_roles(family: Family) -> &'static [LayerRole] {
 pub(crate) fn expected_shape(config: &ModelConfig, role: Role) -> Vec<usize> {
     use LayerRole::*;
     let (h, q, kv, f) = (config.hidden, config.q_dim(), config.kv_dim(), config.ffn);
+    let per_head = config.family.head_qk_norm();
     match role {
         Role::Embed | Role::LmHead => vec![config.vocab, h],
         Role::FinalNorm => vec![h],
         Role::Adapter => vec![h, 2 * h],
         Role::Layer(_, r) => match r {
             AttnNorm | MlpNorm | PostAttnNorm | PostMlpNorm => vec![h],
+            QNorm | KNorm if per_head => vec![config.head_dim],
             QNorm => vec![q],
             KNorm => vec![kv],
+            QBias => vec![q],
+            KBias | VBias => vec![kv],
+            QkvBias => vec![q + 2 * kv],
             Q => vec![q, h],
             K | V => vec![kv, h],
             O => vec![h, q],
@@ -132,7 +151,8 @@ pub(crate) fn expected_shape(config: &ModelConfig, role: Role) -> Vec<usize> {
 /// A naming scheme: the tensor names of one file layout.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Naming {
-    /// Hugging Face `LlamaForCausalLM` / `Olmo2ForCausalLM`.
+    /// Hugging Face `LlamaForCausalLM` / `Olmo2ForCausalLM` / `Qwen2ForCausalLM` /
+    /// `Qwen3ForCausalLM`.
     HuggingFace(Family),
     /// llama.cpp's GGUF names (`llama.cpp/src/llama-arch.cpp`, LLM_ARCH_LLAMA).
     Gguf,
@@ -160,14 +180,19 @@ fn hf_name(family: Family, role: Role) -> Option<String> {
         Role::Adapter => return None,
         Role::Layer(i, r) => (i, r),
     };
+    let pre_norm = matches!(family, Family::Llama | Family::Qwen2 | Family::Qwen3);
+    let qk_norm = matches!(family, Family::Olmo2 | Family::Qwen3);
     let suffix = match (family, r) {
-        (Family::Llama, AttnNorm) => "input_layernorm",
-        (Family::Llama, MlpNorm) => "post_attention_layernorm",
+        (_, AttnNorm) if pre_norm => "input_layernorm",
+        (_, MlpNorm) if pre_norm => "post_attention_layernorm",
         // OLMo-2 reuses the Llama name for a norm that now sits after attention.
         (Family::Olmo2, PostAttnNorm) => "post_attention_layernorm",
         (Family::Olmo2, PostMlpNorm) => "post_feedforward_layernorm",
-        (Family::Olmo2, QNorm) => "self_attn.q_norm",
-        (Family::Olmo2, KNorm) => "self_attn.k_norm",
+        (_, QNorm) if qk_norm => "self_attn.q_norm",
+        (_, KNorm) if qk_norm => "self_attn.k_norm",
+        (Family::Qwen2, QBias) => return Some(format!("model.layers.{i}.self_attn.q_proj.bias")),
+        (Family::Qwen2, KBias) => return Some(format!("model.layers.{i}.self_attn.k_proj.bias")),
+        (Family::Qwen2, VBias) => return Some(format!("model.layers.{i}.self_attn.v_proj.bias")),
         (_, Q) => "self_attn.q_proj",
         (_, K) => "self_attn.k_proj",
         (_, V) => "self_attn.v_proj",
@@ -226,22 +251,25 @@ fn raven_name(family: Family, shape: RecurrentShape, role: Role) -> Option<Strin
         Role::Adapter => return shape.adapter.then(|| "transformer.adapter.weight".into()),
         Role::Layer(i, r) => (i, r),
     };
+    let pre_norm = matches!(family, Family::Llama | Family::Qwen2 | Family::Qwen3);
+    let qk_norm = matches!(family, Family::Olmo2 | Family::Qwen3);
+    let (part, j) = raven_part(&shape, i)?;
     let suffix = match (family, r) {
-        (Family::Llama, AttnNorm) => "norm_1",
-        (Family::Llama, MlpNorm) => "norm_2",
+        (_, AttnNorm) if pre_norm => "norm_1",
+        (_, MlpNorm) if pre_norm => "norm_2",
         // Not in the published (Llama-only) checkpoints: our names, documented in
         // schemas/recurrent-config.schema.json.
         (Family::Olmo2, PostAttnNorm) => "post_attn_norm",
         (Family::Olmo2, PostMlpNorm) => "post_mlp_norm",
-        (Family::Olmo2, QNorm) => "attn.q_norm",
-        (Family::Olmo2, KNorm) => "attn.k_norm",
+        (_, QNorm) if qk_norm => "attn.q_norm",
+        (_, KNorm) if qk_norm => "attn.k_norm",
+        (Family::Qwen2, QkvBias) => return Some(format!("transformer.{part}.{j}.attn.Wqkv.bias")),
         (_, Qkv) => "attn.Wqkv",
         (_, O) => "attn.proj",
         (_, GateUp) => "mlp.fc",
         (_, Down) => "mlp.proj",
         _ => return None,
     };
-    let (part, j) = raven_part(&shape, i)?;
     Some(format!("transformer.{part}.{j}.{suffix}.weight"))
 }
 
@@ -307,5 +335,68 @@ mod tests {
             Naming::HuggingFace(Family::Llama).name(Role::Layer(0, LayerRole::QNorm)),
             None
         );
+    }
+
+    #[test]
+    fn qwen_roles_names_and_shapes() {
+        use LayerRole::*;
+        let shape = RecurrentShape {
+            prelude: 1,
+            core: 2,
+            coda: 1,
+            mean_recurrence: 4,
+            mean_backprop_depth: 2,
+            adapter: true,
+            state_std: 0.0,
+        };
+        let hf = Naming::HuggingFace(Family::Qwen2);
+        let raven = Naming::Raven(Family::Qwen2, shape);
+        assert_eq!(
+            hf.name(Role::Layer(3, KBias)).as_deref(),
+            Some("model.layers.3.self_attn.k_proj.bias")
+        );
+        assert_eq!(
+            raven.name(Role::Layer(2, QkvBias)).as_deref(),
+            Some("transformer.core_block.1.attn.Wqkv.bias")
+        );
+        assert_eq!(
+            raven.name(Role::Layer(0, AttnNorm)).as_deref(),
+            Some("transformer.prelude.0.norm_1.weight")
+        );
+        assert_eq!(
+            Naming::Raven(Family::Llama, shape).name(Role::Layer(0, QkvBias)),
+            None
+        );
+        assert_eq!(
+            Naming::HuggingFace(Family::Qwen3)
+                .name(Role::Layer(1, QNorm))
+                .as_deref(),
+            Some("model.layers.1.self_attn.q_norm.weight")
+        );
+        assert_eq!(QkvBias.parts(), [QBias, KBias, VBias]);
+        let config = |family| ModelConfig {
+            family,
+            ..crate::synth::SynthSpec::llama(2).config()
+        };
+        // hidden 64, 4 heads, 2 KV heads, head_dim 16.
+        let qwen3 = config(Family::Qwen3);
+        assert_eq!(expected_shape(&qwen3, Role::Layer(0, QNorm)), [16]);
+        assert_eq!(expected_shape(&qwen3, Role::Layer(0, KNorm)), [16]);
+        let olmo2 = config(Family::Olmo2);
+        assert_eq!(expected_shape(&olmo2, Role::Layer(0, KNorm)), [32]);
+        let qwen2 = config(Family::Qwen2);
+        assert_eq!(expected_shape(&qwen2, Role::Layer(0, QkvBias)), [128]);
+        assert_eq!(expected_shape(&qwen2, Role::Layer(0, VBias)), [32]);
+        for family in [Family::Qwen2, Family::Qwen3] {
+            let fused: Vec<LayerRole> = recurrent_layer_roles(family)
+                .iter()
+                .flat_map(|r| r.parts())
+                .collect();
+            let mut plain = source_layer_roles(family).to_vec();
+            plain.sort();
+            let mut fused = fused;
+            fused.sort();
+            assert_eq!(plain, fused, "{family:?}: the same tensors in both layouts");
+        }
     }
 }

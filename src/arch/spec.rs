@@ -66,7 +66,8 @@ pub(crate) fn block_tensor(i: usize, role: LayerRole) -> Option<String> {
         Up => "ffn_up",
         Down => "ffn_down",
         PostMlpNorm => "post_ffw_norm",
-        Qkv | GateUp => return None,
+        // Biases are not `.weight`s, and no GGUF we read or write has Qwen2's.
+        Qkv | GateUp | QBias | KBias | VBias | QkvBias => return None,
     };
     Some(format!("blk.{i}.{suffix}.weight"))
 }

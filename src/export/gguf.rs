@@ -120,8 +120,9 @@ pub fn export_gguf(
     opts: &GgufOptions,
     progress: &mut dyn Progress,
 ) -> Result<GgufReport, ExportError> {
-    crate::paths::check_new_output(out, &source.inputs(), opts.force)?;
     let c = &source.config;
+    refuse_unsupported_family(c)?;
+    crate::paths::check_new_output(out, &source.inputs(), opts.force)?;
     let layout = layout(source, opts)?;
     let jobs = jobs(source, &layout, opts.quant)?;
     let (tokenizer, mut notes) = tokenizer_metadata(source, c.vocab)?;
@@ -335,6 +336,19 @@ fn llama_blocks(
     Ok((blocks, notes))
 }
 
+/// Refuses the families neither GGUF architecture we write (llama.cpp's `llama`, our recurrent
+/// one) nor our llama.cpp patch has blocks for: Qwen2's q/k/v biases and Qwen3's per-head q/k
+/// norms would be dropped, and the file would compute another model.
+fn refuse_unsupported_family(c: &ModelConfig) -> Result<(), ExportError> {
+    match c.family {
+        Family::Llama | Family::Olmo2 => Ok(()),
+        Family::Qwen2 | Family::Qwen3 => Err(ExportError::Refused(format!(
+            "GGUF export of {} blocks is not supported (our GGUF architectures and llama.cpp              patch have Llama and OLMo-2 blocks only); export safetensors instead",
+            c.family.name()
+        ))),
+    }
+}
+
 fn refuse_non_llama(c: &ModelConfig, what: &str) -> Result<(), ExportError> {
     if c.family == Family::Llama {
         return Ok(());
@@ -381,6 +395,8 @@ fn block_roles(family: Family) -> &'static [LayerRole] {
             Down,
             PostMlpNorm,
         ],
+        // Refused before any layout is made (refuse_unsupported_family).
+        Family::Qwen2 | Family::Qwen3 => &[],
     }
 }
 

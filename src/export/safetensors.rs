@@ -352,13 +352,15 @@ fn rope_scaling_json(c: &ModelConfig) -> Json {
     })
 }
 
-/// config.json: transformers' Llama / OLMo-2 config for a static model, the published
+/// config.json: transformers' Llama / OLMo-2 / Qwen2 / Qwen3 config for a static model, the published
 /// `huginn_raven` keys (REFERENCE.md) for a recurrent one.
 fn config_json(c: &ModelConfig, dtype: DType) -> Json {
     let Some(s) = c.recurrent else {
         let (model_type, arch) = match c.family {
             Family::Llama => ("llama", "LlamaForCausalLM"),
             Family::Olmo2 => ("olmo2", "Olmo2ForCausalLM"),
+            Family::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+            Family::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
         };
         return json!({
             "architectures": [arch],
@@ -376,7 +378,9 @@ fn config_json(c: &ModelConfig, dtype: DType) -> Json {
             "rms_norm_eps": c.norm_eps,
             "tie_word_embeddings": c.tied,
             "max_position_embeddings": c.max_position,
+            // Qwen2 has its q/k/v biases whatever this says; Qwen3 and Llama read it.
             "attention_bias": false,
+            "use_sliding_window": false,
             "mlp_bias": false,
             "bos_token_id": c.bos_token_id,
             "eos_token_id": c.eos_token_id,

@@ -1,4 +1,4 @@
-//! `config.json` of the source families (Llama, OLMo-2) and of the recurrent layout
+//! `config.json` of the source families (Llama, OLMo-2, Qwen2, Qwen3) and of the recurrent layout
 //! (`model_type: huginn_raven`): raw serde structs, then one validated [`ModelConfig`]; and what a
 //! recurrent checkpoint's config.json needs to be loaded by Hugging Face transformers and
 //! published: the Python files beside it (`auto_map`), no local paths (issue 20).
@@ -131,7 +131,9 @@ pub enum ConfigError {
     #[error("{0}")]
     Json(#[from] serde_json::Error),
     /// A `model_type` this tool has no blocks for.
-    #[error("unsupported model_type {0:?} (supported: llama, mistral, olmo2, huginn_raven)")]
+    #[error(
+        "unsupported model_type {0:?} (supported: llama, mistral, olmo2, qwen2, qwen3, huginn_raven)"
+    )]
     UnsupportedFamily(String),
     /// A value outside what any real model has, or inconsistent with another value.
     #[error("{0}")]
@@ -146,14 +148,32 @@ pub enum Family {
     Llama,
     /// Post-sublayer norms and q/k RMSNorm: `x += norm1(attn(x)); x += norm2(mlp(x))`.
     Olmo2,
+    /// Qwen2 / Qwen2.5: Llama's pre-norm blocks with biases on the q, k and v projections.
+    Qwen2,
+    /// Qwen3: Llama's pre-norm blocks with RMSNorm over each head of q and k (weights
+    /// [head_dim], shared by the heads) before RoPE.
+    Qwen3,
 }
 
 impl Family {
+    /// The family's `model_type` (and our `block_type`).
     pub fn name(self) -> &'static str {
         match self {
             Family::Llama => "llama",
             Family::Olmo2 => "olmo2",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
         }
+    }
+
+    /// Whether the q, k and v projections carry biases (Qwen2).
+    pub fn qkv_bias(self) -> bool {
+        self == Family::Qwen2
+    }
+
+    /// Whether q and k are RMS-normed per head before RoPE (Qwen3; OLMo-2 norms the full width).
+    pub fn head_qk_norm(self) -> bool {
+        self == Family::Qwen3
     }
 }
 
@@ -253,8 +273,7 @@ struct RawHf {
     head_dim: Option<usize>,
     intermediate_size: usize,
     vocab_size: usize,
-    #[serde(default = "default_theta")]
-    rope_theta: f64,
+    rope_theta: Option<f64>,
     rope_scaling: Option<Value>,
     #[serde(default)]
     tie_word_embeddings: bool,
@@ -264,6 +283,15 @@ struct RawHf {
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
     torch_dtype: Option<String>,
+    /// transformers 5 writes `rope_theta` and the scaling here instead.
+    rope_parameters: Option<Value>,
+    /// Qwen2 / Qwen3: sliding-window attention, which we do not run.
+    #[serde(default)]
+    use_sliding_window: bool,
+    layer_types: Option<Vec<String>>,
+    /// Qwen3: biases on q, k, v and o (false in every release).
+    #[serde(default)]
+    attention_bias: bool,
 }
 
 /// The published recurrent checkpoints' config (REFERENCE.md, "checkpoint format").
@@ -294,7 +322,7 @@ struct RawRaven {
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
     torch_dtype: Option<String>,
-    /// Ours: `llama` (default, the reference) or `olmo2`.
+    /// Ours: `llama` (default, the reference), `olmo2`, `qwen2` or `qwen3`.
     block_type: Option<Family>,
     /// Ours: `linear` (default, the reference) or `none`.
     injection_type: Option<String>,
@@ -326,6 +354,8 @@ pub fn parse(bytes: &[u8]) -> Result<ModelConfig, ConfigError> {
     match model_type.as_str() {
         "llama" | "mistral" => from_hf(serde_json::from_slice(bytes)?, Family::Llama),
         "olmo2" => from_hf(serde_json::from_slice(bytes)?, Family::Olmo2),
+        "qwen2" => from_hf(serde_json::from_slice(bytes)?, Family::Qwen2),
+        "qwen3" => from_hf(serde_json::from_slice(bytes)?, Family::Qwen3),
         "huginn_raven" => from_raven(serde_json::from_slice(bytes)?),
         "" => Err(ConfigError::Invalid("missing field `model_type`".into())),
         other => Err(ConfigError::UnsupportedFamily(other.into())),
@@ -333,6 +363,19 @@ pub fn parse(bytes: &[u8]) -> Result<ModelConfig, ConfigError> {
 }
 
 fn from_hf(raw: RawHf, family: Family) -> Result<ModelConfig, ConfigError> {
+    check_attention(&raw, family)?;
+    // transformers 5 nests theta and the scaling in `rope_parameters`; the top-level keys win.
+    let nested = raw.rope_parameters.as_ref().filter(|v| v.is_object());
+    let rope_theta = match (raw.rope_theta, nested) {
+        (Some(theta), _) => theta,
+        (None, Some(p)) => match p.get("rope_theta") {
+            Some(v) => v.as_f64().ok_or_else(|| {
+                ConfigError::Invalid(format!("rope_parameters.rope_theta {v} is not a number"))
+            })?,
+            None => default_theta(),
+        },
+        (None, None) => default_theta(),
+    };
     ModelConfig {
         family,
         n_layers: raw.num_hidden_layers,
@@ -342,8 +385,8 @@ fn from_hf(raw: RawHf, family: Family) -> Result<ModelConfig, ConfigError> {
         head_dim: head_dim(raw.head_dim, raw.hidden_size, raw.num_attention_heads)?,
         ffn: raw.intermediate_size,
         vocab: raw.vocab_size,
-        rope_theta: raw.rope_theta,
-        rope_scaling: rope_scaling(raw.rope_scaling.as_ref())?,
+        rope_theta,
+        rope_scaling: rope_scaling(raw.rope_scaling.as_ref().or(nested))?,
         tied: raw.tie_word_embeddings,
         norm_eps: raw.rms_norm_eps,
         max_position: raw.max_position_embeddings,
@@ -353,6 +396,29 @@ fn from_hf(raw: RawHf, family: Family) -> Result<ModelConfig, ConfigError> {
         recurrent: None,
     }
     .validated()
+}
+
+/// Refuses attention we do not run: sliding windows (Qwen2 / Qwen3 with `use_sliding_window`, or
+/// any `sliding_attention` layer), and Qwen3's `attention_bias`, which also biases o_proj.
+/// transformers ignores `sliding_window` itself unless `use_sliding_window` is true.
+fn check_attention(raw: &RawHf, family: Family) -> Result<(), ConfigError> {
+    let sliding = raw
+        .layer_types
+        .iter()
+        .flatten()
+        .any(|t| t == "sliding_attention");
+    if raw.use_sliding_window || sliding {
+        return Err(ConfigError::Invalid(format!(
+            "{} with sliding-window attention is not supported (use_sliding_window must be false)",
+            family.name()
+        )));
+    }
+    if family == Family::Qwen3 && raw.attention_bias {
+        return Err(ConfigError::Invalid(
+            "qwen3 with attention_bias: true is not supported (no released Qwen3 has it)".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn from_raven(raw: RawRaven) -> Result<ModelConfig, ConfigError> {
@@ -554,6 +620,62 @@ mod tests {
         assert_eq!(c.family, Family::Olmo2);
         assert_eq!((c.head_dim, c.n_kv_heads, c.norm_eps), (128, 16, 1e-6));
         assert!(!c.tied);
+    }
+
+    fn golden_config(name: &str) -> Vec<u8> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name)
+            .join("config.json");
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    #[test]
+    fn reads_qwen2_and_qwen3_as_transformers_5_writes_them() {
+        // rope_theta is only in rope_parameters there.
+        let c = parse(&golden_config("tiny-qwen2")).unwrap();
+        assert_eq!(c.family, Family::Qwen2);
+        assert_eq!((c.rope_theta, c.rope_scaling, c.tied), (1e6, None, true));
+        assert_eq!((c.head_dim, c.n_kv_heads, c.norm_eps), (16, 2, 1e-6));
+        let c = parse(&golden_config("tiny-qwen3")).unwrap();
+        assert_eq!(c.family, Family::Qwen3);
+        assert_eq!((c.rope_theta, c.tied), (1e6, false));
+        assert!(Family::Qwen2.qkv_bias() && !Family::Qwen3.qkv_bias());
+        assert!(Family::Qwen3.head_qk_norm() && !Family::Olmo2.head_qk_norm());
+    }
+
+    #[test]
+    fn refuses_sliding_windows_and_qwen3_attention_bias() {
+        let base = r#""hidden_size":64,"num_hidden_layers":2,"num_attention_heads":4,"intermediate_size":8,"vocab_size":9"#;
+        let cases = [
+            (
+                r#""model_type":"qwen2","use_sliding_window":true,"sliding_window":4096"#,
+                "qwen2 with sliding-window attention is not supported",
+            ),
+            (
+                r#""model_type":"qwen3","layer_types":["full_attention","sliding_attention"]"#,
+                "qwen3 with sliding-window attention is not supported",
+            ),
+            (
+                r#""model_type":"qwen3","attention_bias":true"#,
+                "qwen3 with attention_bias: true is not supported",
+            ),
+            (
+                r#""model_type":"qwen2","rope_parameters":{"rope_type":"yarn","rope_theta":1e6}"#,
+                "unsupported rope_scaling type \"yarn\"",
+            ),
+        ];
+        for (keys, want) in cases {
+            let json = format!("{{{keys},{base}}}");
+            let err = parse(json.as_bytes()).unwrap_err().to_string();
+            assert!(err.contains(want), "{json}\n  gave: {err}\n  want: {want}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+        // The released defaults: a sliding_window size that use_sliding_window leaves off.
+        let json = format!(
+            r#"{{"model_type":"qwen2","use_sliding_window":false,"sliding_window":32768,{base}}}"#
+        );
+        assert_eq!(parse(json.as_bytes()).unwrap().family, Family::Qwen2);
     }
 
     #[test]

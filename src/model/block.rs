@@ -1,6 +1,8 @@
 //! One transformer block of the source family, written as plain differentiable ops:
 //! Llama `x += attn(norm1(x)); x += mlp(norm2(x))`; OLMo-2 `x += norm1(attn(x)); x += norm2(mlp(x))`
-//! with RMSNorm over the full projected q and k before RoPE. Grouped-query attention, SwiGLU MLP.
+//! with RMSNorm over the full projected q and k before RoPE; Qwen2 Llama's with q/k/v biases;
+//! Qwen3 Llama's with RMSNorm over each head of q and k before RoPE. Grouped-query attention,
+//! SwiGLU MLP.
 //! RMSNorm, RoPE and SwiGLU run as the fused ops of `fused/` where `ctx.kernels` allows (CPU,
 //! f32/f64); the composed ops here are their reference and the path everywhere else.
 
@@ -15,6 +17,13 @@ use super::{rope, Result, Weight};
 pub enum Norms {
     /// Llama: before attention and before the MLP.
     Pre { attn: Tensor, mlp: Tensor },
+    /// Qwen3: Llama's, plus RMSNorm over each head of q and k (weights [head_dim]).
+    PreHeads {
+        attn: Tensor,
+        mlp: Tensor,
+        q: Tensor,
+        k: Tensor,
+    },
     /// OLMo-2: on the attention and MLP outputs, plus q/k norms.
     Post {
         attn: Tensor,
@@ -28,6 +37,8 @@ pub(crate) struct Block {
     pub norms: Norms,
     /// [q + 2 kv, h]: rows of q, then k, then v.
     pub wqkv: Weight,
+    /// Qwen2: [q + 2 kv], added after `wqkv` (kept apart: `wqkv` may be quantized or low-rank).
+    pub qkv_bias: Option<Tensor>,
     /// [h, q]
     pub wo: Weight,
     /// [2 f, h]: rows of gate, then up.
@@ -124,7 +135,7 @@ impl Block {
     ) -> Result<Tensor> {
         let norm = |x: &Tensor, w: &Tensor| norm(x, w, ctx.config.norm_eps, ctx.kernels);
         Ok(match &self.norms {
-            Norms::Pre { attn, mlp } => {
+            Norms::Pre { attn, mlp } | Norms::PreHeads { attn, mlp, .. } => {
                 let x = (x + self.attention(&norm(x, attn)?, ctx, cache)?)?;
                 (&x + self.mlp(&norm(&x, mlp)?, ctx)?)?
             }
@@ -145,13 +156,31 @@ impl Block {
         let (b, t, _) = x.dims3()?;
         let (hd, nh, nkv) = (c.head_dim, c.n_heads, c.n_kv_heads);
         // (B, T, h) @ (h, q + 2kv) -> (B, T, q + 2kv)
-        let qkv = self.wqkv.forward(x)?;
+        let mut qkv = self.wqkv.forward(x)?;
+        if let Some(bias) = &self.qkv_bias {
+            qkv = qkv.broadcast_add(bias)?;
+        }
         let mut q = qkv.narrow(D::Minus1, 0, nh * hd)?;
         let mut k = qkv.narrow(D::Minus1, nh * hd, nkv * hd)?;
         let v = qkv.narrow(D::Minus1, (nh + nkv) * hd, nkv * hd)?;
-        if let Norms::Post { q: qn, k: kn, .. } = &self.norms {
-            q = norm(&q, qn, c.norm_eps, ctx.kernels)?;
-            k = norm(&k, kn, c.norm_eps, ctx.kernels)?;
+        match &self.norms {
+            Norms::Post { q: qn, k: kn, .. } => {
+                q = norm(&q, qn, c.norm_eps, ctx.kernels)?;
+                k = norm(&k, kn, c.norm_eps, ctx.kernels)?;
+            }
+            Norms::PreHeads { q: qn, k: kn, .. } => {
+                // (B, T, n D) -> (B, T, n, D), normed over D, and back.
+                let per_head = |x: &Tensor, n: usize, w: &Tensor| -> candle_core::Result<Tensor> {
+                    norm(&x.reshape((b, t, n, hd))?, w, c.norm_eps, ctx.kernels)?.reshape((
+                        b,
+                        t,
+                        n * hd,
+                    ))
+                };
+                q = per_head(&q, nh, qn)?;
+                k = per_head(&k, nkv, kn)?;
+            }
+            Norms::Pre { .. } => {}
         }
         // (B, T, heads * D) -> (B, heads, T, D)
         let heads = |x: Tensor, n: usize| -> candle_core::Result<Tensor> {

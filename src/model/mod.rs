@@ -913,10 +913,17 @@ impl Block {
     ) -> Result<Block> {
         use LayerRole::*;
         let get = |r: LayerRole| loader.tensor(Role::Layer(i, r));
-        let norms = match loader.source.config.family {
-            Family::Llama => block::Norms::Pre {
+        let family = loader.source.config.family;
+        let norms = match family {
+            Family::Llama | Family::Qwen2 => block::Norms::Pre {
                 attn: get(AttnNorm)?,
                 mlp: get(MlpNorm)?,
+            },
+            Family::Qwen3 => block::Norms::PreHeads {
+                attn: get(AttnNorm)?,
+                mlp: get(MlpNorm)?,
+                q: get(QNorm)?,
+                k: get(KNorm)?,
             },
             Family::Olmo2 => block::Norms::Post {
                 attn: get(PostAttnNorm)?,
@@ -925,9 +932,18 @@ impl Block {
                 k: get(KNorm)?,
             },
         };
+        // The recurrent layout stores the fused bias; a source, one per projection.
+        let qkv_bias = if !family.qkv_bias() {
+            None
+        } else if loader.source.config.recurrent.is_some() {
+            Some(get(QkvBias)?)
+        } else {
+            Some(Tensor::cat(&[get(QBias)?, get(KBias)?, get(VBias)?], 0)?)
+        };
         Ok(Block {
             norms,
             wqkv,
+            qkv_bias,
             wo,
             w_gate_up,
             w_down,

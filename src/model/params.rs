@@ -53,12 +53,14 @@ impl std::str::FromStr for Lora {
 }
 
 /// What kind of parameter this is: the optimizer split follows it (REFERENCE.md: Muon on every
-/// 2-D block matrix and the adapter, AdamW on embeddings, lm_head and norms).
+/// 2-D block matrix and the adapter, AdamW on embeddings, lm_head, norms and biases).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamKind {
     Matrix,
     Embedding,
     Norm,
+    /// Qwen2's q/k/v biases (1-D, zero at a fresh init).
+    Bias,
 }
 
 /// A trainable parameter: its checkpoint name, its kind, and the Var the model computes with.
@@ -78,11 +80,19 @@ pub(super) enum Part {
     Adapter,
 }
 
-/// A block's four matrices by role, and its norms.
-fn matrices(block: &mut Block) -> ([(LayerRole, &mut Weight); 4], &mut Norms) {
+/// A block's four matrices by role, its norms, and its q/k/v bias if it has one.
+type BlockParts<'a> = (
+    [(LayerRole, &'a mut Weight); 4],
+    &'a mut Norms,
+    Option<&'a mut Tensor>,
+);
+
+/// A block's four matrices by role, its norms, and its q/k/v bias if it has one.
+fn matrices(block: &mut Block) -> BlockParts<'_> {
     let Block {
         norms,
         wqkv,
+        qkv_bias,
         wo,
         w_gate_up,
         w_down,
@@ -93,7 +103,24 @@ fn matrices(block: &mut Block) -> ([(LayerRole, &mut Weight); 4], &mut Norms) {
         (LayerRole::GateUp, w_gate_up),
         (LayerRole::Down, w_down),
     ];
-    (matrices, norms)
+    (matrices, norms, qkv_bias.as_mut())
+}
+
+/// A block's norms by role.
+fn norm_roles(norms: &mut Norms) -> Vec<(LayerRole, &mut Tensor)> {
+    use LayerRole::*;
+    match norms {
+        Norms::Pre { attn, mlp } => vec![(AttnNorm, attn), (MlpNorm, mlp)],
+        Norms::PreHeads { attn, mlp, q, k } => {
+            vec![(AttnNorm, attn), (MlpNorm, mlp), (QNorm, q), (KNorm, k)]
+        }
+        Norms::Post { attn, mlp, q, k } => vec![
+            (PostAttnNorm, attn),
+            (PostMlpNorm, mlp),
+            (QNorm, q),
+            (KNorm, k),
+        ],
+    }
 }
 
 /// Prelude, core and coda blocks in order (their index is the block's in the recurrent layout),
@@ -148,21 +175,15 @@ impl Model {
         let all = blocks(&mut self.prelude, &mut self.core, &mut self.coda);
         for (i, (part, block)) in all.enumerate() {
             let layer = |r: LayerRole| name(Role::Layer(i, r));
-            let (weights, norms) = matrices(block);
+            let (weights, norms, bias) = matrices(block);
             for (role, weight) in weights {
                 out.push((layer(role), ParamKind::Matrix, part, weight.dense()?));
             }
-            match norms {
-                Norms::Pre { attn, mlp } => {
-                    out.push((layer(LayerRole::AttnNorm), ParamKind::Norm, part, attn));
-                    out.push((layer(LayerRole::MlpNorm), ParamKind::Norm, part, mlp));
-                }
-                Norms::Post { attn, mlp, q, k } => {
-                    out.push((layer(LayerRole::PostAttnNorm), ParamKind::Norm, part, attn));
-                    out.push((layer(LayerRole::PostMlpNorm), ParamKind::Norm, part, mlp));
-                    out.push((layer(LayerRole::QNorm), ParamKind::Norm, part, q));
-                    out.push((layer(LayerRole::KNorm), ParamKind::Norm, part, k));
-                }
+            if let Some(bias) = bias {
+                out.push((layer(LayerRole::QkvBias), ParamKind::Bias, part, bias));
+            }
+            for (role, norm) in norm_roles(norms) {
+                out.push((layer(role), ParamKind::Norm, part, norm));
             }
         }
         Ok(out)
@@ -271,7 +292,7 @@ impl Model {
     }
 
     /// Replaces every parameter with a fresh draw: N(0, 0.02) for matrices and embeddings, ones
-    /// for norms, from a ChaCha8 generator seeded with `seed` (the paper's random-init baseline).
+    /// for norms, zeros for biases, from a ChaCha8 generator seeded with `seed` (the paper's random-init baseline).
     /// `keep_adapter` leaves the adapter as loaded: the static model runs with it frozen, and an
     /// identity adapter is what makes r = 1 the plain stack of its blocks.
     pub(crate) fn reinitialize(&mut self, seed: u64, keep_adapter: bool) -> Result<()> {
@@ -286,6 +307,7 @@ impl Model {
             let n = tensor.elem_count();
             let values: Vec<f32> = match kind {
                 ParamKind::Norm => vec![1.0; n],
+                ParamKind::Bias => vec![0.0; n],
                 _ => (0..n).map(|_| normal.sample(&mut rng)).collect(),
             };
             *tensor = Tensor::from_vec(values, tensor.dims(), tensor.device())?;

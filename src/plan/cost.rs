@@ -6,7 +6,7 @@ use crate::formats::hf_config::{Family, ModelConfig};
 
 use super::range::Shape;
 
-/// Parameters of one transformer block of `config`'s family.
+/// Parameters of one transformer block of `config`'s family (norms and biases included).
 pub fn layer_params(c: &ModelConfig) -> u64 {
     let (h, q, kv, f) = (
         c.hidden as u64,
@@ -16,10 +16,15 @@ pub fn layer_params(c: &ModelConfig) -> u64 {
     );
     let attention = h * q + 2 * h * kv + q * h;
     let mlp = 3 * h * f;
+    let d = c.head_dim as u64;
     let norms = match c.family {
         Family::Llama => 2 * h,
         // Post-attention and post-MLP norms, plus q/k norms over the full projections.
         Family::Olmo2 => 2 * h + q + kv,
+        // Pre-norms plus the q, k and v biases.
+        Family::Qwen2 => 2 * h + q + 2 * kv,
+        // Pre-norms plus q/k norms of one head each (shared by the heads).
+        Family::Qwen3 => 2 * h + 2 * d,
     };
     attention + mlp + norms
 }

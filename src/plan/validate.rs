@@ -271,9 +271,6 @@ fn sources(t: &TensorSpec, transform: Transform, files: &HashSet<&str>) -> Resul
         }
         rows += s.shape.first().copied().unwrap_or(0);
     }
-    if t.shape.len() == 1 && t.sources.len() != 1 {
-        return bad("a 1-D tensor has exactly one source".into());
-    }
     if t.shape.first() != Some(&rows) {
         return bad(format!(
             "sources have {rows} rows in all, the tensor {:?}",
