@@ -336,6 +336,10 @@ fn sixty_steps_reduce_the_loss_deterministically() {
     let config: Value =
         serde_json::from_slice(&std::fs::read(d.join("a/config.json")).unwrap()).unwrap();
     assert_eq!(config["surgery"]["heal"]["config"]["steps"], 60);
+    assert_eq!(
+        config["mean_recurrence"], 3,
+        "the healed m_max, not apply's 32"
+    );
     assert_eq!(config["surgery"]["heal"]["config"]["seed"], 0);
     let png = std::fs::read(d.join("a/curves.png")).unwrap();
     assert_eq!(&png[..4], b"\x89PNG");

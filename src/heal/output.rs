@@ -66,8 +66,8 @@ fn write_weights(model: &mut Model, source: &SourceModel, dir: &Path) -> Result<
     Ok(dtype)
 }
 
-/// Writes the input's config.json with the weights' `dtype` and the heal run recorded under
-/// `surgery.heal`, made publishable ([`hf_config::publishable`]: `auto_map`, no local paths);
+/// Writes the input's config.json with the weights' `dtype`, the healed recurrence as its
+/// `mean_recurrence`, and the heal run recorded under `surgery.heal`, made publishable ([`hf_config::publishable`]: `auto_map`, no local paths);
 /// for a recurrent model, the transformers files it names beside it.
 fn write_config(trained: &Trained, dtype: DType, dir: &Path) -> Result<()> {
     let cfg = &trained.config;
@@ -84,6 +84,16 @@ fn write_config(trained: &Trained, dtype: DType, dir: &Path) -> Result<()> {
         "final_eval": last.map(|m| &m.eval),
     });
     config["torch_dtype"] = json!(dtype.torch_name());
+    // The r the model runs at unless told (transformers' num_steps, GGUF's default recurrence):
+    // the one it was healed at, not the reference's 32 that `apply` wrote before any training.
+    if config.get("mean_recurrence").is_some() {
+        let healed = if cfg.static_baseline {
+            1
+        } else {
+            cfg.max_mean_recurrence
+        };
+        config["mean_recurrence"] = json!(healed);
+    }
     hf_config::publishable(&mut config);
     for (name, bytes) in hf_config::transformers_files(&config) {
         std::fs::write(dir.join(name), bytes).map_err(io(dir))?;
