@@ -215,6 +215,8 @@ fn a_lora_heal_checkpoints_what_trains_merges_on_output_and_resumes_bitwise() {
         config["surgery"]["heal"]["config"]["lora"],
         serde_json::json!({"rank": 4, "alpha": 8.0})
     );
+    // The paper's LoRA healing runs AdamW alone: --lora's default optimizer.
+    assert_eq!(config["surgery"]["heal"]["config"]["optimizer"], "adamw");
 
     // Resumed from step 3 after a crash: the same bytes as the uninterrupted run.
     heal(

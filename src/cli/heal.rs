@@ -69,9 +69,10 @@ pub struct HealArgs {
     /// (exactly m, the first m - k without gradient; for measurements).
     #[arg(long, value_parser = named::<SamplerKind>(), default_value = "poisson-lognormal")]
     pub sampler: SamplerKind,
-    /// muon: Muon on matrices and the adapter, AdamW on embeddings and norms; adamw: AdamW on all.
-    #[arg(long, value_parser = named::<OptimizerKind>(), default_value = "muon")]
-    pub optimizer: OptimizerKind,
+    /// muon: Muon on matrices and the adapter, AdamW on embeddings and norms; adamw: AdamW on all
+    /// [default: muon; adamw with --lora, as the paper's LoRA healing].
+    #[arg(long, value_parser = named::<OptimizerKind>())]
+    pub optimizer: Option<OptimizerKind>,
     /// Learning rate of the matrices [default: 1e-3 with muon, 5e-5 with adamw].
     #[arg(long)]
     pub lr: Option<f64>,
@@ -139,7 +140,12 @@ pub struct HealArgs {
 
 impl HealArgs {
     fn config(&self) -> anyhow::Result<HealConfig> {
-        let lr = self.lr.unwrap_or(match self.optimizer {
+        let optimizer = self.optimizer.unwrap_or(if self.lora.is_some() {
+            OptimizerKind::Adamw
+        } else {
+            OptimizerKind::Muon
+        });
+        let lr = self.lr.unwrap_or(match optimizer {
             OptimizerKind::Muon => 1e-3,
             OptimizerKind::Adamw => 5e-5,
         });
@@ -160,7 +166,7 @@ impl HealArgs {
             curriculum_start: self.curriculum_start,
             backprop_depth: self.backprop_depth,
             sampler: self.sampler,
-            optimizer: self.optimizer,
+            optimizer,
             lr,
             adam_lr: self.adam_lr,
             weight_decay: self.weight_decay,
