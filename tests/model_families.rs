@@ -14,7 +14,7 @@ use common::{assert_refused, stderr, stdout, surgery};
 use serde_json::Value;
 use surgery::arch::{LayerRole, Role};
 use surgery::model::params::Train;
-use surgery::model::{mean_cross_entropy, InitialState, Model};
+use surgery::model::{mean_cross_entropy, InitialState, Kernels, Model};
 use surgery::source::SourceModel;
 use surgery::synth::{self, SynthSpec};
 
@@ -32,8 +32,12 @@ fn golden_dir(name: &str) -> Option<PathBuf> {
     }
 }
 
+fn golden_tensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
 fn golden(dir: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(dir.join("golden_hf_logits.safetensors"), &Device::Cpu).unwrap()
+    golden_tensors(&dir.join("golden_hf_logits.safetensors"))
 }
 
 fn ids(g: &HashMap<String, Tensor>) -> Tensor {
@@ -65,10 +69,17 @@ fn qwen_models_match_transformers() {
         let g = golden(&dir);
         let source = SourceModel::open(&dir).unwrap();
         assert_eq!(source.config.family.name(), family);
-        let model = Model::load(&source, &Device::Cpu).unwrap();
-        let diff = max_abs_diff(&logits(&model, &ids(&g), 1), &g["logits"]);
-        eprintln!("{name}: max abs difference to transformers {diff:.2e}");
-        assert!(diff <= 1e-4, "{name}: max abs difference {diff}");
+        let mut model = Model::load(&source, &Device::Cpu).unwrap();
+        // The fused ops (the default on the CPU) and the composed reference ops.
+        for kernels in [Kernels::Fused, Kernels::Composed] {
+            model.set_kernels(kernels);
+            let diff = max_abs_diff(&logits(&model, &ids(&g), 1), &g["logits"]);
+            eprintln!("{name} {kernels:?}: max abs difference to transformers {diff:.2e}");
+            assert!(
+                diff <= 1e-4,
+                "{name} {kernels:?}: max abs difference {diff}"
+            );
+        }
     }
 }
 
@@ -252,6 +263,24 @@ fn inspect_and_plan_name_the_family() {
             .find(|l| l.starts_with("family"))
             .map(str::to_string);
         assert_eq!(line, Some(format!("family      {family}")));
+        // The cost model counts what is stored: the biases and per-head norms included.
+        let stored: usize = golden_tensors(&src.join("model.safetensors"))
+            .values()
+            .map(Tensor::elem_count)
+            .sum();
+        let total = stored.to_string();
+        let total = total
+            .as_bytes()
+            .rchunks(3)
+            .rev()
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(
+            stdout(&o).contains(&format!("parameters  {total} total")),
+            "{name}: {}",
+            stdout(&o)
+        );
         let o = surgery(
             work.path(),
             &[
