@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::arch::spec;
 use crate::arch::{self, LayerRole, Naming, Role};
 use crate::dtype::DType;
-use crate::formats::gguf::{self, GgufFile};
+use crate::formats::gguf::{self, rope_freqs, GgufFile};
 use crate::formats::hf_config::{
     self, ConfigError, Family, ModelConfig, RecurrentShape, RopeScaling,
 };
@@ -606,8 +606,8 @@ fn shortest_f32(v: f64) -> f64 {
     (v as f32).to_string().parse().unwrap_or(v)
 }
 
-/// A GGUF file: stock llama.cpp `llama`, or our recurrent architecture
-/// ([`open_recurrent_gguf`]).
+/// A GGUF file: stock llama.cpp `llama` (Llama-3 RoPE scaling read back from `rope_freqs`) or
+/// `olmo2`, or our recurrent architecture ([`open_recurrent_gguf`]).
 fn open_gguf(path: &Path) -> Result<SourceModel, SourceError> {
     let g = GgufFile::open(path).map_err(|source| SourceError::Gguf {
         path: path.to_path_buf(),
@@ -617,25 +617,21 @@ fn open_gguf(path: &Path) -> Result<SourceModel, SourceError> {
     if arch_name == spec::ARCH {
         return open_recurrent_gguf(path, g);
     }
-    let keys = GgufKeys {
-        g: &g,
-        path,
-        arch: "llama",
+    let (arch, family) = match arch_name {
+        "llama" => ("llama", Family::Llama),
+        "olmo2" => ("olmo2", Family::Olmo2),
+        _ => ("", Family::Llama),
     };
-    if arch_name != "llama" {
+    let keys = GgufKeys { g: &g, path, arch };
+    if arch.is_empty() {
         return Err(keys.bad(format!(
-            "GGUF architecture {arch_name:?} is not supported (supported: llama, {})",
+            "GGUF architecture {arch_name:?} is not supported (supported: llama, olmo2, {})",
             spec::ARCH
         )));
     }
-    if g.tensor("rope_freqs.weight").is_some() {
-        return Err(keys.bad(
-            "GGUF with rope_freqs (llama3 RoPE scaling) cannot be read back exactly; use the Hugging Face checkpoint".into(),
-        ));
-    }
     let tokens = g.get_array("tokenizer.ggml.tokens").map(|a| a.len());
-    let config = keys.llama_config(tokens)?;
-    let tensors = GgufTensors::new(&g, path).llama(&config)?;
+    let config = keys.stock_config(family, tokens)?;
+    let tensors = GgufTensors::new(&g, path).stock(&config)?;
     gguf_source(path, config, tensors, g, tokens)
 }
 
@@ -656,7 +652,8 @@ fn open_recurrent_gguf(path: &Path, g: GgufFile) -> Result<SourceModel, SourceEr
 }
 
 /// The keys of a GGUF being opened, read into a [`ModelConfig`]. `arch` is the prefix of the
-/// architecture's own keys (`llama.block_count`); both architectures share their spelling.
+/// architecture's own keys (`llama.block_count`, `olmo2.block_count`); every architecture we read
+/// shares their spelling.
 struct GgufKeys<'a> {
     g: &'a GgufFile,
     path: &'a Path,
@@ -718,18 +715,25 @@ impl GgufKeys<'_> {
         })
     }
 
-    /// The config of a `llama` GGUF. `tokens`, the vocabulary's length, stands in for a missing
-    /// `llama.vocab_size`; a GGUF without `output.weight` is tied.
-    fn llama_config(&self, tokens: Option<usize>) -> Result<ModelConfig, SourceError> {
+    /// The config of a stock `llama` or `olmo2` GGUF (`family`). `tokens`, the vocabulary's
+    /// length, stands in for a missing `{arch}.vocab_size`; a GGUF without `output.weight` is
+    /// tied. A `llama` file's `rope_freqs` gives its Llama-3 RoPE scaling ([`Self::rope_freqs`]).
+    fn stock_config(
+        &self,
+        family: Family,
+        tokens: Option<usize>,
+    ) -> Result<ModelConfig, SourceError> {
         let hidden = self.need("embedding_length")?;
         let n_heads = self.need("attention.head_count")?;
-        let vocab = self
-            .optional("vocab_size")
-            .or(tokens)
-            .ok_or_else(|| self.bad("no llama.vocab_size and no tokenizer.ggml.tokens".into()))?;
+        let vocab = self.optional("vocab_size").or(tokens).ok_or_else(|| {
+            self.bad(format!(
+                "no {} and no tokenizer.ggml.tokens",
+                self.key("vocab_size")
+            ))
+        })?;
         let tied = self.g.tensor("output.weight").is_none();
-        let config = ModelConfig {
-            family: Family::Llama,
+        let mut config = ModelConfig {
+            family,
             n_layers: self.need("block_count")?,
             hidden,
             n_heads,
@@ -751,7 +755,51 @@ impl GgufKeys<'_> {
             torch_dtype: None,
             recurrent: None,
         };
+        if family == Family::Llama {
+            config.rope_scaling = self.rope_freqs(&config)?;
+        }
         self.validated(config)
+    }
+
+    /// The Llama-3 RoPE scaling that `rope_freqs.weight` (llama.cpp's divisor of each rotary
+    /// frequency; absent: no scaling) stands for, given `config`'s theta and head dim: parameters
+    /// whose frequencies equal theta-frequency / stored divisor for every rotary dimension within
+    /// f32 rounding ([`rope_freqs::FREQ_TOLERANCE`], relative), so the model computes what
+    /// llama.cpp does. The file is refused when no parameters do.
+    fn rope_freqs(&self, config: &ModelConfig) -> Result<Option<RopeScaling>, SourceError> {
+        let Some(info) = self.g.tensor(spec::ROPE_FREQS) else {
+            return Ok(None);
+        };
+        let half = config.head_dim / 2;
+        if info.dtype != DType::F32 || info.shape != [half] {
+            return Err(self.bad(format!(
+                "{} is {} of shape {:?}; expected F32 of shape [{half}] (head_dim / 2)",
+                spec::ROPE_FREQS,
+                info.dtype,
+                info.shape
+            )));
+        }
+        let divisors =
+            gguf::dequantize(DType::F32, self.g.bytes(info), half).map_err(|source| {
+                SourceError::Gguf {
+                    path: self.path.to_path_buf(),
+                    source,
+                }
+            })?;
+        rope_freqs::llama3_from_divisors(config.rope_theta, config.head_dim, &divisors).ok_or_else(
+            || {
+                self.bad(format!(
+                    "{}: no Llama-3 RoPE scaling (factor, low/high frequency factors, original \
+                     context) reproduces its {half} divisors {} .. {} with theta {} and head dim \
+                     {}; its frequencies cannot be run exactly",
+                    spec::ROPE_FREQS,
+                    divisors.first().copied().unwrap_or(f32::NAN),
+                    divisors.last().copied().unwrap_or(f32::NAN),
+                    config.rope_theta,
+                    config.head_dim
+                ))
+            },
+        )
     }
 
     /// The config of a recurrent GGUF: the block type, the recurrence keys and Llama-3 RoPE
@@ -930,20 +978,31 @@ impl<'a> GgufTensors<'a> {
         }
     }
 
-    /// The tensors of a `llama` GGUF: each role under llama.cpp's name, Q and K rows in
-    /// llama.cpp's order (undone when read).
-    fn llama(mut self, config: &ModelConfig) -> Result<BTreeMap<Role, TensorRef>, SourceError> {
+    /// The tensors of a stock `llama` or `olmo2` GGUF: each role under llama.cpp's name. A
+    /// `llama` file's Q and K rows are in llama.cpp's order (undone when read) and its
+    /// `rope_freqs`, already read into the config's RoPE scaling, is allowed beside them; an
+    /// `olmo2` file's are not permuted: convert_hf_to_gguf.py's `Olmo2Model` keeps the Hugging
+    /// Face rows, and llama.cpp runs OLMo-2 with NEOX-style RoPE, which is that order.
+    fn stock(mut self, config: &ModelConfig) -> Result<BTreeMap<Role, TensorRef>, SourceError> {
+        let permuted = config.family == Family::Llama;
         let mut tensors = BTreeMap::new();
         for role in arch::required_roles(config) {
-            let name = Naming::Gguf.name(role).unwrap_or_default();
+            let name = match role {
+                Role::Layer(i, r) => spec::block_tensor(i, r),
+                _ => Naming::Gguf.name(role),
+            };
             let unpermute_heads = match role {
-                Role::Layer(_, LayerRole::Q) => Some(config.n_heads),
-                Role::Layer(_, LayerRole::K) => Some(config.n_kv_heads),
+                Role::Layer(_, LayerRole::Q) if permuted => Some(config.n_heads),
+                Role::Layer(_, LayerRole::K) if permuted => Some(config.n_kv_heads),
                 _ => None,
             };
-            tensors.insert(role, self.take(name, role, unpermute_heads)?);
+            tensors.insert(
+                role,
+                self.take(name.unwrap_or_default(), role, unpermute_heads)?,
+            );
         }
-        self.refuse_untaken(None, "llama")?;
+        let rope_freqs = permuted.then_some(spec::ROPE_FREQS);
+        self.refuse_untaken(rope_freqs, config.family.name())?;
         Ok(tensors)
     }
 

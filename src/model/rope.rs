@@ -1,8 +1,10 @@
 //! Rotary position embeddings, rotate-half convention (Hugging Face Llama), with Llama-3 frequency
-//! scaling; computed in f32 as transformers does, from plain ops so they are differentiable.
+//! scaling (the frequencies: [`inv_freqs`]); computed in f32 as transformers does, from plain ops so
+//! they are differentiable.
 
 use candle_core::{DType, Tensor, D};
 
+use crate::formats::gguf::rope_freqs::inv_freqs;
 use crate::formats::hf_config::ModelConfig;
 
 /// The inverse frequencies of one head's rotary dimensions.
@@ -11,35 +13,12 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// The frequencies of `c`'s heads: [`inv_freqs`], shared with the GGUF reader, which checks
+    /// a file's `rope_freqs` divisors against them.
     pub fn new(c: &ModelConfig) -> Rope {
-        let dim = c.head_dim;
-        // transformers: 1 / base^(arange(0, dim, 2) / dim), in f32.
-        let mut inv_freq: Vec<f32> = (0..dim)
-            .step_by(2)
-            .map(|i| 1.0 / (c.rope_theta as f32).powf(i as f32 / dim as f32))
-            .collect();
-        if let Some(s) = c.rope_scaling {
-            // transformers' _compute_llama3_parameters: long wavelengths are divided by `factor`,
-            // short ones kept, the band between interpolated smoothly.
-            let old = s.original_max_position_embeddings as f32;
-            let (factor, low, high) = (
-                s.factor as f32,
-                s.low_freq_factor as f32,
-                s.high_freq_factor as f32,
-            );
-            let low_wavelen = old / low;
-            let high_wavelen = old / high;
-            for f in &mut inv_freq {
-                let wavelen = 2.0 * std::f32::consts::PI / *f;
-                if wavelen > low_wavelen {
-                    *f /= factor;
-                } else if wavelen >= high_wavelen {
-                    let smooth = (old / wavelen - low) / (high - low);
-                    *f = (1.0 - smooth) * *f / factor + smooth * *f;
-                }
-            }
+        Rope {
+            inv_freq: inv_freqs(c.rope_theta, c.head_dim, c.rope_scaling.as_ref()),
         }
-        Rope { inv_freq }
     }
 
     /// cos and sin for `positions` [B, T] (u32): each [B, 1, T, head_dim], to broadcast over heads.

@@ -10,6 +10,7 @@
 
 pub mod quant;
 pub mod reader;
+pub mod rope_freqs;
 pub mod writer;
 
 use std::path::PathBuf;
