@@ -115,6 +115,8 @@ fn applied_identity_cuts_reproduce_the_source() {
                 ],
             );
             assert!(o.status.success(), "{}", stderr(&o));
+            let config = work.path().join(&out).join("config.json");
+            common::validate_against_schema(&config, "recurrent-config");
             let rec = SourceModel::open(&work.path().join(&out)).unwrap();
             let model = Model::load(&rec, &Device::Cpu).unwrap();
             let pruned = Model::load_static(&source, &layers, &Device::Cpu).unwrap();
@@ -297,6 +299,8 @@ fn inspect_and_plan_name_the_family() {
         let plan: Value =
             serde_json::from_slice(&std::fs::read(work.path().join("plan.json")).unwrap()).unwrap();
         assert_eq!(plan["config"]["block_type"], family);
+        assert_eq!(plan["source"]["family"], family);
+        common::validate_against_schema(&work.path().join("plan.json"), "plan");
     }
 }
 
