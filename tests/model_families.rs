@@ -359,3 +359,88 @@ fn gguf_export_of_a_qwen_model_is_refused_naming_the_family() {
         );
     }
 }
+
+/// Element `i` of a parameter's values, in f64.
+fn element(var: &candle_core::Var, i: usize) -> f64 {
+    let v = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    v[i]
+}
+
+/// Sets element `i` of a parameter.
+fn set_element(var: &candle_core::Var, i: usize, value: f64) {
+    let mut v = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    v[i] = value;
+    let t = Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap();
+    var.set(&t).unwrap();
+}
+
+/// In f64, the gradients of the q/k/v bias and of the per-head q/k norms (the fused ops'
+/// backward included) agree with central differences of the loss.
+#[test]
+fn qwen_gradients_agree_with_finite_differences_in_f64() {
+    for (spec, names) in [
+        (
+            SynthSpec::qwen2(4),
+            vec!["transformer.core_block.0.attn.Wqkv.bias"],
+        ),
+        (
+            SynthSpec::qwen3(4),
+            vec![
+                "transformer.core_block.1.attn.q_norm.weight",
+                "transformer.prelude.0.attn.k_norm.weight",
+            ],
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        recurrent_cut(dir.path(), &spec);
+        let source = SourceModel::open(&dir.path().join("rec")).unwrap();
+        let mut model = Model::load(&source, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let params = model.trainable(Train::All, false).unwrap();
+        let ids: Vec<u32> = "And God said, Let there be light: and there was light. And God"
+            .bytes()
+            .map(u32::from)
+            .collect();
+        let inputs = Tensor::from_vec(ids[..32].to_vec(), (1, 32), &Device::Cpu).unwrap();
+        let targets = Tensor::from_vec(ids[1..33].to_vec(), (1, 32), &Device::Cpu).unwrap();
+        let loss = |model: &Model| {
+            let out = model
+                .forward_detached(&inputs, None, 2, 0, InitialState::Seeded(5), None)
+                .unwrap();
+            mean_cross_entropy(&out, &targets).unwrap()
+        };
+        let grads = loss(&model).backward().unwrap();
+        let h = 1e-5;
+        for name in names {
+            let p = params.iter().find(|p| p.name == name).unwrap();
+            let g = grads.get(p.var.as_tensor()).unwrap();
+            let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let mut order: Vec<usize> = (0..g.len()).collect();
+            order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+            for &i in &order[..3] {
+                let w = element(&p.var, i);
+                set_element(&p.var, i, w + h);
+                let up = loss(&model).to_scalar::<f64>().unwrap();
+                set_element(&p.var, i, w - h);
+                let down = loss(&model).to_scalar::<f64>().unwrap();
+                set_element(&p.var, i, w);
+                let numeric = (up - down) / (2.0 * h);
+                let rel = (numeric - g[i]).abs() / g[i].abs().max(1e-12);
+                eprintln!("{name}[{i}]: analytic {:.6e}, numeric {numeric:.6e}", g[i]);
+                assert!(rel < 1e-3, "{name}[{i}]: {} vs {numeric}", g[i]);
+            }
+        }
+    }
+}
