@@ -435,9 +435,10 @@ fn groups(params: &[Param], cfg: &HealConfig) -> Vec<ParamGroup> {
         OptimizerKind::Adamw => (cfg.lr, false),
     };
     // Weight decay on matrices and embeddings, not on norm gains (decaying a gain towards 0
-    // rescales the layer instead of regularizing it).
-    let (norms, decayed): (Vec<_>, Vec<_>) =
-        others.into_iter().partition(|(_, k)| *k == ParamKind::Norm);
+    // rescales the layer instead of regularizing it) nor on biases (offsets, as is usual).
+    let (norms, decayed): (Vec<_>, Vec<_>) = others
+        .into_iter()
+        .partition(|(_, k)| matches!(k, ParamKind::Norm | ParamKind::Bias));
     let mut out = Vec::new();
     if muon && !matrices.is_empty() {
         out.push(ParamGroup {
@@ -934,4 +935,55 @@ fn accumulate(acc: Option<GradStore>, grads: GradStore, params: &[Param]) -> Res
         }
     }
     Ok(acc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run's settings as heal records them, with `optimizer`.
+    fn config(optimizer: &str) -> HealConfig {
+        serde_json::from_value(serde_json::json!({
+            "model": "m", "data": ["d"], "field": "text", "eval_data": [], "holdout": 0.0,
+            "out": "o", "steps": 1, "seq_len": 8, "batch": 1, "micro_batch": 1,
+            "curriculum": "1-sqrt", "curriculum_warmup": 0.75, "max_mean_recurrence": 4,
+            "curriculum_start": 1, "backprop_depth": 8, "optimizer": optimizer, "lr": 1e-3,
+            "adam_lr": 5e-5, "weight_decay": 0.1, "clip": 1.0, "warmup": 0.0, "cooldown": 0.0,
+            "train": "all", "static_baseline": false, "init_random": false, "seed": 0,
+            "eval_every": 0, "eval_tokens": 8, "checkpoint_every": 0,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn matrices_and_embeddings_decay_and_norm_gains_and_biases_do_not() {
+        let var = || Var::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let params: Vec<Param> = [
+            ParamKind::Matrix,
+            ParamKind::Embedding,
+            ParamKind::Norm,
+            ParamKind::Bias,
+        ]
+        .into_iter()
+        .map(|kind| Param {
+            name: format!("{kind:?}"),
+            kind,
+            var: var(),
+        })
+        .collect();
+        for (optimizer, matrices) in [("muon", "muon"), ("adamw", "adamw")] {
+            let decay: Vec<(String, f64)> = groups(&params, &config(optimizer))
+                .iter()
+                .flat_map(|g| g.vars.iter().map(|(n, _)| (n.clone(), g.weight_decay)))
+                .collect();
+            let of = |name: &str| decay.iter().find(|(n, _)| n == name).unwrap().1;
+            assert_eq!(
+                [of("Matrix"), of("Embedding"), of("Norm"), of("Bias")],
+                [0.1, 0.1, 0.0, 0.0],
+                "{optimizer}"
+            );
+            let first = groups(&params, &config(optimizer))[0].name.clone();
+            assert_eq!(first, matrices);
+        }
+    }
 }
