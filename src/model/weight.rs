@@ -6,19 +6,22 @@
 //! per block. A GGUF then computes what llama.cpp computes, in its own memory, instead of an f32
 //! copy of itself.
 //!
-//! On the CPU this is candle's `k_quants::matmul` (ports of ggml's `vec_dot` kernels), called
-//! directly: candle's `QMatMul` repacks Q8_0 weights on CPUs with VNNI and then rounds the
-//! activations in blocks of 256 (Q8_K), which llama.cpp does not (on the unhealed SmolLM2 (4,8,4)
-//! cut that moved perplexity by 1.3% at r = 1). On other devices it is candle's `QMatMul`.
+//! On the CPU, Q8_0 and Q4_0 run on our own kernels ([`super::qkernels`], issue 22: row-parallel,
+//! AVX2 / AVX-512 VNNI chosen at run time, the same bits as ggml's x86 kernels); the k-quants on
+//! candle's `k_quants::matmul` (ports of ggml's `vec_dot` kernels), called directly: candle's
+//! `QMatMul` repacks Q8_0 weights on CPUs with VNNI and then rounds the activations in blocks of
+//! 256 (Q8_K), which llama.cpp does not (on the unhealed SmolLM2 (4,8,4) cut that moved
+//! perplexity by 1.3% at r = 1). On other devices it is candle's `QMatMul`.
 //!
-//! Only the types for which candle has SIMD kernels on ggml's rule are kept as stored (see
-//! [`kept_as_stored`]); the others are dequantized at load.
+//! Only the types with SIMD kernels on ggml's rule are kept as stored (see [`kept_as_stored`]);
+//! the others are dequantized at load.
 
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor, QuantizedType};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Shape, Tensor, D};
 
+use super::qkernels::{self, QMatrix, QkError};
 use super::{block, Result};
 use crate::dtype::DType;
 use crate::formats::gguf;
@@ -61,9 +64,56 @@ pub enum Part {
 
 /// Rows of blocks in CPU memory: `rows` x `cols` values.
 pub struct CpuBlocks {
-    blocks: Box<dyn QuantizedType>,
+    kernel: CpuKernel,
     rows: usize,
     cols: usize,
+}
+
+/// Whose kernel multiplies a CPU matrix.
+enum CpuKernel {
+    /// Q8_0 and Q4_0: ours.
+    Ours(QMatrix),
+    /// The k-quants: candle's.
+    Candle(Box<dyn QuantizedType>),
+}
+
+impl CpuKernel {
+    /// The stored bytes of a `rows` x `cols` matrix of `dtype`, with the kernel that multiplies it.
+    fn new(
+        dtype: DType,
+        bytes: &[u8],
+        (rows, cols): (usize, usize),
+    ) -> std::result::Result<CpuKernel, gguf::GgufError> {
+        let kind = match dtype {
+            DType::Q8_0 => qkernels::Kind::Q8_0,
+            DType::Q4_0 => qkernels::Kind::Q4_0,
+            _ => {
+                return Ok(CpuKernel::Candle(gguf::cpu_blocks(
+                    dtype,
+                    bytes,
+                    rows * cols,
+                )?))
+            }
+        };
+        let n_elements = rows.saturating_mul(cols);
+        QMatrix::new(kind, bytes, rows, cols)
+            .map(CpuKernel::Ours)
+            .map_err(|e| match e {
+                QkError::ByteLength {
+                    expected, actual, ..
+                } => gguf::GgufError::ByteLength {
+                    dtype,
+                    n_elements,
+                    expected: expected as u64,
+                    actual,
+                },
+                _ => gguf::GgufError::NotWholeBlocks {
+                    dtype,
+                    n_elements,
+                    block: qkernels::BLOCK,
+                },
+            })
+    }
 }
 
 impl CustomOp1 for CpuBlocks {
@@ -90,9 +140,17 @@ impl CustomOp1 for CpuBlocks {
                 self.cols
             );
         }
-        let mut out = vec![0f32; m * self.rows];
-        self.blocks
-            .matmul_t((m, k, self.rows), &values[start..end], &mut out)?;
+        let values = &values[start..end];
+        let out = match &self.kernel {
+            CpuKernel::Ours(q) => q
+                .matmul_t(values, m)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+            CpuKernel::Candle(blocks) => {
+                let mut out = vec![0f32; m * self.rows];
+                blocks.matmul_t((m, k, self.rows), values, &mut out)?;
+                out
+            }
+        };
         Ok((CpuStorage::F32(out), Shape::from((m, self.rows))))
     }
 }
@@ -107,7 +165,7 @@ impl Part {
     ) -> std::result::Result<Part, gguf::GgufError> {
         Ok(if device.is_cpu() {
             Part::Cpu(Arc::new(CpuBlocks {
-                blocks: gguf::cpu_blocks(dtype, bytes, rows * cols)?,
+                kernel: CpuKernel::new(dtype, bytes, (rows, cols))?,
                 rows,
                 cols,
             }))
@@ -146,8 +204,14 @@ impl Part {
     fn dequantize(&self) -> candle_core::Result<Tensor> {
         match self {
             Part::Cpu(b) => {
-                let CpuStorage::F32(values) = b.blocks.dequantize(b.rows * b.cols)? else {
-                    candle_core::bail!("block dequantization gave a non-f32 tensor");
+                let values = match &b.kernel {
+                    CpuKernel::Ours(q) => q.dequantize(),
+                    CpuKernel::Candle(blocks) => {
+                        let CpuStorage::F32(values) = blocks.dequantize(b.rows * b.cols)? else {
+                            candle_core::bail!("block dequantization gave a non-f32 tensor");
+                        };
+                        values
+                    }
                 };
                 Tensor::from_vec(values, (b.rows, b.cols), &Device::Cpu)
             }

@@ -8,7 +8,7 @@
 //!
 //! Why not candle's kernels: they stream a Q8_0 matrix at about a third of the machine's copy rate
 //! at decode and run whole windows slower than the f32 path (issue 22). Here rows are split over
-//! rayon's threads, four weight rows share each activation block, and the integer part uses
+//! rayon's threads, four weight rows of a cached tile share each activation block, and the integer part uses
 //! AVX-512 VNNI (`vpdpbusd`) when the CPU has it, chosen at run time.
 
 mod act;
@@ -206,7 +206,7 @@ impl QMatrix {
         let row_bytes = self.row_bytes();
         out.par_chunks_mut(chunk)
             .zip(self.bytes.par_chunks(chunk * row_bytes.max(1)))
-            .for_each(|(out, w)| self.rows_dot(isa, w, y, out));
+            .for_each(|(out, w)| self.rows_dot::<1>(isa, w, y, out));
         out
     }
 
@@ -223,7 +223,7 @@ impl QMatrix {
             .for_each(|(out, w)| {
                 let n = w.len() / row_bytes.max(1);
                 for (y, out) in acts.iter().zip(out.chunks_mut(ROW_TILE)) {
-                    self.rows_dot(isa, w, y, &mut out[..n]);
+                    self.rows_dot::<4>(isa, w, y, &mut out[..n]);
                 }
             });
         // (tiles, m, ROW_TILE) -> (m, rows)
@@ -238,11 +238,12 @@ impl QMatrix {
         out
     }
 
-    /// `out[i]` = row i of `w` (whole rows, `out.len()` of them) dotted with `y`.
-    fn rows_dot(&self, isa: Isa, w: &[u8], y: &ActRow, out: &mut [f32]) {
+    /// `out[i]` = row i of `w` (whole rows, `out.len()` of them) dotted with `y`, `G` rows at a
+    /// time (sharing each activation block: for rows in cache).
+    fn rows_dot<const G: usize>(&self, isa: Isa, w: &[u8], y: &ActRow, out: &mut [f32]) {
         match self.kind {
-            Kind::Q8_0 => q8_0::rows_dot(isa, w, y, out),
-            Kind::Q4_0 => q4_0::rows_dot(isa, w, y, out),
+            Kind::Q8_0 => q8_0::rows_dot::<G>(isa, w, y, out),
+            Kind::Q4_0 => q4_0::rows_dot::<G>(isa, w, y, out),
         }
     }
 }

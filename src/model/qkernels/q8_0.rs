@@ -3,16 +3,17 @@
 
 use super::{act::ActRow, Isa, Kind};
 
-/// `out[i]` = row i of `w` dotted with `y`, on `isa` (which the CPU must run).
-pub(super) fn rows_dot(isa: Isa, w: &[u8], y: &ActRow, out: &mut [f32]) {
+/// `out[i]` = row i of `w` dotted with `y`, on `isa` (which the CPU must run), `G` rows at a
+/// time.
+pub(super) fn rows_dot<const G: usize>(isa: Isa, w: &[u8], y: &ActRow, out: &mut [f32]) {
     let block = Kind::Q8_0.block_bytes();
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only chosen where `x86::has_avx2` holds.
-        Isa::Avx2 => unsafe { simd::rows_avx2(w, block, y, out) },
+        Isa::Avx2 => unsafe { simd::rows_avx2::<G>(w, block, y, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx512Vnni` is only chosen where `x86::has_avx512_vnni` holds.
-        Isa::Avx512Vnni => unsafe { simd::rows_vnni(w, block, y, out) },
+        Isa::Avx512Vnni => unsafe { simd::rows_vnni::<G>(w, block, y, out) },
         _ => super::rows_dot_scalar(Kind::Q8_0, w, y, out),
     }
 }
