@@ -254,3 +254,25 @@ fn eval_and_generate_take_dequantize() {
     );
     assert!(o.status.success(), "{}", common::stderr(&o));
 }
+
+#[test]
+fn stored_blocks_of_the_wrong_length_are_refused() {
+    // Q8_0 and Q4_0 run on our kernels (issue 22), which check the bytes themselves: the same
+    // errors as the rest of the GGUF reader, naming the type, the count and both lengths.
+    for (dtype, block) in [(DType::Q8_0, 34), (DType::Q4_0, 18)] {
+        let short = vec![0u8; 3 * block - 1];
+        let Err(e) = Part::new(dtype, &short, (3, 32), &CPU) else {
+            panic!("{dtype:?}: a short buffer was accepted");
+        };
+        let want = format!(
+            "{dtype} data for 96 elements must be {} bytes, got {}",
+            3 * block,
+            3 * block - 1
+        );
+        assert_eq!(e.to_string(), want);
+        let Err(e) = Part::new(dtype, &vec![0u8; 3 * block], (2, 48), &CPU) else {
+            panic!("{dtype:?}: rows of 48 values are not whole blocks");
+        };
+        assert!(e.to_string().contains("not a whole number of"), "{e}");
+    }
+}
