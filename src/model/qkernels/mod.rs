@@ -8,12 +8,15 @@
 //!
 //! Why not candle's kernels: they stream a Q8_0 matrix at about a third of the machine's copy rate
 //! at decode and run whole windows slower than the f32 path (issue 22). Here rows are split over
-//! rayon's threads, four weight rows of a cached tile share each activation block, and the integer part uses
-//! AVX-512 VNNI (`vpdpbusd`) when the CPU has it, chosen at run time.
+//! rayon's threads (one row at a time when streaming them from memory), tiles of 16 rows serve
+//! every activation row while in cache (repacked into 512-bit row pairs on AVX-512 VNNI, [`tile`]),
+//! and the integer part uses VNNI (`vpdpbusd`) when the CPU has it, chosen at run time.
 
 mod act;
 mod q4_0;
 mod q8_0;
+#[cfg(target_arch = "x86_64")]
+mod tile;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -220,12 +223,7 @@ impl QMatrix {
         tiles
             .par_chunks_mut(m * ROW_TILE)
             .zip(self.bytes.par_chunks(ROW_TILE * row_bytes.max(1)))
-            .for_each(|(out, w)| {
-                let n = w.len() / row_bytes.max(1);
-                for (y, out) in acts.iter().zip(out.chunks_mut(ROW_TILE)) {
-                    self.rows_dot::<4>(isa, w, y, &mut out[..n]);
-                }
-            });
+            .for_each(|(out, w)| self.tile_dot(isa, w, acts, out));
         // (tiles, m, ROW_TILE) -> (m, rows)
         let mut out = vec![0f32; m * self.rows];
         for (t, tile) in tiles.chunks(m * ROW_TILE).enumerate() {
@@ -236,6 +234,29 @@ impl QMatrix {
             }
         }
         out
+    }
+
+    /// One tile `w` (up to [`ROW_TILE`] whole rows) times every activation row, into `out`
+    /// (m, ROW_TILE): repacked for the 512-bit kernel on AVX-512 VNNI, four rows at a time else.
+    fn tile_dot(&self, isa: Isa, w: &[u8], acts: &[ActRow], out: &mut [f32]) {
+        let n = w.len() / self.row_bytes().max(1);
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512Vnni {
+            let tile = tile::Tile::new(self.kind, w, self.cols / BLOCK);
+            for (y, out) in acts.iter().zip(out.chunks_mut(ROW_TILE)) {
+                // SAFETY: `Isa::Avx512Vnni` is only chosen where `x86::has_avx512_vnni` holds.
+                unsafe {
+                    match self.kind {
+                        Kind::Q8_0 => tile.dot::<7>(y, &mut out[..n]),
+                        Kind::Q4_0 => tile.dot::<3>(y, &mut out[..n]),
+                    }
+                }
+            }
+            return;
+        }
+        for (y, out) in acts.iter().zip(out.chunks_mut(ROW_TILE)) {
+            self.rows_dot::<4>(isa, w, y, &mut out[..n]);
+        }
     }
 
     /// `out[i]` = row i of `w` (whole rows, `out.len()` of them) dotted with `y`, `G` rows at a
