@@ -26,7 +26,6 @@ an identity adapter (which ignores it); surgery eval's seeded draws are not torc
 import argparse
 import json
 import pathlib
-import subprocess
 import sys
 
 import torch
@@ -34,6 +33,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
+
+from surgery_binary import Surgery
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ROOT / "fixtures/tiny/model"
@@ -43,21 +44,6 @@ RS = (1, 2, 4)
 SEQ_LEN = 128
 MAX_TOKENS = 1000
 TOLERANCE = 1e-5
-
-
-class Surgery:
-    """The binary, run in the work folder."""
-
-    def __init__(self, binary, work):
-        self.binary, self.work = binary, work
-
-    def __call__(self, *args):
-        done = subprocess.run(
-            [str(self.binary), *map(str, args)], cwd=self.work, capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            sys.exit(f"surgery {' '.join(map(str, args))} failed:\n{done.stderr}")
-        return done.stdout
 
 
 def variant_source(work, name, edit_config, edit_tensors):

@@ -23,23 +23,27 @@ const TEXT: &str = "In the beginning God created the heaven and the earth. And t
 fn setup(d: &Path) {
     synth::write_hf(&d.join("src"), &SynthSpec::llama(4), 3).unwrap();
     synth::write_byte_tokenizer(&d.join("src")).unwrap();
-    let o = surgery(
-        d,
-        &[
-            "apply",
-            "src",
-            "--shape",
-            "1,2,1",
-            "--adapter-noise",
-            "0.05",
-            "--out",
-            "rec",
-            "-q",
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    cut(d, "rec", &[]);
     let text: Vec<String> = (0..40).map(|i| format!("{i}. {TEXT}")).collect();
     std::fs::write(d.join("train.txt"), text.join("\n\n")).unwrap();
+}
+
+/// The (1,2,1) cut of `src` with a noisy adapter into `out`, with `extra` apply options.
+fn cut(d: &Path, out: &str, extra: &[&str]) {
+    let mut args = vec![
+        "apply",
+        "src",
+        "--shape",
+        "1,2,1",
+        "--adapter-noise",
+        "0.05",
+        "--out",
+        out,
+        "-q",
+    ];
+    args.extend_from_slice(extra);
+    let o = surgery(d, &args);
+    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 fn batch() -> (Tensor, Tensor) {
@@ -689,23 +693,7 @@ fn loss_on_assistant_takes_the_mean_over_assistant_targets_whatever_the_micro_ba
     let d = dir.path();
     setup(d);
     // A zero s_0 and exactly m iterations: micro-batches differ in nothing but their windows.
-    let o = surgery(
-        d,
-        &[
-            "apply",
-            "src",
-            "--shape",
-            "1,2,1",
-            "--adapter-noise",
-            "0.05",
-            "--state-init",
-            "zero",
-            "--out",
-            "zero",
-            "-q",
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    cut(d, "zero", &["--state-init", "zero"]);
     let config = serde_json::json!({ "chat_template": CHATML });
     std::fs::write(d.join("zero/tokenizer_config.json"), config.to_string()).unwrap();
     // Short user turns and long answers of varying length: micro-batches hold unequal numbers
