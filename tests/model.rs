@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
 use candle_transformers::models::llama::{Cache, Llama, LlamaConfig};
+use common::max_abs_diff;
 use surgery::arch::Naming;
 use surgery::formats::hf_config::Family;
 use surgery::model::{last_logits, log_softmax, InitialState, KvCache, Model, ModelError};
@@ -22,18 +23,6 @@ use surgery::synth::{self, SplitMix64, SynthSpec};
 use tempfile::TempDir;
 
 const CPU: Device = Device::Cpu;
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn max_abs_diff_vec(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_refused, stderr, stdout, surgery};
+use common::{assert_refused, golden_ids, load_tensors, max_abs_diff, stderr, stdout, surgery};
 use serde_json::Value;
 use surgery::arch::{LayerRole, Role};
 use surgery::model::params::Train;
@@ -32,28 +32,8 @@ fn golden_dir(name: &str) -> Option<PathBuf> {
     }
 }
 
-fn golden_tensors(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
 fn golden(dir: &Path) -> HashMap<String, Tensor> {
-    golden_tensors(&dir.join("golden_hf_logits.safetensors"))
-}
-
-fn ids(g: &HashMap<String, Tensor>) -> Tensor {
-    g["input_ids"].to_dtype(DType::U32).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    load_tensors(&dir.join("golden_hf_logits.safetensors"))
 }
 
 fn logits(model: &Model, ids: &Tensor, r: usize) -> Tensor {
@@ -73,7 +53,7 @@ fn qwen_models_match_transformers() {
         // The fused ops (the default on the CPU) and the composed reference ops.
         for kernels in [Kernels::Fused, Kernels::Composed] {
             model.set_kernels(kernels);
-            let diff = max_abs_diff(&logits(&model, &ids(&g), 1), &g["logits"]);
+            let diff = max_abs_diff(&logits(&model, &golden_ids(&g), 1), &g["logits"]);
             eprintln!("{name} {kernels:?}: max abs difference to transformers {diff:.2e}");
             assert!(
                 diff <= 1e-4,
@@ -123,10 +103,10 @@ fn applied_identity_cuts_reproduce_the_source() {
             let want = if layers.len() == 6 {
                 g["logits"].clone()
             } else {
-                logits(&pruned, &ids(&g), 1)
+                logits(&pruned, &golden_ids(&g), 1)
             };
             for r in [1, 3] {
-                let diff = max_abs_diff(&logits(&model, &ids(&g), r), &want);
+                let diff = max_abs_diff(&logits(&model, &golden_ids(&g), r), &want);
                 eprintln!("{name} {prelude} {core} {coda} r={r}: {diff:.2e}");
                 assert!(
                     diff <= 1e-4,
@@ -266,7 +246,7 @@ fn inspect_and_plan_name_the_family() {
             .map(str::to_string);
         assert_eq!(line, Some(format!("family      {family}")));
         // The cost model counts what is stored: the biases and per-head norms included.
-        let stored: usize = golden_tensors(&src.join("model.safetensors"))
+        let stored: usize = load_tensors(&src.join("model.safetensors"))
             .values()
             .map(Tensor::elem_count)
             .sum();
@@ -330,7 +310,7 @@ fn a_static_export_keeps_the_family_and_the_logits() {
         let g = golden(&src);
         let exported = SourceModel::open(&work.path().join("out")).unwrap();
         let model = Model::load(&exported, &Device::Cpu).unwrap();
-        let diff = max_abs_diff(&logits(&model, &ids(&g), 1), &g["logits"]);
+        let diff = max_abs_diff(&logits(&model, &golden_ids(&g), 1), &g["logits"]);
         assert!(diff <= 1e-4, "{name}: {diff}");
     }
 }

@@ -4,10 +4,10 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
+use common::{golden_ids, load_tensors, max_abs_diff};
 use surgery::model::{InitialState, Model};
 use surgery::source::SourceModel;
 
@@ -21,34 +21,14 @@ fn golden_dir(name: &str) -> Option<PathBuf> {
     }
 }
 
-fn golden(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
-fn ids(g: &HashMap<String, Tensor>) -> Tensor {
-    g["input_ids"].to_dtype(DType::U32).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn static_models_match_transformers() {
     for name in ["tiny-llama", "tiny-llama3-tied"] {
         let Some(dir) = golden_dir(name) else { return };
-        let g = golden(&dir.join("golden_hf_logits.safetensors"));
+        let g = load_tensors(&dir.join("golden_hf_logits.safetensors"));
         let model = Model::load(&SourceModel::open(&dir).unwrap(), &Device::Cpu).unwrap();
         let logits = model
-            .forward(&ids(&g), None, 1, InitialState::Seeded(0), None)
+            .forward(&golden_ids(&g), None, 1, InitialState::Seeded(0), None)
             .unwrap();
         let diff = max_abs_diff(&logits, &g["logits"]);
         eprintln!("{name}: max abs difference to transformers {diff:.2e}");
@@ -65,12 +45,12 @@ fn recurrent_models_match_the_papers_code_at_r_1_2_4() {
         "tiny-llama3-tied-recurrent-2-2-2",
     ] {
         let Some(dir) = golden_dir(name) else { return };
-        let g = golden(&dir.join("golden_reference_logits.safetensors"));
+        let g = load_tensors(&dir.join("golden_reference_logits.safetensors"));
         let model = Model::load(&SourceModel::open(&dir).unwrap(), &Device::Cpu).unwrap();
         let state = &g["input_states"];
         for r in [1, 2, 4] {
             let logits = model
-                .forward(&ids(&g), None, r, InitialState::Given(state), None)
+                .forward(&golden_ids(&g), None, r, InitialState::Given(state), None)
                 .unwrap();
             let diff = max_abs_diff(&logits, &g[&format!("logits_r{r}")]);
             eprintln!("{name} r={r}: max abs difference to the reference {diff:.2e}");
@@ -98,7 +78,7 @@ fn applied_identity_cut_matches_the_reference_identity_logits() {
         let (Some(src), Some(golden_cut)) = (golden_dir(source), golden_dir(cut)) else {
             return;
         };
-        let g = golden(&golden_cut.join("golden_reference_logits.safetensors"));
+        let g = load_tensors(&golden_cut.join("golden_reference_logits.safetensors"));
         let work = tempfile::tempdir().unwrap();
         let prelude = if cut.ends_with("1-2-1") {
             "0..1"
@@ -129,7 +109,7 @@ fn applied_identity_cut_matches_the_reference_identity_logits() {
         .unwrap();
         for r in [1, 3] {
             let logits = model
-                .forward(&ids(&g), None, r, InitialState::Seeded(7), None)
+                .forward(&golden_ids(&g), None, r, InitialState::Seeded(7), None)
                 .unwrap();
             // r = 3 too: with [0 | I] the state is discarded, so every r computes the pruned model.
             let diff = max_abs_diff(&logits, &g["logits_identity_r1"]);

@@ -181,3 +181,28 @@ pub fn noisy_recurrent_cut(d: &Path, seed: u64) {
     let o = surgery(d, &args);
     assert!(o.status.success(), "{args:?}: {}", stderr(&o));
 }
+
+/// The tensors of a safetensors file (golden logits and their inputs), on the CPU.
+pub fn load_tensors(path: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
+    candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap()
+}
+
+/// A golden file's `input_ids` (I64) as the u32 ids the model takes.
+pub fn golden_ids(
+    g: &std::collections::HashMap<String, candle_core::Tensor>,
+) -> candle_core::Tensor {
+    g["input_ids"].to_dtype(candle_core::DType::U32).unwrap()
+}
+
+/// max |a - b| over two f32 tensors of the same shape.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
