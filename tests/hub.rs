@@ -302,6 +302,11 @@ fn commands_read_the_fixture_from_the_cache() {
     assert_eq!(out.status.code(), Some(0), "{}", common::stderr(&out));
     let weights = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
     assert_eq!(weights(&from_cache), weights(&direct));
+    // Its config.json names the source by its repository and commit, not the snapshot folder.
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(from_cache.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["surgery"]["source"]["name"], "org/tiny");
+    assert_eq!(config["surgery"]["source"]["revision"], HASH);
     // eval --baseline names the source by its hub id too: the same rows as by its folder.
     let text = d.path().join("t.txt");
     std::fs::write(

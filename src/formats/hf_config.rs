@@ -71,20 +71,43 @@ pub fn publishable(config: &mut Value) {
     {
         source.shift_remove("root");
         if let Some(path) = source.shift_remove("path") {
-            // First, where `path` was.
+            // First, where `path` was; a hub model's snapshot is its commit.
+            let revision = path.as_str().and_then(hub_snapshot).map(|(_, r)| r);
             let rest = std::mem::take(source);
             source.insert("name".into(), path);
+            if let Some(revision) = revision {
+                source.insert("revision".into(), revision.into());
+            }
             source.extend(rest);
         }
     }
     local_paths_to_names(config);
 }
 
+/// A path inside a Hugging Face hub cache snapshot, `.../models--ORG--NAME/snapshots/REV/rest`:
+/// `ORG/NAME` (with `/rest` when the path names something inside), and REV.
+fn hub_snapshot(path: &str) -> Option<(String, String)> {
+    let parts: Vec<&str> = path.split(['/', '\\']).filter(|p| !p.is_empty()).collect();
+    let at = parts.iter().position(|&p| p == "snapshots")?;
+    let repo = parts.get(at.checked_sub(1)?)?.strip_prefix("models--")?;
+    let revision = parts.get(at + 1)?;
+    let mut name = repo.replace("--", "/");
+    for rest in &parts[at + 2..] {
+        name.push('/');
+        name.push_str(rest);
+    }
+    Some((name, revision.to_string()))
+}
+
 /// Every string in `v` that is an absolute path (Unix, Windows drive or UNC) becomes its last
-/// component.
+/// component, or the hub repository it is in ([`hub_snapshot`]).
 fn local_paths_to_names(v: &mut Value) {
     match v {
         Value::String(s) if is_absolute_path(s) => {
+            if let Some((repo, _)) = hub_snapshot(s) {
+                *s = repo;
+                return;
+            }
             let name = s
                 .trim_end_matches(['/', '\\'])
                 .rsplit(['/', '\\'])
@@ -718,6 +741,35 @@ mod tests {
             .keys()
             .collect();
         assert_eq!(keys, ["name", "format", "files"], "name where path was");
+    }
+
+    #[test]
+    fn a_hub_snapshot_is_named_by_its_repository_and_commit() {
+        let snapshot = "/root/.cache/huggingface/hub/models--HuggingFaceTB--SmolLM2-135M/snapshots/93efa2f097d58c2a74874c7e644dbc9b0cee75a2";
+        let mut config = serde_json::json!({
+            "model_type": "llama",
+            "surgery": {
+                "source": {"path": format!("{snapshot}/"), "root": snapshot, "format": "safetensors"},
+                "heal": {"config": {"distill": {"teacher": format!("{snapshot}/model.gguf")}}},
+            },
+        });
+        publishable(&mut config);
+        assert_eq!(
+            config["surgery"],
+            serde_json::json!({
+                "source": {
+                    "name": "HuggingFaceTB/SmolLM2-135M",
+                    "revision": "93efa2f097d58c2a74874c7e644dbc9b0cee75a2",
+                    "format": "safetensors",
+                },
+                "heal": {"config": {"distill": {"teacher": "HuggingFaceTB/SmolLM2-135M/model.gguf"}}},
+            })
+        );
+        assert_eq!(
+            hub_snapshot("/data/models/snapshots/x"),
+            None,
+            "not a hub repository"
+        );
     }
 
     #[test]
