@@ -14,13 +14,17 @@ pub enum DType {
     Q5_0,
     Q5_1,
     Q8_0,
+    /// Read only (dequantized at load); `export gguf` does not write it.
+    Q2K,
+    /// Read only (dequantized at load); `export gguf` does not write it.
+    Q3K,
     Q4K,
     Q5K,
     Q6K,
 }
 
 impl DType {
-    pub const ALL: [DType; 11] = [
+    pub const ALL: [DType; 13] = [
         DType::F32,
         DType::F16,
         DType::BF16,
@@ -29,6 +33,8 @@ impl DType {
         DType::Q5_0,
         DType::Q5_1,
         DType::Q8_0,
+        DType::Q2K,
+        DType::Q3K,
         DType::Q4K,
         DType::Q5K,
         DType::Q6K,
@@ -55,6 +61,8 @@ impl DType {
             DType::Q5_0 => "Q5_0",
             DType::Q5_1 => "Q5_1",
             DType::Q8_0 => "Q8_0",
+            DType::Q2K => "Q2_K",
+            DType::Q3K => "Q3_K",
             DType::Q4K => "Q4_K",
             DType::Q5K => "Q5_K",
             DType::Q6K => "Q6_K",
@@ -77,6 +85,8 @@ impl DType {
             DType::Q5_0 => 6,
             DType::Q5_1 => 7,
             DType::Q8_0 => 8,
+            DType::Q2K => 10,
+            DType::Q3K => 11,
             DType::Q4K => 12,
             DType::Q5K => 13,
             DType::Q6K => 14,
@@ -93,7 +103,7 @@ impl DType {
         match self {
             DType::F32 | DType::F16 | DType::BF16 => 1,
             DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => 32,
-            DType::Q4K | DType::Q5K | DType::Q6K => 256,
+            DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => 256,
         }
     }
 
@@ -107,6 +117,10 @@ impl DType {
             DType::Q5_0 => 22,
             DType::Q5_1 => 24,
             DType::Q8_0 => 34,
+            // ggml-common.h: scales[16], qs[64], d, dmin.
+            DType::Q2K => 84,
+            // hmask[32], qs[64], scales[12], d.
+            DType::Q3K => 110,
             DType::Q4K => 144,
             DType::Q5K => 176,
             DType::Q6K => 210,
@@ -168,13 +182,16 @@ mod tests {
             assert_eq!(DType::from_name(d.name()), Some(d));
             assert_eq!(DType::from_ggml_id(d.ggml_id()), Some(d));
         }
-        assert_eq!(DType::from_ggml_id(10), None); // Q2_K: not supported
+        assert_eq!(DType::from_ggml_id(15), None); // Q8_K: no file type (ggml cannot dequantize it)
+        assert_eq!(DType::from_ggml_id(9), None); // Q8_1: likewise
     }
 
     #[test]
     fn sizes_follow_ggml() {
         assert_eq!(DType::Q4_1.size_of(64), Some(40));
         assert_eq!(DType::Q6K.size_of(512), Some(420));
+        assert_eq!(DType::Q2K.size_of(512), Some(168));
+        assert_eq!(DType::Q3K.size_of(256), Some(110));
         assert_eq!(DType::Q8_0.size_of(33), None);
         assert_eq!(DType::F32.size_of(u64::MAX), None);
     }

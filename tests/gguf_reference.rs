@@ -160,6 +160,9 @@ fn random_bytes(dtype: DType, n_elements: usize, seed: u64) -> Vec<u8> {
         DType::F16 | DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => &[0],
         DType::Q4_1 | DType::Q5_1 | DType::Q4K | DType::Q5K => &[0, 2],
         DType::Q6K => &[208],
+        // Q2_K: scales[16], qs[64], then d, dmin; Q3_K: hmask[32], qs[64], scales[12], then d.
+        DType::Q2K => &[80, 82],
+        DType::Q3K => &[108],
     };
     for block in bytes.chunks_exact_mut(dtype.type_size()) {
         for &at in f16_fields {

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use surgery::formats::gguf::GgufFile;
+use surgery::formats::gguf::{dequantize, GgufFile};
 use surgery::model::{InitialState, Model};
 use surgery::source::SourceModel;
 
@@ -234,4 +234,98 @@ fn our_own_stock_export_with_llama3_scaling_reads_back() {
     let back = SourceModel::open(&d.join("m.gguf")).unwrap();
     assert!(back.config.rope_scaling.is_some());
     assert_eq!(back.config.rope_scaling, spec.config().rope_scaling);
+}
+
+#[test]
+fn q2_k_and_q3_k_decode_as_the_gguf_package_does_bit_for_bit() {
+    let file = GgufFile::open(data("q2k-q3k.gguf")).unwrap();
+    for (name, dtype) in [
+        ("q2_k", surgery::dtype::DType::Q2K),
+        ("q3_k", surgery::dtype::DType::Q3K),
+    ] {
+        let info = file.tensor(name).unwrap();
+        assert_eq!((info.dtype, info.shape.clone()), (dtype, vec![8, 512]));
+        let ours = dequantize(dtype, file.bytes(info), info.n_elements()).unwrap();
+        let reference = file.tensor(&format!("{name}.dequant")).unwrap();
+        let theirs = dequantize(
+            reference.dtype,
+            file.bytes(reference),
+            reference.n_elements(),
+        )
+        .unwrap();
+        assert_eq!(ours.len(), 8 * 512);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&ours), bits(&theirs), "{name}");
+        // Random blocks decode to a spread of values, not a constant.
+        assert!(ours.iter().any(|v| *v != ours[0]));
+        // Read only: `export gguf --type` does not take them.
+        let err = name.parse::<surgery::export::QuantType>().unwrap_err();
+        assert!(err.starts_with("unknown --type"), "{err}");
+    }
+}
+
+#[test]
+fn a_q3_k_gguf_applies_as_its_dequantized_values() {
+    use surgery::dtype::DType as Stored;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Rows of 256 so the k-quants apply to every matrix.
+    let spec = surgery::synth::SynthSpec {
+        hidden: 256,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 64,
+        ffn: 512,
+        ..surgery::synth::SynthSpec::llama(3)
+    };
+    surgery::synth::write_gguf(&d.join("m.gguf"), &spec, 3, Stored::Q3K).unwrap();
+    let source = SourceModel::open(&d.join("m.gguf")).unwrap();
+    assert!(source.dtype_histogram().contains_key(&Stored::Q3K));
+    run(
+        d,
+        &["apply", "m.gguf", "--shape", "1,1,1", "--out", "o", "-q"],
+    );
+    // The cut's embedding is the source's, dequantized exactly (to F32).
+    let embed = source.tensor(surgery::arch::Role::Embed).unwrap();
+    let want = source.read_f32(embed).unwrap();
+    let out = SourceModel::open(&d.join("o")).unwrap();
+    let t = out.tensor(surgery::arch::Role::Embed).unwrap();
+    assert_eq!(t.dtype, Stored::F32);
+    let got = out.read_f32(t).unwrap();
+    assert!(want.iter().any(|v| *v != want[0]));
+    assert_eq!(got, want);
+}
+
+#[test]
+fn apply_runs_from_the_olmo2_gguf() {
+    let gguf = data("tiny-olmo2.f32.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (from, out) in [
+        (gguf.clone(), "from-gguf"),
+        (data("tiny-olmo2"), "from-twin"),
+    ] {
+        let args = [
+            "apply",
+            from.to_str().unwrap(),
+            "--shape",
+            "1,1,1",
+            "--adapter-init",
+            "identity",
+            "--state-init",
+            "zero",
+            "--out",
+            out,
+            "-q",
+        ];
+        run(d, &args);
+    }
+    let weights = |out: &str| std::fs::read(d.join(out).join("model.safetensors")).unwrap();
+    assert!(weights("from-gguf") == weights("from-twin"));
+    // No layer dropped and the identity adapter: the cut scores the text as the source does.
+    let source = eval_rows(d, gguf.to_str().unwrap(), "1");
+    for row in eval_rows(d, "from-gguf", "1,2") {
+        assert!((row.0 - source[0].0).abs() < 1e-4, "{row:?} vs {source:?}");
+        assert_eq!(row.1, source[0].1);
+    }
 }

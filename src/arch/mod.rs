@@ -205,28 +205,16 @@ fn hf_name(family: Family, role: Role) -> Option<String> {
     Some(format!("model.layers.{i}.{suffix}.weight"))
 }
 
+/// llama.cpp's name of `role` in a stock GGUF: per-block tensors as [`spec::block_tensor`] names
+/// them (OLMo-2's q/k and post norms included).
 fn gguf_name(role: Role) -> Option<String> {
-    use LayerRole::*;
-    let (i, r) = match role {
-        Role::Embed => return Some("token_embd.weight".into()),
-        Role::FinalNorm => return Some("output_norm.weight".into()),
-        Role::LmHead => return Some("output.weight".into()),
-        Role::Adapter => return None,
-        Role::Layer(i, r) => (i, r),
-    };
-    let suffix = match r {
-        AttnNorm => "attn_norm",
-        Q => "attn_q",
-        K => "attn_k",
-        V => "attn_v",
-        O => "attn_output",
-        MlpNorm => "ffn_norm",
-        Gate => "ffn_gate",
-        Up => "ffn_up",
-        Down => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{i}.{suffix}.weight"))
+    match role {
+        Role::Embed => Some(spec::TOKEN_EMBD.into()),
+        Role::FinalNorm => Some(spec::OUTPUT_NORM.into()),
+        Role::LmHead => Some(spec::OUTPUT.into()),
+        Role::Adapter => None,
+        Role::Layer(i, r) => spec::block_tensor(i, r),
+    }
 }
 
 /// The part ("prelude", "core_block", "coda") and the index within it of global block `i`.

@@ -48,7 +48,9 @@ impl FromStr for QuantType {
         match s.to_ascii_lowercase().as_str() {
             "q4_k_m" => Ok(QuantType::Q4KM),
             "q5_k_m" => Ok(QuantType::Q5KM),
+            // The read-only types (Q2_K, Q3_K) are not among them.
             other => DType::from_name(other)
+                .filter(|_| TYPE_NAMES.contains(&other))
                 .map(QuantType::Single)
                 .ok_or_else(|| {
                     format!(
@@ -155,6 +157,9 @@ impl QuantType {
                 DType::Q5K => 16,
                 DType::Q6K => 18,
                 DType::BF16 => 32,
+                // Never chosen (`--type` does not take them); llama.h's MOSTLY_Q2_K, MOSTLY_Q3_K_S.
+                DType::Q2K => 10,
+                DType::Q3K => 11,
             },
         }
     }

@@ -92,7 +92,7 @@ pub enum GgufError {
     /// A tensor type that ggml does not define or that we do not support.
     #[error(
         "tensor {tensor:?} has ggml type {type_id}, which is unknown or unsupported \
-         (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)"
+         (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)"
     )]
     UnsupportedTensorType { tensor: String, type_id: u32 },
     /// A tensor with no dimensions or more than ggml's four.

@@ -12,7 +12,8 @@
 use std::borrow::Cow;
 
 use candle_core::quantized::k_quants::{
-    BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0,
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8_0,
 };
 use candle_core::quantized::{GgmlDType, QStorage, QTensor, QuantizedType};
 use candle_core::{Device, Tensor};
@@ -179,6 +180,8 @@ fn ggml_dtype(dtype: DType) -> GgmlDType {
         DType::Q5_0 => GgmlDType::Q5_0,
         DType::Q5_1 => GgmlDType::Q5_1,
         DType::Q8_0 => GgmlDType::Q8_0,
+        DType::Q2K => GgmlDType::Q2K,
+        DType::Q3K => GgmlDType::Q3K,
         DType::Q4K => GgmlDType::Q4K,
         DType::Q5K => GgmlDType::Q5K,
         DType::Q6K => GgmlDType::Q6K,
@@ -197,6 +200,8 @@ fn block_align(dtype: DType) -> usize {
         DType::Q5_0 => align_of::<BlockQ5_0>(),
         DType::Q5_1 => align_of::<BlockQ5_1>(),
         DType::Q8_0 => align_of::<BlockQ8_0>(),
+        DType::Q2K => align_of::<BlockQ2K>(),
+        DType::Q3K => align_of::<BlockQ3K>(),
         DType::Q4K => align_of::<BlockQ4K>(),
         DType::Q5K => align_of::<BlockQ5K>(),
         DType::Q6K => align_of::<BlockQ6K>(),
@@ -313,6 +318,8 @@ mod tests {
             (DType::Q6K, 2e-2),
             (DType::Q5K, 4e-2),
             (DType::Q4K, 8e-2),
+            (DType::Q3K, 0.2),
+            (DType::Q2K, 0.4),
         ] {
             let bytes = quantize(dtype, &values).unwrap();
             assert_eq!(Some(bytes.len() as u64), dtype.size_of(1024), "{dtype}");
