@@ -5,32 +5,16 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
+use common::{golden_ids, load_tensors, max_abs_diff};
 use surgery::formats::gguf::{dequantize, GgufFile};
 use surgery::model::{InitialState, Model};
 use surgery::source::SourceModel;
 
 fn data(name: &str) -> PathBuf {
     common::root().join("tests/data/gguf").join(name)
-}
-
-fn golden(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// The logits of the model at `path` for `ids`.
@@ -45,8 +29,8 @@ fn logits(path: &Path, ids: &Tensor) -> Tensor {
 /// The GGUF `gguf`, its safetensors twin `twin` and transformers' logits of the twin (`golden`)
 /// agree within 1e-4; returns (GGUF vs twin, GGUF vs transformers).
 fn assert_same_logits(gguf: &Path, twin: &Path, golden_file: &Path) -> (f32, f32) {
-    let g = golden(golden_file);
-    let ids = g["input_ids"].to_dtype(DType::U32).unwrap();
+    let g = load_tensors(golden_file);
+    let ids = golden_ids(&g);
     let from_gguf = logits(gguf, &ids);
     let from_twin = logits(twin, &ids);
     let twin_diff = max_abs_diff(&from_gguf, &from_twin);
