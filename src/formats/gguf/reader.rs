@@ -925,12 +925,13 @@ mod tests {
 
     #[test]
     fn unsupported_tensor_type() {
+        // IQ2_XXS: an importance-matrix type candle cannot decode.
         let raw = Raw::header(3, 1, 0)
-            .tensor("q2", &[256], 10, 0)
-            .data(32, 84);
+            .tensor("iq2", &[256], 16, 0)
+            .data(32, 66);
         assert_err(
             raw,
-            "tensor \"q2\" has ggml type 10, which is unknown or unsupported",
+            "tensor \"iq2\" has ggml type 16, which is unknown or unsupported",
         );
     }
 
