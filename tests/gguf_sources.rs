@@ -153,20 +153,7 @@ fn apply_and_eval_run_from_the_llama3_gguf() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     for (from, out) in [(&gguf, "from-gguf"), (&twin, "from-twin")] {
-        let args = [
-            "apply",
-            from.to_str().unwrap(),
-            "--shape",
-            "2,2,2",
-            "--adapter-init",
-            "identity",
-            "--state-init",
-            "zero",
-            "--out",
-            out,
-            "-q",
-        ];
-        run(d, &args);
+        identity_cut(d, from, "2,2,2", out);
     }
     // The same cut, whichever file it came from: the very same weights, and the same scaling.
     let read = |out: &str, file: &str| std::fs::read(d.join(out).join(file)).unwrap();
@@ -289,20 +276,7 @@ fn apply_runs_from_the_olmo2_gguf() {
         (gguf.clone(), "from-gguf"),
         (data("tiny-olmo2"), "from-twin"),
     ] {
-        let args = [
-            "apply",
-            from.to_str().unwrap(),
-            "--shape",
-            "1,1,1",
-            "--adapter-init",
-            "identity",
-            "--state-init",
-            "zero",
-            "--out",
-            out,
-            "-q",
-        ];
-        run(d, &args);
+        identity_cut(d, &from, "1,1,1", out);
     }
     let weights = |out: &str| std::fs::read(d.join(out).join("model.safetensors")).unwrap();
     assert!(weights("from-gguf") == weights("from-twin"));
@@ -312,4 +286,23 @@ fn apply_runs_from_the_olmo2_gguf() {
         assert!((row.0 - source[0].0).abs() < 1e-4, "{row:?} vs {source:?}");
         assert_eq!(row.1, source[0].1);
     }
+}
+
+/// `apply` of `from` at `shape` into `out` with the identity adapter and a zero state, whose
+/// recurrent model is the pruned source at every r.
+fn identity_cut(d: &Path, from: &Path, shape: &str, out: &str) {
+    let args = [
+        "apply",
+        from.to_str().unwrap(),
+        "--shape",
+        shape,
+        "--adapter-init",
+        "identity",
+        "--state-init",
+        "zero",
+        "--out",
+        out,
+        "-q",
+    ];
+    run(d, &args);
 }
